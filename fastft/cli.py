@@ -1,0 +1,156 @@
+"""The `fastft` command: one subcommand per recipes/*.toml, plus run, predict and recipes.
+
+The CLI parses and hands a Recipe to the library. It imports only Typer and the recipe reader up
+front, so `--help` and argument errors stay fast; fastai and timm load inside the commands.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from fastft import __version__
+from fastft.augment import AUG_HELP
+from fastft.errors import UsageError
+from fastft.recipe import STRATEGIES, load_recipe, read_recipe_file, recipe_files
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Transfer learning for images: the textbook recipes, one command each (fastai + timm).")
+
+# Options every training command takes: name -> (type, flag, help). None means "not given": the
+# recipe file's value (or the built-in default) stands.
+TRAIN_OPTIONS = {
+    "data": (str, "--data", "Local dataset folder: train/ and test/ (or valid/) of class folders, or class folders alone. Default: download the recipe's dataset."),
+    "data_url": (str, "--data-url", "Download the dataset archive from this URL instead of the recipe's."),
+    "epochs": (int, "--epochs", "Total epochs, frozen phases included."),
+    "lr": (float, "--lr", "Peak learning rate (the head's when fine-tuning)."),
+    "bs": (int, "--bs", "Batch size."),
+    "size": (int, "--size", "Input side in pixels (train crops and test centre-crops to it)."),
+    "arch": (str, "--arch", "Any timm model name, with or without weights tag: resnet18, resnet18.tv_in1k, tf_efficientnet_lite0."),
+    "weights": (str, "--weights", "Local timm state dict (.safetensors or .pth) to start from instead of the hub."),
+    "pretrained": (bool, "--pretrained/--no-pretrained", "Start from ImageNet weights, or from random init."),
+    "strategy": (str, "--strategy", f"Training schedule: {', '.join(STRATEGIES)}."),
+    "freeze_epochs": (int, "--freeze-epochs", "fine-tune: epochs that train only the head (part of --epochs)."),
+    "aug": (str, "--aug", AUG_HELP),
+    "valid_pct": (float, "--valid-pct", "Test share when the data folder has no train/test split."),
+    "limit": (int, "--limit", "A seeded, class-stratified sample of at most N train and N test images (quick runs)."),
+    "seed": (int, "--seed", "Random seed: the same seed gives the same numbers on the same machine."),
+    "workers": (int, "--workers", "DataLoader worker processes (0: load in the main process)."),
+    "device": (str, "--device", "auto, cpu, cuda, cuda:N or mps."),
+}
+
+
+def _option(name: str, kind: type, flag: str, help: str) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
+                             default=typer.Option(None, *flag.split(" "), help=help, show_default=False))
+
+
+OUT_OPTION = inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                               default=typer.Option(None, "--out", show_default=False,
+                                                    help="Run folder (must be new or empty). Default: runs/<recipe>-<time>."))
+
+
+def user_errors(command):
+    """Mistakes a user can fix print as one line and exit 2; bugs keep their traceback."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UsageError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+def _train(recipe, options: dict) -> None:
+    from fastft.run import Interrupted, train
+
+    out = options.pop("out")
+    recipe = recipe.replace(source="command-line options", **options)
+    try:
+        train(recipe, out)
+    except Interrupted as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(130) from None
+
+
+def _recipe_command(name: str, path: Path):
+    def command(**options):
+        _train(read_recipe_file(path), options)
+    command.__signature__ = inspect.Signature([_option(k, *spec) for k, spec in TRAIN_OPTIONS.items()] + [OUT_OPTION])
+    command.__name__ = name
+    return user_errors(command)
+
+
+def _describe(path: Path) -> str:
+    try:
+        return read_recipe_file(path).description
+    except UsageError as e:  # shown, and raised again when the command runs
+        return f"(broken recipe: {e})"
+
+
+for _name, _path in recipe_files().items():
+    app.command(name=_name, help=f"{_describe(_path)} (recipe: {_path.name})")(_recipe_command(_name, _path))
+
+
+def run_file(recipe_file: Path, **options):
+    _train(load_recipe(str(recipe_file)), options)
+
+
+run_file.__signature__ = inspect.Signature(
+    [inspect.Parameter("recipe_file", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
+                       default=typer.Argument(..., help="A recipe .toml, e.g. a run's saved recipe.toml."))]
+    + [_option(k, *spec) for k, spec in TRAIN_OPTIONS.items()] + [OUT_OPTION])
+app.command(name="run", help="Run any recipe file; a run's saved recipe.toml reproduces that run.")(user_errors(run_file))
+
+
+@app.command(name="recipes")
+@user_errors
+def list_recipes():
+    """List the recipes, one line each."""
+    for name, path in recipe_files().items():
+        typer.echo(f"{name:<12} {_describe(path)}")
+
+
+@app.command()
+@user_errors
+def predict(
+    model: Path = typer.Argument(..., help="A run folder (a run's --out) or an exported model.pkl."),
+    paths: List[Path] = typer.Argument(..., help="Image files and folders (recursed)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of lines."),
+    bs: int = typer.Option(64, "--bs", min=1, help="Images per batch."),
+):
+    """Label images: prints path, label and probability per image."""
+    from fastft.predict import predict as predict_images
+
+    results = predict_images(model, paths, bs=bs)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            typer.echo(f"{r['path']}\t{r['label']}\t{r['probability']:.3f}")
+
+
+def _show_version(value: bool):
+    if value:
+        typer.echo(f"fastft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                             help="Print the version and exit.")):
+    pass
+
+
+def main():
+    try:
+        app()
+    except UsageError as e:  # raised while building the commands, e.g. a broken recipe file
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,76 @@
+"""Opening image files: any valid mode becomes 8-bit RGB; unreadable files are found before training.
+
+fastai's loader calls `convert("RGB")`, which turns 16-bit grayscale into white and transparent
+pixels into whatever colour was stored under them. These helpers do what a person would expect.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Photos bigger than PIL's decompression-bomb guard (~179 Mpx) are still valid images to train on.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def image_extensions() -> set[str]:
+    """File extensions PIL can open (lower case, with the dot)."""
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode: 16/32-bit scaled (not clipped), transparency composited on white,
+    EXIF orientation applied, CMYK/palette/grayscale converted."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if values.max(initial=0) > 255 else 255.0  # 16-bit data often arrives as mode "I"
+        if im.mode == "F" and values.max(initial=0) <= 1.0:
+            top = 1.0
+        im = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, rgba)
+    return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def open_rgb(path) -> Image.Image:
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(im)
+
+
+def unreadable_reason(path: Path) -> str | None:
+    """None if `path` decodes as an image, else a short reason. Decodes the whole file (a truncated
+    JPEG opens fine and fails only when read), at reduced resolution where the format allows."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with Image.open(path) as im:
+            im.draft("RGB", (64, 64))  # JPEG: decode at 1/2..1/8 scale, still reading every byte
+            im.load()
+        return None
+    except Exception as e:  # PIL raises many types for bad files; all mean "skip this one"
+        return str(e).splitlines()[0][:120] or type(e).__name__
+
+
+def split_readable(paths: list[Path], threads: int | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(readable paths in order, [(unreadable path, reason)]). PIL decodes outside the GIL: threads help."""
+    threads = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(threads) as pool:
+        reasons = list(pool.map(unreadable_reason, paths, chunksize=64))
+    good = [p for p, r in zip(paths, reasons) if r is None]
+    bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
+    return good, bad
+
+
+def describe_skipped(bad: list[tuple[Path, str]], most: int = 10) -> str:
+    shown = "; ".join(f"{p} ({reason})" for p, reason in bad[:most])
+    more = f"; and {len(bad) - most} more" if len(bad) > most else ""
+    return f"skipped {len(bad)} unreadable image file(s): {shown}{more}"
