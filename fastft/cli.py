@@ -9,6 +9,7 @@ import functools
 import inspect
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -18,6 +19,9 @@ from fastft import __version__
 from fastft.augment import AUG_HELP
 from fastft.errors import UsageError
 from fastft.recipe import STRATEGIES, load_recipe, read_recipe_file, recipe_files
+
+# Noise from the libraries fastft drives, not something a user can act on.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Transfer learning for images: the textbook recipes, one command each (fastai + timm).")

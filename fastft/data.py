@@ -111,8 +111,8 @@ def build_dataloaders(split: Split, recipe: Recipe, mean, std, device):
     from fastft.augment import build_transforms
     from fastft.transforms import RGBImage, image_of, label_of
 
-    train = [(p, c) for c in split.classes for p in split.train[c]]
-    test = [(p, c) for c in split.classes for p in split.test.get(c, [])]
+    train = [[p, c] for c in split.classes for p in split.train[c]]
+    test = [[p, c] for c in split.classes for p in split.test.get(c, [])]
     item_tfms, batch_tfms = build_transforms(recipe.aug, recipe.size, recipe.crop_pct)
     block = DataBlock(
         blocks=(ImageBlock(cls=RGBImage), CategoryBlock(vocab=split.classes)),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tarfile
 import urllib.error
 from pathlib import Path
 
@@ -46,9 +47,13 @@ def fetch_dataset(name: str, url: str, sha1: str = "", home: Path | None = None)
     try:
         download_url(url, archive, timeout=60)
     except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", None) or e
+        if isinstance(e, urllib.error.HTTPError):
+            reason = f"the server answered HTTP {e.code} {str(e.reason).splitlines()[0]}"
+        else:
+            reason = (str(getattr(e, "reason", None) or e).strip().splitlines() or [type(e).__name__])[0][:100]
+            reason += "; offline?"
         raise UsageError(f"could not download {name} from {url} ({reason}); "
-                         f"offline? pass --data DIR with a local copy (DIR/train/<class>/*, DIR/test/<class>/*)") from None
+                         f"pass --data DIR with a local copy (DIR/train/<class>/*, DIR/test/<class>/*)") from None
     if sha1 and (got := sha1_of(archive)) != sha1:
         archive.unlink()
         raise UsageError(f"download of {url} is corrupt: SHA-1 {got}, expected {sha1}; "
@@ -64,7 +69,9 @@ def unpack(archive: Path, target: Path) -> None:
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        shutil.unpack_archive(archive, partial, filter="data")
+        # tar members may not escape the target ('data' filter); zipfile already strips such paths
+        safety = {"filter": "data"} if tarfile.is_tarfile(archive) else {}
+        shutil.unpack_archive(archive, partial, **safety)
     except (shutil.ReadError, ValueError, OSError) as e:
         shutil.rmtree(partial, ignore_errors=True)
         raise UsageError(f"could not unpack {archive} ({e}); delete it and try again, or pass --data DIR") from None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 from fastft.errors import UsageError
@@ -33,7 +34,9 @@ def load_model(model: Path):
 
     path = model_file(model)
     try:
-        return load_learner(path, cpu=True)
+        with warnings.catch_warnings():  # fastai warns that pickles run code; fastft wrote this one
+            warnings.simplefilter("ignore", UserWarning)
+            return load_learner(path, cpu=True)
     except Exception as e:
         raise UsageError(f"could not load {path} ({type(e).__name__}: {str(e)[:120]}); is it a fastft model.pkl?") from None
 

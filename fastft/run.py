@@ -94,7 +94,7 @@ class EpochLog(Callback):
             "seconds": time.perf_counter() - self.started,
         })
         self.snapshot = {k: v.detach().clone() for k, v in self.learn.model.state_dict().items()}
-        self.metrics = write_reports(self.out, self.epochs, self.examples_per_sec, self.device)
+        self.results = write_reports(self.out, self.epochs, self.examples_per_sec, self.device)
 
     @property
     def examples_per_sec(self) -> float:
@@ -155,5 +155,5 @@ def train(recipe: Recipe, out: str | None = None) -> dict:
     learn.export(run_dir.resolve() / "model.pkl")
     if interrupted:
         raise Interrupted(f"interrupted: kept the outputs of epoch {len(log.epochs)} of {recipe.epochs} in {run_dir}")
-    print(summary_line(log.metrics["final"], str(device)))
-    return log.metrics
+    print(summary_line(log.results["final"], str(device)))
+    return log.results

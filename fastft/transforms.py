@@ -27,8 +27,9 @@ class RGBImage(PILImage):
 
 
 def image_of(item):
-    """Items are (path, label) pairs in training and bare paths at prediction time."""
-    return item[0] if isinstance(item, tuple) else item
+    """Items are [path, label] lists in training (lists, not tuples: fastai maps a transform over the
+    elements of a tuple) and bare paths at prediction time."""
+    return item[0] if isinstance(item, list) else item
 
 
 def label_of(item):

@@ -1,0 +1,154 @@
+"""The installed `fastft` command end to end: outputs, reproduction, predict, bad input, Ctrl-C, wheel."""
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, fastft, invoke
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_every_command_and_version_works():
+    result = fastft("--help")
+    assert result.returncode == 0
+    for command in ("hotdog", "cifar", "run", "predict", "recipes"):
+        assert command in result.stdout
+    module = subprocess.run([sys.executable, "-m", "fastft", "--version"], capture_output=True, text=True)
+    assert module.returncode == 0 and re.fullmatch(r"fastft \d+\.\d+\.\d+\n", module.stdout)
+
+
+def test_recipe_help_shows_every_option_and_the_aug_presets():
+    result = fastft("cifar", "--help", env={"COLUMNS": "200"})
+    for option in ("--epochs", "--lr", "--bs", "--size", "--arch", "--weights", "--no-pretrained", "--aug",
+                   "--data", "--out", "--seed", "--workers", "--device", "--limit"):
+        assert option in result.stdout
+    assert "vflip" in result.stdout
+
+
+def test_a_run_writes_every_output(trained_run):
+    out, result = trained_run
+    assert {"model.pkl", "metrics.json", "recipe.toml", "history.csv", "curves.png"} <= {p.name for p in out.iterdir()}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["final"]) == {"loss", "train_acc", "test_acc", "examples_per_sec"}
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert set(metrics["epochs"][0]) >= {"epoch", "train_loss", "valid_loss", "test_acc", "seconds"}
+    assert 0 <= metrics["final"]["test_acc"] <= 1 and metrics["final"]["examples_per_sec"] > 0
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and float(rows[-1]["test_acc"]) == metrics["final"]["test_acc"]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    final = metrics["final"]
+    assert (f"loss {final['loss']:.3f}, train acc {final['train_acc']:.3f}, test acc {final['test_acc']:.3f}, "
+            f"{final['examples_per_sec']:.1f} examples/sec on cpu") in result.output
+
+
+def test_model_pkl_loads_with_fastai(trained_run, dataset):
+    from fastai.learner import load_learner
+
+    learn = load_learner(trained_run[0] / "model.pkl")
+    label, _, probs = learn.predict(next((dataset / "test" / "red").iterdir()))
+    assert label in ("blue", "red") and abs(float(probs.sum()) - 1) < 1e-5
+
+
+def test_saved_recipe_reproduces_the_run(trained_run, tmp_path):
+    out = trained_run[0]
+    again = invoke("run", out / "recipe.toml", "--out", tmp_path / "again")
+    assert again.exit_code == 0, again.output
+    first, second = (json.loads((p / "metrics.json").read_text()) for p in (out, tmp_path / "again"))
+    strip = lambda m: [{k: v for k, v in e.items() if k != "seconds"} for e in m["epochs"]]
+    assert strip(first) == strip(second)
+
+
+def test_predict_labels_files_and_folders(trained_run, dataset, tmp_path):
+    out = trained_run[0]
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not an image")
+    result = invoke("predict", out, dataset / "test", bad, "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert len(rows) == 8 and "broken.jpg" in result.stderr
+    # predict agrees with the run's own test accuracy, image for image
+    correct = sum(Path(r["path"]).parent.name == r["label"] for r in rows) / len(rows)
+    assert correct == pytest.approx(json.loads((out / "metrics.json").read_text())["final"]["test_acc"])
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
+    lines = invoke("predict", out, dataset / "test" / "red").stdout.strip().splitlines()
+    assert len(lines) == 4 and all(re.fullmatch(r".+\t(blue|red)\t[01]\.\d{3}", line) for line in lines)
+
+
+def _one_line_error(result, *needles):
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in result.stderr
+
+
+def test_bad_input_is_one_line_and_exit_2(dataset, tmp_path):
+    args = [*TINY, "--epochs", "1"]
+    _one_line_error(fastft("cifar", "--data", tmp_path / "nowhere", *args), "does not exist", "--data")
+    _one_line_error(fastft("cifar", "--data", dataset, *args, "--arch", "resnet19"), "resnet19", "resnet18")
+    _one_line_error(fastft("cifar", "--data", dataset, *args, "--aug", "flip+spin"), "spin", "vflip")
+    _one_line_error(fastft("cifar", "--data", dataset, *args, "--device", "cuda"), "--device cpu")
+    _one_line_error(fastft("cifar", "--data", dataset, *args, "--strategy", "warp"), "warp", "fine-tune")
+    _one_line_error(fastft("nosuchrecipe"), "nosuchrecipe")
+    _one_line_error(fastft("run", tmp_path / "missing.toml"), "missing.toml")
+    _one_line_error(fastft("predict", tmp_path / "nomodel", dataset), "no trained model")
+
+
+def test_existing_output_folder_is_never_overwritten(dataset, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    result = fastft("cifar", "--data", dataset, *TINY, "--epochs", "1", "--out", out)
+    assert result.returncode == 2 and "not empty" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["precious.txt"] and (out / "precious.txt").read_text() == "keep me"
+
+
+def test_unreadable_images_in_the_data_are_skipped_and_listed(dataset, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    (data / "train" / "red" / "half.png").write_bytes((data / "train" / "red" / "red_1.png").read_bytes()[:60])
+    out = tmp_path / "run"
+    result = invoke("cifar", "--data", data, *TINY, "--epochs", "1", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "half.png" in result.stderr and "half.png" in (out / "skipped_images.txt").read_text()
+
+
+def test_ctrl_c_keeps_the_last_finished_epoch(dataset, tmp_path):
+    out = tmp_path / "run"
+    exe = Path(sys.executable).with_name("fastft")
+    proc = subprocess.Popen([str(exe), "cifar", "--data", str(dataset), *TINY, "--epochs", "200", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "history.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    epochs = json.loads((out / "metrics.json").read_text())["epochs"]
+    assert 1 <= len(epochs) < 200 and (out / "model.pkl").stat().st_size > 0
+
+
+def test_wheel_ships_the_recipes(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    wheel = next(tmp_path.glob("fastft-*.whl"))
+    assert {"fastft/recipes/hotdog.toml", "fastft/recipes/cifar.toml"} <= set(zipfile.ZipFile(wheel).namelist())
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    code = "from fastft.recipe import recipe_files; print({n: str(p) for n, p in recipe_files().items()})"
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": str(target)}, check=True).stdout
+    assert "hotdog" in shown and "cifar" in shown and str(target) in shown

@@ -1,0 +1,99 @@
+"""Folder datasets: layouts, seeded splits and samples, unreadable files, and what the batches hold."""
+import shutil
+
+import pytest
+import torch
+
+from conftest import make_class_folders, make_split_dataset, write_image
+from fastft.data import build_dataloaders, find_images, load_split, stratified_sample
+from fastft.errors import UsageError
+from fastft.recipe import Recipe
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def test_train_and_test_folders(dataset):
+    split = find_images(dataset, 0.2, 0)
+    assert split.classes == ["blue", "red"]
+    assert [len(split.train[c]) for c in split.classes] == [8, 8]
+    assert [len(split.test[c]) for c in split.classes] == [4, 4]
+
+
+def test_valid_folder_serves_as_test(tmp_path):
+    make_class_folders(tmp_path / "train")
+    make_class_folders(tmp_path / "valid", per_class=2)
+    assert sum(map(len, find_images(tmp_path, 0.2, 0).test.values())) == 4
+
+
+def test_class_folders_without_split_are_split_by_seed(tmp_path):
+    make_class_folders(tmp_path, per_class=10)
+    a, b, c = (find_images(tmp_path, 0.3, seed) for seed in (1, 1, 2))
+    assert [len(a.test[k]) for k in a.classes] == [3, 3] and [len(a.train[k]) for k in a.classes] == [7, 7]
+    assert a.test == b.test and a.test != c.test
+    assert not set(a.test["red"]) & set(a.train["red"])
+
+
+@pytest.mark.parametrize("layout,message", [
+    ("missing", "does not exist"),
+    ("no_split", "no train/ and test/"),
+    ("train_only", "no test/"),
+    ("unknown_test_class", "lacks"),
+])
+def test_bad_layouts_are_clean_errors(tmp_path, layout, message):
+    root = tmp_path / "data"
+    if layout == "no_split":
+        (root / "stuff").mkdir(parents=True)
+        (root / "readme.txt").write_text("hi")
+    elif layout == "train_only":
+        make_class_folders(root / "train")
+    elif layout == "unknown_test_class":
+        make_class_folders(root / "train")
+        make_class_folders(root / "test", classes=("green",))
+    with pytest.raises(UsageError, match=message):
+        find_images(root, 0.2, 0)
+
+
+def test_unreadable_files_are_skipped_with_one_warning(tmp_path, capsys):
+    root = make_split_dataset(tmp_path / "d")
+    (root / "train" / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (root / "test" / "blue" / "empty.png").write_bytes(b"")
+    split = load_split(root, Recipe())
+    warning = capsys.readouterr().err
+    assert "broken.jpg" in warning and "empty.png" in warning and warning.count("\n") == 1
+    assert len(split.train["red"]) == 8 and len(split.test["blue"]) == 4
+    assert {p.name for p, _ in split.skipped} == {"broken.jpg", "empty.png"}
+
+
+def test_a_class_with_no_readable_images_is_an_error(tmp_path):
+    root = make_split_dataset(tmp_path / "d")
+    shutil.rmtree(root / "train" / "red")
+    (root / "train" / "red").mkdir()
+    (root / "train" / "red" / "x.jpg").write_text("nope")
+    with pytest.raises(UsageError, match="'red'.*no readable images"):
+        load_split(root, Recipe())
+
+
+def test_limit_is_a_seeded_stratified_sample(tmp_path):
+    by_class = {"a": [tmp_path / f"a{i}" for i in range(30)], "b": [tmp_path / f"b{i}" for i in range(20)],
+                "c": [tmp_path / f"c{i}" for i in range(10)]}
+    sample = stratified_sample(by_class, 12, seed=0)
+    assert {c: len(f) for c, f in sample.items()} == {"a": 6, "b": 4, "c": 2}
+    assert sample == stratified_sample(by_class, 12, seed=0) != stratified_sample(by_class, 12, seed=1)
+    assert all(set(sample[c]) <= set(by_class[c]) for c in by_class)
+    assert stratified_sample(by_class, 0, 0) is by_class
+
+
+def test_batches_are_normalised_rgb_at_size_and_test_batches_never_change(tmp_path):
+    root = make_split_dataset(tmp_path / "d")
+    write_image(root / "test" / "red" / "gray.png", (128, 128, 128), size=(50, 20))  # odd shape, then grayscale
+    from PIL import Image
+    Image.open(root / "test" / "red" / "gray.png").convert("L").save(root / "test" / "red" / "gray.png")
+    recipe = Recipe(size=24, bs=4, workers=0, aug="crop+flip")
+    dls = build_dataloaders(load_split(root, recipe), recipe, MEAN, STD, torch.device("cpu"))
+    assert list(dls.vocab) == ["blue", "red"]
+    x, y = dls.one_batch()
+    assert x.shape == (4, 3, 24, 24) and x.dtype == torch.float32 and x.min() >= -1.0 and x.max() <= 1.0
+    first = [b[0].clone() for b in dls.valid]
+    second = [b[0].clone() for b in dls.valid]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert sum(len(b) for b in first) == 9

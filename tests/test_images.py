@@ -1,0 +1,62 @@
+"""Any valid image mode becomes 8-bit RGB; unreadable files are recognised, not crashed on."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastft.images import open_rgb, split_readable, unreadable_reason
+
+
+def _saved(tmp_path, im, name):
+    path = tmp_path / name
+    im.save(path)
+    return path
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    ramp = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 257)  # 0 .. 65535
+    path = _saved(tmp_path, Image.fromarray(ramp), "deep.png")
+    rgb = np.asarray(open_rgb(path))
+    assert rgb.shape == (16, 16, 3)
+    gray = rgb[..., 0].ravel()
+    assert gray.min() == 0 and gray.max() == 255 and np.all(np.diff(gray.astype(int)) >= 0)
+    assert len(np.unique(gray)) > 200  # fastai's convert("RGB") would leave ~1 value: all white
+
+
+def test_transparency_becomes_white(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[:4] = (255, 0, 0, 255)  # top half opaque red, bottom half fully transparent black
+    rgb = np.asarray(open_rgb(_saved(tmp_path, Image.fromarray(rgba, "RGBA"), "alpha.png")))
+    assert tuple(rgb[0, 0]) == (255, 0, 0) and tuple(rgb[7, 7]) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("mode,name", [("L", "g.png"), ("P", "p.png"), ("CMYK", "c.jpg"), ("1", "b.png"),
+                                       ("LA", "la.png"), ("I", "i.tif"), ("I;16", "i16.png"), ("RGB", "tiny.bmp")])
+def test_every_mode_opens_as_rgb(tmp_path, mode, name):
+    size = (1, 1) if name == "tiny.bmp" else (12, 10)
+    im = Image.new("RGB", size, (90, 140, 200)).convert(mode)
+    out = open_rgb(_saved(tmp_path, im, name))
+    assert out.mode == "RGB" and out.size == size
+
+
+def test_palette_with_transparency(tmp_path):
+    im = Image.new("P", (6, 6), 0)
+    im.putpalette([0, 0, 0, 10, 200, 10] + [0] * 762)
+    im.paste(1, (0, 0, 3, 6))
+    im.info["transparency"] = 0
+    rgb = np.asarray(open_rgb(_saved(tmp_path, im, "pt.png")))
+    assert tuple(rgb[0, 0]) == (10, 200, 10) and tuple(rgb[0, 5]) == (255, 255, 255)
+
+
+def test_unreadable_files_are_told_apart(tmp_path):
+    good = _saved(tmp_path, Image.new("RGB", (64, 64), "red"), "good.jpg")
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    assert unreadable_reason(good) is None
+    for bad in (truncated, empty, text):
+        assert unreadable_reason(bad)
+    ok, skipped = split_readable([good, truncated, empty, text])
+    assert ok == [good] and [p for p, _ in skipped] == [truncated, empty, text]

@@ -1,0 +1,69 @@
+"""timm architectures, local weight files, and the errors for the wrong ones."""
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from conftest import TINY, fastft
+from fastft.errors import UsageError
+from fastft.model import check_arch, create_learner, normalization
+from fastft.recipe import Recipe
+
+
+def test_arch_names_with_and_without_tags():
+    for arch in ("resnet18", "resnet18.tv_in1k", "tf_efficientnet_lite0"):
+        check_arch(arch)
+    with pytest.raises(UsageError, match="unknown architecture 'resnet19'.*resnet18"):
+        check_arch("resnet19")
+    with pytest.raises(UsageError, match="no weights tag 'nope'.*tv_in1k"):
+        check_arch("resnet18.nope")
+
+
+def test_normalisation_follows_the_model_config():
+    assert normalization("tf_efficientnet_lite0") == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert normalization("resnet18.tv_in1k") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@pytest.fixture(scope="module")
+def tiny_dls(dataset):
+    from fastft.data import build_dataloaders, load_split
+
+    recipe = Recipe(size=32, bs=4, workers=0)
+    return build_dataloaders(load_split(dataset, recipe), recipe, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_local_weights_file_is_loaded(tiny_dls, tmp_path, suffix):
+    source = timm.create_model("test_resnet", pretrained=False)
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    path = tmp_path / f"w{suffix}"
+    save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
+    learn = create_learner(tiny_dls, Recipe(arch="test_resnet", pretrained=True, weights=str(path)))
+    loaded = learn.model[0].model.state_dict()
+    assert all(torch.equal(loaded[k], state[k]) for k in loaded)
+    # the head is new: two classes, not timm's 1000
+    assert learn.model[-1][-1].out_features == 2
+
+
+def test_weights_of_another_arch_are_a_clean_error(tiny_dls, tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file(timm.create_model("test_resnet").state_dict(), path)
+    with pytest.raises(UsageError, match="does not fit resnet18"):
+        create_learner(tiny_dls, Recipe(arch="resnet18", weights=str(path)))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"definitely not a state dict")
+    with pytest.raises(UsageError, match="does not fit"):
+        create_learner(tiny_dls, Recipe(arch="resnet18", weights=str(junk)))
+    with pytest.raises(UsageError, match="does not exist"):
+        create_learner(tiny_dls, Recipe(arch="resnet18", weights=str(tmp_path / "missing.pth")))
+    with pytest.raises(UsageError, match="--no-pretrained"):
+        create_learner(tiny_dls, Recipe(arch="resnet18", weights=str(path), pretrained=False))
+
+
+def test_pretrained_weights_offline_name_both_ways_out(dataset, tmp_path):
+    args = [a for a in TINY if a != "--no-pretrained"]
+    result = fastft("hotdog", "--data", dataset, *args, "--epochs", "1", "--out", tmp_path / "r",
+                    env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2, result.stderr
+    assert "--weights" in result.stderr and "--no-pretrained" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "r").exists()

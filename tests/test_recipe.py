@@ -1,0 +1,67 @@
+"""Recipes are data: every shipped file is valid, unknown keys are errors, CLI > file > default."""
+import pytest
+
+from conftest import fastft
+from fastft.errors import UsageError
+from fastft.recipe import Recipe, load_recipe, read_recipe_file, recipe_files
+
+
+def test_shipped_recipes_load_and_are_the_d2l_ones():
+    files = recipe_files()
+    assert {"hotdog", "cifar"} <= set(files)
+    for name, path in files.items():
+        recipe = read_recipe_file(path)
+        assert recipe.name == name and recipe.description
+    hotdog, cifar = load_recipe("hotdog"), load_recipe("cifar")
+    assert (hotdog.arch, hotdog.pretrained, hotdog.size, hotdog.epochs) == ("resnet18.tv_in1k", True, 224, 5)
+    assert round(hotdog.size / hotdog.crop_pct) == 256 and "crop" in hotdog.aug and "flip" in hotdog.aug
+    assert hotdog.data_sha1 == "fba480ffa8aa7e0febbb511d181409f899b9baa5"
+    assert (cifar.arch, cifar.pretrained, cifar.aug, cifar.epochs) == ("resnet18", False, "flip", 10)
+
+
+def test_unknown_key_is_an_error_that_names_it(tmp_path):
+    path = tmp_path / "typo.toml"
+    path.write_text('epohcs = 3\n')
+    with pytest.raises(UsageError, match="epohcs"):
+        read_recipe_file(path)
+
+
+@pytest.mark.parametrize("line", ['epochs = "five"', "pretrained = 1", "lr = -1.0", "strategy = \"warp\"", "size = 0"])
+def test_bad_values_are_errors(tmp_path, line):
+    path = tmp_path / "bad.toml"
+    path.write_text(line + "\n")
+    with pytest.raises(UsageError, match=line.split()[0]):
+        read_recipe_file(path)
+
+
+def test_precedence_cli_over_file_over_default(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text("epochs = 3\nlr = 0.01\n")
+    from_file = read_recipe_file(path)
+    assert (from_file.name, from_file.epochs, from_file.lr) == ("mine", 3, 0.01)
+    assert from_file.bs == Recipe().bs  # not in the file: the built-in default
+    from_cli = from_file.replace(epochs=7, lr=None)  # None: flag not given
+    assert (from_cli.epochs, from_cli.lr) == (7, 0.01)
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    recipe = load_recipe("hotdog").replace(epochs=2, data="/some where/with \"quotes\"", lr=3e-4)
+    path = tmp_path / "recipe.toml"
+    path.write_text(recipe.to_toml())
+    assert read_recipe_file(path) == recipe
+
+
+def test_a_third_recipe_file_makes_a_third_command(tmp_path):
+    (tmp_path / "flowers.toml").write_text('description = "my own flowers recipe"\nepochs = 2\n')
+    env = {"FASTFT_RECIPE_PATH": str(tmp_path)}
+    listed = fastft("recipes", env=env)
+    assert listed.returncode == 0 and "flowers" in listed.stdout and "my own flowers recipe" in listed.stdout
+    helped = fastft("flowers", "--help", env=env)
+    assert helped.returncode == 0 and "--epochs" in helped.stdout
+
+
+def test_broken_recipe_file_is_a_clean_error(tmp_path):
+    (tmp_path / "broken.toml").write_text("epochs = 3\nbatch = 9\n")
+    result = fastft("broken", "--epochs", "1", env={"FASTFT_RECIPE_PATH": str(tmp_path)})
+    assert result.returncode == 2
+    assert "batch" in result.stderr and "Traceback" not in result.stderr
