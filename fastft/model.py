@@ -46,6 +46,21 @@ def weights_source(recipe: Recipe) -> dict:
     return {"pretrained_cfg_overlay": {"file": str(path.resolve())}}
 
 
+def stage_splitter(model) -> list[list]:
+    """Parameter groups that follow the backbone's stages: stem, stage 1 ... stage N, head (timm's own
+    coarse `group_matcher`); fastai's body/head split for a model without one. Module-level so an
+    exported Learner can unpickle it."""
+    from timm.models import group_parameters
+
+    body, head = model[0].model, model[1:]
+    head_params = [p for p in head.parameters()]
+    if not hasattr(body, "group_matcher"):
+        return [list(body.parameters()), head_params]
+    named = dict(body.named_parameters())
+    groups = group_parameters(body, body.group_matcher(coarse=True))
+    return [[named[name] for name in names] for names in groups.values()] + [head_params]
+
+
 def create_learner(dls, recipe: Recipe, **learner_kwargs):
     """fastai's vision_learner on a timm body, with the recipe's weights. Bad weights are user errors."""
     from fastai.vision.all import CrossEntropyLossFlat, accuracy, vision_learner
@@ -53,7 +68,8 @@ def create_learner(dls, recipe: Recipe, **learner_kwargs):
     extra = weights_source(recipe)
     try:
         return vision_learner(dls, recipe.arch, normalize=False, pretrained=recipe.pretrained,
-                              loss_func=CrossEntropyLossFlat(), metrics=accuracy, **extra, **learner_kwargs)
+                              loss_func=CrossEntropyLossFlat(), metrics=accuracy, splitter=stage_splitter,
+                              **extra, **learner_kwargs)
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         if extra:  # a wrong arch, not a state dict, a truncated file: all surface here

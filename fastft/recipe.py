@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from fastft.errors import UsageError
+from fastft.strategies import STRATEGIES
 
 
 @dataclass
@@ -36,10 +37,11 @@ class Recipe:
     crop_pct: float = 0.875  # test items: resize to round(size / crop_pct), then centre-crop to size
     aug: str = "flip"  # augmentation presets joined with '+': see `fastft hotdog --help`
     # training
-    strategy: str = "fine-tune"  # fine-tune: head first, then all layers; scratch: all layers, random init
+    strategy: str = "fine-tune"  # fine-tune, d2l, keras, gradual, scratch: see fastft/strategies.py
     epochs: int = 5  # total epochs, frozen phases included
-    freeze_epochs: int = 1  # fine-tune: epochs that train only the head (within `epochs`)
-    lr: float = 2e-3  # peak learning rate (head's, in fine-tune); the body gets lr/10 .. lr
+    freeze_epochs: int = 1  # fine-tune, keras: epochs that train only the head (within `epochs`)
+    unfreeze: int = 2  # keras: stages unfrozen (from the top) after the head-only phase
+    lr: float | str = 0.0  # the head's peak learning rate; 0 = the strategy's default; "auto" = LR finder
     bs: int = 64  # batch size
     # infrastructure
     seed: int = 42  # same seed, same numbers on the same machine
@@ -57,7 +59,6 @@ class Recipe:
         return "\n".join(lines) + "\n"
 
 
-STRATEGIES = ("fine-tune", "scratch")
 _FIELD_TYPES = {f.name: f.type for f in fields(Recipe)}
 _TYPE_NAMES = {"str": str, "int": int, "float": float, "bool": bool}
 
@@ -77,13 +78,16 @@ def _checked(values: dict, source: str) -> dict:
         if key not in _FIELD_TYPES:
             known = ", ".join(_FIELD_TYPES)
             raise UsageError(f"unknown key '{key}' in {source}; known keys: {known}")
+        if key == "lr":
+            out[key] = _learning_rate(value, source)
+            continue
         want = _TYPE_NAMES[_FIELD_TYPES[key]]
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise UsageError(f"'{key}' in {source} must be a {want.__name__}, got {value!r}")
         out[key] = value
-    if out.get("strategy", STRATEGIES[0]) not in STRATEGIES:
+    if out.get("strategy", "fine-tune") not in STRATEGIES:
         raise UsageError(f"unknown strategy '{out['strategy']}' in {source}; choose one of: {', '.join(STRATEGIES)}")
     for key in ("epochs", "bs", "size"):
         if key in out and out[key] < 1:
@@ -91,13 +95,26 @@ def _checked(values: dict, source: str) -> dict:
     for key in ("freeze_epochs", "limit", "workers"):
         if key in out and out[key] < 0:
             raise UsageError(f"'{key}' in {source} must not be negative, got {out[key]}")
-    if "lr" in out and not out["lr"] > 0:
-        raise UsageError(f"'lr' in {source} must be positive, got {out['lr']}")
+    if out.get("unfreeze", 1) < 1:
+        raise UsageError(f"'unfreeze' in {source} must be at least 1 stage, got {out['unfreeze']}")
     if "valid_pct" in out and not 0 < out["valid_pct"] < 1:
         raise UsageError(f"'valid_pct' in {source} must be between 0 and 1, got {out['valid_pct']}")
     if "crop_pct" in out and not 0 < out["crop_pct"] <= 1:
         raise UsageError(f"'crop_pct' in {source} must be in (0, 1], got {out['crop_pct']}")
     return out
+
+
+def _learning_rate(value, source: str) -> float | str:
+    """A positive number, 0 (the strategy's default), or "auto" (run the LR finder first)."""
+    if value == "auto":
+        return value
+    try:
+        lr = float(value) if not isinstance(value, bool) else -1.0
+    except (TypeError, ValueError):
+        lr = -1.0
+    if lr < 0:
+        raise UsageError(f"'lr' in {source} must be a positive number, 0 (the strategy's default) or auto; got {value!r}")
+    return lr
 
 
 def recipe_dirs() -> list[Path]:

@@ -6,6 +6,7 @@ history.csv, curves.png and model.pkl (fastai's export).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from fastft.errors import UsageError
 from fastft.model import check_arch, create_learner, normalization
 from fastft.recipe import Recipe
 from fastft.report import summary_line, write_reports
+from fastft.strategies import default_lr, phases, train_with
 
 
 class Interrupted(Exception):
@@ -101,27 +103,27 @@ class EpochLog(Callback):
         return self.train_examples / max(self.train_seconds, 1e-9)
 
 
-def fit(learn, recipe: Recipe) -> None:
-    """The training schedule. `epochs` is the total, frozen epochs included."""
-    if recipe.strategy == "scratch" or not recipe.pretrained:
-        learn.unfreeze()
-        learn.fit_one_cycle(recipe.epochs, recipe.lr)
-        return
-    # fastai's fine_tune: the head alone, then everything with the body at lower rates (lr/200 .. lr/2).
-    frozen = min(recipe.freeze_epochs, recipe.epochs - 1)
-    if frozen:
-        learn.freeze()
-        learn.fit_one_cycle(frozen, slice(recipe.lr), pct_start=0.99)
-    learn.unfreeze()
-    learn.fit_one_cycle(recipe.epochs - frozen, slice(recipe.lr / 200, recipe.lr / 2), pct_start=0.3, div=5.0)
+@dataclass
+class Prepared:
+    """Everything a run needs, built and checked before any training starts."""
+    recipe: Recipe
+    learn: object
+    run_dir: Path
+    device: torch.device
+    skipped: list
 
 
-def train(recipe: Recipe, out: str | None = None) -> dict:
-    """Run `recipe`; returns metrics.json's content. Raises Interrupted after saving on Ctrl-C."""
+def prepare(recipe: Recipe, out: str | None) -> Prepared:
+    """Check the recipe, find the data, build DataLoaders and Learner. Every user error surfaces here,
+    before the run folder is created, so a failed start leaves nothing behind."""
     device = resolve_device(recipe.device)
     check_arch(recipe.arch)
     parse_aug(recipe.aug)
-    run_dir = new_run_folder(out, recipe.name)  # checked before the long work, created after it succeeds
+    if recipe.strategy == "scratch":
+        if recipe.weights:
+            raise UsageError("--strategy scratch starts from random weights; drop --weights or choose another strategy")
+        recipe = recipe.replace(pretrained=False)
+    run_dir = new_run_folder(out, recipe.name)
     root = Path(recipe.data).expanduser() if recipe.data else fetch_dataset(recipe.dataset or recipe.name,
                                                                              recipe.data_url, recipe.data_sha1)
     recipe = recipe.replace(data=str(root.resolve()))
@@ -130,21 +132,52 @@ def train(recipe: Recipe, out: str | None = None) -> dict:
     split = load_split(root, recipe)
     mean, std = normalization(recipe.arch)
     dls = build_dataloaders(split, recipe, mean, std, device)
-    log = EpochLog(run_dir, str(device))
-    learn = create_learner(dls, recipe, cbs=[log])
-
+    learn = create_learner(dls, recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.toml").write_text(recipe.to_toml())
     if split.skipped:
         (run_dir / "skipped_images.txt").write_text("".join(f"{p}\t{why}\n" for p, why in split.skipped))
-    n_train, n_test = len(dls.train_ds), len(dls.valid_ds)
-    weights = recipe.weights or (f"{recipe.arch} ImageNet weights" if recipe.pretrained else "random init")
-    print(f"{recipe.name}: {recipe.arch} from {weights}, {n_train} train / {n_test} test images, "
-          f"{len(split.classes)} classes, {recipe.epochs} epochs ({recipe.strategy}) on {device} -> {run_dir}")
+    return Prepared(recipe, learn, run_dir, device, split.skipped)
 
+
+def find_lr(learn, recipe: Recipe, run_dir: Path) -> float:
+    """fastai's LR finder on the groups the strategy's first phase trains; saves lr_find.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first_groups = phases(recipe.strategy, recipe.epochs, recipe.freeze_epochs, 2)[0][0]
+    learn.freeze_to(-first_groups) if first_groups else learn.unfreeze()
+    with learn.no_bar():
+        suggestion = learn.lr_find(show_plot=False)
+    learn.recorder.plot_lr_find()
+    plt.title(f"{recipe.name}, {recipe.strategy}: suggested lr {suggestion.valley:.2e}")
+    plt.savefig(run_dir / "lr_find.png", dpi=100)
+    plt.close("all")
+    return float(suggestion.valley)
+
+
+def train(recipe: Recipe, out: str | None = None) -> dict:
+    """Run `recipe`; returns metrics.json's content. Raises Interrupted after saving on Ctrl-C."""
+    run = prepare(recipe, out)
+    recipe, learn, run_dir = run.recipe, run.learn, run.run_dir
+    if recipe.lr == "auto":
+        recipe = recipe.replace(lr=find_lr(learn, recipe, run_dir))
+        print(f"lr finder suggests {recipe.lr:.2e} (plot: {run_dir / 'lr_find.png'})")
+    elif not recipe.lr:
+        recipe = recipe.replace(lr=default_lr(recipe.strategy))
+    (run_dir / "recipe.toml").write_text(recipe.to_toml())
+
+    log = EpochLog(run_dir, str(run.device))
+    learn.add_cb(log)
+    weights = recipe.weights or (f"{recipe.arch} ImageNet weights" if recipe.pretrained else "random init")
+    print(f"{recipe.name}: {recipe.arch} from {weights}, {len(learn.dls.train_ds)} train / "
+          f"{len(learn.dls.valid_ds)} test images, {learn.dls.c} classes; {recipe.strategy} for "
+          f"{recipe.epochs} epoch(s) at lr {recipe.lr:.2e} on {run.device} -> {run_dir}")
     interrupted = False
     try:
-        fit(learn, recipe)
+        train_with(recipe.strategy, learn, lr=recipe.lr, epochs=recipe.epochs,
+                   freeze_epochs=recipe.freeze_epochs, unfreeze=recipe.unfreeze)
     except KeyboardInterrupt:
         interrupted = True
         if log.snapshot is None:
@@ -155,5 +188,11 @@ def train(recipe: Recipe, out: str | None = None) -> dict:
     learn.export(run_dir.resolve() / "model.pkl")
     if interrupted:
         raise Interrupted(f"interrupted: kept the outputs of epoch {len(log.epochs)} of {recipe.epochs} in {run_dir}")
-    print(summary_line(log.results["final"], str(device)))
+    print(summary_line(log.results["final"], str(run.device)))
     return log.results
+
+
+def lr_find_only(recipe: Recipe, out: str | None = None) -> float:
+    """`fastft lr-find`: the suggestion and lr_find.png, no training."""
+    run = prepare(recipe, out)
+    return find_lr(run.learn, run.recipe, run.run_dir)
