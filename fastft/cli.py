@@ -18,7 +18,8 @@ import typer
 from fastft import __version__
 from fastft.augment import AUG_HELP
 from fastft.errors import UsageError
-from fastft.recipe import STRATEGIES, load_recipe, read_recipe_file, recipe_files
+from fastft.recipe import load_recipe, read_recipe_file, recipe_files
+from fastft.strategies import STRATEGIES
 
 # Noise from the libraries fastft drives, not something a user can act on.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
@@ -32,14 +33,15 @@ TRAIN_OPTIONS = {
     "data": (str, "--data", "Local dataset folder: train/ and test/ (or valid/) of class folders, or class folders alone. Default: download the recipe's dataset."),
     "data_url": (str, "--data-url", "Download the dataset archive from this URL instead of the recipe's."),
     "epochs": (int, "--epochs", "Total epochs, frozen phases included."),
-    "lr": (float, "--lr", "Peak learning rate (the head's when fine-tuning)."),
+    "lr": (str, "--lr", "The head's peak learning rate; 0: the strategy's default; auto: run fastai's LR finder first."),
     "bs": (int, "--bs", "Batch size."),
     "size": (int, "--size", "Input side in pixels (train crops and test centre-crops to it)."),
     "arch": (str, "--arch", "Any timm model name, with or without weights tag: resnet18, resnet18.tv_in1k, tf_efficientnet_lite0."),
     "weights": (str, "--weights", "Local timm state dict (.safetensors or .pth) to start from instead of the hub."),
     "pretrained": (bool, "--pretrained/--no-pretrained", "Start from ImageNet weights, or from random init."),
-    "strategy": (str, "--strategy", f"Training schedule: {', '.join(STRATEGIES)}."),
-    "freeze_epochs": (int, "--freeze-epochs", "fine-tune: epochs that train only the head (part of --epochs)."),
+    "strategy": (str, "--strategy", "Training schedule. " + "; ".join(f"{k}: {v[0]}" for k, v in STRATEGIES.items())),
+    "freeze_epochs": (int, "--freeze-epochs", "fine-tune, keras: epochs that train only the head (part of --epochs)."),
+    "unfreeze": (int, "--unfreeze", "keras: stages unfrozen from the top after the head-only phase."),
     "aug": (str, "--aug", AUG_HELP),
     "valid_pct": (float, "--valid-pct", "Test share when the data folder has no train/test split."),
     "limit": (int, "--limit", "A seeded, class-stratified sample of at most N train and N test images (quick runs)."),
@@ -102,15 +104,46 @@ for _name, _path in recipe_files().items():
     app.command(name=_name, help=f"{_describe(_path)} (recipe: {_path.name})")(_recipe_command(_name, _path))
 
 
-def run_file(recipe_file: Path, **options):
-    _train(load_recipe(str(recipe_file)), options)
+def _recipe_argument(help: str) -> inspect.Parameter:
+    return inspect.Parameter("recipe", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
+                             default=typer.Argument(..., help=help, show_default=False))
 
 
-run_file.__signature__ = inspect.Signature(
-    [inspect.Parameter("recipe_file", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
-                       default=typer.Argument(..., help="A recipe .toml, e.g. a run's saved recipe.toml."))]
-    + [_option(k, *spec) for k, spec in TRAIN_OPTIONS.items()] + [OUT_OPTION])
-app.command(name="run", help="Run any recipe file; a run's saved recipe.toml reproduces that run.")(user_errors(run_file))
+def _with_recipe_options(function, recipe_help: str):
+    """Give `function(recipe, **options)` the recipe argument and every training option."""
+    function.__signature__ = inspect.Signature([_recipe_argument(recipe_help)]
+                                               + [_option(k, *spec) for k, spec in TRAIN_OPTIONS.items()] + [OUT_OPTION])
+    return user_errors(function)
+
+
+def run_file(recipe, **options):
+    _train(load_recipe(recipe), options)
+
+
+def lr_find(recipe, **options):
+    from fastft.run import lr_find_only
+
+    out = options.pop("out")
+    suggestion = lr_find_only(load_recipe(recipe).replace(source="command-line options", **options), out)
+    typer.echo(f"suggested lr {suggestion:.2e} (fastai's valley); plot in lr_find.png")
+
+
+def compare(recipe, **options):
+    from fastft.compare import compare as compare_settings, settings_to_compare
+
+    out, strategies, augs = options.pop("out"), options.pop("strategy"), options.pop("aug")
+    base = load_recipe(recipe).replace(source="command-line options", **options)
+    compare_settings(base, settings_to_compare(base, strategies, augs), out)
+
+
+RECIPE_HELP = "A recipe name (see `fastft recipes`) or a .toml file."
+app.command(name="run", help="Run any recipe file; a run's saved recipe.toml reproduces that run.")(
+    _with_recipe_options(run_file, "A recipe .toml file, e.g. a run's saved recipe.toml, or a recipe name."))
+app.command(name="lr-find", help="Run fastai's LR finder on a recipe's data and model: prints the suggestion, "
+            "saves lr_find.png in --out.")(_with_recipe_options(lr_find, RECIPE_HELP))
+app.command(name="compare", help="Train a recipe once per setting, same data, seed and epochs: --strategy a,b,... or "
+            "--aug a,b,... (commas separate settings). Each run goes to OUT/<setting>/; the table to "
+            "OUT/compare.json and the curves to OUT/compare.png.")(_with_recipe_options(compare, RECIPE_HELP))
 
 
 @app.command(name="recipes")

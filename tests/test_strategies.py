@@ -1,0 +1,175 @@
+"""Stage-wise parameter groups and the five schedules: frozen means frozen, each group at its LR."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from fastai.vision.all import Callback
+
+from conftest import TINY, invoke
+from fastft.model import create_learner, stage_splitter
+from fastft.recipe import Recipe
+from fastft.strategies import phases, train_with
+
+GROUPS = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+
+
+class Watch(Callback):
+    """Per epoch: a copy of the weights; per batch: each group's LR and whether it trains."""
+
+    def before_fit(self):
+        if not hasattr(self, "states"):
+            self.states, self.lrs = [self.copy()], []
+
+    def copy(self):
+        return {k: v.detach().clone() for k, v in self.learn.model.state_dict().items()}
+
+    def after_batch(self):
+        if self.training:
+            self.lrs.append([(h["lr"], any(p.requires_grad for p in ps))
+                             for h, ps in zip(self.opt.hypers, self.opt.param_lists)])
+
+    def after_epoch(self):
+        self.states.append(self.copy())
+
+
+def _group_of(name):
+    if name.startswith("0.model."):
+        part = name.split(".")[2]
+        return "stem" if part in ("conv1", "bn1") else part
+    return "head"
+
+
+def batchnorm_names(model):
+    return {f"{m}.{t}" for m, module in model.named_modules() if isinstance(module, torch.nn.BatchNorm2d)
+            for t, _ in [*module.named_parameters(), *module.named_buffers()]}
+
+
+BN_NAMES = batchnorm_names(__import__("timm").create_model("resnet18", num_classes=0))
+
+
+def changed(before, after, bn=False):
+    """Groups whose weights moved: convolution/linear weights, or (bn=True) the body's BatchNorm tensors
+    (weights, biases and running statistics)."""
+    moved = set()
+    for name, value in before.items():
+        is_bn = name.startswith("0.model.") and name[len("0.model."):] in BN_NAMES
+        if is_bn != bn or not value.is_floating_point():
+            continue
+        if not torch.equal(value, after[name]):
+            moved.add(_group_of(name))
+    return moved
+
+
+@pytest.fixture
+def learner(dataset):
+    from fastft.data import build_dataloaders, load_split
+
+    recipe = Recipe(size=32, bs=4, workers=0, arch="resnet18", pretrained=False, aug="none")
+    dls = build_dataloaders(load_split(dataset, recipe), recipe, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+    learn = create_learner(dls, recipe)
+    watch = Watch()
+    learn.add_cb(watch)
+    return learn, watch
+
+
+def test_groups_follow_the_resnet_stages(learner):
+    learn, _ = learner
+    groups = stage_splitter(learn.model)
+    assert len(groups) == 6
+    names = {id(p): n for n, p in learn.model.named_parameters()}
+    assert [sorted({_group_of(names[id(p)]) for p in g}) for g in groups] == [[g] for g in GROUPS]
+    assert sum(map(len, groups)) == len(list(learn.model.parameters()))
+
+
+def test_epochs_are_the_total_across_phases():
+    for strategy in ("fine-tune", "d2l", "keras", "gradual", "scratch"):
+        for epochs in (1, 2, 5, 9):
+            plan = phases(strategy, epochs, 2, 6)
+            assert sum(n for _, n in plan) == epochs and all(n > 0 for _, n in plan)
+    assert phases("gradual", 5, 0, 6) == [(1, 1), (2, 1), (3, 1), (4, 1), (0, 1)]
+
+
+def test_fine_tune_freezes_the_body_then_spreads_lrs_over_stages(learner):
+    learn, watch = learner
+    train_with("fine-tune", learn, lr=1e-2, epochs=2, freeze_epochs=1, unfreeze=1)
+    # epoch 1: only the head's weights move; BatchNorm trains everywhere (fastai's train_bn)
+    assert changed(watch.states[0], watch.states[1]) == {"head"}
+    assert changed(watch.states[0], watch.states[1], bn=True) >= {"stem", "layer4"}
+    # epoch 2: every stage trains, each at its own peak LR, geometric from lr/200 (stem) to lr/2 (head)
+    assert changed(watch.states[1], watch.states[2]) == set(GROUPS)
+    per_batch = len(watch.lrs) // 2
+    second = np.array([[lr for lr, _ in step] for step in watch.lrs[per_batch:]])
+    for step in second:  # at every step of the one-cycle schedule, the same geometric spread
+        np.testing.assert_allclose(step / step[-1], np.geomspace(1 / 100, 1, 6), rtol=1e-6)
+    assert 1e-2 / 2 / 5 <= second[:, -1].max() <= 1e-2 / 2  # the head peaks at lr/2, starting from lr/2/div
+    assert all(trains for step in watch.lrs[per_batch:] for _, trains in step)
+
+
+def test_keras_freezes_batchnorm_too_and_unfreezes_only_the_top(learner):
+    learn, watch = learner
+    train_with("keras", learn, lr=1e-3, epochs=2, freeze_epochs=1, unfreeze=1)
+    assert changed(watch.states[0], watch.states[1]) == {"head"}
+    assert changed(watch.states[0], watch.states[1], bn=True) <= {"head"}  # running stats included
+    assert changed(watch.states[1], watch.states[2]) == {"layer4", "head"}
+    assert changed(watch.states[0], watch.states[2], bn=True) <= {"layer4", "head"}
+    assert {round(lr, 12) for lr, trains in watch.lrs[-1] if trains} == {1e-5}  # lr / 100, constant
+
+
+def test_d2l_trains_everything_with_sgd_and_a_10x_head(learner):
+    from fastai.optimizer import sgd_step
+
+    learn, watch = learner
+    train_with("d2l", learn, lr=0.05, epochs=1)
+    assert changed(watch.states[0], watch.states[1]) == set(GROUPS)
+    assert sgd_step in learn.opt.cbs
+    assert all(h["wd"] == 1e-3 for h in learn.opt.hypers)
+    for step in watch.lrs:  # constant: no schedule
+        assert [lr for lr, _ in step] == pytest.approx([0.005] * 5 + [0.05])
+
+
+def test_gradual_unfreezes_one_stage_per_epoch_from_the_top(learner):
+    learn, watch = learner
+    train_with("gradual", learn, lr=1e-2, epochs=3)
+    assert changed(watch.states[0], watch.states[1]) == {"head"}
+    assert changed(watch.states[1], watch.states[2]) == {"layer4", "head"}
+    assert changed(watch.states[2], watch.states[3]) == set(GROUPS)
+
+
+def test_scratch_trains_every_group_at_one_lr(learner):
+    learn, watch = learner
+    train_with("scratch", learn, lr=1e-2, epochs=1)
+    assert changed(watch.states[0], watch.states[1]) == set(GROUPS)
+    assert all(len({lr for lr, _ in step}) == 1 for step in watch.lrs)
+
+
+def test_compare_runs_every_strategy_side_by_side(dataset, tmp_path):
+    out = tmp_path / "cmp"
+    result = invoke("compare", "cifar", "--data", dataset, *TINY, "--epochs", "2",
+                    "--strategy", "fine-tune,d2l,keras,gradual,scratch", "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "compare.json").read_text())
+    assert [r["setting"] for r in rows] == ["fine-tune", "d2l", "keras", "gradual", "scratch"]
+    for row in rows:
+        assert len(row["epochs"]) == 2 and {"loss", "train_acc", "test_acc", "examples_per_sec"} <= set(row)
+        saved = (out / row["setting"] / "recipe.toml").read_text()
+        assert f'strategy = "{row["setting"]}"' in saved and "seed = 42" in saved
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "train acc" in result.stdout and "examples/sec" in result.stdout
+
+
+def test_compare_checks_every_setting_before_training(dataset, tmp_path):
+    result = invoke("compare", "cifar", "--data", dataset, *TINY, "--strategy", "fine-tune,warp", "--out", tmp_path / "c")
+    assert result.exit_code == 2 and "warp" in result.output and not (tmp_path / "c").exists()
+
+
+def test_lr_finder_alone_and_inside_a_run(dataset, tmp_path):
+    found = invoke("lr-find", "cifar", "--data", dataset, *TINY, "--out", tmp_path / "find")
+    assert found.exit_code == 0, found.output
+    assert "suggested lr" in found.stdout and (tmp_path / "find" / "lr_find.png").exists()
+    run = invoke("cifar", "--data", dataset, *TINY, "--epochs", "1", "--lr", "auto", "--out", tmp_path / "run")
+    assert run.exit_code == 0, run.output
+    from fastft.recipe import read_recipe_file
+
+    lr = read_recipe_file(tmp_path / "run" / "recipe.toml").lr
+    assert isinstance(lr, float) and lr > 0 and f"{lr:.2e}" in run.stdout
