@@ -173,6 +173,30 @@ def predict(
             typer.echo(f"{r['path']}\t{r['label']}\t{r['probability']:.3f}")
 
 
+@app.command()
+@user_errors
+def augs(
+    spec: str = typer.Argument(..., help=AUG_HELP),
+    image: Path = typer.Argument(..., help="The image to augment."),
+    out: Path = typer.Option(Path("augs.png"), "--out", help="The PNG file to write."),
+    size: int = typer.Option(200, "--size", min=8, help="Side of each augmented image in pixels."),
+    rows: int = typer.Option(2, "--rows", min=1),
+    cols: int = typer.Option(4, "--cols", min=1),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Draw a grid of augmented versions of IMAGE (d2l's `apply`), for any --aug spec."""
+    from fastft.augment import parse_aug, preview_grid
+    from fastft.images import unreadable_reason
+
+    parse_aug(spec)
+    if not image.is_file() or (why := unreadable_reason(image)):
+        raise UsageError(f"cannot read image {image} ({'no such file' if not image.is_file() else why}); pass an image file")
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out} must name a .png file")
+    preview_grid(spec, image, out, size=size, rows=rows, cols=cols, seed=seed)
+    typer.echo(f"wrote {out}")
+
+
 def _show_version(value: bool):
     if value:
         typer.echo(f"fastft {__version__}")

@@ -73,3 +73,104 @@ class BatchFlip(RandTransform):
 
     def encodes(self, x: TensorImage):
         return torch.where(self.mask[:, None, None, None], x.flip(self.dim), x)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601-2 luma, as torchvision's rgb_to_grayscale: (B, 1, H, W)."""
+    r, g, b = x.unbind(dim=-3)
+    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (factor * x + (1 - factor) * other).clamp(0, 1)
+
+
+def adjust_brightness(x, factor):
+    """Per-image factor (B,): torchvision's adjust_brightness, a blend with black."""
+    return _blend(x, torch.zeros_like(x), factor[:, None, None, None])
+
+
+def adjust_contrast(x, factor):
+    """Blend with the image's mean gray level, as torchvision's adjust_contrast."""
+    mean = _gray(x).mean(dim=(-3, -2, -1), keepdim=True)
+    return _blend(x, mean, factor[:, None, None, None])
+
+
+def adjust_saturation(x, factor):
+    """Blend with the grayscale image, as torchvision's adjust_saturation."""
+    return _blend(x, _gray(x), factor[:, None, None, None])
+
+
+def rgb_to_hsv(x):
+    r, g, b = x.unbind(dim=-3)
+    maxc, minc = x.max(dim=-3).values, x.min(dim=-3).values
+    delta = maxc - minc
+    safe_delta = torch.where(delta > 0, delta, torch.ones_like(delta))
+    saturation = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
+    rc, gc, bc = ((maxc - c) / safe_delta for c in (r, g, b))
+    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.where(delta > 0, (hue / 6.0) % 1.0, torch.zeros_like(hue))
+    return torch.stack((hue, saturation, maxc), dim=-3)
+
+
+def hsv_to_rgb(x):
+    h, s, v = x.unbind(dim=-3)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    choices = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]  # by sextant of the wheel
+    out = torch.zeros_like(x)
+    for k, (r, g, b) in enumerate(choices):
+        mask = (i == k).unsqueeze(-3)
+        out = torch.where(mask, torch.stack((r, g, b), dim=-3), out)
+    return out
+
+
+def adjust_hue(x, shift):
+    """Rotate hue by `shift` (B,) of a full turn, as torchvision's adjust_hue."""
+    hsv = rgb_to_hsv(x)
+    hue = (hsv[:, 0] + shift[:, None, None]) % 1.0
+    return hsv_to_rgb(torch.stack((hue, hsv[:, 1], hsv[:, 2]), dim=1))
+
+
+class ColorJitter(RandTransform):
+    """torchvision's ColorJitter on a whole batch on its device, each image with its own random factors:
+    brightness, contrast and saturation factors uniform in [1-s, 1+s], hue shifted by up to +-h of the
+    colour wheel. Applied in that fixed order (torchvision shuffles it per call)."""
+
+    split_idx, order = 0, 40  # training only; on [0, 1] floats, before Normalize (99)
+
+    def __init__(self, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0):
+        super().__init__(p=1.0)
+        self.strengths = {"brightness": brightness, "contrast": contrast, "saturation": saturation, "hue": hue}
+
+    def before_call(self, b, split_idx):
+        self.do = True
+        x = b[0] if isinstance(b, tuple) else b
+        n, device = x.shape[0], x.device
+
+        def uniform(low, high):
+            return torch.empty(n, device=device).uniform_(low, high)
+
+        self.factors = {name: (uniform(-s, s) if name == "hue" else uniform(max(0.0, 1 - s), 1 + s))
+                        for name, s in self.strengths.items() if s}
+
+    def encodes(self, x: TensorImage):
+        ops = {"brightness": adjust_brightness, "contrast": adjust_contrast,
+               "saturation": adjust_saturation, "hue": adjust_hue}
+        for name, factor in self.factors.items():
+            x = ops[name](x, factor.to(x.dtype))
+        return x
+
+
+class TrainOnlyItem(Transform):
+    """Wrap a torchvision transform of PIL images as a training-only fastai item transform."""
+
+    split_idx, order = 0, 2  # after the crop (1), before ToTensor (5)
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def encodes(self, im: PILImage):
+        return PILImage(self.transform(im))
