@@ -157,20 +157,80 @@ def list_recipes():
 @app.command()
 @user_errors
 def predict(
-    model: Path = typer.Argument(..., help="A run folder (a run's --out) or an exported model.pkl."),
+    model: Path = typer.Argument(..., help="A run folder (a run's --out), model.json, model.onnx, or model.pkl."),
     paths: List[Path] = typer.Argument(..., help="Image files and folders (recursed)."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of lines."),
+    top: int = typer.Option(1, "--top-k", min=1, help="Show the K most likely labels."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON list at the end."),
+    as_csv: bool = typer.Option(False, "--csv", help="Print CSV rows: path, then label and probability pairs."),
     bs: int = typer.Option(64, "--bs", min=1, help="Images per batch."),
+    tta: bool = typer.Option(False, "--tta", help="Average each prediction with its mirror image's."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a fastai model.pkl (a pickle runs code)."),
 ):
-    """Label images: prints path, label and probability per image."""
-    from fastft.predict import predict as predict_images
+    """Label images: path, label and probability per line, as results come."""
+    import csv
 
-    results = predict_images(model, paths, bs=bs)
+    from fastft.predict import predict as predict_images, top_k
+
+    if as_json and as_csv:
+        raise UsageError("--json and --csv are exclusive; pick one")
+    results = predict_images(model, paths, bs=bs, tta=tta, trust_pickle=trust_pickle, progress=sys.stderr.isatty())
     if as_json:
-        typer.echo(json.dumps(results, indent=2))
-    else:
-        for r in results:
-            typer.echo(f"{r['path']}\t{r['label']}\t{r['probability']:.3f}")
+        typer.echo(json.dumps([{**r, "top": top_k(r, top)} for r in results], indent=2))
+        return
+    writer = csv.writer(sys.stdout) if as_csv else None
+    if writer:
+        writer.writerow(["path"] + [f"{name}{i}" for i in range(1, top + 1) for name in ("label", "probability")])
+    for r in results:
+        best = top_k(r, top)
+        if writer:
+            writer.writerow([r["path"]] + [v for label, p in best for v in (label, f"{p:.6f}")])
+        else:
+            typer.echo(r["path"] + "".join(f"\t{label}\t{p:.3f}" for label, p in best))
+        sys.stdout.flush()
+
+
+@app.command()
+@user_errors
+def export(
+    model: Path = typer.Argument(..., help="A run folder (a run's --out) or its model.json."),
+    format: str = typer.Option("onnx", "--format", help="Export format: onnx."),
+):
+    """Export a model: model.onnx (dynamic batch, probabilities out) beside the bundle, checked in
+    ONNX Runtime against PyTorch."""
+    from fastft.export import TOLERANCE, export_onnx
+
+    if format != "onnx":
+        raise UsageError(f"unknown export format '{format}'; formats: onnx")
+    path, difference, checked = export_onnx(model)
+    inputs = f"{checked} real images" if checked else "random inputs (the run's data is not at hand)"
+    typer.echo(f"wrote {path}; max abs difference of probabilities vs PyTorch on {inputs}: {difference:.2e}")
+    if difference > TOLERANCE:
+        typer.echo(f"error: ONNX Runtime and PyTorch differ by {difference:.2e} > {TOLERANCE:.0e}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model: Path = typer.Argument(..., help="A run folder, model.json, model.onnx, or model.pkl."),
+    data: Path = typer.Argument(..., help="A folder of class folders, or one with test/ (or valid/)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Report folder. Default: a new eval-<data> folder beside the model."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    bs: int = typer.Option(64, "--bs", min=1),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a fastai model.pkl (a pickle runs code)."),
+):
+    """Accuracy, per-class precision and recall, confusion.png and top_losses.png."""
+    from fastft.evaluate import evaluate as evaluate_model
+
+    report = evaluate_model(model, data, out, bs=bs, trust_pickle=trust_pickle)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"accuracy {report['accuracy']:.3f} on {report['images']} images")
+    typer.echo(f"{'class':<20} {'precision':>9} {'recall':>7} {'support':>7}")
+    for name, row in report["per_class"].items():
+        typer.echo(f"{name:<20} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['support']:>7}")
+    typer.echo(f"confusion.png, top_losses.png and evaluation.json in {report['folder']}")
 
 
 @app.command()

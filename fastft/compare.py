@@ -9,8 +9,10 @@ from fastft.augment import parse_aug
 from fastft.errors import UsageError
 from fastft.recipe import Recipe
 
-# (key, title, width, number format): d2l's figures, plus the wall time of training
-COLUMNS = (("loss", "loss", 7, ".3f"), ("train_acc", "train acc", 9, ".3f"), ("test_acc", "test acc", 8, ".3f"),
+# (key, title, width, number format): d2l's figures, the accuracy on the training images without
+# augmentation (against test acc, it shows overfitting), and the wall time of training
+COLUMNS = (("loss", "loss", 7, ".3f"), ("train_acc", "train acc", 9, ".3f"),
+           ("train_acc_unaugmented", "unaugmented train acc", 21, ".3f"), ("test_acc", "test acc", 8, ".3f"),
            ("examples_per_sec", "examples/sec", 12, ".1f"), ("seconds", "seconds", 8, ".1f"))
 
 
@@ -76,7 +78,7 @@ def compare(recipe: Recipe, settings: list[tuple[str, dict]], out: str | None) -
     rows = []
     for label, changes in settings:
         print(f"== {label}")
-        metrics = train(recipe.replace(**changes), str(top / folder_name(label)))
+        metrics = train(recipe.replace(**changes), str(top / folder_name(label)), measure_unaugmented=True)
         rows.append({"setting": label, **metrics["final"],
                      "seconds": sum(e["seconds"] for e in metrics["epochs"]), "epochs": metrics["epochs"]})
         (top / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")  # after each: partial results survive

@@ -114,6 +114,9 @@ def build_dataloaders(split: Split, recipe: Recipe, mean, std, device):
     train = [[p, c] for c in split.classes for p in split.train[c]]
     test = [[p, c] for c in split.classes for p in split.test.get(c, [])]
     item_tfms, batch_tfms = build_transforms(recipe.aug, recipe.size, recipe.crop_pct)
+    bs = min(recipe.bs, len(train))  # fastai drops the last partial batch: a bigger bs would train on nothing
+    if bs < recipe.bs:
+        print(f"note: batch size {recipe.bs} is more than the {len(train)} training images; using {bs}", file=sys.stderr)
     block = DataBlock(
         blocks=(ImageBlock(cls=RGBImage), CategoryBlock(vocab=split.classes)),
         get_x=image_of, get_y=label_of,
@@ -121,4 +124,4 @@ def build_dataloaders(split: Split, recipe: Recipe, mean, std, device):
         item_tfms=item_tfms,
         batch_tfms=[*batch_tfms, Normalize.from_stats(mean, std)],
     )
-    return block.dataloaders(train + test, bs=recipe.bs, num_workers=recipe.workers, device=device)
+    return block.dataloaders(train + test, bs=bs, num_workers=recipe.workers, device=device)

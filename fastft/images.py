@@ -40,6 +40,20 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
+def resize_center_crop(im: Image.Image, size: int, crop_pct: float = 1.0) -> Image.Image:
+    """Resize the shorter side to round(size / crop_pct), then take the centre size x size square:
+    torchvision's Resize(int) + CenterCrop, as d2l and timm evaluate (224 px from 256). Training's test
+    transform and the pickle-free bundle's preprocessing both call this."""
+    short = round(size / crop_pct)
+    w, h = im.size
+    scale = short / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        im = im.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
 def open_rgb(path) -> Image.Image:
     with Image.open(path) as im:
         im.load()

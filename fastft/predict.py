@@ -1,19 +1,12 @@
-"""Label images with a trained model: a run folder or an exported model.pkl."""
+"""Label images with a trained model (bundle, ONNX, or a trusted model.pkl), streaming the results."""
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
+from typing import Iterator
 
 from fastft.errors import UsageError
 from fastft.images import describe_skipped, image_extensions, split_readable
-
-
-def model_file(model: Path) -> Path:
-    path = model / "model.pkl" if model.is_dir() else model
-    if not path.is_file():
-        raise UsageError(f"no trained model at {model}; pass a run folder (a run's --out) or its model.pkl")
-    return path
 
 
 def collect_images(paths: list[Path]) -> list[Path]:
@@ -29,34 +22,28 @@ def collect_images(paths: list[Path]) -> list[Path]:
     return found
 
 
-def load_model(model: Path):
-    from fastai.learner import load_learner
-
-    path = model_file(model)
-    try:
-        with warnings.catch_warnings():  # fastai warns that pickles run code; fastft wrote this one
-            warnings.simplefilter("ignore", UserWarning)
-            return load_learner(path, cpu=True)
-    except Exception as e:
-        raise UsageError(f"could not load {path} ({type(e).__name__}: {str(e)[:120]}); is it a fastft model.pkl?") from None
-
-
-def predict(model: Path, paths: list[Path], bs: int = 64) -> list[dict]:
-    """[{'path', 'label', 'probability', 'probabilities'}] for every readable image under `paths`."""
-    files = collect_images(paths)
-    files, bad = split_readable(files)
+def readable_images(paths: list[Path]) -> list[Path]:
+    """The readable images under `paths`; the rest reported in one warning."""
+    files, bad = split_readable(collect_images(paths))
     if bad:
         print(f"warning: {describe_skipped(bad)}", file=sys.stderr)
     if not files:
-        raise UsageError("no readable images to label among the given paths")
-    learn = load_model(model)
-    vocab = list(learn.dls.vocab)
-    dl = learn.dls.test_dl(files, bs=bs, num_workers=0)
-    with learn.no_bar():
-        probs, _ = learn.get_preds(dl=dl)
-    results = []
-    for path, row in zip(files, probs.tolist()):
-        best = max(range(len(row)), key=row.__getitem__)
-        results.append({"path": str(path), "label": vocab[best], "probability": row[best],
-                        "probabilities": dict(zip(vocab, row))})
-    return results
+        raise UsageError("no readable images among the given paths")
+    return files
+
+
+def predict(model_path: Path, paths: list[Path], bs: int = 64, tta: bool = False, trust_pickle: bool = False,
+            progress: bool = False) -> Iterator[dict]:
+    """Yields {'path', 'label', 'probability', 'probabilities'} per readable image, batch by batch."""
+    from fastft.bundle import load
+
+    model = load(model_path, trust_pickle=trust_pickle)
+    files = readable_images(paths)
+    for done, result in enumerate(model.predict_batch(files, bs=bs, tta=tta), 1):
+        if progress and (done % bs == 0 or done == len(files)):
+            print(f"\rlabelled {done}/{len(files)}", end="\n" if done == len(files) else "", file=sys.stderr, flush=True)
+        yield result
+
+
+def top_k(result: dict, k: int) -> list[tuple[str, float]]:
+    return sorted(result["probabilities"].items(), key=lambda kv: -kv[1])[:k]

@@ -1,10 +1,12 @@
 """Train one recipe: data -> learner -> schedule -> outputs in the run folder.
 
 A run folder holds recipe.toml (resolved: `fastft run` on it reproduces the run), metrics.json,
-history.csv, curves.png and model.pkl (fastai's export).
+history.csv, curves.png, the pickle-free bundle (model.safetensors + model.json) and model.pkl
+(fastai's export, for fastai users).
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,6 +16,7 @@ import torch
 from fastai.vision.all import Callback, find_bs, set_seed
 
 from fastft.augment import parse_aug
+from fastft.bundle import write_bundle
 from fastft.data import build_dataloaders, load_split
 from fastft.download import fetch_dataset
 from fastft.errors import UsageError
@@ -111,6 +114,8 @@ class Prepared:
     run_dir: Path
     device: torch.device
     skipped: list
+    mean: tuple
+    std: tuple
 
 
 def prepare(recipe: Recipe, out: str | None) -> Prepared:
@@ -136,7 +141,7 @@ def prepare(recipe: Recipe, out: str | None) -> Prepared:
     run_dir.mkdir(parents=True, exist_ok=True)
     if split.skipped:
         (run_dir / "skipped_images.txt").write_text("".join(f"{p}\t{why}\n" for p, why in split.skipped))
-    return Prepared(recipe, learn, run_dir, device, split.skipped)
+    return Prepared(recipe, learn, run_dir, device, split.skipped, mean, std)
 
 
 def find_lr(learn, recipe: Recipe, run_dir: Path) -> float:
@@ -157,8 +162,17 @@ def find_lr(learn, recipe: Recipe, run_dir: Path) -> float:
     return float(suggestion.valley)
 
 
-def train(recipe: Recipe, out: str | None = None) -> dict:
-    """Run `recipe`; returns metrics.json's content. Raises Interrupted after saving on Ctrl-C."""
+def unaugmented_train_accuracy(learn) -> float:
+    """Accuracy on the training images with the test transforms: next to test accuracy, this is what
+    shows overfitting (d2l's train acc is measured on augmented batches, mid-epoch)."""
+    dl = learn.dls.test_dl(learn.dls.train_ds.items, with_labels=True)
+    with learn.no_bar(), learn.no_logging():
+        return float(learn.validate(dl=dl)[1])
+
+
+def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = False) -> dict:
+    """Run `recipe`; returns metrics.json's content. Raises Interrupted after saving on Ctrl-C.
+    `measure_unaugmented` adds final.train_acc_unaugmented (one more pass over the training images)."""
     run = prepare(recipe, out)
     recipe, learn, run_dir = run.recipe, run.learn, run.run_dir
     if recipe.lr == "auto":
@@ -184,8 +198,13 @@ def train(recipe: Recipe, out: str | None = None) -> dict:
             raise Interrupted(f"interrupted before the first epoch finished; {run_dir} holds only recipe.toml") from None
         learn.model.load_state_dict(log.snapshot)
     learn.remove_cb(log)
+    if measure_unaugmented and not interrupted:
+        log.results["final"]["train_acc_unaugmented"] = unaugmented_train_accuracy(learn)
+        (run_dir / "metrics.json").write_text(json.dumps(log.results, indent=2) + "\n")
     learn._end_cleanup()  # drop the last batch's tensors so they are not pickled into model.pkl
     learn.export(run_dir.resolve() / "model.pkl")
+    write_bundle(learn.model, run_dir, arch=recipe.arch, classes=list(learn.dls.vocab), size=recipe.size,
+                 crop_pct=recipe.crop_pct, mean=run.mean, std=run.std)
     if interrupted:
         raise Interrupted(f"interrupted: kept the outputs of epoch {len(log.epochs)} of {recipe.epochs} in {run_dir}")
     print(summary_line(log.results["final"], str(run.device)))

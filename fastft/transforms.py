@@ -11,7 +11,7 @@ import torch
 from fastai.vision.all import PILImage, RandTransform, TensorImage, Transform
 from PIL import Image
 
-from fastft.images import open_rgb, to_rgb
+from fastft.images import open_rgb, resize_center_crop, to_rgb
 
 
 class RGBImage(PILImage):
@@ -37,8 +37,7 @@ def label_of(item):
 
 
 class ResizeCenterCrop(Transform):
-    """Resize the shorter side to round(size / crop_pct), then take the centre size x size square:
-    torchvision's Resize(int) + CenterCrop, as d2l and timm evaluate (224 px from 256)."""
+    """d2l's test transform (see `fastft.images.resize_center_crop`) as a fastai item transform."""
 
     order = 1
 
@@ -46,14 +45,7 @@ class ResizeCenterCrop(Transform):
         self.size, self.crop_pct = size, crop_pct
 
     def encodes(self, im: PILImage):
-        short = round(self.size / self.crop_pct)
-        w, h = im.size
-        scale = short / min(w, h)
-        new_w, new_h = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-        if (new_w, new_h) != (w, h):
-            im = im.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
-        left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
-        return im.crop((left, top, left + self.size, top + self.size))
+        return PILImage(resize_center_crop(im, self.size, self.crop_pct))
 
 
 class BatchFlip(RandTransform):

@@ -142,3 +142,22 @@ def test_augs_draws_a_grid(tmp_path):
         assert grid.width >= 4 * 100 and grid.height >= 2 * 100
     bad = fastft("augs", "flip+wobble", image, "--out", tmp_path / "x.png")
     assert bad.returncode == 2 and "wobble" in bad.stderr and not (tmp_path / "x.png").exists()
+
+
+def test_compare_augmentations_reports_overfitting_figures(dataset, tmp_path):
+    import json
+    from pathlib import Path
+
+    from conftest import TINY, invoke
+
+    out = tmp_path / "augs"
+    result = invoke("compare", "cifar", "--data", dataset, *TINY, "--epochs", "1", "--aug", "none,flip+hue:0.2", "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "compare.json").read_text())
+    assert [r["setting"] for r in rows] == ["none", "flip+hue:0.2"]
+    assert "unaugmented train acc" in result.stdout and (out / "compare.png").exists()
+    assert 'aug = "flip+hue:0.2"' in (out / "flip_hue_0.2" / "recipe.toml").read_text()
+    # the un-augmented train accuracy is the model's accuracy on the training images, as predict sees them
+    predicted = json.loads(invoke("predict", out / "none", dataset / "train", "--json").stdout)
+    accuracy = sum(Path(r["path"]).parent.name == r["label"] for r in predicted) / len(predicted)
+    assert rows[0]["train_acc_unaugmented"] == pytest.approx(accuracy)

@@ -1,0 +1,201 @@
+"""A pickle-free model bundle, and loading any fastft model for inference.
+
+A bundle is `model.safetensors` (the network's weights) plus `model.json` (everything inference needs:
+timm arch, classes, input size, resize/crop, normalisation, versions). Loading one unpickles nothing
+and needs no fastai: torch, timm and `fastft.network` rebuild the network from the JSON. The same
+`load` also takes an ONNX export (onnxruntime) and, only when asked to trust it, fastai's model.pkl.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from fastft.errors import UsageError
+from fastft.images import open_rgb, resize_center_crop
+
+WEIGHTS, META = "model.safetensors", "model.json"
+FORMAT = "fastft-bundle/1"
+
+
+def write_bundle(model, run_dir: Path, *, arch: str, classes: list[str], size: int, crop_pct: float,
+                 mean, std) -> None:
+    """Save the trained network's weights and what inference needs to use them."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from fastft import __version__
+    from fastft.network import HEAD_DEFAULTS
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(run_dir / WEIGHTS))
+    meta = {
+        "format": FORMAT, "arch": arch, "classes": list(classes), "head": HEAD_DEFAULTS,
+        "input_size": size, "resize": round(size / crop_pct), "crop_pct": crop_pct,
+        "mean": list(mean), "std": list(std),
+        "versions": {"fastft": __version__, "timm": timm.__version__, "torch": torch.__version__},
+    }
+    (run_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _meta(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path} is not a readable fastft model.json ({e}); re-export the model") from None
+    missing = [k for k in ("format", "arch", "classes", "input_size", "crop_pct", "mean", "std") if k not in meta]
+    if missing or meta.get("format") != FORMAT:
+        raise UsageError(f"{path} is not a {FORMAT} model.json (missing: {', '.join(missing) or 'format'})")
+    return meta
+
+
+class Model:
+    """A trained classifier: `predict(image)` -> (label, {class: probability}); `predict_batch(paths)`."""
+
+    classes: list[str]
+    meta: dict
+
+    def preprocess(self, image) -> np.ndarray:
+        """The run's test transform: RGB, resize + centre crop, scale to [0, 1], normalise. (3, H, W)."""
+        im = open_rgb(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+        im = resize_center_crop(im, self.meta["input_size"], self.meta["crop_pct"])
+        x = np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        mean, std = (np.array(self.meta[k], dtype=np.float32)[:, None, None] for k in ("mean", "std"))
+        return (x - mean) / std
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict_arrays(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
+        probs = self.probabilities(batch)
+        if tta:  # test-time augmentation: average with the mirror image
+            probs = (probs + self.probabilities(np.ascontiguousarray(batch[..., ::-1]))) / 2
+        return probs
+
+    def predict(self, image, tta: bool = False) -> tuple[str, dict[str, float]]:
+        probs = self.predict_arrays(self.preprocess(image)[None], tta)[0]
+        return self.classes[int(probs.argmax())], dict(zip(self.classes, map(float, probs)))
+
+    def predict_batch(self, images: Iterable, bs: int = 64, tta: bool = False) -> Iterator[dict]:
+        """Yields {'path', 'label', 'probability', 'probabilities'} per image as each batch finishes."""
+        images = list(images)
+        for start in range(0, len(images), bs):
+            chunk = images[start:start + bs]
+            probs = self.predict_arrays(np.stack([self.preprocess(i) for i in chunk]), tta)
+            for image, row in zip(chunk, probs):
+                best = int(row.argmax())
+                yield {"path": str(image), "label": self.classes[best], "probability": float(row[best]),
+                       "probabilities": dict(zip(self.classes, map(float, row)))}
+
+
+class BundleModel(Model):
+    """model.safetensors + model.json in PyTorch."""
+
+    def __init__(self, meta_path: Path):
+        import torch
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from fastft.network import build_network
+
+        self.meta, self.classes = _meta(meta_path), None
+        self.classes = list(self.meta["classes"])
+        weights = meta_path.with_name(WEIGHTS)
+        if not weights.is_file():
+            raise UsageError(f"{weights} is missing beside {meta_path}; a bundle is model.json + model.safetensors")
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UsageError(f"{weights} is corrupt or truncated ({str(e)[:100]}); re-export the model") from None
+        self.network = build_network(self.meta["arch"], len(self.classes), self.meta.get("head"))
+        try:
+            self.network.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1][:160]
+            raise UsageError(f"{meta_path.name} and {weights.name} disagree (arch {self.meta['arch']}, "
+                             f"{len(self.classes)} classes): {detail}") from None
+        self.network.eval()
+        self._torch = torch
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            return self._torch.softmax(self.network(self._torch.from_numpy(batch)), dim=1).numpy()
+
+
+class OnnxModel(Model):
+    """model.onnx (from `fastft export`) in ONNX Runtime, with the bundle's model.json beside it."""
+
+    def __init__(self, onnx_path: Path):
+        try:
+            import onnxruntime
+        except ImportError:
+            raise UsageError("ONNX models need onnxruntime: pip install 'fastft[onnx]'") from None
+        self.meta = _meta(onnx_path.with_name(META))
+        self.classes = list(self.meta["classes"])
+        try:
+            self.session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            raise UsageError(f"{onnx_path} is not a loadable ONNX model ({str(e)[:120]}); re-export it") from None
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"images": batch.astype(np.float32)})[0]
+
+
+class PickleModel(Model):
+    """fastai's model.pkl via load_learner: runs pickled code, so only on request."""
+
+    def __init__(self, pkl_path: Path):
+        import warnings
+
+        from fastai.learner import load_learner
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                self.learn = load_learner(pkl_path, cpu=True)
+        except Exception as e:
+            raise UsageError(f"could not load {pkl_path} ({type(e).__name__}: {str(e)[:120]}); is it a fastai model.pkl?") from None
+        self.classes = list(self.learn.dls.vocab)
+        self.meta = {}
+
+    def predict_batch(self, images: Iterable, bs: int = 64, tta: bool = False) -> Iterator[dict]:
+        images = list(images)
+        dl = self.learn.dls.test_dl(images, bs=bs, num_workers=0)
+        with self.learn.no_bar():
+            probs = (self.learn.tta(dl=dl, n=1)[0] if tta else self.learn.get_preds(dl=dl)[0]).numpy()
+        for image, row in zip(images, probs):
+            best = int(row.argmax())
+            yield {"path": str(image), "label": self.classes[best], "probability": float(row[best]),
+                   "probabilities": dict(zip(self.classes, map(float, row)))}
+
+    def predict(self, image, tta: bool = False):
+        result = next(self.predict_batch([image], tta=tta))
+        return result["label"], result["probabilities"]
+
+
+def load(path, trust_pickle: bool = False) -> Model:
+    """Load a model for inference: a run folder, model.json / model.safetensors, model.onnx, or (with
+    trust_pickle=True) a fastai model.pkl."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / META).is_file():
+            return BundleModel(path / META)
+        if (path / "model.pkl").is_file():
+            path = path / "model.pkl"
+        else:
+            raise UsageError(f"no trained model in {path}; pass a run folder (a run's --out) or a model file")
+    if not path.is_file():
+        raise UsageError(f"no trained model at {path}; pass a run folder (a run's --out) or a model file")
+    if path.suffix == ".onnx":
+        return OnnxModel(path)
+    if path.suffix == ".pkl":
+        if not trust_pickle:
+            raise UsageError(f"{path} is a pickle, and loading a pickle runs whatever code it holds; use the run's "
+                             "model.json bundle, or pass --trust-pickle if you trust where this file came from")
+        return PickleModel(path)
+    if path.suffix in (".json", ".safetensors"):
+        return BundleModel(path.with_name(META))
+    raise UsageError(f"{path} is not a model file fastft knows (model.json, model.safetensors, model.onnx, model.pkl)")

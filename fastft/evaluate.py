@@ -1,0 +1,124 @@
+"""`fastft evaluate MODEL DATA_DIR`: accuracy, per-class precision and recall, confusion matrix and top losses."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fastft.errors import UsageError
+
+
+def labelled_images(data: Path) -> list[tuple[Path, str]]:
+    """(image, class) pairs: DATA/test (or valid) class folders if there are any, else DATA's class folders."""
+    from fastft.data import TEST_SPLIT_NAMES, _class_images
+    from fastft.images import image_extensions, split_readable, describe_skipped
+
+    if not data.is_dir():
+        raise UsageError(f"data folder {data} does not exist; pass a folder of class folders (or one with test/)")
+    folder = next((data / n for n in TEST_SPLIT_NAMES if (data / n).is_dir()), data)
+    by_class = {c: files for c, files in _class_images(folder, image_extensions()).items() if files}
+    if not by_class:
+        raise UsageError(f"{folder} has no class folders of images; expected {folder}/<class>/*.jpg")
+    pairs = [(p, c) for c, files in by_class.items() for p in files]
+    good, bad = split_readable([p for p, _ in pairs])
+    if bad:
+        print(f"warning: {describe_skipped(bad)}", file=sys.stderr)
+    keep = set(good)
+    return [(p, c) for p, c in pairs if p in keep]
+
+
+def evaluation_folder(model_path: Path, data: Path, out: str | None) -> Path:
+    """--out, or a new eval-<data name>[-N] folder beside the model; never an existing non-empty one."""
+    from fastft.run import new_run_folder
+
+    if out:
+        return new_run_folder(out, "")
+    home = model_path if model_path.is_dir() else model_path.parent
+    name = data.resolve().name
+    path, n = home / f"eval-{name}", 1
+    while path.exists():
+        n += 1
+        path = home / f"eval-{name}-{n}"
+    return path
+
+
+def evaluate(model_path: Path, data: Path, out: str | None = None, bs: int = 64, trust_pickle: bool = False) -> dict:
+    from fastft.bundle import load
+
+    model = load(model_path, trust_pickle=trust_pickle)
+    pairs = labelled_images(data)
+    if unknown := sorted({c for _, c in pairs} - set(model.classes)):
+        raise UsageError(f"{data} has classes the model does not know: {', '.join(unknown)} "
+                         f"(it knows {', '.join(model.classes)})")
+    folder = evaluation_folder(model_path, data, out)
+    results = list(model.predict_batch([p for p, _ in pairs], bs=bs))
+    index = {c: i for i, c in enumerate(model.classes)}
+    truth = np.array([index[c] for _, c in pairs])
+    probs = np.array([[r["probabilities"][c] for c in model.classes] for r in results])
+    guess = probs.argmax(axis=1)
+    n = len(model.classes)
+    confusion = np.zeros((n, n), dtype=int)
+    np.add.at(confusion, (truth, guess), 1)
+    per_class = {}
+    for c, i in index.items():
+        predicted, actual = confusion[:, i].sum(), confusion[i, :].sum()
+        per_class[c] = {"precision": float(confusion[i, i] / predicted) if predicted else 0.0,
+                        "recall": float(confusion[i, i] / actual) if actual else 0.0, "support": int(actual)}
+    losses = -np.log(np.clip(probs[np.arange(len(truth)), truth], 1e-12, 1.0))
+    report = {"model": str(model_path), "data": str(data), "images": len(pairs),
+              "accuracy": float((guess == truth).mean()), "per_class": per_class,
+              "confusion": {"classes": model.classes, "matrix": confusion.tolist()}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_confusion(confusion, model.classes, folder / "confusion.png")
+    worst = np.argsort(-losses)[:9]
+    plot_top_losses([(pairs[i][0], pairs[i][1], model.classes[guess[i]], losses[i], probs[i, guess[i]]) for i in worst],
+                    folder / "top_losses.png")
+    report["folder"] = str(folder)
+    return report
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    side = max(4, 0.6 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=90)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, str(count), ha="center", va="center", color="white" if count > matrix.max() / 2 else "black")
+    ax.set_title("confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_top_losses(rows: list[tuple], path: Path) -> None:
+    """fastai's plot_top_losses picture: predicted/actual/loss/probability above each image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fastft.images import open_rgb
+
+    cols = 3
+    nrows = max(1, -(-len(rows) // cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(cols * 3, nrows * 3.2), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, actual, predicted, loss, prob) in zip(axes.flat, rows):
+        ax.imshow(open_rgb(image))
+        ax.set_title(f"{predicted}/{actual}\nloss {loss:.2f}, p {prob:.2f}", fontsize=9)
+    fig.suptitle("top losses: predicted/actual", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

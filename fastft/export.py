@@ -1,0 +1,59 @@
+"""`fastft export MODEL --format onnx`: model.onnx beside the bundle, checked against PyTorch."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+
+from fastft.errors import UsageError
+
+TOLERANCE = 1e-4  # max abs difference of probabilities between ONNX Runtime and PyTorch
+
+
+def sample_images(meta_dir: Path, n: int = 8) -> list[Path]:
+    """Real inputs for the check: test images of the run's data, if its recipe.toml still points at them."""
+    from fastft.images import image_extensions
+    from fastft.recipe import read_recipe_file
+
+    recipe_file = meta_dir / "recipe.toml"
+    if not recipe_file.is_file():
+        return []
+    data = Path(read_recipe_file(recipe_file).data)
+    folder = next((data / n for n in ("test", "valid", "val") if (data / n).is_dir()), data)
+    if not folder.is_dir():
+        return []
+    extensions = image_extensions()
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in extensions)
+    return random.Random(0).sample(files, min(n, len(files)))
+
+
+def export_onnx(model_path: Path, images: list[Path] | None = None) -> tuple[Path, float, int]:
+    """Write model.onnx (dynamic batch, softmax included) and compare it with PyTorch on real images
+    (or random inputs when none are at hand). Returns (path, max abs difference, images checked)."""
+    import torch
+
+    from fastft.bundle import BundleModel, OnnxModel, load
+
+    model = load(model_path)
+    if not isinstance(model, BundleModel):
+        raise UsageError(f"export starts from a bundle (a run folder or model.json), not {model_path}")
+    meta_dir = (model_path if model_path.is_dir() else model_path.parent)
+    target = meta_dir / "model.onnx"
+    network = torch.nn.Sequential(model.network, torch.nn.Softmax(dim=1)).eval()
+    size = model.meta["input_size"]
+    try:
+        torch.onnx.export(network, (torch.zeros(2, 3, size, size),), str(target), input_names=["images"],
+                          output_names=["probabilities"], dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
+                          dynamo=False)
+    except Exception as e:  # the exporter raises many types for unsupported operators
+        target.unlink(missing_ok=True)
+        raise UsageError(f"{model.meta['arch']} cannot be exported to ONNX ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:150] if str(e).strip() else ''})") from None
+    images = images if images is not None else sample_images(meta_dir)
+    if images:
+        batch = np.stack([model.preprocess(p) for p in images])
+    else:
+        batch = np.random.default_rng(0).standard_normal((4, 3, size, size)).astype(np.float32)
+    difference = float(np.abs(OnnxModel(target).probabilities(batch) - model.probabilities(batch)).max())
+    return target, difference, len(images)

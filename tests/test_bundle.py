@@ -1,0 +1,159 @@
+"""The pickle-free bundle, ONNX export, predict options, evaluate and the Python API."""
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import fastft
+from conftest import fastft as run_fastft, invoke
+from fastft.errors import UsageError
+
+
+def _images(dataset):
+    return sorted((dataset / "test").rglob("*.*"))
+
+
+def test_bundle_has_what_inference_needs(trained_run):
+    out = trained_run[0]
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["arch"] == "resnet18" and meta["classes"] == ["blue", "red"]
+    assert (meta["input_size"], meta["resize"]) == (32, 32) and len(meta["mean"]) == 3
+    assert set(meta["versions"]) == {"fastft", "timm", "torch"}
+
+
+def test_bundle_loads_without_pickle_or_fastai_and_matches_the_learner(trained_run, dataset):
+    import pickle
+    import subprocess
+    import sys
+
+    # in a fresh interpreter where fastai cannot be imported and every way to unpickle is booby-trapped
+    code = f"""
+import sys
+sys.modules["fastai"] = None
+import pickle, torch, timm, safetensors.torch
+def refuse(*a, **k): raise AssertionError("unpickled")
+pickle.load = pickle.loads = torch.load = refuse
+import fastft
+m = fastft.load({str(trained_run[0])!r})
+label, probs = m.predict({str(_images(dataset)[0])!r})
+print(label, round(sum(probs.values()), 5))
+"""
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.split()[0] in ("blue", "red") and shown.stdout.split()[1] == "1.0"
+    # same top-1 and probabilities (1e-3) as fastai's own Learner from model.pkl
+    bundle = fastft.load(trained_run[0])
+    learner = fastft.load(trained_run[0] / "model.pkl", trust_pickle=True)
+    images = _images(dataset)
+    for a, b in zip(bundle.predict_batch(images), learner.predict_batch(images)):
+        assert a["label"] == b["label"]
+        assert max(abs(a["probabilities"][c] - b["probabilities"][c]) for c in a["probabilities"]) < 1e-3
+
+
+def test_python_api_predicts_paths_and_pil_images(trained_run, dataset):
+    from PIL import Image
+
+    m = fastft.load(trained_run[0] / "model.json")
+    path = _images(dataset)[0]
+    label, probs = m.predict(path)
+    same_label, same_probs = m.predict(Image.open(path))
+    assert label == same_label and probs == pytest.approx(same_probs)
+    results = list(m.predict_batch(_images(dataset), bs=3))
+    assert len(results) == len(_images(dataset)) and {r["label"] for r in results} <= {"blue", "red"}
+
+
+def test_onnx_export_matches_pytorch(trained_run, dataset, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    result = run_fastft("export", run, "--format", "onnx")
+    assert result.returncode == 0, result.stderr
+    difference = float(result.stdout.split("PyTorch on ")[1].split(": ")[1])
+    assert difference <= 1e-4 and "real images" in result.stdout
+    onnx_model, bundle = fastft.load(run / "model.onnx"), fastft.load(run)
+    images = _images(dataset)
+    for a, b in zip(onnx_model.predict_batch(images, bs=5), bundle.predict_batch(images, bs=8)):  # dynamic batch
+        assert a["label"] == b["label"]
+        assert max(abs(a["probabilities"][c] - b["probabilities"][c]) for c in a["probabilities"]) < 1e-4
+
+
+def test_predict_options(trained_run, dataset):
+    out = trained_run[0]
+    two = invoke("predict", out, dataset / "test", "--top-k", "2", "--csv")
+    assert two.exit_code == 0, two.output
+    rows = list(csv.reader(io.StringIO(two.stdout)))
+    assert rows[0] == ["path", "label1", "probability1", "label2", "probability2"] and len(rows) == 9
+    assert all(float(r[2]) >= float(r[4]) and {r[1], r[3]} == {"blue", "red"} for r in rows[1:])
+    tta = json.loads(invoke("predict", out, dataset / "test", "--tta", "--json").stdout)
+    plain = json.loads(invoke("predict", out, dataset / "test", "--json").stdout)
+    assert len(tta) == len(plain) == 8 and any(abs(a["probability"] - b["probability"]) > 1e-6 for a, b in zip(tta, plain))
+    refused = invoke("predict", out / "model.pkl", dataset / "test")
+    assert refused.exit_code == 2 and "--trust-pickle" in refused.output
+    trusted = invoke("predict", out / "model.pkl", dataset / "test", "--trust-pickle")
+    assert trusted.exit_code == 0 and len(trusted.stdout.strip().splitlines()) == 8
+
+
+def test_evaluate_writes_report_and_pictures_and_never_overwrites(trained_run, dataset, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    first = invoke("evaluate", run, dataset, "--json")
+    assert first.exit_code == 0, first.output
+    report = json.loads(first.stdout)
+    test_acc = json.loads((run / "metrics.json").read_text())["final"]["test_acc"]
+    assert report["accuracy"] == pytest.approx(test_acc) and report["images"] == 8
+    assert sum(map(sum, report["confusion"]["matrix"])) == 8
+    assert set(report["per_class"]) == {"blue", "red"} and all(0 <= v["recall"] <= 1 for v in report["per_class"].values())
+    folder = run / f"eval-{dataset.name}"
+    for name in ("confusion.png", "top_losses.png", "evaluation.json"):
+        assert (folder / name).is_file()
+    again = invoke("evaluate", run, dataset)
+    assert again.exit_code == 0 and (run / f"eval-{dataset.name}-2" / "confusion.png").is_file()
+
+
+def test_broken_models_are_clean_errors(trained_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    weights = run / "model.safetensors"
+    meta = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps({**meta, "classes": ["a", "b", "c"]}))  # disagrees with the weights
+    with pytest.raises(UsageError, match="disagree"):
+        fastft.load(run)
+    (run / "model.json").write_text(json.dumps({**meta, "arch": "resnet34"}))
+    with pytest.raises(UsageError, match="disagree"):
+        fastft.load(run)
+    (run / "model.json").write_text(json.dumps(meta))
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    with pytest.raises(UsageError, match="corrupt or truncated"):
+        fastft.load(run)
+    (run / "model.json").write_text("{ not json")
+    with pytest.raises(UsageError, match="model.json"):
+        fastft.load(run)
+    with pytest.raises(UsageError, match="no trained model"):
+        fastft.load(tmp_path / "missing")
+    result = run_fastft("predict", run, tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_export_of_an_unexportable_model_is_a_clean_error(tmp_path, monkeypatch):
+    from fastft.bundle import write_bundle
+    from fastft.export import export_onnx
+    from fastft.network import build_network
+
+    write_bundle(build_network("resnet18", 2), tmp_path, arch="resnet18", classes=["a", "b"], size=32,
+                 crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+    def unsupported(*args, **kwargs):
+        raise torch.onnx.errors.UnsupportedOperatorError("aten::fancy_op", 17, 18)
+
+    monkeypatch.setattr(torch.onnx, "export", unsupported)
+    with pytest.raises(UsageError, match="cannot be exported to ONNX"):
+        export_onnx(tmp_path)
+    assert not (tmp_path / "model.onnx").exists()
