@@ -74,12 +74,13 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (factor * x + (1 - factor) * other).clamp(0, 1)
+    """factor * x + (1 - factor) * other, clamped to [0, 1], in one pass (lerp)."""
+    return torch.lerp(other.expand_as(x), x, factor).clamp_(0, 1)
 
 
 def adjust_brightness(x, factor):
     """Per-image factor (B,): torchvision's adjust_brightness, a blend with black."""
-    return _blend(x, torch.zeros_like(x), factor[:, None, None, None])
+    return (x * factor[:, None, None, None]).clamp_(0, 1)
 
 
 def adjust_contrast(x, factor):
@@ -106,17 +107,11 @@ def rgb_to_hsv(x):
 
 
 def hsv_to_rgb(x):
-    h, s, v = x.unbind(dim=-3)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    choices = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]  # by sextant of the wheel
-    out = torch.zeros_like(x)
-    for k, (r, g, b) in enumerate(choices):
-        mask = (i == k).unsqueeze(-3)
-        out = torch.where(mask, torch.stack((r, g, b), dim=-3), out)
-    return out
+    """Branch-free: channel n (5, 3, 1 for r, g, b) is v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6."""
+    h, s, v = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = (n + h * 6.0) % 6.0
+    return v - v * s * torch.minimum(k, 4.0 - k).clamp_(0, 1)
 
 
 def adjust_hue(x, shift):
