@@ -71,7 +71,10 @@ def main() -> None:
                 row = plain_fastai(args.data, args.arch, args.weights, args.size, args.epochs, base.bs, seed)
             else:
                 with contextlib.redirect_stdout(io.StringIO()):  # keep the table readable
-                    metrics = train(base.replace(strategy=name, seed=seed), str(args.out / f"{name}-seed{seed}"))
+                    # scratch means random init: same recipe, without the weights file
+                    weights = "" if name == "scratch" else base.weights
+                    metrics = train(base.replace(strategy=name, seed=seed, weights=weights),
+                                    str(args.out / f"{name}-seed{seed}"))
                 row = {**metrics["final"], "seconds": sum(e["seconds"] for e in metrics["epochs"])}
             results.setdefault(name, []).append(row)
             print(f"seed {seed} {name:<13} test acc {row['test_acc']:.3f}  {row['seconds']:.0f} s", file=sys.stderr)

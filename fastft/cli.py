@@ -48,6 +48,7 @@ TRAIN_OPTIONS = {
     "seed": (int, "--seed", "Random seed: the same seed gives the same numbers on the same machine."),
     "workers": (int, "--workers", "DataLoader worker processes (0: load in the main process)."),
     "device": (str, "--device", "auto, cpu, cuda, cuda:N or mps."),
+    "precision": (str, "--precision", "auto, fp32, bf16 or fp16 (auto: fp32 on CPU and MPS, bf16 on GPUs that have it, else fp16)."),
 }
 
 

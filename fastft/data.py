@@ -79,7 +79,7 @@ def stratified_sample(by_class: dict[str, list[Path]], limit: int, seed: int) ->
     return {c: sorted(rng.sample(files, quota[c])) for c, files in by_class.items()}
 
 
-def drop_unreadable(split: Split) -> Split:
+def drop_unreadable(split: Split, quiet: bool = False) -> Split:
     """Skip files that do not decode, with one warning listing them; a class left empty is an error."""
     for part in ("train", "test"):
         by_class = getattr(split, part)
@@ -87,7 +87,7 @@ def drop_unreadable(split: Split) -> Split:
             good, bad = split_readable(files)
             by_class[name] = good
             split.skipped += bad
-    if split.skipped:
+    if split.skipped and not quiet:
         print(f"warning: {describe_skipped(split.skipped)}", file=sys.stderr)
     for part in ("train", "test"):
         for name, files in getattr(split, part).items():
@@ -97,11 +97,11 @@ def drop_unreadable(split: Split) -> Split:
     return split
 
 
-def load_split(root: Path, recipe: Recipe) -> Split:
+def load_split(root: Path, recipe: Recipe, quiet: bool = False) -> Split:
     split = find_images(root, recipe.valid_pct, recipe.seed)
     split.train = stratified_sample(split.train, recipe.limit, recipe.seed)
     split.test = stratified_sample(split.test, recipe.limit, recipe.seed + 1)
-    return drop_unreadable(split)
+    return drop_unreadable(split, quiet)
 
 
 def build_dataloaders(split: Split, recipe: Recipe, mean, std, device):

@@ -47,6 +47,7 @@ class Recipe:
     seed: int = 42  # same seed, same numbers on the same machine
     workers: int = 2  # DataLoader worker processes (0 = load in the main process)
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    precision: str = "auto"  # auto, fp32, bf16, fp16 (auto: fp32 on CPU, bf16 on GPUs that have it)
 
     def replace(self, source: str = "the command line", **changes) -> "Recipe":
         """A copy with `changes` applied (None values mean 'not given' and are ignored), validated."""

@@ -13,11 +13,14 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from fastai.vision.all import Callback, find_bs, set_seed
+from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.progress import ProgressCallback
+from fastai.vision.all import Callback, find_bs, noop, set_seed
 
 from fastft.augment import parse_aug
 from fastft.bundle import write_bundle
 from fastft.data import build_dataloaders, load_split
+from fastft.distributed import Autocast, Distributed, DistributedTraining, precision_callback, resolve_precision
 from fastft.download import fetch_dataset
 from fastft.errors import UsageError
 from fastft.model import check_arch, create_learner, normalization
@@ -63,6 +66,10 @@ def new_run_folder(out: str | None, recipe_name: str) -> Path:
     return path
 
 
+def _unwrapped(model):
+    return getattr(model, "module", model)  # DistributedDataParallel wraps the model during fit
+
+
 class EpochLog(Callback):
     """d2l's figures per epoch: mean train loss and running train accuracy over the (augmented) training
     batches, test loss and accuracy, seconds. Writes the reports after each epoch and keeps a copy of the
@@ -70,8 +77,8 @@ class EpochLog(Callback):
 
     order = 55  # after fastai's Recorder (50)
 
-    def __init__(self, out: Path, device: str):
-        self.out, self.device = out, device
+    def __init__(self, out: Path, device: str, dist: Distributed):
+        self.out, self.device, self.dist = out, device, dist
         self.epochs, self.train_examples, self.train_seconds, self.snapshot = [], 0, 0.0, None
 
     def before_epoch(self):
@@ -89,7 +96,8 @@ class EpochLog(Callback):
         sums[2] += (self.pred.argmax(dim=-1) == self.yb[0]).sum().item()
 
     def after_epoch(self):
-        (n_train, train_loss, train_correct), (n_test, test_loss, test_correct) = self.sums[True], self.sums[False]
+        # every rank saw its own shard: the epoch's figures are sums over ranks
+        n_train, train_loss, train_correct, n_test, test_loss, test_correct = self.dist.sum(self.sums[True] + self.sums[False])
         self.train_examples += n_train
         self.train_seconds += self.epoch_train_seconds
         self.epochs.append({
@@ -98,8 +106,9 @@ class EpochLog(Callback):
             "valid_loss": test_loss / max(n_test, 1), "test_acc": test_correct / max(n_test, 1),
             "seconds": time.perf_counter() - self.started,
         })
-        self.snapshot = {k: v.detach().clone() for k, v in self.learn.model.state_dict().items()}
-        self.results = write_reports(self.out, self.epochs, self.examples_per_sec, self.device)
+        self.snapshot = {k: v.detach().clone() for k, v in _unwrapped(self.learn.model).state_dict().items()}
+        if self.dist.is_main:
+            self.results = write_reports(self.out, self.epochs, self.examples_per_sec, self.device)
 
     @property
     def examples_per_sec(self) -> float:
@@ -116,32 +125,50 @@ class Prepared:
     skipped: list
     mean: tuple
     std: tuple
+    dist: Distributed
 
 
 def prepare(recipe: Recipe, out: str | None) -> Prepared:
     """Check the recipe, find the data, build DataLoaders and Learner. Every user error surfaces here,
     before the run folder is created, so a failed start leaves nothing behind."""
     device = resolve_device(recipe.device)
+    precision = resolve_precision(recipe.precision, device)
+    recipe = recipe.replace(precision=precision)
     check_arch(recipe.arch)
     parse_aug(recipe.aug)
+    dist = Distributed(device)
+    device = dist.device
+    if dist.size > 1 and recipe.lr == "auto":
+        raise UsageError("--lr auto runs in one process; run `fastft lr-find` first and pass its --lr")
     if recipe.strategy == "scratch":
         if recipe.weights:
             raise UsageError("--strategy scratch starts from random weights; drop --weights or choose another strategy")
         recipe = recipe.replace(pretrained=False)
-    run_dir = new_run_folder(out, recipe.name)
-    root = Path(recipe.data).expanduser() if recipe.data else fetch_dataset(recipe.dataset or recipe.name,
-                                                                             recipe.data_url, recipe.data_sha1)
+    run_dir = dist.from_main(lambda: new_run_folder(out, recipe.name))  # rank 0 names it for all
+    if recipe.data:
+        root = Path(recipe.data).expanduser()
+    else:  # rank 0 downloads while the others wait
+        root = dist.main_first(lambda: fetch_dataset(recipe.dataset or recipe.name, recipe.data_url, recipe.data_sha1))
     recipe = recipe.replace(data=str(root.resolve()))
 
     set_seed(recipe.seed, reproducible=True)
-    split = load_split(root, recipe)
+    split = load_split(root, recipe, quiet=not dist.is_main)
     mean, std = normalization(recipe.arch)
     dls = build_dataloaders(split, recipe, mean, std, device)
     learn = create_learner(dls, recipe)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if split.skipped:
-        (run_dir / "skipped_images.txt").write_text("".join(f"{p}\t{why}\n" for p, why in split.skipped))
-    return Prepared(recipe, learn, run_dir, device, split.skipped, mean, std)
+    if callback := precision_callback(precision, device):
+        learn.add_cb(callback)
+    if dist.size > 1:
+        learn.add_cb(dist.callback())
+        if not dist.is_main:  # rank 0 shows progress and writes; the others only train
+            learn.remove_cb(ProgressCallback)
+            learn.logger = noop
+        torch.manual_seed(recipe.seed + dist.rank)  # same initial weights, different augmentation per rank
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if split.skipped:
+            (run_dir / "skipped_images.txt").write_text("".join(f"{p}\t{why}\n" for p, why in split.skipped))
+    return Prepared(recipe, learn, run_dir, device, split.skipped, mean, std, dist)
 
 
 def find_lr(learn, recipe: Recipe, run_dir: Path) -> float:
@@ -170,24 +197,31 @@ def unaugmented_train_accuracy(learn) -> float:
         return float(learn.validate(dl=dl)[1])
 
 
-def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = False) -> dict:
-    """Run `recipe`; returns metrics.json's content. Raises Interrupted after saving on Ctrl-C.
-    `measure_unaugmented` adds final.train_acc_unaugmented (one more pass over the training images)."""
+def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = False, callbacks=()) -> dict:
+    """Run `recipe`; returns metrics.json's content (empty on ranks other than 0). Raises Interrupted
+    after saving on Ctrl-C. `measure_unaugmented` adds final.train_acc_unaugmented (one more pass over
+    the training images); `callbacks` are extra fastai callbacks for the Learner."""
     run = prepare(recipe, out)
     recipe, learn, run_dir = run.recipe, run.learn, run.run_dir
+    learn.add_cbs(callbacks)
     if recipe.lr == "auto":
         recipe = recipe.replace(lr=find_lr(learn, recipe, run_dir))
         print(f"lr finder suggests {recipe.lr:.2e} (plot: {run_dir / 'lr_find.png'})")
     elif not recipe.lr:
         recipe = recipe.replace(lr=default_lr(recipe.strategy))
-    (run_dir / "recipe.toml").write_text(recipe.to_toml())
+    dist = run.dist
+    if dist.is_main:
+        (run_dir / "recipe.toml").write_text(recipe.to_toml())
 
-    log = EpochLog(run_dir, str(run.device))
+    log = EpochLog(run_dir, str(run.device), dist)
     learn.add_cb(log)
     weights = recipe.weights or (f"{recipe.arch} ImageNet weights" if recipe.pretrained else "random init")
-    print(f"{recipe.name}: {recipe.arch} from {weights}, {len(learn.dls.train_ds)} train / "
-          f"{len(learn.dls.valid_ds)} test images, {learn.dls.c} classes; {recipe.strategy} for "
-          f"{recipe.epochs} epoch(s) at lr {recipe.lr:.2e} on {run.device} -> {run_dir}")
+    processes = (f"{dist.size} processes x batch {learn.dls.bs} (global batch {dist.size * learn.dls.bs}, --bs is per "
+                 f"process)" if dist.size > 1 else f"batch {learn.dls.bs}")
+    if dist.is_main:
+        print(f"{recipe.name}: {recipe.arch} from {weights}, {len(learn.dls.train_ds)} train / "
+              f"{len(learn.dls.valid_ds)} test images, {learn.dls.c} classes; {recipe.strategy} for "
+              f"{recipe.epochs} epoch(s) at lr {recipe.lr:.2e}, {processes}, {recipe.precision} on {run.device} -> {run_dir}")
     interrupted = False
     try:
         train_with(recipe.strategy, learn, lr=recipe.lr, epochs=recipe.epochs,
@@ -196,15 +230,22 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
         interrupted = True
         if log.snapshot is None:
             raise Interrupted(f"interrupted before the first epoch finished; {run_dir} holds only recipe.toml") from None
+        learn.model = _unwrapped(learn.model)
         learn.model.load_state_dict(log.snapshot)
-    learn.remove_cb(log)
-    if measure_unaugmented and not interrupted:
+    learn.remove_cbs([log, *callbacks])
+    if not dist.is_main:
+        dist.wait()
+        return {}
+    if measure_unaugmented and not interrupted and dist.size == 1:
         log.results["final"]["train_acc_unaugmented"] = unaugmented_train_accuracy(learn)
         (run_dir / "metrics.json").write_text(json.dumps(log.results, indent=2) + "\n")
+    for callback in (DistributedTraining, Autocast, MixedPrecision):  # not needed to load or use the model
+        learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, callback)))
     learn._end_cleanup()  # drop the last batch's tensors so they are not pickled into model.pkl
     learn.export(run_dir.resolve() / "model.pkl")
     write_bundle(learn.model, run_dir, arch=recipe.arch, classes=list(learn.dls.vocab), size=recipe.size,
                  crop_pct=recipe.crop_pct, mean=run.mean, std=run.std)
+    dist.wait()
     if interrupted:
         raise Interrupted(f"interrupted: kept the outputs of epoch {len(log.epochs)} of {recipe.epochs} in {run_dir}")
     print(summary_line(log.results["final"], str(run.device)))
