@@ -7,6 +7,7 @@ history.csv, curves.png, the pickle-free bundle (model.safetensors + model.json)
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -140,10 +141,10 @@ def prepare(recipe: Recipe, out: str | None) -> Prepared:
     device = dist.device
     if dist.size > 1 and recipe.lr == "auto":
         raise UsageError("--lr auto runs in one process; run `fastft lr-find` first and pass its --lr")
-    if recipe.strategy == "scratch":
+    if recipe.strategy == "scratch":  # random init by definition, e.g. `compare --strategy fine-tune,scratch`
         if recipe.weights:
-            raise UsageError("--strategy scratch starts from random weights; drop --weights or choose another strategy")
-        recipe = recipe.replace(pretrained=False)
+            print(f"note: --strategy scratch starts from random weights; not loading {recipe.weights}", file=sys.stderr)
+        recipe = recipe.replace(pretrained=False, weights="")
     run_dir = dist.from_main(lambda: new_run_folder(out, recipe.name))  # rank 0 names it for all
     if recipe.data:
         root = Path(recipe.data).expanduser()

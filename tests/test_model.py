@@ -67,3 +67,17 @@ def test_pretrained_weights_offline_name_both_ways_out(dataset, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "--weights" in result.stderr and "--no-pretrained" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "r").exists()
+
+
+def test_scratch_never_loads_weights(dataset, tmp_path):
+    from conftest import invoke
+
+    path = tmp_path / "other.safetensors"
+    save_file(timm.create_model("test_resnet").state_dict(), path)  # would not fit resnet18
+    args = [a for a in TINY if a != "--no-pretrained"]
+    result = invoke("cifar", "--data", dataset, *args, "--epochs", "1", "--strategy", "scratch", "--weights", path,
+                    "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "not loading" in result.stderr
+    saved = (tmp_path / "run" / "recipe.toml").read_text()
+    assert "pretrained = false" in saved and 'weights = ""' in saved
