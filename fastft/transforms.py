@@ -95,15 +95,18 @@ def adjust_saturation(x, factor):
 
 
 def rgb_to_hsv(x):
-    r, g, b = x.unbind(dim=-3)
-    maxc, minc = x.max(dim=-3).values, x.min(dim=-3).values
+    """(B, 3, H, W) RGB in [0, 1] -> HSV, hue in [0, 1) turns; torchvision's formulas, fewer passes."""
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    maxc, minc = x.amax(dim=1), x.amin(dim=1)
     delta = maxc - minc
-    safe_delta = torch.where(delta > 0, delta, torch.ones_like(delta))
-    saturation = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
-    rc, gc, bc = ((maxc - c) / safe_delta for c in (r, g, b))
-    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue = torch.where(delta > 0, (hue / 6.0) % 1.0, torch.zeros_like(hue))
-    return torch.stack((hue, saturation, maxc), dim=-3)
+    grey = delta == 0
+    saturation = delta / torch.where(maxc > 0, maxc, 1.0)
+    is_r, is_g = maxc == r, maxc == g
+    numerator = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g))
+    sector = torch.where(is_r, 0.0, torch.where(is_g, 2.0, 4.0))
+    hue = ((numerator / torch.where(grey, 1.0, delta) + sector) / 6.0).remainder_(1.0)
+    hue = hue.masked_fill_(grey, 0.0)
+    return torch.stack((hue, saturation, maxc), dim=1)
 
 
 def hsv_to_rgb(x):
@@ -117,8 +120,8 @@ def hsv_to_rgb(x):
 def adjust_hue(x, shift):
     """Rotate hue by `shift` (B,) of a full turn, as torchvision's adjust_hue."""
     hsv = rgb_to_hsv(x)
-    hue = (hsv[:, 0] + shift[:, None, None]) % 1.0
-    return hsv_to_rgb(torch.stack((hue, hsv[:, 1], hsv[:, 2]), dim=1))
+    hsv[:, 0].add_(shift[:, None, None]).remainder_(1.0)
+    return hsv_to_rgb(hsv)
 
 
 class ColorJitter(RandTransform):
