@@ -85,10 +85,12 @@ class Model:
         for start in range(0, len(images), bs):
             chunk = images[start:start + bs]
             probs = self.predict_arrays(np.stack([self.preprocess(i) for i in chunk]), tta)
-            for image, row in zip(chunk, probs):
-                best = int(row.argmax())
-                yield {"path": str(image), "label": self.classes[best], "probability": float(row[best]),
-                       "probabilities": dict(zip(self.classes, map(float, row)))}
+            yield from (self.result(image, row) for image, row in zip(chunk, probs))
+
+    def result(self, image, row: np.ndarray) -> dict:
+        best = int(row.argmax())
+        return {"path": str(image), "label": self.classes[best], "probability": float(row[best]),
+                "probabilities": dict(zip(self.classes, map(float, row)))}
 
 
 class BundleModel(Model):
@@ -166,10 +168,7 @@ class PickleModel(Model):
         dl = self.learn.dls.test_dl(images, bs=bs, num_workers=0)
         with self.learn.no_bar():
             probs = (self.learn.tta(dl=dl, n=1)[0] if tta else self.learn.get_preds(dl=dl)[0]).numpy()
-        for image, row in zip(images, probs):
-            best = int(row.argmax())
-            yield {"path": str(image), "label": self.classes[best], "probability": float(row[best]),
-                   "probabilities": dict(zip(self.classes, map(float, row)))}
+        yield from (self.result(image, row) for image, row in zip(images, probs))
 
     def predict(self, image, tta: bool = False):
         result = next(self.predict_batch([image], tta=tta))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastft.errors import UsageError
-from fastft.images import describe_skipped, image_extensions, split_readable
+from fastft.images import image_extensions, split_readable, warn_skipped
 from fastft.recipe import Recipe
 
 TEST_SPLIT_NAMES = ("test", "valid", "val")
@@ -87,8 +87,8 @@ def drop_unreadable(split: Split, quiet: bool = False) -> Split:
             good, bad = split_readable(files)
             by_class[name] = good
             split.skipped += bad
-    if split.skipped and not quiet:
-        print(f"warning: {describe_skipped(split.skipped)}", file=sys.stderr)
+    if not quiet:
+        warn_skipped(split.skipped)
     for part in ("train", "test"):
         for name, files in getattr(split, part).items():
             if not files:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from fastft.errors import UsageError
 def labelled_images(data: Path) -> list[tuple[Path, str]]:
     """(image, class) pairs: DATA/test (or valid) class folders if there are any, else DATA's class folders."""
     from fastft.data import TEST_SPLIT_NAMES, _class_images
-    from fastft.images import image_extensions, split_readable, describe_skipped
+    from fastft.images import image_extensions, split_readable, warn_skipped
 
     if not data.is_dir():
         raise UsageError(f"data folder {data} does not exist; pass a folder of class folders (or one with test/)")
@@ -23,8 +22,7 @@ def labelled_images(data: Path) -> list[tuple[Path, str]]:
         raise UsageError(f"{folder} has no class folders of images; expected {folder}/<class>/*.jpg")
     pairs = [(p, c) for c, files in by_class.items() for p in files]
     good, bad = split_readable([p for p, _ in pairs])
-    if bad:
-        print(f"warning: {describe_skipped(bad)}", file=sys.stderr)
+    warn_skipped(bad)
     keep = set(good)
     return [(p, c) for p, c in pairs if p in keep]
 

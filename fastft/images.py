@@ -6,6 +6,7 @@ pixels into whatever colour was stored under them. These helpers do what a perso
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -82,6 +83,12 @@ def split_readable(paths: list[Path], threads: int | None = None) -> tuple[list[
     good = [p for p, r in zip(paths, reasons) if r is None]
     bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
     return good, bad
+
+
+def warn_skipped(bad: list[tuple[Path, str]]) -> None:
+    """One warning line on stderr listing the files that were skipped, if any."""
+    if bad:
+        print(f"warning: {describe_skipped(bad)}", file=sys.stderr)
 
 
 def describe_skipped(bad: list[tuple[Path, str]], most: int = 10) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Iterator
 
 from fastft.errors import UsageError
-from fastft.images import describe_skipped, image_extensions, split_readable
+from fastft.images import image_extensions, split_readable, warn_skipped
 
 
 def collect_images(paths: list[Path]) -> list[Path]:
@@ -25,8 +25,7 @@ def collect_images(paths: list[Path]) -> list[Path]:
 def readable_images(paths: list[Path]) -> list[Path]:
     """The readable images under `paths`; the rest reported in one warning."""
     files, bad = split_readable(collect_images(paths))
-    if bad:
-        print(f"warning: {describe_skipped(bad)}", file=sys.stderr)
+    warn_skipped(bad)
     if not files:
         raise UsageError("no readable images among the given paths")
     return files
