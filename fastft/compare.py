@@ -71,7 +71,11 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
 
 def compare(recipe: Recipe, settings: list[tuple[str, dict]], out: str | None) -> list[dict]:
     """Train once per setting into OUT/<setting>/; write compare.json and compare.png at the top."""
+    from fastft.distributed import world_size
     from fastft.run import new_run_folder, train
+
+    if world_size() > 1:
+        raise UsageError("compare trains its settings in one process; launch it without torchrun/accelerate")
 
     top = new_run_folder(out, f"{recipe.name}-compare")
     top.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,8 @@ from fastai.vision.all import Callback, find_bs, noop, set_seed
 from fastft.augment import parse_aug
 from fastft.bundle import write_bundle
 from fastft.data import build_dataloaders, load_split
-from fastft.distributed import Autocast, Distributed, DistributedTraining, precision_callback, resolve_precision
+from fastft.distributed import (Autocast, Distributed, DistributedTraining, precision_callback, resolve_precision,
+                                world_size)
 from fastft.download import fetch_dataset
 from fastft.errors import UsageError
 from fastft.model import check_arch, create_learner, normalization
@@ -255,5 +256,7 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
 
 def lr_find_only(recipe: Recipe, out: str | None = None) -> float:
     """`fastft lr-find`: the suggestion and lr_find.png, no training."""
+    if world_size() > 1:
+        raise UsageError("lr-find runs in one process; launch it without torchrun/accelerate")
     run = prepare(recipe, out)
     return find_lr(run.learn, run.recipe, run.run_dir)

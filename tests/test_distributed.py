@@ -56,3 +56,9 @@ def test_precision_choices(dataset, tmp_path):
     bf16 = invoke("cifar", "--data", dataset, *TINY, "--epochs", "1", "--precision", "bf16", "--out", tmp_path / "b")
     assert bf16.exit_code == 0, bf16.output
     assert 'precision = "bf16"' in (tmp_path / "b" / "recipe.toml").read_text()
+
+
+def test_compare_refuses_to_run_under_a_launcher(dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = invoke("compare", "cifar", "--data", dataset, *TINY, "--strategy", "fine-tune,scratch", "--out", tmp_path / "c")
+    assert result.exit_code == 2 and "one process" in result.output and not (tmp_path / "c").exists()
