@@ -10,13 +10,11 @@ fastft, ...), so machine drift cancels. Writes JSON to --json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+from common import ROOT, SHARED, write_results
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -97,9 +95,7 @@ def main() -> None:
     print(f"{'preset':<8} {'fastft img/s':>12} {'torchvision v2 img/s':>20} {'ratio':>6}")
     for r in rows:
         print(f"{r['preset']:<8} {r['fastft_img_s']:>12.0f} {r['torchvision_img_s']:>20.0f} {r['ratio']:>6.2f}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "settings": {k: str(v) for k, v in vars(args).items()},
-                                     "results": rows}, indent=2) + "\n")
+    write_results(args.json, vars(args), rows)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+from common import ROOT, SHARED, write_results
 
 
 def median_seconds(function, calls: int) -> float:
@@ -99,9 +97,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['runtime']:<20} {r['latency_ms']:>10.1f} {r['latency_vs_fastai']:>9.2f} "
               f"{r['images_per_s']:>11.1f} {r['throughput_vs_fastai']:>9.2f}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "settings": {k: str(v) for k, v in vars(args).items()},
-                                     "results": rows}, indent=2) + "\n")
+    write_results(args.json, vars(args), rows)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+from common import ROOT, SHARED, write_results
 
 
 def subset(source: Path, per_class: int) -> Path:
@@ -137,9 +135,7 @@ def main() -> None:
     print(f"{'pipeline':<14} {'img/s':>7} {'of limit':>8}")
     for r in rows:
         print(f"{r['pipeline']:<14} {r['images_per_s']:>7.0f} {r['of_limit']:>8.2f}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "settings": {k: str(v) for k, v in vars(args).items()},
-                                     "results": rows}, indent=2) + "\n")
+    write_results(args.json, vars(args), rows)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,12 @@ seeds of d2l's figures and test accuracy as a ratio of the reference's. Writes J
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+from common import ROOT, SHARED, write_results
 
 
 def plain_fastai(data: Path, arch: str, weights: Path, size: int, epochs: int, bs: int, seed: int) -> dict:
@@ -95,10 +93,7 @@ def main() -> None:
         runs = " ".join(f"{a:.3f}" for a in t["test_acc_runs"])
         print(f"{t['setting']:<13} {t['test_acc_median']:>8.3f} {t['vs_plain_fastai']:>9.2f} {t['train_acc_median']:>9.3f} "
               f"{t['examples_per_sec_median']:>7.1f} {t['seconds_median']:>7.0f}  {runs}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"settings": vars(args) | {"data": str(args.data), "weights": str(args.weights),
-                                                                 "out": str(args.out), "json": str(args.json)},
-                                     "date": time.strftime("%Y-%m-%d"), "results": table}, indent=2) + "\n")
+    write_results(args.json, vars(args), table)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ class Recipe:
         return dataclasses.replace(self, **_checked(given, source))
 
     def to_toml(self) -> str:
-        lines = [f"# fastft recipe, resolved: `fastft run THIS_FILE` reproduces the run"]
+        lines = ["# fastft recipe, resolved: `fastft run THIS_FILE` reproduces the run"]
         lines += [f"{f.name} = {_toml_value(getattr(self, f.name))}" for f in fields(self)]
         return "\n".join(lines) + "\n"
 

@@ -6,8 +6,7 @@ from PIL import Image
 
 from fastft.augment import build_transforms, parse_aug
 from fastft.errors import UsageError
-from fastft.transforms import (BatchFlip, ColorJitter, ResizeCenterCrop, adjust_brightness, adjust_contrast,
-                               adjust_hue, adjust_saturation, rgb_to_hsv)
+from fastft.transforms import BatchFlip, ColorJitter, ResizeCenterCrop, rgb_to_hsv
 
 
 def test_spec_parsing_with_parameters():

@@ -3,7 +3,6 @@ import csv
 import io
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -25,7 +24,6 @@ def test_bundle_has_what_inference_needs(trained_run):
 
 
 def test_bundle_loads_without_pickle_or_fastai_and_matches_the_learner(trained_run, dataset):
-    import pickle
     import subprocess
     import sys
 
