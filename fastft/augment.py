@@ -31,6 +31,8 @@ PRESETS = {
     "none": Preset("no augmentation"),
     "flip": Preset("horizontal mirror with probability p", {"p": 0.5}, "p"),
     "vflip": Preset("vertical mirror with probability p", {"p": 0.5}, "p"),
+    "shift": Preset("move each image by up to +-px pixels in x and y, filling with black (CIFAR's "
+                    "pad-and-crop, on the batch)", {"px": 4.0}, "px"),
     "crop": Preset("RandomResizedCrop to --size, area share in scale=a-b, aspect in ratio=a-b",
                    {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3)}),
     "brightness": Preset("multiply by a factor in [1-b, 1+b]", {"brightness": 0.5}, "brightness"),
@@ -123,7 +125,7 @@ def build_transforms(spec: str, size: int, crop_pct: float):
     from fastai.vision.all import RandomResizedCrop, Rotate, Zoom, aug_transforms
     from torchvision.transforms import TrivialAugmentWide
 
-    from fastft.transforms import BatchFlip, ColorJitter, ResizeCenterCrop, TrainOnlyItem
+    from fastft.transforms import BatchFlip, BatchShift, ColorJitter, ResizeCenterCrop, TrainOnlyItem
 
     augs = dict(parse_aug(spec))
     test_items = ResizeCenterCrop(size, crop_pct)
@@ -140,6 +142,8 @@ def build_transforms(spec: str, size: int, crop_pct: float):
         item_tfms.append(TrainOnlyItem(TrivialAugmentWide()))
     if "flip" in augs:
         batch_tfms.append(BatchFlip(augs["flip"]["p"], dim=-1))
+    if "shift" in augs:
+        batch_tfms.append(BatchShift(round(augs["shift"]["px"])))
     if "vflip" in augs:
         batch_tfms.append(BatchFlip(augs["vflip"]["p"], dim=-2))
     if "rotate" in augs:

@@ -47,6 +47,7 @@ TRAIN_OPTIONS = {
     "limit": (int, "--limit", "A seeded, class-stratified sample of at most N train and N test images (quick runs)."),
     "seed": (int, "--seed", "Random seed: the same seed gives the same numbers on the same machine."),
     "workers": (int, "--workers", "DataLoader worker processes (0: load in the main process)."),
+    "cache": (bool, "--cache/--no-cache", "Decode each image once into memory (and ~/.cache/fastft, or $FASTFT_CACHE) when no item transform is random, instead of every epoch."),
     "device": (str, "--device", "auto, cpu, cuda, cuda:N or mps."),
     "precision": (str, "--precision", "auto, fp32, bf16 or fp16 (auto: fp32 on CPU and MPS, bf16 on GPUs that have it, else fp16)."),
 }

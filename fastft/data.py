@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastft.errors import UsageError
@@ -25,6 +25,7 @@ class Split:
     train: dict[str, list[Path]]
     test: dict[str, list[Path]]
     skipped: list[tuple[Path, str]]
+    pixels: dict = field(default_factory=dict)  # "train"/"test" -> (N, 3, H, W) uint8, in item order, when cached
 
 
 def _class_images(folder: Path, extensions: set[str]) -> dict[str, list[Path]]:
@@ -79,14 +80,24 @@ def stratified_sample(by_class: dict[str, list[Path]], limit: int, seed: int) ->
     return {c: sorted(rng.sample(files, quota[c])) for c, files in by_class.items()}
 
 
-def drop_unreadable(split: Split, quiet: bool = False) -> Split:
-    """Skip files that do not decode, with one warning listing them; a class left empty is an error."""
+def drop_unreadable(split: Split, recipe: Recipe, quiet: bool = False) -> Split:
+    """Skip files that do not decode, with one warning listing them; a class left empty is an error.
+    Where the decode-once cache applies (fastft/cache.py), this pass decodes the pictures too."""
+    from fastft import cache
+
+    n_files = sum(len(f) for part in (split.train, split.test) for f in part.values())
+    cached = recipe.cache and cache.applies(recipe.aug, recipe.size, n_files)
     for part in ("train", "test"):
         by_class = getattr(split, part)
-        for name, files in by_class.items():
+        files = [p for c in split.classes for p in by_class.get(c, [])]  # item order
+        if cached:
+            good, split.pixels[part], bad = cache.decode(files, recipe.size, recipe.crop_pct)
+        else:
             good, bad = split_readable(files)
-            by_class[name] = good
-            split.skipped += bad
+        readable = set(good)
+        for name, files in by_class.items():
+            by_class[name] = [p for p in files if p in readable]
+        split.skipped += bad
     if not quiet:
         warn_skipped(split.skipped)
     for part in ("train", "test"):
@@ -101,15 +112,16 @@ def load_split(root: Path, recipe: Recipe, quiet: bool = False) -> Split:
     split = find_images(root, recipe.valid_pct, recipe.seed)
     split.train = stratified_sample(split.train, recipe.limit, recipe.seed)
     split.test = stratified_sample(split.test, recipe.limit, recipe.seed + 1)
-    return drop_unreadable(split, quiet)
+    return drop_unreadable(split, recipe, quiet)
 
 
 def build_dataloaders(split: Split, recipe: Recipe, mean, std, device):
     """fastai DataLoaders: item transforms per image on the CPU, batch transforms on `device`."""
+    import torch
     from fastai.vision.all import CategoryBlock, DataBlock, ImageBlock, IndexSplitter, Normalize
 
     from fastft.augment import build_transforms
-    from fastft.transforms import RGBImage, image_of, label_of
+    from fastft.transforms import CachedDL, RGBImage, image_of, label_of
 
     train = [[p, c] for c in split.classes for p in split.train[c]]
     test = [[p, c] for c in split.classes for p in split.test.get(c, [])]
@@ -124,4 +136,11 @@ def build_dataloaders(split: Split, recipe: Recipe, mean, std, device):
         item_tfms=item_tfms,
         batch_tfms=[*batch_tfms, Normalize.from_stats(mean, std)],
     )
-    return block.dataloaders(train + test, bs=bs, num_workers=recipe.workers, device=device)
+    cached = bool(split.pixels)  # batches come from memory: worker processes would only add copying
+    dls = block.dataloaders(train + test, bs=bs, num_workers=0 if cached else recipe.workers, device=device,
+                            dl_type=CachedDL)
+    if cached:
+        for dl, part, items in ((dls.train, "train", train), (dls.valid, "test", test)):
+            labels = [split.classes.index(c) for _, c in items]
+            dl.pixels = split.pixels[part], torch.tensor(labels)
+    return dls

@@ -61,28 +61,52 @@ def open_rgb(path) -> Image.Image:
         return to_rgb(im)
 
 
+def _reason(e: Exception) -> str:
+    return str(e).splitlines()[0][:120] if str(e).strip() else type(e).__name__
+
+
+def _check_decodes(path: Path) -> None:
+    """Raise unless `path` decodes as an image. Decodes the whole file (a truncated JPEG opens fine and
+    fails only when read), at reduced resolution where the format allows."""
+    with Image.open(path) as im:
+        im.draft("RGB", (64, 64))  # JPEG: decode at 1/2..1/8 scale, still reading every byte
+        im.load()
+
+
 def unreadable_reason(path: Path) -> str | None:
-    """None if `path` decodes as an image, else a short reason. Decodes the whole file (a truncated
-    JPEG opens fine and fails only when read), at reduced resolution where the format allows."""
-    try:
-        if path.stat().st_size == 0:
-            return "empty file"
-        with Image.open(path) as im:
-            im.draft("RGB", (64, 64))  # JPEG: decode at 1/2..1/8 scale, still reading every byte
-            im.load()
-        return None
-    except Exception as e:  # PIL raises many types for bad files; all mean "skip this one"
-        return str(e).splitlines()[0][:120] or type(e).__name__
+    """None if `path` decodes as an image, else a short reason."""
+    bad = read_all([path], _check_decodes, threads=1)[2]
+    return bad[0][1] if bad else None
+
+
+def read_all(paths: list[Path], read, threads: int | None = None) -> tuple[list[Path], list, list[tuple[Path, str]]]:
+    """Apply `read` to every path in threads (PIL decodes outside the GIL): (paths it read, in order,
+    what it returned for each, [(path it raised on, reason)])."""
+    def attempt(path):
+        try:
+            if path.stat().st_size == 0:
+                return None, "empty file"
+            return read(path), None
+        except Exception as e:  # PIL raises many types for bad files; all mean "skip this one"
+            return None, _reason(e)
+
+    threads = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(attempt, paths, chunksize=64))
+    good = [(p, value) for p, (value, why) in zip(paths, results) if why is None]
+    bad = [(p, why) for p, (_, why) in zip(paths, results) if why is not None]
+    return [p for p, _ in good], [value for _, value in good], bad
 
 
 def split_readable(paths: list[Path], threads: int | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """(readable paths in order, [(unreadable path, reason)]). PIL decodes outside the GIL: threads help."""
-    threads = threads or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(threads) as pool:
-        reasons = list(pool.map(unreadable_reason, paths, chunksize=64))
-    good = [p for p, r in zip(paths, reasons) if r is None]
-    bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
+    """(readable paths in order, [(unreadable path, reason)])."""
+    good, _, bad = read_all(paths, _check_decodes, threads)
     return good, bad
+
+
+def fixed_size_pixels(path: Path, size: int, crop_pct: float) -> np.ndarray:
+    """(size, size, 3) uint8: the file as RGB after the test transform (`resize_center_crop`)."""
+    return np.asarray(resize_center_crop(open_rgb(path), size, crop_pct))
 
 
 def warn_skipped(bad: list[tuple[Path, str]]) -> None:

@@ -45,7 +45,8 @@ class Recipe:
     bs: int = 64  # batch size
     # infrastructure
     seed: int = 42  # same seed, same numbers on the same machine
-    workers: int = 2  # DataLoader worker processes (0 = load in the main process)
+    workers: int = 2  # DataLoader worker processes (0 = load in the main process); unused when cached
+    cache: bool = True  # decode each image once into memory and the disk cache (fastft/cache.py), when it applies
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     precision: str = "auto"  # auto, fp32, bf16, fp16 (auto: fp32 on CPU, bf16 on GPUs that have it)
 

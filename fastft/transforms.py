@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from fastai.vision.all import PILImage, RandTransform, TensorImage, Transform
+from fastai.vision.all import PILImage, RandTransform, TensorCategory, TensorImage, TfmdDL, Transform
 from PIL import Image
 
 from fastft.images import open_rgb, resize_center_crop, to_rgb
@@ -34,6 +34,26 @@ def image_of(item):
 
 def label_of(item):
     return item[1]
+
+
+class CachedDL(TfmdDL):
+    """fastai's TfmdDL, serving batches by indexing decoded pictures when `pixels` is set (fastft/cache.py):
+    (N, 3, H, W) uint8 images and (N,) labels, in the dataset's item order. Order, shuffling, drop_last
+    and batch transforms are the TfmdDL's own, so batches equal the per-item pipeline's exactly. A DL made
+    from this one (`new`, `test_dl`) has no pixels and reads files as usual."""
+
+    pixels = None
+
+    def create_batches(self, samps):
+        if self.pixels is None:
+            yield from super().create_batches(samps)
+            return
+        images, labels = self.pixels
+        order = torch.tensor(list(samps), dtype=torch.long)
+        stop = len(order) - len(order) % self.bs if self.drop_last else len(order)
+        for start in range(0, stop, self.bs):
+            idx = order[start:start + self.bs]
+            yield TensorImage(images[idx]), TensorCategory(labels[idx])
 
 
 class ResizeCenterCrop(Transform):
@@ -65,6 +85,28 @@ class BatchFlip(RandTransform):
 
     def encodes(self, x: TensorImage):
         return torch.where(self.mask[:, None, None, None], x.flip(self.dim), x)
+
+
+class BatchShift(RandTransform):
+    """Translate each training image by its own whole-pixel offset in [-px, px] along x and y, black
+    where the image moved away: torchvision's RandomCrop(size, padding=px), the ResNet paper's CIFAR
+    augmentation, done on the batch so the decode-once cache still applies."""
+
+    split_idx, order = 0, 12  # training batches only; after IntToFloatTensor (10), before Normalize (99)
+
+    def __init__(self, px: int = 4):
+        super().__init__(p=1.0)
+        self.px = px
+
+    def before_call(self, b, split_idx):
+        self.do = self.px > 0
+        x = b[0] if isinstance(b, tuple) else b
+        self.offsets = torch.randint(0, 2 * self.px + 1, (x.shape[0], 2)).tolist()
+
+    def encodes(self, x: TensorImage):
+        h, w, px = x.shape[-2], x.shape[-1], self.px
+        padded = torch.nn.functional.pad(x, (px, px, px, px))
+        return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(self.offsets)])
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:

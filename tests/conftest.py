@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ from PIL import Image
 
 # Tests never reach the internet: a hub lookup must fail at once, not after retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Decoded-image caches go to a throwaway folder, not the user's ~/.cache/fastft.
+os.environ["FASTFT_CACHE"] = tempfile.mkdtemp(prefix="fastft-test-cache-")
 
 COLOURS = {"blue": (30, 60, 200), "red": (200, 40, 30), "green": (40, 180, 60)}
 

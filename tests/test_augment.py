@@ -6,7 +6,7 @@ from PIL import Image
 
 from fastft.augment import build_transforms, parse_aug
 from fastft.errors import UsageError
-from fastft.transforms import BatchFlip, ColorJitter, ResizeCenterCrop, rgb_to_hsv
+from fastft.transforms import BatchFlip, BatchShift, ColorJitter, ResizeCenterCrop, rgb_to_hsv
 
 
 def test_spec_parsing_with_parameters():
@@ -56,6 +56,25 @@ def test_batch_flip_is_an_exact_mirror_of_training_batches_only():
     torch.manual_seed(0)
     flipped = BatchFlip(p=0.5)(TensorImage(torch.rand(4000, 1, 1, 2)), split_idx=0)
     assert 0.45 < (flipped[:, 0, 0, 0] > flipped[:, 0, 0, 1]).float().mean() < 0.55
+
+
+def test_batch_shift_moves_each_image_by_its_own_offset_within_px():
+    torch.manual_seed(0)
+    x = TensorImage(torch.rand(300, 3, 9, 11) + 1.0)  # no zeros: black pixels show where the image moved
+    shifted = BatchShift(px=3)(x, split_idx=0)
+    assert shifted.shape == x.shape and torch.equal(BatchShift(px=3)(x, split_idx=1), x)
+    seen = set()
+    for original, moved in zip(x, shifted):
+        rows, cols = (moved[0] != 0).any(dim=1).nonzero(), (moved[0] != 0).any(dim=0).nonzero()
+        top, left = int(rows[0]), int(cols[0])  # where the kept part starts in the output
+        bottom, right = 9 - 1 - int(rows[-1]), 11 - 1 - int(cols[-1])
+        assert 0 in (top, bottom) and 0 in (left, right)  # black on one side only
+        dy, dx = top - bottom, left - right  # > 0: moved down / right
+        assert abs(dy) <= 3 and abs(dx) <= 3
+        source = original[:, max(0, -dy):9 - max(0, dy), max(0, -dx):11 - max(0, dx)]
+        assert torch.equal(moved[:, max(0, dy):9 - max(0, -dy), max(0, dx):11 - max(0, -dx)], source)
+        seen.add((dy, dx))
+    assert len(seen) == 49  # every offset in [-3, 3]^2 occurs
 
 
 def test_test_items_resize_shorter_side_then_centre_crop():

@@ -1,4 +1,5 @@
 """Folder datasets: layouts, seeded splits and samples, unreadable files, and what the batches hold."""
+import os
 import shutil
 
 import pytest
@@ -97,3 +98,56 @@ def test_batches_are_normalised_rgb_at_size_and_test_batches_never_change(tmp_pa
     second = [b[0].clone() for b in dls.valid]
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert sum(len(b) for b in first) == 9
+
+
+def _batches(split, recipe, seed):
+    """Every batch of one epoch; the seed fixes the DataLoader's shuffling and the augmentation."""
+    from fastai.vision.all import set_seed
+
+    set_seed(seed)
+    dls = build_dataloaders(split, recipe, MEAN, STD, torch.device("cpu"))
+    train = [(x.clone(), y.clone()) for x, y in dls.train]
+    return train, [(x.clone(), y.clone()) for x, y in dls.valid]
+
+
+def test_decode_once_cache_gives_the_same_batches_as_decoding_every_epoch(tmp_path):
+    root = make_split_dataset(tmp_path / "d", classes=("blue", "red", "green"), per_class=10)
+    (root / "train" / "red" / "broken.jpg").write_bytes(b"not an image")
+    recipe = Recipe(size=24, crop_pct=0.8, bs=4, workers=0, aug="flip+color")
+    cached_split, plain_split = load_split(root, recipe), load_split(root, recipe.replace(cache=False))
+    assert cached_split.pixels["train"].shape == (30, 3, 24, 24) and not plain_split.pixels
+    assert cached_split.skipped == plain_split.skipped and len(cached_split.skipped) == 1
+    for (a, b) in zip(_batches(cached_split, recipe, 3), _batches(plain_split, recipe, 3)):
+        assert len(a) == len(b) > 0
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert torch.equal(ya, yb) and torch.allclose(xa, xb, atol=1e-6)
+
+
+def test_decoded_pictures_are_reused_from_disk_until_a_file_changes(tmp_path, monkeypatch):
+    from fastft import cache
+
+    monkeypatch.setenv("FASTFT_CACHE", str(tmp_path / "cache"))
+    root = make_split_dataset(tmp_path / "d")
+    recipe = Recipe(size=16, crop_pct=1.0, aug="flip")
+    first = load_split(root, recipe).pixels["train"]
+    assert list((tmp_path / "cache").glob("*.npy"))
+
+    def no_decoding(*args):
+        raise AssertionError("decoded a file the cache holds")
+
+    monkeypatch.setattr(cache, "fixed_size_pixels", no_decoding)
+    assert torch.equal(load_split(root, recipe).pixels["train"], first)
+    monkeypatch.undo()
+    monkeypatch.setenv("FASTFT_CACHE", str(tmp_path / "cache"))
+    changed = root / "train" / "blue" / "blue_0.jpg"
+    write_image(changed, (250, 250, 250), size=(40, 32))
+    os.utime(changed, ns=(1, 1))  # a new mtime even on coarse-clock file systems
+    again = load_split(root, recipe).pixels["train"]
+    assert not torch.equal(again, first) and again[0].float().mean() > 200
+
+
+def test_random_item_transforms_and_no_cache_decode_per_batch(tmp_path):
+    root = make_split_dataset(tmp_path / "d")
+    assert not load_split(root, Recipe(size=16, aug="crop+flip")).pixels
+    assert not load_split(root, Recipe(size=16, aug="trivial")).pixels
+    assert not load_split(root, Recipe(size=16, aug="flip", cache=False)).pixels

@@ -1,0 +1,304 @@
+"""Issue 7's performance suite: one entry point, one table, one JSON file.
+
+    python bench/performance.py                          # pipeline (32 px), hotdog (224 px), CLI; ~12 min
+    python bench/performance.py --only pipeline,cli      # a part of it
+    python bench/performance.py --only accuracy --epochs 5  # time a whole `fastft cifar --epochs 5` run
+
+Tables (each figure measured in the same run as its reference; throughput is the median of --repeats
+interleaved repeats: limit, fastft, d2l, ..., limit, fastft, ...):
+- pipeline: CIFAR-10 train subset at 32 px, ResNet-18, batch 256. Training images/s of each whole loop
+  (read, augment, forward, backward, step), as a share of the limit: the same model's bare train step on a
+  batch already in memory. Rows: fastft (`fastft cifar`'s data path), fastft before issue 7 (decoding
+  JPEGs every epoch in 2 workers: --no-cache), the d2l loop (ImageFolder + RandomHorizontalFlip +
+  ToTensor + DataLoader(2 workers) + a hand-written step, as train_ch13) and plain fastai defaults.
+- hotdog: the hotdog stand-in at 224 px, batch 32, every layer training: fastft's hotdog recipe path vs
+  the d2l 13.2 loop (ImageFolder + RandomResizedCrop + flip + ToTensor + Normalize, 2 workers), same model.
+- cli: wall time of `fastft --help` and of an argument error (median of --repeats).
+- accuracy: one whole `fastft cifar --epochs N` (start-up included, all of CIFAR-10) against the d2l
+  recipe's figures in bench/results/d2l_cifar.json (bench/d2l_cifar.py measures them, ~18 min).
+Every pipeline runs in a process of its own, so its peak RSS is its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, SHARED, write_results
+
+FASTFT = Path(sys.executable).with_name("fastft")
+
+
+def subset(source: Path, per_class: int, test_per_class: int = 10) -> Path:
+    """train/ and test/ of symlinks to the first images of each class."""
+    root = Path(tempfile.mkdtemp()) / source.name
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        for folder in sorted((source / split).iterdir()):
+            target = root / split / folder.name
+            target.mkdir(parents=True)
+            for image in sorted(folder.iterdir())[:n]:
+                (target / image.name).symlink_to(image.resolve())
+    return root
+
+
+def train_phase_rate(learn) -> float:
+    """Training images/s of one epoch through a fastai Learner, validation excluded."""
+    from fastai.callback.core import Callback
+
+    class Clock(Callback):
+        def before_train(self):
+            self.started, self.seen = time.perf_counter(), 0
+
+        def after_batch(self):
+            if self.training:
+                self.seen += len(self.yb[0])
+
+        def before_validate(self):
+            self.rate = self.seen / (time.perf_counter() - self.started)
+
+    clock = Clock()
+    with learn.no_bar(), learn.no_logging(), learn.added_cbs(clock):
+        learn.fit(1, 1e-3)
+    return clock.rate
+
+
+def fastft_learner(recipe_name: str, data: Path, **changes):
+    import torch
+
+    from fastft.data import build_dataloaders, load_split
+    from fastft.model import create_learner, normalization
+    from fastft.recipe import load_recipe
+
+    recipe = load_recipe(recipe_name).replace(data=str(data), pretrained=False, **changes)
+    split = load_split(data, recipe, quiet=True)
+    learn = create_learner(build_dataloaders(split, recipe, *normalization(recipe.arch), torch.device("cpu")), recipe)
+    learn.unfreeze()  # every layer trains, as in fine-tuning's main phase and in the d2l loops
+    return learn
+
+
+def hand_written_loop(model, loader):
+    """d2l's train_batch_ch13: forward, summed loss, backward, Adam step."""
+    import torch
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def run() -> float:
+        model.train()
+        seen, started = 0, time.perf_counter()
+        for x, y in loader:
+            loss = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+            optimizer.zero_grad()
+            loss.sum().backward()
+            optimizer.step()
+            seen += len(y)
+        return seen / (time.perf_counter() - started)
+    return run
+
+
+def bare_step(model, bs: int, size: int, classes: int, steps: int):
+    """The limit: the model's train step on one batch held in memory."""
+    import torch
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(bs, 3, size, size), torch.randint(0, classes, (bs,))
+
+    def run() -> float:
+        model.train()
+        started = time.perf_counter()
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return steps * bs / (time.perf_counter() - started)
+    return run
+
+
+def d2l_loader(folder: Path, transform, bs: int, workers: int):
+    import torch
+    from torchvision import datasets
+
+    return torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), transform), batch_size=bs, shuffle=True,
+                                       num_workers=workers, drop_last=True)
+
+
+def build(pipeline: str, s: dict):
+    """The pipeline named `pipeline` as a function returning images/s of one pass."""
+    import timm
+    from torchvision import transforms as T
+
+    data, bs, workers = Path(s["data"]), s["bs"], s["workers"]
+    if pipeline == "limit":
+        learn = fastft_learner(s["recipe"], data, bs=bs)
+        return bare_step(learn.model, bs, s["size"], learn.dls.c, steps=s["steps"])
+    if pipeline == "fastft":
+        return lambda learn=fastft_learner(s["recipe"], data, bs=bs): train_phase_rate(learn)
+    if pipeline == "fastft --no-cache":
+        return lambda learn=fastft_learner(s["recipe"], data, bs=bs, cache=False, workers=workers): train_phase_rate(learn)
+    if pipeline == "d2l loop" and s["size"] == 32:
+        loader = d2l_loader(data / "train", T.Compose([T.RandomHorizontalFlip(), T.ToTensor()]), bs, workers)
+        return hand_written_loop(timm.create_model("resnet18", num_classes=10), loader)
+    if pipeline == "d2l loop":  # d2l 13.2's train_augs, the fastft model
+        normalize = T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        loader = d2l_loader(data / "train", T.Compose([T.RandomResizedCrop(s["size"]), T.RandomHorizontalFlip(),
+                                                       T.ToTensor(), normalize]), bs, workers)
+        return hand_written_loop(fastft_learner(s["recipe"], data, bs=bs).model, loader)
+    if pipeline == "plain fastai":
+        from fastai.vision.all import ImageDataLoaders, accuracy, vision_learner
+
+        dls = ImageDataLoaders.from_folder(data, train="train", valid="test", bs=bs, num_workers=workers)
+        learn = vision_learner(dls, "resnet18", pretrained=False, metrics=accuracy)
+        learn.unfreeze()
+        return lambda: train_phase_rate(learn)
+    raise ValueError(pipeline)
+
+
+def serve(pipeline: str, settings: dict, conn) -> None:
+    """A pipeline's own process: build it, warm it up, then time one pass per request."""
+    import contextlib
+    import io
+    import resource
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        run = build(pipeline, settings)
+        run()  # warm-up: allocator, worker start, first-call costs
+    while conn.recv() == "run":
+        conn.send(run())
+    conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # MiB (Linux reports KiB)
+
+
+def interleaved(pipelines: list[str], settings: dict, repeats: int) -> list[dict]:
+    """Median images/s of each pipeline over `repeats` rounds, one pass each per round, and its peak RSS."""
+    context = multiprocessing.get_context("spawn")
+    workers = {}
+    for name in pipelines:  # built one at a time: setting up must not overlap anyone's timing
+        parent, child = context.Pipe()
+        process = context.Process(target=serve, args=(name, settings, child))
+        process.start()
+        parent.send("run")
+        parent.recv()
+        workers[name] = (process, parent)
+    rates = {name: [] for name in pipelines}
+    for round_ in range(repeats):
+        for name, (_, conn) in workers.items():
+            conn.send("run")
+            rates[name].append(conn.recv())
+        print(f"  round {round_ + 1}/{repeats}: " + ", ".join(f"{n} {r[-1]:.0f}" for n, r in rates.items()), flush=True)
+    rows = []
+    for name, (process, conn) in workers.items():
+        conn.send("stop")
+        rss = conn.recv()
+        process.join()
+        rows.append({"pipeline": name, "images_per_s": statistics.median(rates[name]), "peak_rss_mib": rss,
+                     "runs": rates[name]})
+    limit = rows[0]["images_per_s"]
+    for row in rows:
+        row["of_limit"] = row["images_per_s"] / limit
+    return rows
+
+
+def timed_command(args: list[str]) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS MiB, exit code) of one command."""
+    started = time.perf_counter()
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    return time.perf_counter() - started, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
+
+
+def cli_rows(repeats: int) -> list[dict]:
+    commands = {"fastft --help": [str(FASTFT), "--help"],
+                "fastft cifar --epochs x (argument error)": [str(FASTFT), "cifar", "--epochs", "x"]}
+    rows = []
+    for name, args in commands.items():
+        runs = [timed_command(args) for _ in range(repeats)]
+        rows.append({"command": name, "seconds": statistics.median(r[0] for r in runs),
+                     "peak_rss_mib": max(r[1] for r in runs), "exit_code": runs[0][2]})
+    return rows
+
+
+def accuracy_row(data: Path, epochs: int, seed: int) -> dict:
+    """One whole `fastft cifar` run, start-up included, as a user would time it."""
+    out = Path(tempfile.mkdtemp()) / "run"
+    seconds, rss, code = timed_command([str(FASTFT), "cifar", "--data", str(data), "--epochs", str(epochs),
+                                        "--seed", str(seed), "--out", str(out)])
+    if code:
+        raise SystemExit(f"fastft cifar exited {code}")
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    return {"epochs": epochs, "seed": seed, "wall_seconds": seconds, "test_acc": final["test_acc"],
+            "train_acc": final["train_acc"], "peak_rss_mib": rss, "recipe": (out / "recipe.toml").read_text()}
+
+
+def print_table(title: str, rows: list[dict], columns: dict) -> None:
+    print(f"\n{title}")
+    print(" | ".join(columns))
+    for row in rows:
+        print(" | ".join(fmt.format(row[key]) for key, fmt in columns.values()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="pipeline,hotdog,cli", help="comma-separated: pipeline, hotdog, cli, accuracy")
+    parser.add_argument("--cifar", type=Path, default=SHARED / "data" / "cifar10")
+    parser.add_argument("--hotdog", type=Path, default=SHARED / "data" / "hotdog")
+    parser.add_argument("--per-class", type=int, default=512, help="CIFAR train images per class in the pipeline table")
+    parser.add_argument("--hotdog-images", type=int, default=128, help="hotdog train images per class at 224 px")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loops")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=5, help="accuracy: fastft cifar --epochs")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "performance.json")
+    args = parser.parse_args()
+    parts = set(args.only.split(","))
+    import torch
+
+    threads = torch.get_num_threads()
+    results = json.loads(args.json.read_text())["results"] if args.json.is_file() else {}
+    if "pipeline" in parts:
+        settings = {"recipe": "cifar", "data": str(subset(args.cifar, args.per_class)), "bs": 256, "size": 32,
+                    "workers": args.workers, "steps": 8}
+        rows = interleaved(["limit", "fastft", "fastft --no-cache", "d2l loop", "plain fastai"], settings, args.repeats)
+        results["pipeline"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": rows,
+                               "setup": f"CIFAR-10 subset, {10 * args.per_class} train JPEGs, 32 px, ResNet-18, batch 256"}
+    if "hotdog" in parts:
+        settings = {"recipe": "hotdog", "data": str(subset(args.hotdog, args.hotdog_images)), "bs": 32, "size": 224,
+                    "workers": args.workers, "steps": 4}
+        rows = interleaved(["limit", "fastft", "d2l loop"], settings, args.repeats)
+        results["hotdog"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": rows,
+                             "setup": f"hotdog stand-in, {2 * args.hotdog_images} train JPEGs, 224 px, ResNet-18, batch 32, every layer training"}
+    if "cli" in parts:
+        results["cli"] = {"date": time.strftime("%Y-%m-%d"), "rows": cli_rows(args.repeats)}
+    if "accuracy" in parts:
+        row = accuracy_row(args.cifar, args.epochs, args.seed)
+        runs = [r for r in results.get("accuracy", {}).get("rows", []) if r["epochs"] != args.epochs or r["seed"] != args.seed]
+        results["accuracy"] = {"date": time.strftime("%Y-%m-%d"), "rows": sorted(runs + [row], key=lambda r: r["epochs"])}
+
+    for part in ("pipeline", "hotdog"):
+        if part in results:
+            print_table(f"{part}: {results[part]['setup']}; CPU, {results[part]['threads']} threads; "
+                        f"median of {args.repeats} interleaved repeats ({results[part]['date']})",
+                        results[part]["rows"], {"pipeline": ("pipeline", "{}"), "img/s": ("images_per_s", "{:.0f}"),
+                                                "of limit": ("of_limit", "{:.2f}"), "peak RSS MiB": ("peak_rss_mib", "{:.0f}")})
+    if "cli" in results:
+        print_table(f"cli ({results['cli']['date']})", results["cli"]["rows"],
+                    {"command": ("command", "{}"), "seconds": ("seconds", "{:.2f}"), "peak RSS MiB": ("peak_rss_mib", "{:.0f}")})
+    if "accuracy" in results:
+        d2l = json.loads((ROOT / "bench" / "results" / "d2l_cifar.json").read_text())
+        rows = [{"run": f"d2l recipe, {d2l['epochs']} epochs ({d2l['measured']})", "wall_seconds": d2l["wall_seconds"],
+                 "test_acc": d2l["test_acc"], "of_d2l": 1.0}]
+        rows += [{"run": f"fastft cifar --epochs {r['epochs']}", "wall_seconds": r["wall_seconds"], "test_acc": r["test_acc"],
+                  "of_d2l": r["wall_seconds"] / d2l["wall_seconds"]} for r in results["accuracy"]["rows"]]
+        print_table(f"time to accuracy, all of CIFAR-10, 32 px ({results['accuracy']['date']})", rows,
+                    {"run": ("run", "{}"), "wall s": ("wall_seconds", "{:.0f}"), "test acc": ("test_acc", "{:.3f}"),
+                     "time vs d2l": ("of_d2l", "{:.2f}")})
+    write_results(args.json, vars(args), results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Decode once: a split's images as one uint8 tensor, in memory and on disk.
+
+When no item transform is random (no `crop`, no `trivial`), every image becomes the same
+size x size picture every epoch: resize, centre-crop, done. Decoding those JPEGs again each epoch
+is wasted work (on 2 CPU cores it costs a third of the training time at 32 px), so fastft decodes
+each file once, keeps the pictures as one (N, 3, size, size) uint8 tensor, and serves batches by
+indexing it; flips and colour run on the batch afterwards, as before. All of CIFAR-10 is 184 MB.
+
+The decoded pictures are also saved under the cache folder ($FASTFT_CACHE, default
+~/.cache/fastft), keyed by every file's path, size and modification time and by size/crop_pct:
+the next run over the same files skips decoding (and the readability scan) entirely. A changed,
+added or removed file changes the key. Delete the folder to reclaim the space.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fastft.augment import parse_aug
+from fastft.images import fixed_size_pixels, read_all
+
+VERSION = 1  # bump when what is stored changes
+MAX_BYTES = 4 * 2**30  # larger datasets decode per batch as usual
+RANDOM_ITEM_TRANSFORMS = {"crop", "trivial"}
+
+
+def cache_folder() -> Path:
+    return Path(os.environ.get("FASTFT_CACHE") or Path.home() / ".cache" / "fastft").expanduser()
+
+
+def applies(aug: str, size: int, n_images: int) -> bool:
+    """True when every item transform is deterministic and the pictures fit in MAX_BYTES."""
+    random_items = {name for name, _ in parse_aug(aug)} & RANDOM_ITEM_TRANSFORMS
+    return not random_items and n_images * size * size * 3 <= MAX_BYTES
+
+
+def _key(files: list[Path], size: int, crop_pct: float) -> str:
+    digest = hashlib.sha1(f"{VERSION} {size} {crop_pct}".encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"\n{path.resolve()}\t{stat.st_size}\t{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def decode(files: list[Path], size: int, crop_pct: float, use_disk: bool = True):
+    """(readable files, (N, 3, size, size) uint8 tensor of their pictures, [(unreadable file, reason)]),
+    from the disk cache when these exact files were decoded before."""
+    key = _key(files, size, crop_pct)
+    stored, meta_file = cache_folder() / f"{key}.npy", cache_folder() / f"{key}.json"
+    if use_disk and stored.is_file() and meta_file.is_file():
+        try:
+            skipped = {Path(p): why for p, why in json.loads(meta_file.read_text())["skipped"]}
+            pixels = np.load(stored)
+            good = [p for p in files if p not in skipped]
+            if pixels.shape == (len(good), size, size, 3):
+                return good, _channels_first(pixels), list(skipped.items())
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache entry is decoded again and rewritten
+    good, pictures, bad = read_all(files, lambda p: fixed_size_pixels(p, size, crop_pct))
+    pixels = np.stack(pictures) if pictures else np.zeros((0, size, size, 3), np.uint8)
+    if use_disk:
+        _save(stored, meta_file, pixels, bad)
+    return good, _channels_first(pixels), bad
+
+
+def _channels_first(pixels: np.ndarray):
+    """(N, H, W, 3) -> contiguous (N, 3, H, W), the layout batches are in."""
+    import torch
+
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+
+
+def _save(stored: Path, meta_file: Path, pixels: np.ndarray, bad) -> None:
+    """Write to temporary names, then rename: a reader (or a second process) never sees half a file."""
+    try:
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stored.with_name(f"{stored.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, pixels)
+        os.replace(tmp, stored)
+        tmp_meta = meta_file.with_name(f"{meta_file.stem}.{os.getpid()}.tmp")
+        tmp_meta.write_text(json.dumps({"skipped": [[str(p), why] for p, why in bad]}))
+        os.replace(tmp_meta, meta_file)
+    except OSError:
+        pass  # a read-only or full disk only costs the next run a decode
