@@ -102,18 +102,27 @@ def hand_written_loop(model, loader):
     return run
 
 
-def bare_step(model, bs: int, size: int, classes: int, steps: int):
-    """The limit: the model's train step on one batch held in memory."""
+def bare_step(model, bs: int, size: int, classes: int, steps: int, variant: str = ""):
+    """The limit: the model's train step on one batch held in memory. Variants: channels_last memory
+    format, or bf16 autocast (what --precision bf16 does)."""
+    import contextlib
+
     import torch
 
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y = torch.randn(bs, 3, size, size), torch.randint(0, classes, (bs,))
+    if variant == "channels_last":
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+
+    def context():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if variant == "bf16" else contextlib.nullcontext()
 
     def run() -> float:
         model.train()
         started = time.perf_counter()
         for _ in range(steps):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            with context():
+                loss = torch.nn.functional.cross_entropy(model(x), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -135,9 +144,9 @@ def build(pipeline: str, s: dict):
     from torchvision import transforms as T
 
     data, bs, workers = Path(s["data"]), s["bs"], s["workers"]
-    if pipeline == "limit":
+    if pipeline.startswith("limit"):  # "limit", "limit channels_last", "limit bf16"
         learn = fastft_learner(s["recipe"], data, bs=bs)
-        return bare_step(learn.model, bs, s["size"], learn.dls.c, steps=s["steps"])
+        return bare_step(learn.model, bs, s["size"], learn.dls.c, steps=s["steps"], variant=pipeline[6:])
     if pipeline == "fastft":
         return lambda learn=fastft_learner(s["recipe"], data, bs=bs): train_phase_rate(learn)
     if pipeline == "fastft --no-cache":
@@ -263,7 +272,8 @@ def main() -> None:
     if "pipeline" in parts:
         settings = {"recipe": "cifar", "data": str(subset(args.cifar, args.per_class)), "bs": 256, "size": 32,
                     "workers": args.workers, "steps": 8}
-        rows = interleaved(["limit", "fastft", "fastft --no-cache", "d2l loop", "plain fastai"], settings, args.repeats)
+        rows = interleaved(["limit", "fastft", "fastft --no-cache", "d2l loop", "plain fastai", "limit channels_last",
+                            "limit bf16"], settings, args.repeats)
         results["pipeline"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": rows,
                                "setup": f"CIFAR-10 subset, {10 * args.per_class} train JPEGs, 32 px, ResNet-18, batch 256"}
     if "hotdog" in parts:

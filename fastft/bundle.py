@@ -21,7 +21,7 @@ FORMAT = "fastft-bundle/1"
 
 
 def write_bundle(model, run_dir: Path, *, arch: str, classes: list[str], size: int, crop_pct: float,
-                 mean, std) -> None:
+                 mean, std, head_dropout: float = 0.5) -> None:
     """Save the trained network's weights and what inference needs to use them."""
     import timm
     import torch
@@ -33,7 +33,7 @@ def write_bundle(model, run_dir: Path, *, arch: str, classes: list[str], size: i
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(run_dir / WEIGHTS))
     meta = {
-        "format": FORMAT, "arch": arch, "classes": list(classes), "head": HEAD_DEFAULTS,
+        "format": FORMAT, "arch": arch, "classes": list(classes), "head": {**HEAD_DEFAULTS, "dropout": head_dropout},
         "input_size": size, "resize": round(size / crop_pct), "crop_pct": crop_pct,
         "mean": list(mean), "std": list(std),
         "versions": {"fastft": __version__, "timm": timm.__version__, "torch": torch.__version__},

@@ -39,6 +39,7 @@ TRAIN_OPTIONS = {
     "arch": (str, "--arch", "Any timm model name, with or without weights tag: resnet18, resnet18.tv_in1k, tf_efficientnet_lite0."),
     "weights": (str, "--weights", "Local timm state dict (.safetensors or .pth) to start from instead of the hub."),
     "pretrained": (bool, "--pretrained/--no-pretrained", "Start from ImageNet weights, or from random init."),
+    "head_dropout": (float, "--head-dropout", "Dropout in fastai's head (its ps): p/2 before the hidden layer, p before the last."),
     "strategy": (str, "--strategy", "Training schedule. " + "; ".join(f"{k}: {v[0]}" for k, v in STRATEGIES.items())),
     "freeze_epochs": (int, "--freeze-epochs", "fine-tune, keras: epochs that train only the head (part of --epochs)."),
     "unfreeze": (int, "--unfreeze", "keras: stages unfrozen from the top after the head-only phase."),

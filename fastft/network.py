@@ -34,14 +34,15 @@ class Body(nn.Module):
 
 def head(n_features: int, n_classes: int, pool: bool, hidden: int = 512, dropout: float = 0.5,
          concat_pool: bool = True) -> nn.Sequential:
-    """fastai's create_head with its defaults: [pool, flatten,] BN, dropout/2, linear, ReLU, BN, dropout, linear."""
+    """fastai's create_head: [pool, flatten,] BN, dropout/2, linear, ReLU, BN, dropout, linear. Like fastai's
+    LinBnDrop, a dropout of 0 leaves the Dropout layers out (which renumbers the parameters after them)."""
     layers: list[nn.Module] = []
     if pool:
         layers += [ConcatPool() if concat_pool else nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         n_features *= 2 if concat_pool else 1
-    layers += [nn.BatchNorm1d(n_features), nn.Dropout(dropout / 2), nn.Linear(n_features, hidden, bias=False),
-               nn.ReLU(inplace=True), nn.BatchNorm1d(hidden), nn.Dropout(dropout),
-               nn.Linear(hidden, n_classes, bias=False)]
+    for n_in, n_out, p, last in ((n_features, hidden, dropout / 2, False), (hidden, n_classes, dropout, True)):
+        layers += [nn.BatchNorm1d(n_in)] + ([nn.Dropout(p)] if p else []) + [nn.Linear(n_in, n_out, bias=False)]
+        layers += [] if last else [nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 

@@ -32,6 +32,7 @@ class Recipe:
     arch: str = "resnet18"  # any timm name, optionally with a weights tag: resnet18.tv_in1k
     pretrained: bool = True  # start from ImageNet weights (hub, or `weights`)
     weights: str = ""  # local timm state dict (.safetensors / .pth) used instead of the hub
+    head_dropout: float = 0.5  # fastai's head dropout (ps): p/2 before the hidden layer, p before the last
     # input and augmentation
     size: int = 224  # square input side in pixels
     crop_pct: float = 0.875  # test items: resize to round(size / crop_pct), then centre-crop to size

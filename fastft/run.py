@@ -246,7 +246,7 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
     learn._end_cleanup()  # drop the last batch's tensors so they are not pickled into model.pkl
     learn.export(run_dir.resolve() / "model.pkl")
     write_bundle(learn.model, run_dir, arch=recipe.arch, classes=list(learn.dls.vocab), size=recipe.size,
-                 crop_pct=recipe.crop_pct, mean=run.mean, std=run.std)
+                 crop_pct=recipe.crop_pct, mean=run.mean, std=run.std, head_dropout=recipe.head_dropout)
     dist.wait()
     if interrupted:
         raise Interrupted(f"interrupted: kept the outputs of epoch {len(log.epochs)} of {recipe.epochs} in {run_dir}")

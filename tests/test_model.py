@@ -81,3 +81,17 @@ def test_scratch_never_loads_weights(dataset, tmp_path):
     assert "not loading" in result.stderr
     saved = (tmp_path / "run" / "recipe.toml").read_text()
     assert "pretrained = false" in saved and 'weights = ""' in saved
+
+
+@pytest.mark.parametrize("dropout", [0.5, 0.2, 0.0])
+def test_fastai_free_network_matches_the_learner_for_any_head_dropout(tiny_dls, dropout):
+    from fastft.network import build_network
+
+    learn = create_learner(tiny_dls, Recipe(arch="resnet18", pretrained=False, head_dropout=dropout))
+    rebuilt = build_network("resnet18", 2, {"dropout": dropout})
+    rebuilt.load_state_dict(learn.model.state_dict(), strict=True)
+    dropouts = [m.p for m in learn.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts == [m.p for m in rebuilt.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts == ([dropout / 2, dropout] if dropout else [])
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(learn.model.eval()(x), rebuilt.eval()(x))
