@@ -1,6 +1,6 @@
 """Issue 7's performance suite: one entry point, one table, one JSON file.
 
-    python bench/performance.py                          # pipeline (32 px), hotdog (224 px), CLI; ~12 min
+    python bench/performance.py                          # pipeline, hotdog, cli, startup; ~15 min
     python bench/performance.py --only pipeline,cli      # a part of it
     python bench/performance.py --only accuracy --epochs 5  # time a whole `fastft cifar --epochs 5` run
 
@@ -14,6 +14,8 @@ interleaved repeats: limit, fastft, d2l, ..., limit, fastft, ...):
 - hotdog: the hotdog stand-in at 224 px, batch 32, every layer training: fastft's hotdog recipe path vs
   the d2l 13.2 loop (ImageFolder + RandomResizedCrop + flip + ToTensor + Normalize, 2 workers), same model.
 - cli: wall time of `fastft --help` and of an argument error (median of --repeats).
+- startup: seconds to find and read all of CIFAR-10 before training: the old readability scan, the
+  decode-once cache cold (empty cache folder) and warm.
 - accuracy: one whole `fastft cifar --epochs N` (start-up included, all of CIFAR-10) against the d2l
   recipe's figures in bench/results/d2l_cifar.json (bench/d2l_cifar.py measures them, ~18 min).
 Every pipeline runs in a process of its own, so its peak RSS is its own.
@@ -174,7 +176,12 @@ def serve(pipeline: str, settings: dict, conn) -> None:
     import contextlib
     import io
     import resource
+    import warnings
 
+    # A spawned process inherits "spawn" as its default start method; DataLoader workers must fork, as
+    # they do under a plain `python train.py`, or each epoch pays for re-importing torch in every worker.
+    multiprocessing.set_start_method("fork", force=True)
+    warnings.filterwarnings("ignore", category=FutureWarning)
     with contextlib.redirect_stdout(io.StringIO()):
         run = build(pipeline, settings)
         run()  # warm-up: allocator, worker start, first-call costs
@@ -244,6 +251,21 @@ def accuracy_row(data: Path, epochs: int, seed: int) -> dict:
             "train_acc": final["train_acc"], "peak_rss_mib": rss, "recipe": (out / "recipe.toml").read_text()}
 
 
+def startup_rows(data: Path) -> list[dict]:
+    """Seconds to find and read all of `data` before training: the readability scan of decoding per
+    batch (--no-cache), the decode-once cache cold (empty cache folder) and warm (read back)."""
+    code = ("import sys, time; from pathlib import Path; from fastft.data import load_split; "
+            "from fastft.recipe import load_recipe; r = load_recipe('cifar').replace(data=sys.argv[1], cache=sys.argv[2] == '1'); "
+            "t = time.perf_counter(); load_split(Path(sys.argv[1]), r, quiet=True); print(time.perf_counter() - t)")
+    cache = tempfile.mkdtemp()
+    rows = []
+    for name, cached in (("scan only (--no-cache)", "0"), ("decode once, cold", "1"), ("decode once, warm", "1")):
+        out = subprocess.run([sys.executable, "-c", code, str(data), cached], capture_output=True, text=True, check=True,
+                             env={**os.environ, "FASTFT_CACHE": cache})
+        rows.append({"step": name, "seconds": float(out.stdout.split()[-1])})
+    return rows
+
+
 def print_table(title: str, rows: list[dict], columns: dict) -> None:
     print(f"\n{title}")
     print(" | ".join(columns))
@@ -253,7 +275,8 @@ def print_table(title: str, rows: list[dict], columns: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="pipeline,hotdog,cli", help="comma-separated: pipeline, hotdog, cli, accuracy")
+    parser.add_argument("--only", default="pipeline,hotdog,cli,startup",
+                        help="comma-separated: pipeline, hotdog, cli, startup, accuracy")
     parser.add_argument("--cifar", type=Path, default=SHARED / "data" / "cifar10")
     parser.add_argument("--hotdog", type=Path, default=SHARED / "data" / "hotdog")
     parser.add_argument("--per-class", type=int, default=512, help="CIFAR train images per class in the pipeline table")
@@ -265,10 +288,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "performance.json")
     args = parser.parse_args()
     parts = set(args.only.split(","))
+    results = json.loads(args.json.read_text())["results"] if args.json.is_file() else {}
+    if "cli" in parts:  # first, while this process is small: Linux counts a child's RSS from before exec too
+        results["cli"] = {"date": time.strftime("%Y-%m-%d"), "rows": cli_rows(args.repeats)}
     import torch
 
     threads = torch.get_num_threads()
-    results = json.loads(args.json.read_text())["results"] if args.json.is_file() else {}
     if "pipeline" in parts:
         settings = {"recipe": "cifar", "data": str(subset(args.cifar, args.per_class)), "bs": 256, "size": 32,
                     "workers": args.workers, "steps": 8}
@@ -282,8 +307,8 @@ def main() -> None:
         rows = interleaved(["limit", "fastft", "d2l loop"], settings, args.repeats)
         results["hotdog"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": rows,
                              "setup": f"hotdog stand-in, {2 * args.hotdog_images} train JPEGs, 224 px, ResNet-18, batch 32, every layer training"}
-    if "cli" in parts:
-        results["cli"] = {"date": time.strftime("%Y-%m-%d"), "rows": cli_rows(args.repeats)}
+    if "startup" in parts:
+        results["startup"] = {"date": time.strftime("%Y-%m-%d"), "rows": startup_rows(args.cifar)}
     if "accuracy" in parts:
         row = accuracy_row(args.cifar, args.epochs, args.seed)
         runs = [r for r in results.get("accuracy", {}).get("rows", []) if r["epochs"] != args.epochs or r["seed"] != args.seed]
@@ -298,6 +323,9 @@ def main() -> None:
     if "cli" in results:
         print_table(f"cli ({results['cli']['date']})", results["cli"]["rows"],
                     {"command": ("command", "{}"), "seconds": ("seconds", "{:.2f}"), "peak RSS MiB": ("peak_rss_mib", "{:.0f}")})
+    if "startup" in results:
+        print_table(f"start-up: find and read all of CIFAR-10 (60,000 JPEGs), one run each ({results['startup']['date']})",
+                    results["startup"]["rows"], {"step": ("step", "{}"), "seconds": ("seconds", "{:.1f}")})
     if "accuracy" in results:
         d2l = json.loads((ROOT / "bench" / "results" / "d2l_cifar.json").read_text())
         rows = [{"run": f"d2l recipe, {d2l['epochs']} epochs ({d2l['measured']})", "wall_seconds": d2l["wall_seconds"],
