@@ -29,8 +29,10 @@ def world_size() -> int:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """auto: fp32 on CPU and MPS (bench/: bf16 autocast was slower on CPU), bf16 on GPUs that have it,
-    fp16 on older GPUs. A precision the device cannot do is an error, not a silent fallback."""
+    """auto: fp32 on CPU and MPS, bf16 on GPUs that have it, fp16 on older GPUs. (On a CPU with
+    AVX512-BF16, bench/performance.py measured bf16 autocast faster than fp32 in the bare train step;
+    auto stays fp32 there until bf16's accuracy is measured too: README, Benchmarks.) A precision the
+    device cannot do is an error, not a silent fallback."""
     if name not in PRECISIONS:
         raise UsageError(f"unknown precision '{name}'; choose one of: {', '.join(PRECISIONS)}")
     if name == "auto":
