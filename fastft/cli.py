@@ -35,6 +35,7 @@ TRAIN_OPTIONS = {
     "epochs": (int, "--epochs", "Total epochs, frozen phases included."),
     "lr": (str, "--lr", "The head's peak learning rate; 0: the strategy's default; auto: run fastai's LR finder first."),
     "bs": (int, "--bs", "Batch size."),
+    "wd": (float, "--wd", "Decoupled weight decay (fastai's default 0.01; the d2l strategy keeps its own 1e-3)."),
     "size": (int, "--size", "Input side in pixels (train crops and test centre-crops to it)."),
     "arch": (str, "--arch", "Any timm model name, with or without weights tag: resnet18, resnet18.tv_in1k, tf_efficientnet_lite0."),
     "weights": (str, "--weights", "Local timm state dict (.safetensors or .pth) to start from instead of the hub."),

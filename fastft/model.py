@@ -67,7 +67,7 @@ def create_learner(dls, recipe: Recipe, **learner_kwargs):
 
     extra = weights_source(recipe)
     try:
-        return vision_learner(dls, recipe.arch, normalize=False, pretrained=recipe.pretrained, ps=recipe.head_dropout,
+        return vision_learner(dls, recipe.arch, normalize=False, pretrained=recipe.pretrained, ps=recipe.head_dropout, wd=recipe.wd,
                               loss_func=CrossEntropyLossFlat(), metrics=accuracy, splitter=stage_splitter,
                               **extra, **learner_kwargs)
     except Exception as e:

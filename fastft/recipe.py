@@ -44,6 +44,7 @@ class Recipe:
     unfreeze: int = 2  # keras: stages unfrozen (from the top) after the head-only phase
     lr: float | str = 0.0  # the head's peak learning rate; 0 = the strategy's default; "auto" = LR finder
     bs: int = 64  # batch size
+    wd: float = 0.01  # decoupled weight decay of fastai's optimizers (fastai's default; d2l's strategy keeps its own)
     # infrastructure
     seed: int = 42  # same seed, same numbers on the same machine
     workers: int = 2  # DataLoader worker processes (0 = load in the main process); unused when cached

@@ -95,3 +95,10 @@ def test_fastai_free_network_matches_the_learner_for_any_head_dropout(tiny_dls, 
     assert dropouts == ([dropout / 2, dropout] if dropout else [])
     x = torch.randn(3, 3, 32, 32)
     assert torch.equal(learn.model.eval()(x), rebuilt.eval()(x))
+
+
+def test_weight_decay_reaches_the_optimizer(tiny_dls):
+    learn = create_learner(tiny_dls, Recipe(arch="resnet18", pretrained=False, wd=0.3))
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3)
+    assert {h["wd"] for h in learn.opt.hypers} == {0.3}
