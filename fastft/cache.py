@@ -46,12 +46,12 @@ def _key(files: list[Path], size: int, crop_pct: float) -> str:
     return digest.hexdigest()
 
 
-def decode(files: list[Path], size: int, crop_pct: float, use_disk: bool = True):
+def decode(files: list[Path], size: int, crop_pct: float):
     """(readable files, (N, 3, size, size) uint8 tensor of their pictures, [(unreadable file, reason)]),
     from the disk cache when these exact files were decoded before."""
     key = _key(files, size, crop_pct)
     stored, meta_file = cache_folder() / f"{key}.npy", cache_folder() / f"{key}.json"
-    if use_disk and stored.is_file() and meta_file.is_file():
+    if stored.is_file() and meta_file.is_file():
         try:
             skipped = {Path(p): why for p, why in json.loads(meta_file.read_text())["skipped"]}
             pixels = np.load(stored)
@@ -62,8 +62,7 @@ def decode(files: list[Path], size: int, crop_pct: float, use_disk: bool = True)
             pass  # a damaged cache entry is decoded again and rewritten
     good, pictures, bad = read_all(files, lambda p: fixed_size_pixels(p, size, crop_pct))
     pixels = np.stack(pictures) if pictures else np.zeros((0, size, size, 3), np.uint8)
-    if use_disk:
-        _save(stored, meta_file, pixels, bad)
+    _save(stored, meta_file, pixels, bad)
     return good, _channels_first(pixels), bad
 
 
