@@ -21,7 +21,7 @@ FORMAT = "fastft-bundle/1"
 
 
 def write_bundle(model, run_dir: Path, *, arch: str, classes: list[str], size: int, crop_pct: float,
-                 mean, std, head_dropout: float = 0.5) -> None:
+                 mean, std, head_dropout: float = 0.5, tta: bool = False) -> None:
     """Save the trained network's weights and what inference needs to use them."""
     import timm
     import torch
@@ -35,10 +35,15 @@ def write_bundle(model, run_dir: Path, *, arch: str, classes: list[str], size: i
     meta = {
         "format": FORMAT, "arch": arch, "classes": list(classes), "head": {**HEAD_DEFAULTS, "dropout": head_dropout},
         "input_size": size, "resize": round(size / crop_pct), "crop_pct": crop_pct,
-        "mean": list(mean), "std": list(std),
+        "mean": list(mean), "std": list(std), "tta": tta,
         "versions": {"fastft": __version__, "timm": timm.__version__, "torch": torch.__version__},
     }
     (run_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def mirror_averaged(network, batch):
+    """Flip TTA: softmax probabilities averaged over each image of a (N, 3, H, W) tensor and its mirror."""
+    return (network(batch).softmax(dim=1) + network(batch.flip(-1)).softmax(dim=1)) / 2
 
 
 def _meta(path: Path) -> dict:
@@ -69,18 +74,23 @@ class Model:
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def predict_arrays(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
+    def flip_tta(self, asked: bool | None) -> bool:
+        """Average with the mirror image? As asked, or (None) as the run that trained the model did."""
+        return self.meta.get("tta", False) if asked is None else asked
+
+    def predict_arrays(self, batch: np.ndarray, tta: bool | None = None) -> np.ndarray:
         probs = self.probabilities(batch)
-        if tta:  # test-time augmentation: average with the mirror image
+        if self.flip_tta(tta):
             probs = (probs + self.probabilities(np.ascontiguousarray(batch[..., ::-1]))) / 2
         return probs
 
-    def predict(self, image, tta: bool = False) -> tuple[str, dict[str, float]]:
+    def predict(self, image, tta: bool | None = None) -> tuple[str, dict[str, float]]:
         probs = self.predict_arrays(self.preprocess(image)[None], tta)[0]
         return self.classes[int(probs.argmax())], dict(zip(self.classes, map(float, probs)))
 
-    def predict_batch(self, images: Iterable, bs: int = 64, tta: bool = False) -> Iterator[dict]:
-        """Yields {'path', 'label', 'probability', 'probabilities'} per image as each batch finishes."""
+    def predict_batch(self, images: Iterable, bs: int = 64, tta: bool | None = None) -> Iterator[dict]:
+        """Yields {'path', 'label', 'probability', 'probabilities'} per image as each batch finishes.
+        tta: average with the mirror image's prediction; None: as the run that trained the model did."""
         images = list(images)
         for start in range(0, len(images), bs):
             chunk = images[start:start + bs]
@@ -161,16 +171,24 @@ class PickleModel(Model):
         except Exception as e:
             raise UsageError(f"could not load {pkl_path} ({type(e).__name__}: {str(e)[:120]}); is it a fastai model.pkl?") from None
         self.classes = list(self.learn.dls.vocab)
-        self.meta = {}
+        beside = pkl_path.with_name(META)  # in a run folder: predict as the run's bundle does (its tta)
+        self.meta = {"tta": _meta(beside).get("tta", False)} if beside.is_file() else {}
 
-    def predict_batch(self, images: Iterable, bs: int = 64, tta: bool = False) -> Iterator[dict]:
+    def predict_batch(self, images: Iterable, bs: int = 64, tta: bool | None = None) -> Iterator[dict]:
         images = list(images)
         dl = self.learn.dls.test_dl(images, bs=bs, num_workers=0)
         with self.learn.no_bar():
-            probs = (self.learn.tta(dl=dl, n=1)[0] if tta else self.learn.get_preds(dl=dl)[0]).numpy()
+            if self.flip_tta(tta):  # the bundle's flip TTA (fastai's own `tta` blends random training augmentations)
+                import torch
+
+                network = self.learn.model.eval()
+                with torch.inference_mode():
+                    probs = torch.cat([mirror_averaged(network, xb) for xb, *_ in dl]).numpy()
+            else:
+                probs = self.learn.get_preds(dl=dl)[0].numpy()
         yield from (self.result(image, row) for image, row in zip(images, probs))
 
-    def predict(self, image, tta: bool = False):
+    def predict(self, image, tta: bool | None = None):
         result = next(self.predict_batch([image], tta=tta))
         return result["label"], result["probabilities"]
 

@@ -36,6 +36,8 @@ TRAIN_OPTIONS = {
     "lr": (str, "--lr", "The head's peak learning rate; 0: the strategy's default; auto: run fastai's LR finder first."),
     "bs": (int, "--bs", "Batch size."),
     "wd": (float, "--wd", "Decoupled weight decay (fastai's default 0.01; the d2l strategy keeps its own 1e-3)."),
+    "label_smoothing": (float, "--label-smoothing", "Label smoothing eps: 0 plain cross-entropy, 0.1 a common choice against overconfidence."),
+    "tta": (bool, "--tta/--no-tta", "Flip TTA: report the final test accuracy, and predict, averaging each image with its mirror."),
     "size": (int, "--size", "Input side in pixels (train crops and test centre-crops to it)."),
     "arch": (str, "--arch", "Any timm model name, with or without weights tag: resnet18, resnet18.tv_in1k, tf_efficientnet_lite0."),
     "weights": (str, "--weights", "Local timm state dict (.safetensors or .pth) to start from instead of the hub."),
@@ -167,7 +169,7 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON list at the end."),
     as_csv: bool = typer.Option(False, "--csv", help="Print CSV rows: path, then label and probability pairs."),
     bs: int = typer.Option(64, "--bs", min=1, help="Images per batch."),
-    tta: bool = typer.Option(False, "--tta", help="Average each prediction with its mirror image's."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Average each prediction with its mirror image's. Default: as the model's run did (its recipe's tta)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a fastai model.pkl (a pickle runs code)."),
 ):
     """Label images: path, label and probability per line, as results come."""
@@ -221,16 +223,17 @@ def evaluate(
     out: Optional[str] = typer.Option(None, "--out", help="Report folder. Default: a new eval-<data> folder beside the model."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     bs: int = typer.Option(64, "--bs", min=1),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Average each prediction with its mirror image's. Default: as the model's run did (its recipe's tta)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a fastai model.pkl (a pickle runs code)."),
 ):
     """Accuracy, per-class precision and recall, confusion.png and top_losses.png."""
     from fastft.evaluate import evaluate as evaluate_model
 
-    report = evaluate_model(model, data, out, bs=bs, trust_pickle=trust_pickle)
+    report = evaluate_model(model, data, out, bs=bs, tta=tta, trust_pickle=trust_pickle)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    typer.echo(f"accuracy {report['accuracy']:.3f} on {report['images']} images")
+    typer.echo(f"accuracy {report['accuracy']:.3f} on {report['images']} images{' (flip TTA)' if report['tta'] else ''}")
     typer.echo(f"{'class':<20} {'precision':>9} {'recall':>7} {'support':>7}")
     for name, row in report["per_class"].items():
         typer.echo(f"{name:<20} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['support']:>7}")

@@ -42,7 +42,8 @@ def evaluation_folder(model_path: Path, data: Path, out: str | None) -> Path:
     return path
 
 
-def evaluate(model_path: Path, data: Path, out: str | None = None, bs: int = 64, trust_pickle: bool = False) -> dict:
+def evaluate(model_path: Path, data: Path, out: str | None = None, bs: int = 64, tta: bool | None = None,
+             trust_pickle: bool = False) -> dict:
     from fastft.bundle import load
 
     model = load(model_path, trust_pickle=trust_pickle)
@@ -51,7 +52,7 @@ def evaluate(model_path: Path, data: Path, out: str | None = None, bs: int = 64,
         raise UsageError(f"{data} has classes the model does not know: {', '.join(unknown)} "
                          f"(it knows {', '.join(model.classes)})")
     folder = evaluation_folder(model_path, data, out)
-    results = list(model.predict_batch([p for p, _ in pairs], bs=bs))
+    results = list(model.predict_batch([p for p, _ in pairs], bs=bs, tta=tta))
     index = {c: i for i, c in enumerate(model.classes)}
     truth = np.array([index[c] for _, c in pairs])
     probs = np.array([[r["probabilities"][c] for c in model.classes] for r in results])
@@ -66,7 +67,8 @@ def evaluate(model_path: Path, data: Path, out: str | None = None, bs: int = 64,
                         "recall": float(confusion[i, i] / actual) if actual else 0.0, "support": int(actual)}
     losses = -np.log(np.clip(probs[np.arange(len(truth)), truth], 1e-12, 1.0))
     report = {"model": str(model_path), "data": str(data), "images": len(pairs),
-              "accuracy": float((guess == truth).mean()), "per_class": per_class,
+              "accuracy": float((guess == truth).mean()),
+              "tta": bool(model.meta.get("tta", False) if tta is None else tta), "per_class": per_class,
               "confusion": {"classes": model.classes, "matrix": confusion.tolist()}}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -31,7 +31,7 @@ def readable_images(paths: list[Path]) -> list[Path]:
     return files
 
 
-def predict(model_path: Path, paths: list[Path], bs: int = 64, tta: bool = False, trust_pickle: bool = False,
+def predict(model_path: Path, paths: list[Path], bs: int = 64, tta: bool | None = None, trust_pickle: bool = False,
             progress: bool = False) -> Iterator[dict]:
     """Yields {'path', 'label', 'probability', 'probabilities'} per readable image, batch by batch."""
     from fastft.bundle import load

@@ -45,6 +45,8 @@ class Recipe:
     lr: float | str = 0.0  # the head's peak learning rate; 0 = the strategy's default; "auto" = LR finder
     bs: int = 64  # batch size
     wd: float = 0.01  # decoupled weight decay of fastai's optimizers (fastai's default; d2l's strategy keeps its own)
+    label_smoothing: float = 0.0  # share of each target spread over all classes (fastai's LabelSmoothingCrossEntropy eps)
+    tta: bool = False  # flip TTA: the final test accuracy (and the bundle's predictions) average each image with its mirror
     # infrastructure
     seed: int = 42  # same seed, same numbers on the same machine
     workers: int = 2  # DataLoader worker processes (0 = load in the main process); unused when cached
@@ -96,13 +98,16 @@ def _checked(values: dict, source: str) -> dict:
     for key in ("epochs", "bs", "size"):
         if key in out and out[key] < 1:
             raise UsageError(f"'{key}' in {source} must be at least 1, got {out[key]}")
-    for key in ("freeze_epochs", "limit", "workers"):
+    for key in ("freeze_epochs", "limit", "workers", "wd"):
         if key in out and out[key] < 0:
             raise UsageError(f"'{key}' in {source} must not be negative, got {out[key]}")
     if out.get("unfreeze", 1) < 1:
         raise UsageError(f"'unfreeze' in {source} must be at least 1 stage, got {out['unfreeze']}")
     if "valid_pct" in out and not 0 < out["valid_pct"] < 1:
         raise UsageError(f"'valid_pct' in {source} must be between 0 and 1, got {out['valid_pct']}")
+    for key in ("label_smoothing", "head_dropout"):
+        if key in out and not 0 <= out[key] < 1:
+            raise UsageError(f"'{key}' in {source} must be in [0, 1), got {out[key]}")
     if "crop_pct" in out and not 0 < out["crop_pct"] <= 1:
         raise UsageError(f"'crop_pct' in {source} must be in (0, 1], got {out['crop_pct']}")
     return out

@@ -12,7 +12,8 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "valid_loss", "test_acc",
 
 
 def summary_line(final: dict, device: str) -> str:
-    return (f"loss {final['loss']:.3f}, train acc {final['train_acc']:.3f}, test acc {final['test_acc']:.3f}, "
+    tta = f" ({final['test_acc_tta']:.3f} with flip TTA)" if "test_acc_tta" in final else ""
+    return (f"loss {final['loss']:.3f}, train acc {final['train_acc']:.3f}, test acc {final['test_acc']:.3f}{tta}, "
             f"{final['examples_per_sec']:.1f} examples/sec on {device}")
 
 

@@ -19,7 +19,7 @@ from fastai.callback.progress import ProgressCallback
 from fastai.vision.all import Callback, find_bs, noop, set_seed
 
 from fastft.augment import parse_aug
-from fastft.bundle import write_bundle
+from fastft.bundle import mirror_averaged, write_bundle
 from fastft.data import build_dataloaders, load_split
 from fastft.distributed import (Autocast, Distributed, DistributedTraining, precision_callback, resolve_precision,
                                 world_size)
@@ -199,6 +199,17 @@ def unaugmented_train_accuracy(learn) -> float:
         return float(learn.validate(dl=dl)[1])
 
 
+def flip_tta_accuracy(learn) -> float:
+    """Test accuracy when each image's probabilities are averaged with its mirror image's: what the
+    bundle predicts for a run with `tta` (`fastft predict --tta`)."""
+    model, correct, total = learn.model.eval(), 0, 0
+    with torch.inference_mode():
+        for xb, yb in learn.dls.valid:
+            correct += (mirror_averaged(model, xb).argmax(dim=1) == yb).sum().item()
+            total += len(yb)
+    return correct / max(total, 1)
+
+
 def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = False, callbacks=()) -> dict:
     """Run `recipe`; returns metrics.json's content (empty on ranks other than 0). Raises Interrupted
     after saving on Ctrl-C. `measure_unaugmented` adds final.train_acc_unaugmented (one more pass over
@@ -234,23 +245,28 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
             raise Interrupted(f"interrupted before the first epoch finished; {run_dir} holds only recipe.toml") from None
         learn.model = _unwrapped(learn.model)
         learn.model.load_state_dict(log.snapshot)
+        if dist.is_main:  # Ctrl-C may have cut the last epoch's reports short: write them again
+            log.results = write_reports(run_dir, log.epochs, log.examples_per_sec, str(run.device))
     learn.remove_cbs([log, *callbacks])
     if not dist.is_main:
         dist.wait()
         return {}
+    final = log.results["final"]
+    if recipe.tta:  # after fit the Learner holds the whole test set again (fastai's DistributedTrainer restores it)
+        final["test_acc_tta"] = flip_tta_accuracy(learn)
     if measure_unaugmented and not interrupted and dist.size == 1:
-        log.results["final"]["train_acc_unaugmented"] = unaugmented_train_accuracy(learn)
-        (run_dir / "metrics.json").write_text(json.dumps(log.results, indent=2) + "\n")
+        final["train_acc_unaugmented"] = unaugmented_train_accuracy(learn)
+    (run_dir / "metrics.json").write_text(json.dumps(log.results, indent=2) + "\n")
     for callback in (DistributedTraining, Autocast, MixedPrecision):  # not needed to load or use the model
         learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, callback)))
     learn._end_cleanup()  # drop the last batch's tensors so they are not pickled into model.pkl
     learn.export(run_dir.resolve() / "model.pkl")
     write_bundle(learn.model, run_dir, arch=recipe.arch, classes=list(learn.dls.vocab), size=recipe.size,
-                 crop_pct=recipe.crop_pct, mean=run.mean, std=run.std, head_dropout=recipe.head_dropout)
+                 crop_pct=recipe.crop_pct, mean=run.mean, std=run.std, head_dropout=recipe.head_dropout, tta=recipe.tta)
     dist.wait()
     if interrupted:
         raise Interrupted(f"interrupted: kept the outputs of epoch {len(log.epochs)} of {recipe.epochs} in {run_dir}")
-    print(summary_line(log.results["final"], str(run.device)))
+    print(summary_line(final, str(run.device)))
     return log.results
 
 

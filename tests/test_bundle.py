@@ -87,8 +87,13 @@ def test_predict_options(trained_run, dataset):
     assert rows[0] == ["path", "label1", "probability1", "label2", "probability2"] and len(rows) == 9
     assert all(float(r[2]) >= float(r[4]) and {r[1], r[3]} == {"blue", "red"} for r in rows[1:])
     tta = json.loads(invoke("predict", out, dataset / "test", "--tta", "--json").stdout)
-    plain = json.loads(invoke("predict", out, dataset / "test", "--json").stdout)
+    plain = json.loads(invoke("predict", out, dataset / "test", "--no-tta", "--json").stdout)
     assert len(tta) == len(plain) == 8 and any(abs(a["probability"] - b["probability"]) > 1e-6 for a, b in zip(tta, plain))
+    as_trained = json.loads(invoke("predict", out, dataset / "test", "--json").stdout)  # the cifar recipe has tta
+    assert as_trained == tta
+    pickle_tta = json.loads(invoke("predict", out / "model.pkl", dataset / "test", "--tta", "--trust-pickle", "--json").stdout)
+    for a, b in zip(pickle_tta, tta):
+        assert a["label"] == b["label"] and a["probability"] == pytest.approx(b["probability"], abs=1e-4)
     refused = invoke("predict", out / "model.pkl", dataset / "test")
     assert refused.exit_code == 2 and "--trust-pickle" in refused.output
     trusted = invoke("predict", out / "model.pkl", dataset / "test", "--trust-pickle")
@@ -103,8 +108,11 @@ def test_evaluate_writes_report_and_pictures_and_never_overwrites(trained_run, d
     first = invoke("evaluate", run, dataset, "--json")
     assert first.exit_code == 0, first.output
     report = json.loads(first.stdout)
-    test_acc = json.loads((run / "metrics.json").read_text())["final"]["test_acc"]
-    assert report["accuracy"] == pytest.approx(test_acc) and report["images"] == 8
+    final = json.loads((run / "metrics.json").read_text())["final"]
+    # as trained: the cifar recipe measures its final test accuracy with flip TTA, and so does evaluate
+    assert report["tta"] and report["accuracy"] == pytest.approx(final["test_acc_tta"]) and report["images"] == 8
+    plain = json.loads(invoke("evaluate", run, dataset, "--no-tta", "--json", "--out", tmp_path / "plain").stdout)
+    assert not plain["tta"] and plain["accuracy"] == pytest.approx(final["test_acc"])
     assert sum(map(sum, report["confusion"]["matrix"])) == 8
     assert set(report["per_class"]) == {"blue", "red"} and all(0 <= v["recall"] <= 1 for v in report["per_class"].values())
     folder = run / f"eval-{dataset.name}"

@@ -38,7 +38,7 @@ def test_a_run_writes_every_output(trained_run):
     out, result = trained_run
     assert {"model.pkl", "metrics.json", "recipe.toml", "history.csv", "curves.png"} <= {p.name for p in out.iterdir()}
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["final"]) == {"loss", "train_acc", "test_acc", "examples_per_sec"}
+    assert set(metrics["final"]) == {"loss", "train_acc", "test_acc", "test_acc_tta", "examples_per_sec"}  # cifar: tta
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
     assert set(metrics["epochs"][0]) >= {"epoch", "train_loss", "valid_loss", "test_acc", "seconds"}
     assert 0 <= metrics["final"]["test_acc"] <= 1 and metrics["final"]["examples_per_sec"] > 0
@@ -47,8 +47,8 @@ def test_a_run_writes_every_output(trained_run):
     assert len(rows) == 2 and float(rows[-1]["test_acc"]) == metrics["final"]["test_acc"]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     final = metrics["final"]
-    assert (f"loss {final['loss']:.3f}, train acc {final['train_acc']:.3f}, test acc {final['test_acc']:.3f}, "
-            f"{final['examples_per_sec']:.1f} examples/sec on cpu") in result.output
+    assert (f"loss {final['loss']:.3f}, train acc {final['train_acc']:.3f}, test acc {final['test_acc']:.3f} "
+            f"({final['test_acc_tta']:.3f} with flip TTA), {final['examples_per_sec']:.1f} examples/sec on cpu") in result.output
 
 
 def test_model_pkl_loads_with_fastai(trained_run, dataset):

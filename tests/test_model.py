@@ -102,3 +102,14 @@ def test_weight_decay_reaches_the_optimizer(tiny_dls):
     with learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-3)
     assert {h["wd"] for h in learn.opt.hypers} == {0.3}
+
+
+def test_label_smoothing_spreads_the_target_over_the_classes(tiny_dls):
+    plain = create_learner(tiny_dls, Recipe(arch="resnet18", pretrained=False))
+    smooth = create_learner(tiny_dls, Recipe(arch="resnet18", pretrained=False, label_smoothing=0.2))
+    logits, target = torch.tensor([[4.0, -4.0]]), torch.tensor([0])
+    log_p = logits.log_softmax(dim=1)
+    assert plain.loss_func(logits, target).item() == pytest.approx(-log_p[0, 0].item())
+    # eps spread evenly over the classes: (1 - eps) on the target plus eps * mean over all classes
+    want = -(0.8 * log_p[0, 0] + 0.2 * log_p[0].mean()).item()
+    assert smooth.loss_func(logits, target).item() == pytest.approx(want, rel=1e-5)

@@ -26,7 +26,8 @@ def test_unknown_key_is_an_error_that_names_it(tmp_path):
         read_recipe_file(path)
 
 
-@pytest.mark.parametrize("line", ['epochs = "five"', "pretrained = 1", "lr = -1.0", "strategy = \"warp\"", "size = 0"])
+@pytest.mark.parametrize("line", ['epochs = "five"', "pretrained = 1", "lr = -1.0", "strategy = \"warp\"", "size = 0",
+                                  "label_smoothing = 1.0", "head_dropout = -0.1", "wd = -0.01"])
 def test_bad_values_are_errors(tmp_path, line):
     path = tmp_path / "bad.toml"
     path.write_text(line + "\n")
