@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import fastprogress.fastprogress as fastprogress
 import torch
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import ProgressCallback
@@ -29,6 +30,11 @@ from fastft.model import check_arch, create_learner, normalization
 from fastft.recipe import Recipe
 from fastft.report import summary_line, write_reports
 from fastft.strategies import default_lr, phases, train_with
+
+
+# fastprogress's `printing()` tests `stdout.isatty` without calling it, so its bars write `\r` frames into
+# log files; draw them on terminals only (the per-epoch table lines still print)
+fastprogress.printing = lambda: not fastprogress.NO_BAR and sys.stdout.isatty()
 
 
 class Interrupted(Exception):

@@ -46,6 +46,7 @@ def test_a_run_writes_every_output(trained_run):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and float(rows[-1]["test_acc"]) == metrics["final"]["test_acc"]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Epoch 1/2 :" not in result.output  # no progress-bar frames when stdout is not a terminal
     final = metrics["final"]
     assert (f"loss {final['loss']:.3f}, train acc {final['train_acc']:.3f}, test acc {final['test_acc']:.3f} "
             f"({final['test_acc_tta']:.3f} with flip TTA), {final['examples_per_sec']:.1f} examples/sec on cpu") in result.output
