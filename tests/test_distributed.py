@@ -44,8 +44,10 @@ def test_the_cli_under_torchrun_writes_one_set_of_outputs(dataset, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["epochs"]) == 2
     # the test accuracy covers every test image once: it equals a single-process evaluation of the model
-    report = json.loads(invoke("evaluate", out, dataset, "--json", "--out", tmp_path / "eval").stdout)
+    report = json.loads(invoke("evaluate", out, dataset, "--no-tta", "--json", "--out", tmp_path / "eval").stdout)
     assert report["images"] == 8 and metrics["final"]["test_acc"] == pytest.approx(report["accuracy"])
+    tta = json.loads(invoke("evaluate", out, dataset, "--json", "--out", tmp_path / "tta").stdout)  # cifar: tta
+    assert tta["tta"] and metrics["final"]["test_acc_tta"] == pytest.approx(tta["accuracy"])
 
 
 def test_precision_choices(dataset, tmp_path):
