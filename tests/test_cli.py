@@ -77,9 +77,9 @@ def test_predict_labels_files_and_folders(trained_run, dataset, tmp_path):
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert len(rows) == 8 and "broken.jpg" in result.stderr
-    # predict agrees with the run's own test accuracy, image for image
+    # predict agrees with the run's own test accuracy, image for image (as trained: the cifar recipe's flip TTA)
     correct = sum(Path(r["path"]).parent.name == r["label"] for r in rows) / len(rows)
-    assert correct == pytest.approx(json.loads((out / "metrics.json").read_text())["final"]["test_acc"])
+    assert correct == pytest.approx(json.loads((out / "metrics.json").read_text())["final"]["test_acc_tta"])
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
     lines = invoke("predict", out, dataset / "test" / "red").stdout.strip().splitlines()
     assert len(lines) == 4 and all(re.fullmatch(r".+\t(blue|red)\t[01]\.\d{3}", line) for line in lines)
