@@ -68,7 +68,7 @@ def evaluate(model_path: Path, data: Path, out: str | None = None, bs: int = 64,
     losses = -np.log(np.clip(probs[np.arange(len(truth)), truth], 1e-12, 1.0))
     report = {"model": str(model_path), "data": str(data), "images": len(pairs),
               "accuracy": float((guess == truth).mean()),
-              "tta": bool(model.meta.get("tta", False) if tta is None else tta), "per_class": per_class,
+              "tta": bool(model.flip_tta(tta)), "per_class": per_class,
               "confusion": {"classes": model.classes, "matrix": confusion.tolist()}}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
