@@ -2,15 +2,18 @@
 
     python bench/performance.py                          # pipeline, hotdog, cli, startup; ~15 min
     python bench/performance.py --only pipeline,cli      # a part of it
+    python bench/performance.py --only precision        # fp32 vs bf16 vs channels_last, ~8 min
     python bench/performance.py --only accuracy --epochs 5  # time a whole `fastft cifar --epochs 5` run
 
 Tables (each figure measured in the same run as its reference; throughput is the median of --repeats
-interleaved repeats: limit, fastft, d2l, ..., limit, fastft, ...):
+interleaved repeats: limit, fastft, d2l, ..., limit, fastft, ...; a ratio is the median of each round's):
 - pipeline: CIFAR-10 train subset at 32 px, ResNet-18, batch 256. Training images/s of each whole loop
   (read, augment, forward, backward, step), as a share of the limit: the same model's bare train step on a
   batch already in memory. Rows: fastft (`fastft cifar`'s data path), fastft before issue 7 (decoding
   JPEGs every epoch in 2 workers: --no-cache), the d2l loop (ImageFolder + RandomHorizontalFlip +
   ToTensor + DataLoader(2 workers) + a hand-written step, as train_ch13) and plain fastai defaults.
+- precision: the same subset and loop in each number format, fp32, bf16 autocast (`--precision bf16`) and
+  channels_last, whole loop and bare step, to choose what `--precision auto` picks on a CPU.
 - hotdog: the hotdog stand-in at 224 px, batch 32, every layer training: fastft's hotdog recipe path vs
   the d2l 13.2 loop (ImageFolder + RandomResizedCrop + flip + ToTensor + Normalize, 2 workers), same model.
 - cli: wall time of `fastft --help` and of an argument error (median of --repeats).
@@ -72,15 +75,19 @@ def train_phase_rate(learn) -> float:
 
 
 def fastft_learner(recipe_name: str, data: Path, **changes):
+    """The recipe's Learner on `data`, with its number format (--precision, --channels-last) as `fastft` sets it."""
     import torch
 
     from fastft.data import build_dataloaders, load_split
+    from fastft.distributed import resolve_precision, set_number_format
     from fastft.model import create_learner, normalization
     from fastft.recipe import load_recipe
 
     recipe = load_recipe(recipe_name).replace(data=str(data), pretrained=False, **changes)
     split = load_split(data, recipe, quiet=True)
-    learn = create_learner(build_dataloaders(split, recipe, *normalization(recipe.arch), torch.device("cpu")), recipe)
+    cpu = torch.device("cpu")
+    learn = create_learner(build_dataloaders(split, recipe, *normalization(recipe.arch), cpu), recipe)
+    set_number_format(learn, resolve_precision(recipe.precision, cpu), recipe.channels_last, cpu)
     learn.unfreeze()  # every layer trains, as in fine-tuning's main phase and in the d2l loops
     return learn
 
@@ -140,6 +147,12 @@ def d2l_loader(folder: Path, transform, bs: int, workers: int):
                                        num_workers=workers, drop_last=True)
 
 
+FORMATS = {"fastft fp32": {"precision": "fp32", "channels_last": False},
+           "fastft bf16": {"precision": "bf16", "channels_last": False},
+           "fastft channels_last": {"precision": "fp32", "channels_last": True},
+           "fastft bf16 channels_last": {"precision": "bf16", "channels_last": True}}
+
+
 def build(pipeline: str, s: dict):
     """The pipeline named `pipeline` as a function returning images/s of one pass."""
     import timm
@@ -151,6 +164,8 @@ def build(pipeline: str, s: dict):
         return bare_step(learn.model, bs, s["size"], learn.dls.c, steps=s["steps"], variant=pipeline[6:])
     if pipeline == "fastft":
         return lambda learn=fastft_learner(s["recipe"], data, bs=bs): train_phase_rate(learn)
+    if pipeline in FORMATS:  # fastft's loop in one number format
+        return lambda learn=fastft_learner(s["recipe"], data, bs=bs, **FORMATS[pipeline]): train_phase_rate(learn)
     if pipeline == "fastft --no-cache":
         return lambda learn=fastft_learner(s["recipe"], data, bs=bs, cache=False, workers=workers): train_phase_rate(learn)
     if pipeline == "d2l loop" and s["size"] == 32:
@@ -191,7 +206,8 @@ def serve(pipeline: str, settings: dict, conn) -> None:
 
 
 def interleaved(pipelines: list[str], settings: dict, repeats: int) -> list[dict]:
-    """Median images/s of each pipeline over `repeats` rounds, one pass each per round, and its peak RSS."""
+    """Median images/s of each pipeline over `repeats` rounds, one pass each per round, its median ratio to
+    the first pipeline's pass in the same round, and its peak RSS."""
     context = multiprocessing.get_context("spawn")
     workers = {}
     for name in pipelines:  # built one at a time: setting up must not overlap anyone's timing
@@ -214,9 +230,9 @@ def interleaved(pipelines: list[str], settings: dict, repeats: int) -> list[dict
         process.join()
         rows.append({"pipeline": name, "images_per_s": statistics.median(rates[name]), "peak_rss_mib": rss,
                      "runs": rates[name]})
-    limit = rows[0]["images_per_s"]
-    for row in rows:
-        row["of_limit"] = row["images_per_s"] / limit
+    limit = rows[0]["runs"]
+    for row in rows:  # each round's ratio to the limit measured beside it: the machine's drift cancels
+        row["of_limit"] = statistics.median(rate / ref for rate, ref in zip(row["runs"], limit))
     return rows
 
 
@@ -277,7 +293,7 @@ def print_table(title: str, rows: list[dict], columns: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="pipeline,hotdog,cli,startup",
-                        help="comma-separated: pipeline, hotdog, cli, startup, accuracy")
+                        help="comma-separated: pipeline, precision, hotdog, cli, startup, accuracy")
     parser.add_argument("--cifar", type=Path, default=SHARED / "data" / "cifar10")
     parser.add_argument("--hotdog", type=Path, default=SHARED / "data" / "hotdog")
     parser.add_argument("--per-class", type=int, default=512, help="CIFAR train images per class in the pipeline table")
@@ -302,6 +318,13 @@ def main() -> None:
                             "limit bf16"], settings, args.repeats)
         results["pipeline"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": rows,
                                "setup": f"CIFAR-10 subset, {10 * args.per_class} train JPEGs, 32 px, ResNet-18, batch 256"}
+    if "precision" in parts:  # the same loop in each number format: which is fastest on this device?
+        settings = {"recipe": "cifar", "data": str(subset(args.cifar, args.per_class)), "bs": 256, "size": 32,
+                    "workers": args.workers, "steps": 8}
+        rows = interleaved(["limit", *FORMATS, "limit bf16", "limit channels_last"], settings, args.repeats)
+        results["precision"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": rows,
+                                "setup": f"number formats, CIFAR-10 subset, {10 * args.per_class} train JPEGs, 32 px, "
+                                         "ResNet-18, batch 256"}
     if "hotdog" in parts:
         settings = {"recipe": "hotdog", "data": str(subset(args.hotdog, args.hotdog_images)), "bs": 32, "size": 224,
                     "workers": args.workers, "steps": 4}
@@ -315,7 +338,7 @@ def main() -> None:
         runs = [r for r in results.get("accuracy", {}).get("rows", []) if r["epochs"] != args.epochs or r["seed"] != args.seed]
         results["accuracy"] = {"date": time.strftime("%Y-%m-%d"), "rows": sorted(runs + [row], key=lambda r: r["epochs"])}
 
-    for part in ("pipeline", "hotdog"):
+    for part in ("pipeline", "precision", "hotdog"):
         if part in results:
             print_table(f"{part}: {results[part]['setup']}; CPU, {results[part]['threads']} threads; "
                         f"median of {args.repeats} interleaved repeats ({results[part]['date']})",
@@ -331,12 +354,15 @@ def main() -> None:
         d2l = json.loads((ROOT / "bench" / "results" / "d2l_cifar.json").read_text())
         rows = [{"run": f"d2l recipe, {d2l['epochs']} epochs ({d2l['measured']})", "wall_seconds": d2l["wall_seconds"],
                  "test_acc": d2l["test_acc"], "test_acc_tta": "-", "of_d2l": 1.0}]
-        rows += [{"run": f"fastft cifar --epochs {r['epochs']}", "wall_seconds": r["wall_seconds"], "test_acc": r["test_acc"],
+        if issue := d2l.get("issue_figures"):  # the figures issue 7 set its targets by, from an earlier run
+            rows.append({"run": f"d2l recipe, {d2l['epochs']} epochs ({issue['measured']})", "wall_seconds": issue["wall_seconds"],
+                         "test_acc": issue["test_acc"], "test_acc_tta": "-", "of_d2l": issue["wall_seconds"] / d2l["wall_seconds"]})
+        rows += [{"run": f"fastft cifar --epochs {r['epochs']} --seed {r['seed']}", "wall_seconds": r["wall_seconds"], "test_acc": r["test_acc"],
                   "test_acc_tta": f"{r['test_acc_tta']:.3f}" if r.get("test_acc_tta") else "-",
                   "of_d2l": r["wall_seconds"] / d2l["wall_seconds"]} for r in results["accuracy"]["rows"]]
         print_table(f"time to accuracy, all of CIFAR-10, 32 px ({results['accuracy']['date']})", rows,
                     {"run": ("run", "{}"), "wall s": ("wall_seconds", "{:.0f}"), "test acc": ("test_acc", "{:.3f}"),
-                     "with flip TTA": ("test_acc_tta", "{}"), "time vs d2l": ("of_d2l", "{:.2f}")})
+                     "with flip TTA": ("test_acc_tta", "{}"), f"time vs d2l ({d2l['measured']})": ("of_d2l", "{:.2f}")})
     write_results(args.json, vars(args), results)
 
 

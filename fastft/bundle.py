@@ -41,9 +41,16 @@ def write_bundle(model, run_dir: Path, *, arch: str, classes: list[str], size: i
     (run_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def mirror_averaged(network, batch):
-    """Flip TTA: softmax probabilities averaged over each image of a (N, 3, H, W) tensor and its mirror."""
-    return (network(batch).softmax(dim=1) + network(batch.flip(-1)).softmax(dim=1)) / 2
+def mirror_averaged(probabilities, batch):
+    """Flip TTA, the one rule every model uses: `probabilities` of each image of an (N, 3, H, W) batch
+    averaged with those of its mirror image. `batch` is a numpy array or a torch tensor."""
+    mirror = batch.flip(-1) if hasattr(batch, "flip") else np.ascontiguousarray(batch[..., ::-1])
+    return (probabilities(batch) + probabilities(mirror)) / 2
+
+
+def softmax_of(network):
+    """A torch network's class probabilities, as a function of a batch (for mirror_averaged)."""
+    return lambda batch: network(batch).softmax(dim=1)
 
 
 def _meta(path: Path) -> dict:
@@ -79,10 +86,7 @@ class Model:
         return self.meta.get("tta", False) if asked is None else asked
 
     def predict_arrays(self, batch: np.ndarray, tta: bool | None = None) -> np.ndarray:
-        probs = self.probabilities(batch)
-        if self.flip_tta(tta):
-            probs = (probs + self.probabilities(np.ascontiguousarray(batch[..., ::-1]))) / 2
-        return probs
+        return mirror_averaged(self.probabilities, batch) if self.flip_tta(tta) else self.probabilities(batch)
 
     def predict(self, image, tta: bool | None = None) -> tuple[str, dict[str, float]]:
         probs = self.predict_arrays(self.preprocess(image)[None], tta)[0]
@@ -181,9 +185,9 @@ class PickleModel(Model):
             if self.flip_tta(tta):  # the bundle's flip TTA (fastai's own `tta` blends random training augmentations)
                 import torch
 
-                network = self.learn.model.eval()
+                probabilities = softmax_of(self.learn.model.eval())
                 with torch.inference_mode():
-                    probs = torch.cat([mirror_averaged(network, xb) for xb, *_ in dl]).numpy()
+                    probs = torch.cat([mirror_averaged(probabilities, xb) for xb, *_ in dl]).numpy()
             else:
                 probs = self.learn.get_preds(dl=dl)[0].numpy()
         yield from (self.result(image, row) for image, row in zip(images, probs))

@@ -54,6 +54,7 @@ TRAIN_OPTIONS = {
     "cache": (bool, "--cache/--no-cache", "Decode each image once into memory (and ~/.cache/fastft, or $FASTFT_CACHE) when no item transform is random, instead of every epoch."),
     "device": (str, "--device", "auto, cpu, cuda, cuda:N or mps."),
     "precision": (str, "--precision", "auto, fp32, bf16 or fp16 (auto: fp32 on CPU and MPS, bf16 on GPUs that have it, else fp16)."),
+    "channels_last": (bool, "--channels-last/--no-channels-last", "Model and batches in channels-last memory format: the same arithmetic, often faster convolutions."),
 }
 
 

@@ -183,6 +183,27 @@ class Autocast(Callback):
         self.context.__exit__(None, None, None)
 
 
+class ChannelsLast(Callback):
+    """Batches in channels-last (NHWC) memory format, for a model converted with
+    `model.to(memory_format=torch.channels_last)`: the same arithmetic, a faster layout for many
+    convolution kernels (bench/performance.py, precision part)."""
+
+    order = 5  # before Autocast: the batch is laid out before the forward pass
+
+    def before_batch(self):
+        self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in self.xb)
+
+
+def set_number_format(learn, precision: str, channels_last: bool, device: torch.device) -> None:
+    """What --precision (resolved) and --channels-last add to a Learner. Call it before any distributed
+    wrapper is built around the model."""
+    if callback := precision_callback(precision, device):
+        learn.add_cb(callback)
+    if channels_last:
+        learn.model.to(memory_format=torch.channels_last)
+        learn.add_cb(ChannelsLast())
+
+
 def precision_callback(precision: str, device: torch.device):
     if precision == "bf16":
         return Autocast(device.type)

@@ -53,6 +53,7 @@ class Recipe:
     cache: bool = True  # decode each image once into memory and the disk cache (fastft/cache.py), when it applies
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     precision: str = "auto"  # auto, fp32, bf16, fp16 (auto: fp32 on CPU, bf16 on GPUs that have it)
+    channels_last: bool = False  # model and batches in channels-last memory format (timm's --channels-last); same numbers
 
     def replace(self, source: str = "the command line", **changes) -> "Recipe":
         """A copy with `changes` applied (None values mean 'not given' and are ignored), validated."""

@@ -20,9 +20,9 @@ from fastai.callback.progress import ProgressCallback
 from fastai.vision.all import Callback, find_bs, noop, set_seed
 
 from fastft.augment import parse_aug
-from fastft.bundle import mirror_averaged, write_bundle
+from fastft.bundle import mirror_averaged, softmax_of, write_bundle
 from fastft.data import build_dataloaders, load_split
-from fastft.distributed import (Autocast, Distributed, DistributedTraining, precision_callback, resolve_precision,
+from fastft.distributed import (Autocast, ChannelsLast, Distributed, DistributedTraining, resolve_precision, set_number_format,
                                 world_size)
 from fastft.download import fetch_dataset
 from fastft.errors import UsageError
@@ -164,8 +164,7 @@ def prepare(recipe: Recipe, out: str | None) -> Prepared:
     mean, std = normalization(recipe.arch)
     dls = build_dataloaders(split, recipe, mean, std, device)
     learn = create_learner(dls, recipe)
-    if callback := precision_callback(precision, device):
-        learn.add_cb(callback)
+    set_number_format(learn, precision, recipe.channels_last, device)
     if dist.size > 1:
         learn.add_cb(dist.callback())
         if not dist.is_main:  # rank 0 shows progress and writes; the others only train
@@ -208,10 +207,10 @@ def unaugmented_train_accuracy(learn) -> float:
 def flip_tta_accuracy(learn) -> float:
     """Test accuracy when each image's probabilities are averaged with its mirror image's: what the
     bundle predicts for a run with `tta` (`fastft predict --tta`)."""
-    model, correct, total = learn.model.eval(), 0, 0
+    probabilities, correct, total = softmax_of(learn.model.eval()), 0, 0
     with torch.inference_mode():
         for xb, yb in learn.dls.valid:
-            correct += (mirror_averaged(model, xb).argmax(dim=1) == yb).sum().item()
+            correct += (mirror_averaged(probabilities, xb).argmax(dim=1) == yb).sum().item()
             total += len(yb)
     return correct / max(total, 1)
 
@@ -258,17 +257,25 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
         dist.wait()
         return {}
     final = log.results["final"]
-    if recipe.tta:  # after fit the Learner holds the whole test set again (fastai's DistributedTrainer restores it)
-        final["test_acc_tta"] = flip_tta_accuracy(learn)
-    if measure_unaugmented and not interrupted and dist.size == 1:
-        final["train_acc_unaugmented"] = unaugmented_train_accuracy(learn)
-    (run_dir / "metrics.json").write_text(json.dumps(log.results, indent=2) + "\n")
-    for callback in (DistributedTraining, Autocast, MixedPrecision):  # not needed to load or use the model
-        learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, callback)))
-    learn._end_cleanup()  # drop the last batch's tensors so they are not pickled into model.pkl
-    learn.export(run_dir.resolve() / "model.pkl")
-    write_bundle(learn.model, run_dir, arch=recipe.arch, classes=list(learn.dls.vocab), size=recipe.size,
-                 crop_pct=recipe.crop_pct, mean=run.mean, std=run.std, head_dropout=recipe.head_dropout, tta=recipe.tta)
+    try:  # extra passes over the data: a Ctrl-C here skips them, and the trained model is still saved
+        if recipe.tta:  # after fit the Learner holds the whole test set again (fastai's DistributedTrainer restores it)
+            final["test_acc_tta"] = flip_tta_accuracy(learn)
+        if measure_unaugmented and not interrupted and dist.size == 1:
+            final["train_acc_unaugmented"] = unaugmented_train_accuracy(learn)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("interrupted: skipping the final test-time measurements, saving the trained model", file=sys.stderr)
+    try:
+        (run_dir / "metrics.json").write_text(json.dumps(log.results, indent=2) + "\n")
+        for callback in (DistributedTraining, Autocast, ChannelsLast, MixedPrecision):  # not needed to load or use the model
+            learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, callback)))
+        learn._end_cleanup()  # drop the last batch's tensors so they are not pickled into model.pkl
+        learn.export(run_dir.resolve() / "model.pkl")
+        write_bundle(learn.model, run_dir, arch=recipe.arch, classes=list(learn.dls.vocab), size=recipe.size,
+                     crop_pct=recipe.crop_pct, mean=run.mean, std=run.std, head_dropout=recipe.head_dropout, tta=recipe.tta)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted while saving the model: model.pkl or model.safetensors in {run_dir} may be "
+                          "incomplete; metrics.json and the curves are kept") from None
     dist.wait()
     if interrupted:
         raise Interrupted(f"interrupted: kept the outputs of epoch {len(log.epochs)} of {recipe.epochs} in {run_dir}")

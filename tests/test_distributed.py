@@ -60,7 +60,30 @@ def test_precision_choices(dataset, tmp_path):
     assert 'precision = "bf16"' in (tmp_path / "b" / "recipe.toml").read_text()
 
 
-def test_compare_refuses_to_run_under_a_launcher(dataset, tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    result = invoke("compare", "cifar", "--data", dataset, *TINY, "--strategy", "fine-tune,scratch", "--out", tmp_path / "c")
-    assert result.exit_code == 2 and "one process" in result.output and not (tmp_path / "c").exists()
+def test_channels_last_changes_the_layout_not_the_numbers(dataset, tmp_path):
+    import torch
+
+    from fastft.recipe import load_recipe
+    from fastft.run import prepare
+
+    recipe = load_recipe("cifar").replace(data=str(dataset), arch="resnet18", pretrained=False, size=32, bs=4,
+                                          workers=0, channels_last=True)
+    learn = prepare(recipe, str(tmp_path / "prepared")).learn
+    stem = learn.model[0].model.conv1.weight
+    assert stem.is_contiguous(memory_format=torch.channels_last) and not stem.is_contiguous()
+
+    def loss_and_grads(model, xb, yb):
+        model.zero_grad()
+        loss = learn.loss_func(model(xb), yb)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+    torch.manual_seed(0)
+    xb, yb = torch.randn(16, 3, 32, 32), torch.randint(0, 2, (16,))
+    nhwc = loss_and_grads(learn.model.train(), xb.contiguous(memory_format=torch.channels_last), yb)
+    nchw = loss_and_grads(learn.model.to(memory_format=torch.contiguous_format), xb.contiguous(), yb)
+    assert nhwc[0] == pytest.approx(nchw[0], rel=1e-5)  # one step: equal up to float summation order
+    assert all((a - b).norm() <= 1e-4 * a.norm() + 1e-6 for a, b in zip(nhwc[1], nchw[1]))  # float summation order only
+
+    result = invoke("cifar", "--data", dataset, *TINY, "--epochs", "1", "--channels-last", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "channels_last = true" in (tmp_path / "run" / "recipe.toml").read_text()
