@@ -322,6 +322,10 @@ def main() -> None:
         settings = {"recipe": "cifar", "data": str(subset(args.cifar, args.per_class)), "bs": 256, "size": 32,
                     "workers": args.workers, "steps": 8}
         rows = interleaved(["limit", *FORMATS, "limit bf16", "limit channels_last"], settings, args.repeats)
+        fp32 = next(row["runs"] for row in rows if row["pipeline"] == "fastft fp32")
+        for row in rows:  # against fastft's own fp32 loop, round by round
+            row["of_fp32"] = statistics.median(rate / ref for rate, ref in zip(row["runs"], fp32))
+            row["faster_rounds"] = sum(rate > ref for rate, ref in zip(row["runs"], fp32))
         results["precision"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": rows,
                                 "setup": f"number formats, CIFAR-10 subset, {10 * args.per_class} train JPEGs, 32 px, "
                                          "ResNet-18, batch 256"}
@@ -340,10 +344,12 @@ def main() -> None:
 
     for part in ("pipeline", "precision", "hotdog"):
         if part in results:
+            columns = {"pipeline": ("pipeline", "{}"), "img/s": ("images_per_s", "{:.0f}"), "of limit": ("of_limit", "{:.2f}")}
+            if part == "precision":
+                columns |= {"vs fastft fp32": ("of_fp32", "{:.2f}"), "rounds faster": ("faster_rounds", "{}")}
             print_table(f"{part}: {results[part]['setup']}; CPU, {results[part]['threads']} threads; "
-                        f"median of {args.repeats} interleaved repeats ({results[part]['date']})",
-                        results[part]["rows"], {"pipeline": ("pipeline", "{}"), "img/s": ("images_per_s", "{:.0f}"),
-                                                "of limit": ("of_limit", "{:.2f}"), "peak RSS MiB": ("peak_rss_mib", "{:.0f}")})
+                        f"median of {len(results[part]['rows'][0]['runs'])} interleaved repeats ({results[part]['date']})",
+                        results[part]["rows"], columns | {"peak RSS MiB": ("peak_rss_mib", "{:.0f}")})
     if "cli" in results:
         print_table(f"cli ({results['cli']['date']})", results["cli"]["rows"],
                     {"command": ("command", "{}"), "seconds": ("seconds", "{:.2f}"), "peak RSS MiB": ("peak_rss_mib", "{:.0f}")})
