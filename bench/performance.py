@@ -230,10 +230,14 @@ def interleaved(pipelines: list[str], settings: dict, repeats: int) -> list[dict
         process.join()
         rows.append({"pipeline": name, "images_per_s": statistics.median(rates[name]), "peak_rss_mib": rss,
                      "runs": rates[name]})
-    limit = rows[0]["runs"]
-    for row in rows:  # each round's ratio to the limit measured beside it: the machine's drift cancels
-        row["of_limit"] = statistics.median(rate / ref for rate, ref in zip(row["runs"], limit))
+    for row in rows:
+        row["of_limit"] = median_ratio(row["runs"], rows[0]["runs"])
     return rows
+
+
+def median_ratio(runs: list[float], reference: list[float]) -> float:
+    """The median of each round's ratio to the reference measured beside it: the machine's drift cancels."""
+    return statistics.median(rate / ref for rate, ref in zip(runs, reference))
 
 
 def timed_command(args: list[str]) -> tuple[float, float, int]:
@@ -311,20 +315,19 @@ def main() -> None:
     import torch
 
     threads = torch.get_num_threads()
+    if parts & {"pipeline", "precision"}:  # one CIFAR subset for both
+        cifar_settings = {"recipe": "cifar", "data": str(subset(args.cifar, args.per_class)), "bs": 256, "size": 32,
+                          "workers": args.workers, "steps": 8}
     if "pipeline" in parts:
-        settings = {"recipe": "cifar", "data": str(subset(args.cifar, args.per_class)), "bs": 256, "size": 32,
-                    "workers": args.workers, "steps": 8}
         rows = interleaved(["limit", "fastft", "fastft --no-cache", "d2l loop", "plain fastai", "limit channels_last",
-                            "limit bf16"], settings, args.repeats)
+                            "limit bf16"], cifar_settings, args.repeats)
         results["pipeline"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": rows,
                                "setup": f"CIFAR-10 subset, {10 * args.per_class} train JPEGs, 32 px, ResNet-18, batch 256"}
     if "precision" in parts:  # the same loop in each number format: which is fastest on this device?
-        settings = {"recipe": "cifar", "data": str(subset(args.cifar, args.per_class)), "bs": 256, "size": 32,
-                    "workers": args.workers, "steps": 8}
-        rows = interleaved(["limit", *FORMATS, "limit bf16", "limit channels_last"], settings, args.repeats)
+        rows = interleaved(["limit", *FORMATS, "limit bf16", "limit channels_last"], cifar_settings, args.repeats)
         fp32 = next(row["runs"] for row in rows if row["pipeline"] == "fastft fp32")
         for row in rows:  # against fastft's own fp32 loop, round by round
-            row["of_fp32"] = statistics.median(rate / ref for rate, ref in zip(row["runs"], fp32))
+            row["of_fp32"] = median_ratio(row["runs"], fp32)
             row["faster_rounds"] = sum(rate > ref for rate, ref in zip(row["runs"], fp32))
         results["precision"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": rows,
                                 "setup": f"number formats, CIFAR-10 subset, {10 * args.per_class} train JPEGs, 32 px, "
