@@ -3,6 +3,8 @@
     python bench/performance.py                          # pipeline, hotdog, cli, startup; ~15 min
     python bench/performance.py --only pipeline,cli      # a part of it
     python bench/performance.py --only precision        # fp32 vs bf16 vs channels_last, ~8 min
+    python bench/performance.py --only batch            # the cifar recipe's loop at batch 256, 128, 64
+    python bench/performance.py --only optimizer        # one Adam step: fastai's vs fastft's fused, ~1 min
     python bench/performance.py --only accuracy --epochs 5  # time a whole `fastft cifar --epochs 5` run
 
 Tables (each figure measured in the same run as its reference; throughput is the median of --repeats
@@ -14,6 +16,9 @@ interleaved repeats: limit, fastft, d2l, ..., limit, fastft, ...; a ratio is the
   ToTensor + DataLoader(2 workers) + a hand-written step, as train_ch13) and plain fastai defaults.
 - precision: the same subset and loop in each number format, fp32, bf16 autocast (`--precision bf16`) and
   channels_last, whole loop and bare step, to choose what `--precision auto` picks on a CPU.
+- batch: the same subset through the cifar recipe's loop (its number format) at batch 256, 128 and 64;
+  a smaller batch takes more steps per epoch, which may train better and costs per-step overhead.
+- optimizer: milliseconds per Adam step over ResNet-18's parameters, fastai's Adam vs FusedAdam.
 - hotdog: the hotdog stand-in at 224 px, batch 32, every layer training: fastft's hotdog recipe path vs
   the d2l 13.2 loop (ImageFolder + RandomResizedCrop + flip + ToTensor + Normalize, 2 workers), same model.
 - cli: wall time of `fastft --help` and of an argument error (median of --repeats).
@@ -164,6 +169,8 @@ def build(pipeline: str, s: dict):
         return bare_step(learn.model, bs, s["size"], learn.dls.c, steps=s["steps"], variant=pipeline[6:])
     if pipeline == "fastft":
         return lambda learn=fastft_learner(s["recipe"], data, bs=bs): train_phase_rate(learn)
+    if pipeline.startswith("fastft batch "):  # the recipe's own loop at another batch size
+        return lambda learn=fastft_learner(s["recipe"], data, bs=int(pipeline.split()[-1])): train_phase_rate(learn)
     if pipeline in FORMATS:  # fastft's loop in one number format
         return lambda learn=fastft_learner(s["recipe"], data, bs=bs, **FORMATS[pipeline]): train_phase_rate(learn)
     if pipeline == "fastft --no-cache":
@@ -272,6 +279,34 @@ def accuracy_row(data: Path, epochs: int, seed: int) -> dict:
             "recipe": (out / "recipe.toml").read_text()}
 
 
+def optimizer_rows(repeats: int, steps: int = 20) -> list[dict]:
+    """Milliseconds per optimizer step over ResNet-18's parameters (10 classes, the stage groups of a
+    Learner): fastai's Adam against fastft's FusedAdam, interleaved, same gradients."""
+    import timm
+    import torch
+    from fastai.optimizer import Adam
+
+    from fastft.optimizer import FusedAdam
+
+    model = timm.create_model("resnet18", num_classes=10)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    groups = [list(model.conv1.parameters()) + list(model.bn1.parameters())] + \
+             [list(getattr(model, f"layer{i}").parameters()) for i in range(1, 5)] + [list(model.fc.parameters())]
+    optimizers = {"fastai Adam": Adam(groups, lr=1e-3, wd=0.2), "fastft FusedAdam": FusedAdam(groups, lr=1e-3, wd=0.2)}
+    times = {name: [] for name in optimizers}
+    for _ in range(repeats):
+        for name, opt in optimizers.items():
+            opt.step()  # warm-up
+            start = time.perf_counter()
+            for _ in range(steps):
+                opt.step()
+            times[name].append((time.perf_counter() - start) / steps * 1000)
+    reference = times["fastai Adam"]
+    return [{"optimizer": name, "ms_per_step": statistics.median(t), "of_fastai": median_ratio(t, reference)}
+            for name, t in times.items()]
+
+
 def startup_rows(data: Path) -> list[dict]:
     """Seconds to find and read all of `data` before training: the readability scan of decoding per
     batch (--no-cache), the decode-once cache cold (empty cache folder) and warm (read back)."""
@@ -297,7 +332,7 @@ def print_table(title: str, rows: list[dict], columns: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="pipeline,hotdog,cli,startup",
-                        help="comma-separated: pipeline, precision, hotdog, cli, startup, accuracy")
+                        help="comma-separated: pipeline, precision, batch, optimizer, hotdog, cli, startup, accuracy")
     parser.add_argument("--cifar", type=Path, default=SHARED / "data" / "cifar10")
     parser.add_argument("--hotdog", type=Path, default=SHARED / "data" / "hotdog")
     parser.add_argument("--per-class", type=int, default=512, help="CIFAR train images per class in the pipeline table")
@@ -315,7 +350,7 @@ def main() -> None:
     import torch
 
     threads = torch.get_num_threads()
-    if parts & {"pipeline", "precision"}:  # one CIFAR subset for both
+    if parts & {"pipeline", "precision", "batch"}:  # one CIFAR subset for all three
         cifar_settings = {"recipe": "cifar", "data": str(subset(args.cifar, args.per_class)), "bs": 256, "size": 32,
                           "workers": args.workers, "steps": 8}
     if "pipeline" in parts:
@@ -332,6 +367,15 @@ def main() -> None:
         results["precision"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": rows,
                                 "setup": f"number formats, CIFAR-10 subset, {10 * args.per_class} train JPEGs, 32 px, "
                                          "ResNet-18, batch 256"}
+    if "batch" in parts:  # images/s per batch size, against the d2l batch of 256
+        rows = interleaved(["fastft batch 256", "fastft batch 128", "fastft batch 64"], cifar_settings, args.repeats)
+        for row in rows:
+            row["faster_rounds"] = sum(rate > ref for rate, ref in zip(row["runs"], rows[0]["runs"]))
+        results["batch"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": rows,
+                            "setup": f"batch sizes, CIFAR-10 subset, {10 * args.per_class} train JPEGs, 32 px, ResNet-18, "
+                                     "the cifar recipe's number format"}
+    if "optimizer" in parts:
+        results["optimizer"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": optimizer_rows(args.repeats)}
     if "hotdog" in parts:
         settings = {"recipe": "hotdog", "data": str(subset(args.hotdog, args.hotdog_images)), "bs": 32, "size": 224,
                     "workers": args.workers, "steps": 4}
@@ -345,14 +389,21 @@ def main() -> None:
         runs = [r for r in results.get("accuracy", {}).get("rows", []) if r["epochs"] != args.epochs or r["seed"] != args.seed]
         results["accuracy"] = {"date": time.strftime("%Y-%m-%d"), "rows": sorted(runs + [row], key=lambda r: r["epochs"])}
 
-    for part in ("pipeline", "precision", "hotdog"):
+    for part in ("pipeline", "precision", "batch", "hotdog"):
         if part in results:
-            columns = {"pipeline": ("pipeline", "{}"), "img/s": ("images_per_s", "{:.0f}"), "of limit": ("of_limit", "{:.2f}")}
+            reference = "batch 256" if part == "batch" else "limit"
+            columns = {"pipeline": ("pipeline", "{}"), "img/s": ("images_per_s", "{:.0f}"), f"of {reference}": ("of_limit", "{:.2f}")}
             if part == "precision":
                 columns |= {"vs fastft fp32": ("of_fp32", "{:.2f}"), "rounds faster": ("faster_rounds", "{}")}
+            if part == "batch":
+                columns |= {"rounds faster": ("faster_rounds", "{}")}
             print_table(f"{part}: {results[part]['setup']}; CPU, {results[part]['threads']} threads; "
                         f"median of {len(results[part]['rows'][0]['runs'])} interleaved repeats ({results[part]['date']})",
                         results[part]["rows"], columns | {"peak RSS MiB": ("peak_rss_mib", "{:.0f}")})
+    if "optimizer" in results:
+        print_table(f"optimizer: one step over ResNet-18's parameters, {results['optimizer']['threads']} threads, median of "
+                    f"interleaved repeats ({results['optimizer']['date']})", results["optimizer"]["rows"],
+                    {"optimizer": ("optimizer", "{}"), "ms/step": ("ms_per_step", "{:.1f}"), "of fastai Adam": ("of_fastai", "{:.2f}")})
     if "cli" in results:
         print_table(f"cli ({results['cli']['date']})", results["cli"]["rows"],
                     {"command": ("command", "{}"), "seconds": ("seconds", "{:.2f}"), "peak RSS MiB": ("peak_rss_mib", "{:.0f}")})

@@ -65,12 +65,14 @@ def create_learner(dls, recipe: Recipe, **learner_kwargs):
     """fastai's vision_learner on a timm body, with the recipe's weights. Bad weights are user errors."""
     from fastai.vision.all import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, accuracy, vision_learner
 
+    from fastft.optimizer import FusedAdam
+
     extra = weights_source(recipe)
     loss = LabelSmoothingCrossEntropyFlat(eps=recipe.label_smoothing) if recipe.label_smoothing else CrossEntropyLossFlat()
     try:
         return vision_learner(dls, recipe.arch, normalize=False, pretrained=recipe.pretrained, ps=recipe.head_dropout, wd=recipe.wd,
                               loss_func=loss, metrics=accuracy, splitter=stage_splitter,
-                              **extra, **learner_kwargs)
+                              **extra, **{"opt_func": FusedAdam, **learner_kwargs})
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         if extra:  # a wrong arch, not a state dict, a truncated file: all surface here

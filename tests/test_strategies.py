@@ -173,3 +173,31 @@ def test_lr_finder_alone_and_inside_a_run(dataset, tmp_path):
 
     lr = read_recipe_file(tmp_path / "run" / "recipe.toml").lr
     assert isinstance(lr, float) and lr > 0 and f"{lr:.2e}" in run.stdout
+
+
+
+def test_fused_adam_takes_the_steps_of_fastais_adam(learner):
+    """The default optimizer is torch's fused AdamW behind fastai's interface. Given the same gradients it
+    takes fastai's Adam steps, as the Learner sets it up: a learning rate per stage group (a slice), beta1
+    following the momentum schedule, decoupled weight decay on weights but not on BatchNorm and biases."""
+    from fastai.optimizer import Adam
+
+    from fastft.optimizer import FusedAdam
+
+    fused, _ = learner
+    reference = create_learner(fused.dls, Recipe(size=32, bs=4, arch="resnet18", pretrained=False), opt_func=Adam)
+    reference.model.load_state_dict(fused.model.state_dict())
+    for learn in (fused, reference):
+        learn.create_opt()
+    assert isinstance(fused.opt, FusedAdam) and len(fused.opt.param_lists) == len(reference.opt.param_lists) == 6
+    generator = torch.Generator().manual_seed(0)
+    for step in range(6):
+        gradients = [torch.randn(p.shape, generator=generator) for p in reference.model.parameters()]
+        for learn in (fused, reference):
+            learn.opt.set_hypers(lr=slice(1e-3 * (step + 1), 1e-2 * (step + 1)), mom=0.95 - 0.02 * step, wd=0.5)
+            for p, g in zip(learn.model.parameters(), gradients):
+                p.grad = g.clone()
+            learn.opt.step()
+    assert [h["lr"] for h in fused.opt.hypers] == pytest.approx([h["lr"] for h in reference.opt.hypers])
+    for (name, ours), theirs in zip(fused.model.named_parameters(), reference.model.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)
