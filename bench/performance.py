@@ -11,7 +11,7 @@ Tables (each figure measured in the same run as its reference; throughput is the
 interleaved repeats: limit, fastft, d2l, ..., limit, fastft, ...; a ratio is the median of each round's):
 - pipeline: CIFAR-10 train subset at 32 px, ResNet-18, batch 256. Training images/s of each whole loop
   (read, augment, forward, backward, step), as a share of the limit: the same model's bare train step on a
-  batch already in memory. Rows: fastft (`fastft cifar`'s data path), fastft before issue 7 (decoding
+  batch already in memory (torch's fused Adam). Rows: fastft (`fastft cifar`'s data path), fastft before issue 7 (decoding
   JPEGs every epoch in 2 workers: --no-cache), the d2l loop (ImageFolder + RandomHorizontalFlip +
   ToTensor + DataLoader(2 workers) + a hand-written step, as train_ch13) and plain fastai defaults.
 - precision: the same subset and loop in each number format, fp32, bf16 autocast (`--precision bf16`) and
@@ -117,13 +117,13 @@ def hand_written_loop(model, loader):
 
 
 def bare_step(model, bs: int, size: int, classes: int, steps: int, variant: str = ""):
-    """The limit: the model's train step on one batch held in memory. Variants: channels_last memory
-    format, or bf16 autocast (what --precision bf16 does)."""
+    """The limit: the model's train step on one batch held in memory, with torch's fastest Adam (the fused
+    kernel). Variants: channels_last memory format, or bf16 autocast (what --precision bf16 does)."""
     import contextlib
 
     import torch
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     x, y = torch.randn(bs, 3, size, size), torch.randint(0, classes, (bs,))
     if variant == "channels_last":
         model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
