@@ -247,6 +247,11 @@ def median_ratio(runs: list[float], reference: list[float]) -> float:
     return statistics.median(rate / ref for rate, ref in zip(runs, reference))
 
 
+def faster_rounds(runs: list[float], reference: list[float]) -> int:
+    """In how many rounds a pipeline beat the reference measured beside it."""
+    return sum(rate > ref for rate, ref in zip(runs, reference))
+
+
 def timed_command(args: list[str]) -> tuple[float, float, int]:
     """(wall seconds, peak RSS MiB, exit code) of one command."""
     started = time.perf_counter()
@@ -363,14 +368,14 @@ def main() -> None:
         fp32 = next(row["runs"] for row in rows if row["pipeline"] == "fastft fp32")
         for row in rows:  # against fastft's own fp32 loop, round by round
             row["of_fp32"] = median_ratio(row["runs"], fp32)
-            row["faster_rounds"] = sum(rate > ref for rate, ref in zip(row["runs"], fp32))
+            row["faster_rounds"] = faster_rounds(row["runs"], fp32)
         results["precision"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": rows,
                                 "setup": f"number formats, CIFAR-10 subset, {10 * args.per_class} train JPEGs, 32 px, "
                                          "ResNet-18, batch 256"}
     if "batch" in parts:  # images/s per batch size, against the d2l batch of 256
         rows = interleaved(["fastft batch 256", "fastft batch 128", "fastft batch 64"], cifar_settings, args.repeats)
         for row in rows:
-            row["faster_rounds"] = sum(rate > ref for rate, ref in zip(row["runs"], rows[0]["runs"]))
+            row["faster_rounds"] = faster_rounds(row["runs"], rows[0]["runs"])
         results["batch"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": rows,
                             "setup": f"batch sizes, CIFAR-10 subset, {10 * args.per_class} train JPEGs, 32 px, ResNet-18, "
                                      "the cifar recipe's number format"}
