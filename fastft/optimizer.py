@@ -2,9 +2,9 @@
 
 fastai's Adam runs a Python loop of small tensor operations per parameter: 29.6 ms per ResNet-18 step
 on 2 CPU cores, against 5.5 ms for torch's fused AdamW (`python bench/performance.py --only optimizer`).
-At 32 px that was a fifth of a CIFAR-10 training step at batch 128, a ninth at 256. The arithmetic is the same: decoupled weight decay
-(p *= 1 - lr * wd), bias-corrected moments, fastai's defaults (sqr_mom 0.99, eps 1e-5), and
-fit_one_cycle's momentum schedule drives beta1 as it drives fastai's `mom`.
+At 32 px that was a fifth of a CIFAR-10 training step at batch 128, a ninth at 256. The arithmetic is the
+same: decoupled weight decay (p *= 1 - lr * wd), bias-corrected moments, fastai's defaults (sqr_mom 0.99,
+eps 1e-5), and fit_one_cycle's momentum schedule drives beta1 as it drives fastai's `mom`.
 """
 from __future__ import annotations
 

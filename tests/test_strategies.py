@@ -175,7 +175,6 @@ def test_lr_finder_alone_and_inside_a_run(dataset, tmp_path):
     assert isinstance(lr, float) and lr > 0 and f"{lr:.2e}" in run.stdout
 
 
-
 def test_fused_adam_takes_the_steps_of_fastais_adam(learner):
     """The default optimizer is torch's fused AdamW behind fastai's interface. Given the same gradients it
     takes fastai's Adam steps, as the Learner sets it up: a learning rate per stage group (a slice), beta1
