@@ -4,6 +4,7 @@
     python bench/performance.py --only pipeline,cli      # a part of it
     python bench/performance.py --only precision        # fp32 vs bf16 vs channels_last, ~8 min
     python bench/performance.py --only batch            # the cifar recipe's loop at batch 256, 128, 64
+    python bench/performance.py --only size             # 32 px against 40 px, fp32 against bf16
     python bench/performance.py --only optimizer        # one Adam step: fastai's vs fastft's fused, ~1 min
     python bench/performance.py --only accuracy --epochs 5  # time a whole `fastft cifar --epochs 5` run
 
@@ -18,6 +19,7 @@ interleaved repeats: limit, fastft, d2l, ..., limit, fastft, ...; a ratio is the
   channels_last, whole loop and bare step, to choose what `--precision auto` picks on a CPU.
 - batch: the same subset through the cifar recipe's loop (its number format) at batch 256, 128 and 64;
   a smaller batch takes more steps per epoch, which may train better and costs per-step overhead.
+- size: the same subset through the cifar recipe's loop at 32 px and upscaled to 40 px, fp32 and bf16.
 - optimizer: milliseconds per Adam step over ResNet-18's parameters, fastai's Adam vs FusedAdam.
 - hotdog: the hotdog stand-in at 224 px, batch 32, every layer training: fastft's hotdog recipe path vs
   the d2l 13.2 loop (ImageFolder + RandomResizedCrop + flip + ToTensor + Normalize, 2 workers), same model.
@@ -156,6 +158,10 @@ FORMATS = {"fastft fp32": {"precision": "fp32", "channels_last": False},
            "fastft bf16": {"precision": "bf16", "channels_last": False},
            "fastft channels_last": {"precision": "fp32", "channels_last": True},
            "fastft bf16 channels_last": {"precision": "bf16", "channels_last": True}}
+# The cifar recipe's loop (channels-last) at CIFAR's own 32 px and upscaled to 40 px: there the stock ImageNet
+# stem leaves 2x2 maps in the last stage instead of 1x1, at about twice the arithmetic.
+INPUT_SIZES = {"fastft 32 px": {"size": 32, "precision": "fp32"}, "fastft 32 px bf16": {"size": 32, "precision": "bf16"},
+               "fastft 40 px": {"size": 40, "precision": "fp32"}, "fastft 40 px bf16": {"size": 40, "precision": "bf16"}}
 
 
 def build(pipeline: str, s: dict):
@@ -171,8 +177,9 @@ def build(pipeline: str, s: dict):
         return lambda learn=fastft_learner(s["recipe"], data, bs=bs): train_phase_rate(learn)
     if pipeline.startswith("fastft batch "):  # the recipe's own loop at another batch size
         return lambda learn=fastft_learner(s["recipe"], data, bs=int(pipeline.split()[-1])): train_phase_rate(learn)
-    if pipeline in FORMATS:  # fastft's loop in one number format
-        return lambda learn=fastft_learner(s["recipe"], data, bs=bs, **FORMATS[pipeline]): train_phase_rate(learn)
+    if pipeline in FORMATS | INPUT_SIZES:  # fastft's loop in one number format or at one input size
+        changes = (FORMATS | INPUT_SIZES)[pipeline]
+        return lambda learn=fastft_learner(s["recipe"], data, bs=bs, **changes): train_phase_rate(learn)
     if pipeline == "fastft --no-cache":
         return lambda learn=fastft_learner(s["recipe"], data, bs=bs, cache=False, workers=workers): train_phase_rate(learn)
     if pipeline == "d2l loop" and s["size"] == 32:
@@ -337,7 +344,7 @@ def print_table(title: str, rows: list[dict], columns: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="pipeline,hotdog,cli,startup",
-                        help="comma-separated: pipeline, precision, batch, optimizer, hotdog, cli, startup, accuracy")
+                        help="comma-separated: pipeline, precision, batch, size, optimizer, hotdog, cli, startup, accuracy")
     parser.add_argument("--cifar", type=Path, default=SHARED / "data" / "cifar10")
     parser.add_argument("--hotdog", type=Path, default=SHARED / "data" / "hotdog")
     parser.add_argument("--per-class", type=int, default=512, help="CIFAR train images per class in the pipeline table")
@@ -355,7 +362,7 @@ def main() -> None:
     import torch
 
     threads = torch.get_num_threads()
-    if parts & {"pipeline", "precision", "batch"}:  # one CIFAR subset for all three
+    if parts & {"pipeline", "precision", "batch", "size"}:  # one CIFAR subset for all three
         cifar_settings = {"recipe": "cifar", "data": str(subset(args.cifar, args.per_class)), "bs": 256, "size": 32,
                           "workers": args.workers, "steps": 8}
     if "pipeline" in parts:
@@ -379,6 +386,13 @@ def main() -> None:
         results["batch"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": rows,
                             "setup": f"batch sizes, CIFAR-10 subset, {10 * args.per_class} train JPEGs, 32 px, ResNet-18, "
                                      "the cifar recipe's number format"}
+    if "size" in parts:  # images/s per input size and number format, against CIFAR's own 32 px in fp32
+        rows = interleaved(list(INPUT_SIZES), cifar_settings, args.repeats)
+        for row in rows:
+            row["faster_rounds"] = faster_rounds(row["runs"], rows[0]["runs"])
+        results["size"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": rows,
+                           "setup": f"input sizes, CIFAR-10 subset, {10 * args.per_class} train JPEGs, ResNet-18, batch 256, "
+                                    "channels-last"}
     if "optimizer" in parts:
         results["optimizer"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": optimizer_rows(args.repeats)}
     if "hotdog" in parts:
@@ -394,13 +408,13 @@ def main() -> None:
         runs = [r for r in results.get("accuracy", {}).get("rows", []) if r["epochs"] != args.epochs or r["seed"] != args.seed]
         results["accuracy"] = {"date": time.strftime("%Y-%m-%d"), "rows": sorted(runs + [row], key=lambda r: r["epochs"])}
 
-    for part in ("pipeline", "precision", "batch", "hotdog"):
+    for part in ("pipeline", "precision", "batch", "size", "hotdog"):
         if part in results:
-            reference = "batch 256" if part == "batch" else "limit"
+            reference = {"batch": "batch 256", "size": "32 px"}.get(part, "limit")
             columns = {"pipeline": ("pipeline", "{}"), "img/s": ("images_per_s", "{:.0f}"), f"of {reference}": ("of_limit", "{:.2f}")}
             if part == "precision":
                 columns |= {"vs fastft fp32": ("of_fp32", "{:.2f}"), "rounds faster": ("faster_rounds", "{}")}
-            if part == "batch":
+            if part in ("batch", "size"):
                 columns |= {"rounds faster": ("faster_rounds", "{}")}
             print_table(f"{part}: {results[part]['setup']}; CPU, {results[part]['threads']} threads; "
                         f"median of {len(results[part]['rows'][0]['runs'])} interleaved repeats ({results[part]['date']})",
