@@ -10,19 +10,21 @@
 
 Tables (each figure measured in the same run as its reference; throughput is the median of --repeats
 interleaved repeats: limit, fastft, d2l, ..., limit, fastft, ...; a ratio is the median of each round's):
-- pipeline: CIFAR-10 train subset at 32 px, ResNet-18, batch 256. Training images/s of each whole loop
+- pipeline: CIFAR-10 train subset at 32 px, ResNet-18, batch 256, fp32 throughout. Training images/s of each whole loop
   (read, augment, forward, backward, step), as a share of the limit: the same model's bare train step on a
   batch already in memory (torch's fused Adam). Rows: fastft (`fastft cifar`'s data path), fastft before issue 7 (decoding
   JPEGs every epoch in 2 workers: --no-cache), the d2l loop (ImageFolder + RandomHorizontalFlip +
   ToTensor + DataLoader(2 workers) + a hand-written step, as train_ch13) and plain fastai defaults.
 - precision: the same subset and loop in each number format, fp32, bf16 autocast (`--precision bf16`) and
   channels_last, whole loop and bare step, to choose what `--precision auto` picks on a CPU.
-- batch: the same subset through the cifar recipe's loop (its number format) at batch 256, 128 and 64;
+- batch: the same subset through the cifar recipe's loop (fp32, 32 px) at batch 256, 128 and 64;
   a smaller batch takes more steps per epoch, which may train better and costs per-step overhead.
 - size: the same subset through the cifar recipe's loop at 32 px and upscaled to 40 px, fp32 and bf16.
 - optimizer: milliseconds per Adam step over ResNet-18's parameters, fastai's Adam vs FusedAdam.
-- hotdog: the hotdog stand-in at 224 px, batch 32, every layer training: fastft's hotdog recipe path vs
-  the d2l 13.2 loop (ImageFolder + RandomResizedCrop + flip + ToTensor + Normalize, 2 workers), same model.
+- hotdog: the hotdog stand-in at 224 px, batch 32, every layer training: fastft's hotdog recipe path in
+  the number format `--precision auto` picks on this machine, and in fp32, vs the d2l 13.2 loop
+  (ImageFolder + RandomResizedCrop + flip + ToTensor + Normalize, 2 workers, fp32), same model; the
+  limit in fp32 and in bf16.
 - cli: wall time of `fastft --help` and of an argument error (median of --repeats).
 - startup: seconds to find and read all of CIFAR-10 before training: the old readability scan, the
   decode-once cache cold (empty cache folder) and warm.
@@ -41,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 from common import ROOT, SHARED, write_results
@@ -170,18 +173,21 @@ def build(pipeline: str, s: dict):
     from torchvision import transforms as T
 
     data, bs, workers = Path(s["data"]), s["bs"], s["workers"]
+
+    def learner(**changes):  # the recipe's Learner at the table's batch, input size and number format
+        return fastft_learner(s["recipe"], data, **{"bs": bs, "size": s["size"], "precision": s["precision"], **changes})
+
     if pipeline.startswith("limit"):  # "limit", "limit channels_last", "limit bf16"
-        learn = fastft_learner(s["recipe"], data, bs=bs)
+        learn = learner()
         return bare_step(learn.model, bs, s["size"], learn.dls.c, steps=s["steps"], variant=pipeline[6:])
     if pipeline == "fastft":
-        return lambda learn=fastft_learner(s["recipe"], data, bs=bs): train_phase_rate(learn)
+        return lambda learn=learner(): train_phase_rate(learn)
     if pipeline.startswith("fastft batch "):  # the recipe's own loop at another batch size
-        return lambda learn=fastft_learner(s["recipe"], data, bs=int(pipeline.split()[-1])): train_phase_rate(learn)
+        return lambda learn=learner(bs=int(pipeline.split()[-1])): train_phase_rate(learn)
     if pipeline in FORMATS | INPUT_SIZES:  # fastft's loop in one number format or at one input size
-        changes = (FORMATS | INPUT_SIZES)[pipeline]
-        return lambda learn=fastft_learner(s["recipe"], data, bs=bs, **changes): train_phase_rate(learn)
+        return lambda learn=learner(**(FORMATS | INPUT_SIZES)[pipeline]): train_phase_rate(learn)
     if pipeline == "fastft --no-cache":
-        return lambda learn=fastft_learner(s["recipe"], data, bs=bs, cache=False, workers=workers): train_phase_rate(learn)
+        return lambda learn=learner(cache=False, workers=workers): train_phase_rate(learn)
     if pipeline == "d2l loop" and s["size"] == 32:
         loader = d2l_loader(data / "train", T.Compose([T.RandomHorizontalFlip(), T.ToTensor()]), bs, workers)
         return hand_written_loop(timm.create_model("resnet18", num_classes=10), loader)
@@ -189,7 +195,7 @@ def build(pipeline: str, s: dict):
         normalize = T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
         loader = d2l_loader(data / "train", T.Compose([T.RandomResizedCrop(s["size"]), T.RandomHorizontalFlip(),
                                                        T.ToTensor(), normalize]), bs, workers)
-        return hand_written_loop(fastft_learner(s["recipe"], data, bs=bs).model, loader)
+        return hand_written_loop(learner(precision="fp32").model, loader)
     if pipeline == "plain fastai":
         from fastai.vision.all import ImageDataLoaders, accuracy, vision_learner
 
@@ -291,6 +297,12 @@ def accuracy_row(data: Path, epochs: int, seed: int) -> dict:
             "recipe": (out / "recipe.toml").read_text()}
 
 
+def run_settings(row: dict) -> tuple:
+    """What tells one accuracy run from another: epochs, seed, and the resolved recipe's size and number format."""
+    recipe = tomllib.loads(row["recipe"])
+    return row["epochs"], row["seed"], recipe["size"], recipe["precision"]
+
+
 def optimizer_rows(repeats: int, steps: int = 20) -> list[dict]:
     """Milliseconds per optimizer step over ResNet-18's parameters (10 classes, the stage groups of a
     Learner): fastai's Adam against fastft's FusedAdam, interleaved, same gradients."""
@@ -364,7 +376,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     if parts & {"pipeline", "precision", "batch", "size"}:  # one CIFAR subset for all three
         cifar_settings = {"recipe": "cifar", "data": str(subset(args.cifar, args.per_class)), "bs": 256, "size": 32,
-                          "workers": args.workers, "steps": 8}
+                          "precision": "fp32", "workers": args.workers, "steps": 8}
     if "pipeline" in parts:
         rows = interleaved(["limit", "fastft", "fastft --no-cache", "d2l loop", "plain fastai", "limit channels_last",
                             "limit bf16"], cifar_settings, args.repeats)
@@ -385,7 +397,7 @@ def main() -> None:
             row["faster_rounds"] = faster_rounds(row["runs"], rows[0]["runs"])
         results["batch"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": rows,
                             "setup": f"batch sizes, CIFAR-10 subset, {10 * args.per_class} train JPEGs, 32 px, ResNet-18, "
-                                     "the cifar recipe's number format"}
+                                     "channels-last, fp32"}
     if "size" in parts:  # images/s per input size and number format, against CIFAR's own 32 px in fp32
         rows = interleaved(list(INPUT_SIZES), cifar_settings, args.repeats)
         for row in rows:
@@ -397,15 +409,16 @@ def main() -> None:
         results["optimizer"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": optimizer_rows(args.repeats)}
     if "hotdog" in parts:
         settings = {"recipe": "hotdog", "data": str(subset(args.hotdog, args.hotdog_images)), "bs": 32, "size": 224,
-                    "workers": args.workers, "steps": 4}
-        rows = interleaved(["limit", "fastft", "d2l loop"], settings, args.repeats)
+                    "precision": "auto", "workers": args.workers, "steps": 4}
+        rows = interleaved(["limit", "fastft", "d2l loop", "fastft fp32", "limit bf16"], settings, args.repeats)
         results["hotdog"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": rows,
                              "setup": f"hotdog stand-in, {2 * args.hotdog_images} train JPEGs, 224 px, ResNet-18, batch 32, every layer training"}
     if "startup" in parts:
         results["startup"] = {"date": time.strftime("%Y-%m-%d"), "rows": startup_rows(args.cifar)}
     if "accuracy" in parts:
         row = accuracy_row(args.cifar, args.epochs, args.seed)
-        runs = [r for r in results.get("accuracy", {}).get("rows", []) if r["epochs"] != args.epochs or r["seed"] != args.seed]
+        # a re-run replaces its row; rows run under earlier defaults (another size or number format) stay
+        runs = [r for r in results.get("accuracy", {}).get("rows", []) if run_settings(r) != run_settings(row)]
         results["accuracy"] = {"date": time.strftime("%Y-%m-%d"), "rows": sorted(runs + [row], key=lambda r: r["epochs"])}
 
     for part in ("pipeline", "precision", "batch", "size", "hotdog"):
@@ -436,10 +449,10 @@ def main() -> None:
         if issue := d2l.get("issue_figures"):  # the figures issue 7 set its targets by, from an earlier run
             rows.append({"run": f"d2l recipe, {d2l['epochs']} epochs ({issue['measured']})", "wall_seconds": issue["wall_seconds"],
                          "test_acc": issue["test_acc"], "test_acc_tta": "-", "of_d2l": issue["wall_seconds"] / d2l["wall_seconds"]})
-        rows += [{"run": f"fastft cifar --epochs {r['epochs']} --seed {r['seed']}", "wall_seconds": r["wall_seconds"], "test_acc": r["test_acc"],
+        rows += [{"run": "fastft cifar --epochs {} --seed {} ({} px, {})".format(*run_settings(r)), "wall_seconds": r["wall_seconds"], "test_acc": r["test_acc"],
                   "test_acc_tta": f"{r['test_acc_tta']:.3f}" if r.get("test_acc_tta") else "-",
                   "of_d2l": r["wall_seconds"] / d2l["wall_seconds"]} for r in results["accuracy"]["rows"]]
-        print_table(f"time to accuracy, all of CIFAR-10, 32 px ({results['accuracy']['date']})", rows,
+        print_table(f"time to accuracy, all of CIFAR-10 ({results['accuracy']['date']})", rows,
                     {"run": ("run", "{}"), "wall s": ("wall_seconds", "{:.0f}"), "test acc": ("test_acc", "{:.3f}"),
                      "with flip TTA": ("test_acc_tta", "{}"), f"time vs d2l ({d2l['measured']})": ("of_d2l", "{:.2f}")})
     write_results(args.json, vars(args), results)

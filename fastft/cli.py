@@ -53,7 +53,7 @@ TRAIN_OPTIONS = {
     "workers": (int, "--workers", "DataLoader worker processes (0: load in the main process)."),
     "cache": (bool, "--cache/--no-cache", "Decode each image once into memory (and ~/.cache/fastft, or $FASTFT_CACHE) when no item transform is random, instead of every epoch."),
     "device": (str, "--device", "auto, cpu, cuda, cuda:N or mps."),
-    "precision": (str, "--precision", "auto, fp32, bf16 or fp16 (auto: fp32 on CPU and MPS, bf16 on GPUs that have it, else fp16)."),
+    "precision": (str, "--precision", "auto, fp32, bf16 or fp16 (auto: bf16 on GPUs and CPUs that have it in hardware; else fp16 on GPUs, fp32 on CPU and MPS)."),
     "channels_last": (bool, "--channels-last/--no-channels-last", "Model and batches in channels-last memory format: the same arithmetic, often faster convolutions."),
 }
 
