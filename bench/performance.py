@@ -374,7 +374,7 @@ def main() -> None:
     import torch
 
     threads = torch.get_num_threads()
-    if parts & {"pipeline", "precision", "batch", "size"}:  # one CIFAR subset for all three
+    if parts & {"pipeline", "precision", "batch", "size"}:  # one CIFAR subset for all four
         cifar_settings = {"recipe": "cifar", "data": str(subset(args.cifar, args.per_class)), "bs": 256, "size": 32,
                           "precision": "fp32", "workers": args.workers, "steps": 8}
     if "pipeline" in parts:
