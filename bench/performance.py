@@ -227,7 +227,7 @@ def serve(pipeline: str, settings: dict, conn) -> None:
 
 def interleaved(pipelines: list[str], settings: dict, repeats: int) -> list[dict]:
     """Median images/s of each pipeline over `repeats` rounds, one pass each per round, its median ratio to
-    the first pipeline's pass in the same round, and its peak RSS."""
+    the first pipeline's pass in the same round, the rounds it was faster than that pass, and its peak RSS."""
     context = multiprocessing.get_context("spawn")
     workers = {}
     for name in pipelines:  # built one at a time: setting up must not overlap anyone's timing
@@ -250,8 +250,9 @@ def interleaved(pipelines: list[str], settings: dict, repeats: int) -> list[dict
         process.join()
         rows.append({"pipeline": name, "images_per_s": statistics.median(rates[name]), "peak_rss_mib": rss,
                      "runs": rates[name]})
-    for row in rows:
+    for row in rows:  # against the first pipeline, round by round
         row["of_limit"] = median_ratio(row["runs"], rows[0]["runs"])
+        row["faster_rounds"] = faster_rounds(row["runs"], rows[0]["runs"])
     return rows
 
 
@@ -393,15 +394,11 @@ def main() -> None:
                                          "ResNet-18, batch 256"}
     if "batch" in parts:  # images/s per batch size, against the d2l batch of 256
         rows = interleaved(["fastft batch 256", "fastft batch 128", "fastft batch 64"], cifar_settings, args.repeats)
-        for row in rows:
-            row["faster_rounds"] = faster_rounds(row["runs"], rows[0]["runs"])
         results["batch"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": rows,
                             "setup": f"batch sizes, CIFAR-10 subset, {10 * args.per_class} train JPEGs, 32 px, ResNet-18, "
                                      "channels-last, fp32"}
     if "size" in parts:  # images/s per input size and number format, against CIFAR's own 32 px in fp32
         rows = interleaved(list(INPUT_SIZES), cifar_settings, args.repeats)
-        for row in rows:
-            row["faster_rounds"] = faster_rounds(row["runs"], rows[0]["runs"])
         results["size"] = {"date": time.strftime("%Y-%m-%d"), "threads": threads, "rows": rows,
                            "setup": f"input sizes, CIFAR-10 subset, {10 * args.per_class} train JPEGs, ResNet-18, batch 256, "
                                     "channels-last"}
