@@ -10,6 +10,6 @@ def load(path, trust_pickle: bool = False):
         label, probabilities = m.predict("photo.jpg")
         for result in m.predict_batch(["a.jpg", "b.jpg"]): ...
     """
-    from fastft.bundle import load as load_model
+    from fastft.deploy.bundle import load as load_model
 
     return load_model(path, trust_pickle=trust_pickle)

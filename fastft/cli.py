@@ -16,10 +16,10 @@ from typing import List, Optional
 import typer
 
 from fastft import __version__
-from fastft.augment import AUG_HELP
+from fastft.data.augment import AUG_HELP
 from fastft.errors import UsageError
 from fastft.recipe import load_recipe, read_recipe_file, recipe_files
-from fastft.strategies import STRATEGIES
+from fastft.train.strategies import STRATEGIES
 
 # Noise from the libraries fastft drives, not something a user can act on.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
@@ -43,7 +43,7 @@ TRAIN_OPTIONS = {
     "weights": (str, "--weights", "Local timm state dict (.safetensors or .pth) to start from instead of the hub."),
     "pretrained": (bool, "--pretrained/--no-pretrained", "Start from ImageNet weights, or from random init."),
     "head_dropout": (float, "--head-dropout", "Dropout in fastai's head (its ps): p/2 before the hidden layer, p before the last."),
-    "strategy": (str, "--strategy", "Training schedule. " + "; ".join(f"{k}: {v[0]}" for k, v in STRATEGIES.items())),
+    "strategy": (str, "--strategy", "Training schedule. " + "; ".join(f"{k}: {v.help}" for k, v in STRATEGIES.items())),
     "freeze_epochs": (int, "--freeze-epochs", "fine-tune, keras: epochs that train only the head (part of --epochs)."),
     "unfreeze": (int, "--unfreeze", "keras: stages unfrozen from the top after the head-only phase."),
     "aug": (str, "--aug", AUG_HELP),
@@ -81,7 +81,7 @@ def user_errors(command):
 
 
 def _train(recipe, options: dict) -> None:
-    from fastft.run import Interrupted, train
+    from fastft.train.run import Interrupted, train
 
     out = options.pop("out")
     recipe = recipe.replace(source="command-line options", **options)
@@ -128,7 +128,7 @@ def run_file(recipe, **options):
 
 
 def lr_find(recipe, **options):
-    from fastft.run import lr_find_only
+    from fastft.train.run import lr_find_only
 
     out = options.pop("out")
     suggestion = lr_find_only(load_recipe(recipe).replace(source="command-line options", **options), out)
@@ -136,7 +136,7 @@ def lr_find(recipe, **options):
 
 
 def compare(recipe, **options):
-    from fastft.compare import compare as compare_settings, settings_to_compare
+    from fastft.train.compare import compare as compare_settings, settings_to_compare
 
     out, strategies, augs = options.pop("out"), options.pop("strategy"), options.pop("aug")
     base = load_recipe(recipe).replace(source="command-line options", **options)
@@ -176,7 +176,7 @@ def predict(
     """Label images: path, label and probability per line, as results come."""
     import csv
 
-    from fastft.predict import predict as predict_images, top_k
+    from fastft.deploy.predict import predict as predict_images, top_k
 
     if as_json and as_csv:
         raise UsageError("--json and --csv are exclusive; pick one")
@@ -204,7 +204,7 @@ def export(
 ):
     """Export a model: model.onnx (dynamic batch, probabilities out) beside the bundle, checked in
     ONNX Runtime against PyTorch."""
-    from fastft.export import TOLERANCE, export_onnx
+    from fastft.deploy.export import TOLERANCE, export_onnx
 
     if format != "onnx":
         raise UsageError(f"unknown export format '{format}'; formats: onnx")
@@ -228,7 +228,7 @@ def evaluate(
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a fastai model.pkl (a pickle runs code)."),
 ):
     """Accuracy, per-class precision and recall, confusion.png and top_losses.png."""
-    from fastft.evaluate import evaluate as evaluate_model
+    from fastft.deploy.evaluate import evaluate as evaluate_model
 
     report = evaluate_model(model, data, out, bs=bs, tta=tta, trust_pickle=trust_pickle)
     if as_json:
@@ -253,15 +253,15 @@ def augs(
     seed: int = typer.Option(0, "--seed"),
 ):
     """Draw a grid of augmented versions of IMAGE (d2l's `apply`), for any --aug spec."""
-    from fastft.augment import parse_aug, preview_grid
-    from fastft.images import unreadable_reason
+    from fastft.data.augment import parse_aug, preview_grid
+    from fastft.data.images import unreadable_reason
 
-    parse_aug(spec)
+    plan = parse_aug(spec)
     if not image.is_file() or (why := unreadable_reason(image)):
         raise UsageError(f"cannot read image {image} ({'no such file' if not image.is_file() else why}); pass an image file")
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {out} must name a .png file")
-    preview_grid(spec, image, out, size=size, rows=rows, cols=cols, seed=seed)
+    preview_grid(plan, image, out, size=size, rows=rows, cols=cols, seed=seed)
     typer.echo(f"wrote {out}")
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from fastft.errors import UsageError
-from fastft.strategies import STRATEGIES
+from fastft.train.strategies import STRATEGIES
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Recipe:
     crop_pct: float = 0.875  # test items: resize to round(size / crop_pct), then centre-crop to size
     aug: str = "flip"  # augmentation presets joined with '+': see `fastft hotdog --help`
     # training
-    strategy: str = "fine-tune"  # fine-tune, d2l, keras, gradual, scratch: see fastft/strategies.py
+    strategy: str = "fine-tune"  # fine-tune, d2l, keras, gradual, scratch: see fastft/train/strategies.py
     epochs: int = 5  # total epochs, frozen phases included
     freeze_epochs: int = 1  # fine-tune, keras: epochs that train only the head (within `epochs`)
     unfreeze: int = 2  # keras: stages unfrozen (from the top) after the head-only phase

@@ -1,10 +1,13 @@
 """Synthetic image folders in the real on-disk layouts, and one shared tiny training run."""
 from __future__ import annotations
 
+import functools
+import http.server
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +79,36 @@ def trained_run(dataset, tmp_path_factory):
     result = invoke("cifar", "--data", dataset, *TINY, "--epochs", "2", "--out", out)
     assert result.exit_code == 0, result.output
     return out, result
+
+
+class CountingHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder and counts GET requests per path. Paths under /cut/ announce the whole file's
+    length but send only half of it, as a dropped connection does."""
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_GET(self):
+        self.server.requests[self.path] = self.server.requests.get(self.path, 0) + 1
+        if not self.path.startswith("/cut/"):
+            return super().do_GET()
+        body = (Path(self.directory) / self.path[len("/cut/"):]).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2])
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/served: (base URL, folder, {path: GET count})."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(CountingHandler, directory=str(served))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.requests = {}
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", served, httpd.requests
+    httpd.shutdown()
+    httpd.server_close()

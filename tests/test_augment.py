@@ -4,29 +4,29 @@ import torch
 from fastai.vision.all import PILImage, TensorImage
 from PIL import Image
 
-from fastft.augment import build_transforms, parse_aug
+from fastft.data.augment import parse_aug
 from fastft.errors import UsageError
-from fastft.transforms import BatchFlip, BatchShift, ColorJitter, ResizeCenterCrop, rgb_to_hsv
+from fastft.data.transforms import BatchFlip, BatchShift, ColorJitter, ResizeCenterCrop, rgb_to_hsv
 
 
 def test_spec_parsing_with_parameters():
-    assert parse_aug("none") == []
-    parsed = dict(parse_aug("crop:scale=0.1-1:ratio=0.5-2+flip:0.3+hue:0.25"))
+    assert parse_aug("none").steps == ()
+    parsed = parse_aug("crop:scale=0.1-1:ratio=0.5-2+flip:0.3+hue:0.25").params
     assert parsed["crop"] == {"scale": (0.1, 1.0), "ratio": (0.5, 2.0)} and parsed["flip"] == {"p": 0.3}
     assert parsed["hue"] == {"hue": 0.25}
-    assert dict(parse_aug("color:0.2"))["color"] == {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.2}
-    assert [n for n, _ in parse_aug("d2l")] == ["flip", "color", "crop"]
-    assert dict(parse_aug("d2l"))["crop"]["scale"] == (0.1, 1.0)
-    assert [n for n, _ in parse_aug("keras")] == ["flip", "rotate", "zoom"]
+    assert parse_aug("color:0.2").params["color"] == {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.2}
+    assert [n for n, _ in parse_aug("d2l").steps] == ["flip", "color", "crop"]
+    assert parse_aug("d2l").params["crop"]["scale"] == (0.1, 1.0)
+    assert [n for n, _ in parse_aug("keras").steps] == ["flip", "rotate", "zoom"]
 
 
 def test_every_preset_builds_and_leaves_test_batches_alone(dataset):
-    from fastft.augment import PRESETS
-    from fastft.data import build_dataloaders, load_split
+    from fastft.data.augment import PRESETS
+    from fastft.data.loaders import build_dataloaders, load_split
     from fastft.recipe import Recipe
 
     for name in PRESETS:
-        item_tfms, batch_tfms = build_transforms(name, size=24, crop_pct=0.875)
+        item_tfms, batch_tfms = parse_aug(name).transforms(size=24, crop_pct=0.875)
         assert all(t.split_idx == 0 for t in batch_tfms), name  # random batch work: training only
     recipe = Recipe(size=24, bs=4, workers=0, aug="color+crop+keras+fastai+trivial")
     dls = build_dataloaders(load_split(dataset, recipe), recipe, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
@@ -91,9 +91,9 @@ def test_test_items_resize_shorter_side_then_centre_crop():
 
 
 def test_crop_is_training_only_and_test_items_are_deterministic():
-    item_tfms, batch_tfms = build_transforms("crop+flip", size=16, crop_pct=0.875)
-    assert [t.split_idx for t in item_tfms] == [0, 1] and all(t.split_idx == 0 for t in batch_tfms)
-    item_tfms, _ = build_transforms("flip", size=16, crop_pct=1.0)
+    item_tfms, batch_tfms = parse_aug("crop+flip").transforms(size=16, crop_pct=0.875)
+    assert sorted(t.split_idx for t in item_tfms) == [0, 1] and all(t.split_idx == 0 for t in batch_tfms)
+    item_tfms, _ = parse_aug("flip").transforms(size=16, crop_pct=1.0)
     assert len(item_tfms) == 1 and item_tfms[0].split_idx is None  # same resize for train and test
 
 
@@ -102,7 +102,7 @@ def test_crop_is_training_only_and_test_items_are_deterministic():
 def test_colour_ops_match_torchvision_image_by_image(ours, theirs):
     from torchvision.transforms.v2 import functional as tvf
 
-    import fastft.transforms as ft
+    import fastft.data.transforms as ft
 
     torch.manual_seed(0)
     x = torch.rand(6, 3, 9, 11)

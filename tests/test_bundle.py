@@ -149,9 +149,9 @@ def test_broken_models_are_clean_errors(trained_run, tmp_path):
 
 
 def test_export_of_an_unexportable_model_is_a_clean_error(tmp_path, monkeypatch):
-    from fastft.bundle import write_bundle
-    from fastft.export import export_onnx
-    from fastft.network import build_network
+    from fastft.deploy.bundle import write_bundle
+    from fastft.deploy.export import export_onnx
+    from fastft.deploy.network import build_network
 
     write_bundle(build_network("resnet18", 2), tmp_path, arch="resnet18", classes=["a", "b"], size=32,
                  crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)

@@ -142,18 +142,18 @@ def test_ctrl_c_keeps_the_last_finished_epoch(dataset, tmp_path):
 
 
 def test_ctrl_c_during_the_final_tta_pass_still_saves_the_trained_model(dataset, tmp_path, monkeypatch):
-    import fastft.bundle
-    import fastft.run
+    import fastft.deploy.bundle
+    import fastft.train.run
 
     def pressed_ctrl_c(learn):
         raise KeyboardInterrupt
-    monkeypatch.setattr(fastft.run, "flip_tta_accuracy", pressed_ctrl_c)
+    monkeypatch.setattr(fastft.train.run, "flip_tta_accuracy", pressed_ctrl_c)
     out = tmp_path / "run"
     result = invoke("cifar", "--data", dataset, *TINY, "--epochs", "1", "--tta", "--out", out)
     assert result.exit_code == 130 and "interrupted" in result.stderr, result.output
     final = json.loads((out / "metrics.json").read_text())["final"]
     assert "test_acc" in final and "test_acc_tta" not in final
-    assert fastft.bundle.load(out).predict(next((dataset / "test").rglob("*.png")))[0] in ("blue", "red")
+    assert fastft.deploy.bundle.load(out).predict(next((dataset / "test").rglob("*.png")))[0] in ("blue", "red")
 
 
 def test_wheel_ships_the_recipes(tmp_path):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import make_class_folders, make_split_dataset, write_image
-from fastft.data import build_dataloaders, find_images, load_split, stratified_sample
+from fastft.data.folders import find_images, stratified_sample
+from fastft.data.loaders import build_dataloaders, load_split
 from fastft.errors import UsageError
 from fastft.recipe import Recipe
 
@@ -124,7 +125,7 @@ def test_decode_once_cache_gives_the_same_batches_as_decoding_every_epoch(tmp_pa
 
 
 def test_decoded_pictures_are_reused_from_disk_until_a_file_changes(tmp_path, monkeypatch):
-    from fastft import cache
+    from fastft.data import cache
 
     monkeypatch.setenv("FASTFT_CACHE", str(tmp_path / "cache"))
     root = make_split_dataset(tmp_path / "d")

@@ -63,22 +63,22 @@ def test_precision_choices(dataset, tmp_path):
 def test_auto_precision_picks_bf16_only_on_cpus_that_have_it_in_hardware(monkeypatch):
     import torch
 
-    from fastft import distributed
+    from fastft.train import devices
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)
-    assert distributed.resolve_precision("auto", cpu) == "bf16"
-    assert distributed.resolve_precision("fp32", cpu) == "fp32"  # an explicit choice still wins
-    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: False)  # emulated bf16 is slower than fp32
-    assert distributed.resolve_precision("auto", cpu) == "fp32"
-    assert distributed.resolve_precision("auto", torch.device("mps")) == "fp32"
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    assert devices.resolve_precision("auto", cpu) == "bf16"
+    assert devices.resolve_precision("fp32", cpu) == "fp32"  # an explicit choice still wins
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)  # emulated bf16 is slower than fp32
+    assert devices.resolve_precision("auto", cpu) == "fp32"
+    assert devices.resolve_precision("auto", torch.device("mps")) == "fp32"
 
 
 def test_channels_last_changes_the_layout_not_the_numbers(dataset, tmp_path):
     import torch
 
     from fastft.recipe import load_recipe
-    from fastft.run import prepare
+    from fastft.train.run import prepare
 
     recipe = load_recipe("cifar").replace(data=str(dataset), arch="resnet18", pretrained=False, size=32, bs=4,
                                           workers=0, channels_last=True)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastft.images import open_rgb, split_readable, unreadable_reason
+from fastft.data.images import open_rgb, split_readable, unreadable_reason
 
 
 def _saved(tmp_path, im, name):

@@ -6,8 +6,8 @@ from safetensors.torch import save_file
 
 from conftest import TINY, fastft
 from fastft.errors import UsageError
-from fastft.model import check_arch, create_learner, normalization
 from fastft.recipe import Recipe
+from fastft.train.model import check_arch, create_learner, normalization
 
 
 def test_arch_names_with_and_without_tags():
@@ -26,7 +26,7 @@ def test_normalisation_follows_the_model_config():
 
 @pytest.fixture(scope="module")
 def tiny_dls(dataset):
-    from fastft.data import build_dataloaders, load_split
+    from fastft.data.loaders import build_dataloaders, load_split
 
     recipe = Recipe(size=32, bs=4, workers=0)
     return build_dataloaders(load_split(dataset, recipe), recipe, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
@@ -85,7 +85,7 @@ def test_scratch_never_loads_weights(dataset, tmp_path):
 
 @pytest.mark.parametrize("dropout", [0.5, 0.2, 0.0])
 def test_fastai_free_network_matches_the_learner_for_any_head_dropout(tiny_dls, dropout):
-    from fastft.network import build_network
+    from fastft.deploy.network import build_network
 
     learn = create_learner(tiny_dls, Recipe(arch="resnet18", pretrained=False, head_dropout=dropout))
     rebuilt = build_network("resnet18", 2, {"dropout": dropout})

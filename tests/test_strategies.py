@@ -7,11 +7,16 @@ import torch
 from fastai.vision.all import Callback
 
 from conftest import TINY, invoke
-from fastft.model import create_learner, stage_splitter
 from fastft.recipe import Recipe
-from fastft.strategies import phases, train_with
+from fastft.train.model import create_learner, stage_splitter
+from fastft.train.strategies import STRATEGIES
 
 GROUPS = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+
+
+def train_with(name, learn, lr, epochs, freeze_epochs=1, unfreeze=2):
+    strategy = STRATEGIES[name]
+    strategy.fit(learn, strategy.plan(learn, lr, epochs, freeze_epochs, unfreeze))
 
 
 class Watch(Callback):
@@ -63,7 +68,7 @@ def changed(before, after, bn=False):
 
 @pytest.fixture
 def learner(dataset):
-    from fastft.data import build_dataloaders, load_split
+    from fastft.data.loaders import build_dataloaders, load_split
 
     recipe = Recipe(size=32, bs=4, workers=0, arch="resnet18", pretrained=False, aug="none")
     dls = build_dataloaders(load_split(dataset, recipe), recipe, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
@@ -83,11 +88,11 @@ def test_groups_follow_the_resnet_stages(learner):
 
 
 def test_epochs_are_the_total_across_phases():
-    for strategy in ("fine-tune", "d2l", "keras", "gradual", "scratch"):
+    for strategy in STRATEGIES:
         for epochs in (1, 2, 5, 9):
-            plan = phases(strategy, epochs, 2, 6)
-            assert sum(n for _, n in plan) == epochs and all(n > 0 for _, n in plan)
-    assert phases("gradual", 5, 0, 6) == [(1, 1), (2, 1), (3, 1), (4, 1), (0, 1)]
+            plan = STRATEGIES[strategy].phases(1e-2, epochs, 2, 2, 6)
+            assert sum(p.epochs for p in plan) == epochs and all(p.epochs > 0 for p in plan)
+    assert [(p.trains, p.epochs) for p in STRATEGIES["gradual"].phases(1e-2, 5, 0, 2, 6)] == [(1, 1), (2, 1), (3, 1), (4, 1), (0, 1)]
 
 
 def test_fine_tune_freezes_the_body_then_spreads_lrs_over_stages(learner):
@@ -181,7 +186,7 @@ def test_fused_adam_takes_the_steps_of_fastais_adam(learner):
     following the momentum schedule, decoupled weight decay on weights but not on BatchNorm and biases."""
     from fastai.optimizer import Adam
 
-    from fastft.optimizer import FusedAdam
+    from fastft.train.optimizer import FusedAdam
 
     fused, _ = learner
     reference = create_learner(fused.dls, Recipe(size=32, bs=4, arch="resnet18", pretrained=False), opt_func=Adam)

@@ -5,27 +5,13 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from fastft.data.folders import collect_images, keep_readable
 from fastft.errors import UsageError
-from fastft.images import image_extensions, split_readable, warn_skipped
-
-
-def collect_images(paths: list[Path]) -> list[Path]:
-    """Files as given, folders recursed for image files, in a stable order."""
-    extensions, found = image_extensions(), []
-    for path in paths:
-        if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise UsageError(f"{path} does not exist; pass image files or folders of images")
-    return found
 
 
 def readable_images(paths: list[Path]) -> list[Path]:
     """The readable images under `paths`; the rest reported in one warning."""
-    files, bad = split_readable(collect_images(paths))
-    warn_skipped(bad)
+    files, _ = keep_readable(collect_images(paths))
     if not files:
         raise UsageError("no readable images among the given paths")
     return files
@@ -34,7 +20,7 @@ def readable_images(paths: list[Path]) -> list[Path]:
 def predict(model_path: Path, paths: list[Path], bs: int = 64, tta: bool | None = None, trust_pickle: bool = False,
             progress: bool = False) -> Iterator[dict]:
     """Yields {'path', 'label', 'probability', 'probabilities'} per readable image, batch by batch."""
-    from fastft.bundle import load
+    from fastft.deploy.bundle import load
 
     model = load(model_path, trust_pickle=trust_pickle)
     files = readable_images(paths)

@@ -10,26 +10,26 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import fastprogress.fastprogress as fastprogress
 import torch
-from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import ProgressCallback
 from fastai.vision.all import Callback, find_bs, noop, set_seed
 
-from fastft.augment import parse_aug
-from fastft.bundle import mirror_averaged, softmax_of, write_bundle
-from fastft.data import build_dataloaders, load_split
-from fastft.distributed import (Autocast, ChannelsLast, Distributed, DistributedTraining, resolve_precision, set_number_format,
-                                world_size)
-from fastft.download import fetch_dataset
+from fastft.data.augment import parse_aug
+from fastft.data.download import fetch_dataset
+from fastft.data.folders import new_run_folder
+from fastft.data.loaders import build_dataloaders, load_split
+from fastft.deploy.bundle import mirror_averaged, softmax_of, write_bundle
 from fastft.errors import UsageError
-from fastft.model import check_arch, create_learner, normalization
+from fastft.fastai_internals import release_last_batch
 from fastft.recipe import Recipe
-from fastft.report import summary_line, write_reports
-from fastft.strategies import default_lr, phases, train_with
+from fastft.train.devices import resolve_device, resolve_precision, set_number_format, training_only_callbacks
+from fastft.train.distributed import Distributed, DistributedTraining, world_size
+from fastft.train.model import check_arch, create_learner, normalization
+from fastft.train.report import summary_line, write_reports
+from fastft.train.strategies import STRATEGIES, Phase
 
 
 # fastprogress's `printing()` tests `stdout.isatty` without calling it, so its bars write `\r` frames into
@@ -39,39 +39,6 @@ fastprogress.printing = lambda: not fastprogress.NO_BAR and sys.stdout.isatty()
 
 class Interrupted(Exception):
     """Ctrl-C during training; the outputs of the last finished epoch were kept."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA GPU is visible here; use --device cpu (or auto)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name}: MPS is not available here; use --device cpu (or auto)")
-    return device
-
-
-def new_run_folder(out: str | None, recipe_name: str) -> Path:
-    """The run folder: `out` if it is new or empty (never overwrite a run), else runs/<recipe>-<time>."""
-    if out:
-        path = Path(out)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise UsageError(f"--out {path} already exists and is not empty; choose a new folder (nothing was overwritten)")
-        return path
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path, n = Path("runs") / f"{recipe_name}-{stamp}", 1
-    while path.exists():
-        n += 1
-        path = Path("runs") / f"{recipe_name}-{stamp}-{n}"
-    return path
 
 
 def _unwrapped(model):
@@ -143,14 +110,15 @@ def prepare(recipe: Recipe, out: str | None) -> Prepared:
     precision = resolve_precision(recipe.precision, device)
     recipe = recipe.replace(precision=precision)
     check_arch(recipe.arch)
-    parse_aug(recipe.aug)
+    plan = parse_aug(recipe.aug)
     dist = Distributed(device)
     device = dist.device
     if dist.size > 1 and recipe.lr == "auto":
         raise UsageError("--lr auto runs in one process; run `fastft lr-find` first and pass its --lr")
-    if recipe.strategy == "scratch":  # random init by definition, e.g. `compare --strategy fine-tune,scratch`
+    if STRATEGIES[recipe.strategy].random_init:  # by definition, e.g. `compare --strategy fine-tune,scratch`
         if recipe.weights:
-            print(f"note: --strategy scratch starts from random weights; not loading {recipe.weights}", file=sys.stderr)
+            print(f"note: --strategy {recipe.strategy} starts from random weights; not loading {recipe.weights}",
+                  file=sys.stderr)
         recipe = recipe.replace(pretrained=False, weights="")
     run_dir = dist.from_main(lambda: new_run_folder(out, recipe.name))  # rank 0 names it for all
     if recipe.data:
@@ -160,9 +128,9 @@ def prepare(recipe: Recipe, out: str | None) -> Prepared:
     recipe = recipe.replace(data=str(root.resolve()))
 
     set_seed(recipe.seed, reproducible=True)
-    split = load_split(root, recipe, quiet=not dist.is_main)
+    split = load_split(root, recipe, plan, quiet=not dist.is_main)
     mean, std = normalization(recipe.arch)
-    dls = build_dataloaders(split, recipe, mean, std, device)
+    dls = build_dataloaders(split, recipe, mean, std, device, plan)
     learn = create_learner(dls, recipe)
     set_number_format(learn, precision, recipe.channels_last, device)
     if dist.size > 1:
@@ -178,6 +146,11 @@ def prepare(recipe: Recipe, out: str | None) -> Prepared:
     return Prepared(recipe, learn, run_dir, device, split.skipped, mean, std, dist)
 
 
+def schedule(learn, recipe: Recipe, lr: float) -> list[Phase]:
+    """The recipe's strategy's phases for this Learner, with the head's peak rate `lr`."""
+    return STRATEGIES[recipe.strategy].plan(learn, lr, recipe.epochs, recipe.freeze_epochs, recipe.unfreeze)
+
+
 def find_lr(learn, recipe: Recipe, run_dir: Path) -> float:
     """fastai's LR finder on the groups the strategy's first phase trains; saves lr_find.png."""
     import matplotlib
@@ -185,8 +158,8 @@ def find_lr(learn, recipe: Recipe, run_dir: Path) -> float:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first_groups = phases(recipe.strategy, recipe.epochs, recipe.freeze_epochs, 2)[0][0]
-    learn.freeze_to(-first_groups) if first_groups else learn.unfreeze()
+    first = schedule(learn, recipe, lr=1.0)[0]  # only which groups train matters here
+    learn.freeze_to(-first.trains) if first.trains else learn.unfreeze()
     with learn.no_bar():
         suggestion = learn.lr_find(show_plot=False)
     learn.recorder.plot_lr_find()
@@ -226,7 +199,7 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
         recipe = recipe.replace(lr=find_lr(learn, recipe, run_dir))
         print(f"lr finder suggests {recipe.lr:.2e} (plot: {run_dir / 'lr_find.png'})")
     elif not recipe.lr:
-        recipe = recipe.replace(lr=default_lr(recipe.strategy))
+        recipe = recipe.replace(lr=STRATEGIES[recipe.strategy].default_lr)
     dist = run.dist
     if dist.is_main:
         (run_dir / "recipe.toml").write_text(recipe.to_toml())
@@ -242,8 +215,7 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
               f"{recipe.epochs} epoch(s) at lr {recipe.lr:.2e}, {processes}, {recipe.precision} on {run.device} -> {run_dir}")
     interrupted = False
     try:
-        train_with(recipe.strategy, learn, lr=recipe.lr, epochs=recipe.epochs,
-                   freeze_epochs=recipe.freeze_epochs, unfreeze=recipe.unfreeze)
+        STRATEGIES[recipe.strategy].fit(learn, schedule(learn, recipe, recipe.lr))
     except KeyboardInterrupt:
         interrupted = True
         if log.snapshot is None:
@@ -267,9 +239,9 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
         print("interrupted: skipping the final test-time measurements, saving the trained model", file=sys.stderr)
     try:
         (run_dir / "metrics.json").write_text(json.dumps(log.results, indent=2) + "\n")
-        for callback in (DistributedTraining, Autocast, ChannelsLast, MixedPrecision):  # not needed to load or use the model
+        for callback in (DistributedTraining, *training_only_callbacks()):  # not needed to load or use the model
             learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, callback)))
-        learn._end_cleanup()  # drop the last batch's tensors so they are not pickled into model.pkl
+        release_last_batch(learn)
         learn.export(run_dir.resolve() / "model.pkl")
         write_bundle(learn.model, run_dir, arch=recipe.arch, classes=list(learn.dls.vocab), size=recipe.size,
                      crop_pct=recipe.crop_pct, mean=run.mean, std=run.std, head_dropout=recipe.head_dropout, tta=recipe.tta)

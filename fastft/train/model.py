@@ -65,7 +65,7 @@ def create_learner(dls, recipe: Recipe, **learner_kwargs):
     """fastai's vision_learner on a timm body, with the recipe's weights. Bad weights are user errors."""
     from fastai.vision.all import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, accuracy, vision_learner
 
-    from fastft.optimizer import FusedAdam
+    from fastft.train.optimizer import FusedAdam
 
     extra = weights_source(recipe)
     loss = LabelSmoothingCrossEntropyFlat(eps=recipe.label_smoothing) if recipe.label_smoothing else CrossEntropyLossFlat()

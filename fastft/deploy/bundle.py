@@ -2,7 +2,7 @@
 
 A bundle is `model.safetensors` (the network's weights) plus `model.json` (everything inference needs:
 timm arch, classes, input size, resize/crop, normalisation, versions). Loading one unpickles nothing
-and needs no fastai: torch, timm and `fastft.network` rebuild the network from the JSON. The same
+and needs no fastai: torch, timm and `fastft.deploy.network` rebuild the network from the JSON. The same
 `load` also takes an ONNX export (onnxruntime) and, only when asked to trust it, fastai's model.pkl.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from fastft.data.images import open_rgb, resize_center_crop
 from fastft.errors import UsageError
-from fastft.images import open_rgb, resize_center_crop
 
 WEIGHTS, META = "model.safetensors", "model.json"
 FORMAT = "fastft-bundle/1"
@@ -28,7 +28,7 @@ def write_bundle(model, run_dir: Path, *, arch: str, classes: list[str], size: i
     from safetensors.torch import save_file
 
     from fastft import __version__
-    from fastft.network import HEAD_DEFAULTS
+    from fastft.deploy.network import HEAD_DEFAULTS
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(run_dir / WEIGHTS))
@@ -115,7 +115,7 @@ class BundleModel(Model):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        from fastft.network import build_network
+        from fastft.deploy.network import build_network
 
         self.meta, self.classes = _meta(meta_path), None
         self.classes = list(self.meta["classes"])

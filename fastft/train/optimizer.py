@@ -9,11 +9,13 @@ eps 1e-5), and fit_one_cycle's momentum schedule drives beta1 as it drives fasta
 from __future__ import annotations
 
 import torch
-from fastai.optimizer import OptimWrapper, set_item_pg
+from fastai.optimizer import set_item_pg
 from fastcore.foundation import L
 
+from fastft.fastai_internals import HyperHookOptimWrapper
 
-class FusedAdam(OptimWrapper):
+
+class FusedAdam(HyperHookOptimWrapper):
     """A drop-in `opt_func` for a fastai Learner. Each fastai parameter group (the splitter's stages, each
     with its own lr) is two torch groups: weights, then the 1-D parameters (BatchNorm weights and biases,
     every bias), which take no weight decay. That is fastai's `wd_bn_bias=False` and timm's rule."""
@@ -44,8 +46,8 @@ class FusedAdam(OptimWrapper):
     def hypers(self):  # one per fastai group: its weights' torch group holds them all
         return super().hypers[::2]
 
-    def _set_hyper(self, k, v):
-        for i, value in enumerate(v):
+    def store_hyper(self, key, values):
+        for i, value in enumerate(values):
             for group in self.opt.param_groups[2 * i: 2 * i + 2]:
-                if not (k == "wd" and group.get("no_decay")):
-                    set_item_pg(group, self.bwd_map[k], value)
+                if not (key == "wd" and group.get("no_decay")):
+                    set_item_pg(group, self.bwd_map[key], value)

@@ -5,7 +5,7 @@ import json
 import re
 from pathlib import Path
 
-from fastft.augment import parse_aug
+from fastft.data.augment import parse_aug
 from fastft.errors import UsageError
 from fastft.recipe import Recipe
 
@@ -71,8 +71,9 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
 
 def compare(recipe: Recipe, settings: list[tuple[str, dict]], out: str | None) -> list[dict]:
     """Train once per setting into OUT/<setting>/; write compare.json and compare.png at the top."""
-    from fastft.distributed import world_size
-    from fastft.run import new_run_folder, train
+    from fastft.data.folders import new_run_folder
+    from fastft.train.distributed import world_size
+    from fastft.train.run import train
 
     if world_size() > 1:
         raise UsageError("compare trains its settings in one process; launch it without torchrun/accelerate")

@@ -11,11 +11,11 @@ import torch
 from fastai.vision.all import PILImage, RandTransform, TensorCategory, TensorImage, TfmdDL, Transform
 from PIL import Image
 
-from fastft.images import open_rgb, resize_center_crop, to_rgb
+from fastft.data.images import open_rgb, resize_center_crop, to_rgb
 
 
 class RGBImage(PILImage):
-    """A PILImage that opens any valid image mode as 8-bit RGB (see `fastft.images.to_rgb`)."""
+    """A PILImage that opens any valid image mode as 8-bit RGB (see `fastft.data.images.to_rgb`)."""
 
     @classmethod
     def create(cls, fn, **kwargs):
@@ -57,7 +57,7 @@ class CachedDL(TfmdDL):
 
 
 class ResizeCenterCrop(Transform):
-    """d2l's test transform (see `fastft.images.resize_center_crop`) as a fastai item transform."""
+    """d2l's test transform (see `fastft.data.images.resize_center_crop`) as a fastai item transform."""
 
     order = 1
 

@@ -13,19 +13,18 @@ TOLERANCE = 1e-4  # max abs difference of probabilities between ONNX Runtime and
 
 def sample_images(meta_dir: Path, n: int = 8) -> list[Path]:
     """Real inputs for the check: test images of the run's data, if its recipe.toml still points at them."""
-    from fastft.images import image_extensions
+    from fastft.data.folders import collect_images, keep_readable, test_folder
     from fastft.recipe import read_recipe_file
 
     recipe_file = meta_dir / "recipe.toml"
     if not recipe_file.is_file():
         return []
     data = Path(read_recipe_file(recipe_file).data)
-    folder = next((data / n for n in ("test", "valid", "val") if (data / n).is_dir()), data)
+    folder = test_folder(data) or data
     if not folder.is_dir():
         return []
-    extensions = image_extensions()
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in extensions)
-    return random.Random(0).sample(files, min(n, len(files)))
+    files = collect_images([folder])
+    return keep_readable(random.Random(0).sample(files, min(n, len(files))), quiet=True)[0]
 
 
 def export_onnx(model_path: Path, images: list[Path] | None = None) -> tuple[Path, float, int]:
@@ -33,7 +32,7 @@ def export_onnx(model_path: Path, images: list[Path] | None = None) -> tuple[Pat
     (or random inputs when none are at hand). Returns (path, max abs difference, images checked)."""
     import torch
 
-    from fastft.bundle import BundleModel, OnnxModel, load
+    from fastft.deploy.bundle import BundleModel, OnnxModel, load
 
     model = load(model_path)
     if not isinstance(model, BundleModel):

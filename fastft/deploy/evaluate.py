@@ -6,45 +6,34 @@ from pathlib import Path
 
 import numpy as np
 
+from fastft.data.folders import class_images, keep_readable, new_run_folder, numbered, test_folder
 from fastft.errors import UsageError
 
 
 def labelled_images(data: Path) -> list[tuple[Path, str]]:
     """(image, class) pairs: DATA/test (or valid) class folders if there are any, else DATA's class folders."""
-    from fastft.data import TEST_SPLIT_NAMES, _class_images
-    from fastft.images import image_extensions, split_readable, warn_skipped
-
     if not data.is_dir():
         raise UsageError(f"data folder {data} does not exist; pass a folder of class folders (or one with test/)")
-    folder = next((data / n for n in TEST_SPLIT_NAMES if (data / n).is_dir()), data)
-    by_class = {c: files for c, files in _class_images(folder, image_extensions()).items() if files}
+    folder = test_folder(data) or data
+    by_class = {c: files for c, files in class_images(folder).items() if files}
     if not by_class:
         raise UsageError(f"{folder} has no class folders of images; expected {folder}/<class>/*.jpg")
     pairs = [(p, c) for c, files in by_class.items() for p in files]
-    good, bad = split_readable([p for p, _ in pairs])
-    warn_skipped(bad)
-    keep = set(good)
+    keep = set(keep_readable([p for p, _ in pairs])[0])
     return [(p, c) for p, c in pairs if p in keep]
 
 
 def evaluation_folder(model_path: Path, data: Path, out: str | None) -> Path:
     """--out, or a new eval-<data name>[-N] folder beside the model; never an existing non-empty one."""
-    from fastft.run import new_run_folder
-
     if out:
         return new_run_folder(out, "")
     home = model_path if model_path.is_dir() else model_path.parent
-    name = data.resolve().name
-    path, n = home / f"eval-{name}", 1
-    while path.exists():
-        n += 1
-        path = home / f"eval-{name}-{n}"
-    return path
+    return numbered(home / f"eval-{data.resolve().name}")
 
 
 def evaluate(model_path: Path, data: Path, out: str | None = None, bs: int = 64, tta: bool | None = None,
              trust_pickle: bool = False) -> dict:
-    from fastft.bundle import load
+    from fastft.deploy.bundle import load
 
     model = load(model_path, trust_pickle=trust_pickle)
     pairs = labelled_images(data)
@@ -108,7 +97,7 @@ def plot_top_losses(rows: list[tuple], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fastft.images import open_rgb
+    from fastft.data.images import open_rgb
 
     cols = 3
     nrows = max(1, -(-len(rows) // cols))

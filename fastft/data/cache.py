@@ -21,22 +21,20 @@ from pathlib import Path
 
 import numpy as np
 
-from fastft.augment import parse_aug
-from fastft.images import fixed_size_pixels, read_all
+from fastft.data.augment import AugPlan
+from fastft.data.images import fixed_size_pixels, read_all
 
 VERSION = 1  # bump when what is stored changes
 MAX_BYTES = 4 * 2**30  # larger datasets decode per batch as usual
-RANDOM_ITEM_TRANSFORMS = {"crop", "trivial"}
 
 
 def cache_folder() -> Path:
     return Path(os.environ.get("FASTFT_CACHE") or Path.home() / ".cache" / "fastft").expanduser()
 
 
-def applies(aug: str, size: int, n_images: int) -> bool:
-    """True when every item transform is deterministic and the pictures fit in MAX_BYTES."""
-    random_items = {name for name, _ in parse_aug(aug)} & RANDOM_ITEM_TRANSFORMS
-    return not random_items and n_images * size * size * 3 <= MAX_BYTES
+def applies(plan: AugPlan, size: int, n_images: int) -> bool:
+    """True when every item transform is deterministic (the presets say so) and the pictures fit in MAX_BYTES."""
+    return not plan.random_per_item and n_images * size * size * 3 <= MAX_BYTES
 
 
 def _key(files: list[Path], size: int, crop_pct: float) -> str:

@@ -1,0 +1,141 @@
+"""Folders on disk, in one place: the dataset layouts fastft reads (split names, class folders), collecting
+image files, keeping the readable ones, and naming the folders fastft writes (runs, evaluations).
+
+Layouts (class names are folder names):
+    DIR/train/<class>/*  +  DIR/test/<class>/*  (or valid/, val/)  -- the test split is the validation set, as in d2l
+    DIR/<class>/*                                                 -- split by a seeded valid_pct
+
+Light on purpose (PIL, no fastai): inference uses it too.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from fastft.data.images import image_extensions, split_readable, warn_skipped
+from fastft.errors import UsageError
+
+TRAIN_SPLIT = "train"
+TEST_SPLIT_NAMES = ("test", "valid", "val")  # the first that exists beside train/ is the test split
+
+
+@dataclass
+class Split:
+    """Image files per class for training and for testing (validation)."""
+    classes: list[str]
+    train: dict[str, list[Path]]
+    test: dict[str, list[Path]]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    pixels: dict = field(default_factory=dict)  # "train"/"test" -> (N, 3, H, W) uint8, in item order, when cached
+
+    def items(self, part: str) -> list[tuple[Path, str]]:
+        """(file, class) pairs of one split, class by class: the order items, labels and cached pixels share."""
+        by_class = getattr(self, part)
+        return [(p, c) for c in self.classes for p in by_class.get(c, [])]
+
+
+def class_images(folder: Path) -> dict[str, list[Path]]:
+    """class name -> sorted image files under folder/<class>/ (recursively); hidden folders are ignored."""
+    extensions = image_extensions()
+    return {
+        d.name: sorted(p for p in d.rglob("*") if p.suffix.lower() in extensions and p.is_file())
+        for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")
+    }
+
+
+def test_folder(root: Path) -> Path | None:
+    """root's test split folder (test/, valid/ or val/), if it has one."""
+    return next((root / name for name in TEST_SPLIT_NAMES if (root / name).is_dir()), None)
+
+
+def find_images(root: Path, valid_pct: float, seed: int) -> Split:
+    """Find the train/test class folders under `root` (or split one set of class folders by seed)."""
+    if not root.is_dir():
+        raise UsageError(f"data folder {root} does not exist; pass --data with a folder of train/ and test/ class folders")
+    test_dir = test_folder(root)
+    if (root / TRAIN_SPLIT).is_dir() and test_dir is None:
+        raise UsageError(f"{root} has train/ but no test/ (or valid/) beside it; add one, "
+                         "or put the class folders directly in the data folder to split them by --valid-pct")
+    if (root / TRAIN_SPLIT).is_dir():
+        train, test = class_images(root / TRAIN_SPLIT), class_images(test_dir)
+        if unknown := sorted(set(test) - set(train)):
+            raise UsageError(f"{test_dir} has classes that {root / TRAIN_SPLIT} lacks: {', '.join(unknown)}; "
+                             "give both splits the same class folders")
+    else:
+        by_class = class_images(root)
+        if not by_class or not any(by_class.values()):
+            raise UsageError(f"{root} has no train/ and test/ folders of class folders, nor class folders of images; "
+                             f"expected {root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg")
+        train, test = seeded_split(by_class, valid_pct, seed)
+    if not train:
+        raise UsageError(f"{root / TRAIN_SPLIT} has no class folders; expected {root}/train/<class>/*.jpg")
+    return Split(sorted(train), train, test)
+
+
+def seeded_split(by_class: dict[str, list[Path]], valid_pct: float, seed: int) -> tuple[dict, dict]:
+    """(train, test) per class: each class shuffled by `seed`, round(n * valid_pct) of it held out. The same
+    files, seed and share always give the same split (a run's evaluation re-creates it)."""
+    rng = random.Random(seed)
+    train, test = {}, {}
+    for name, files in by_class.items():
+        files = files[:]
+        rng.shuffle(files)
+        n_test = round(len(files) * valid_pct)
+        test[name], train[name] = sorted(files[:n_test]), sorted(files[n_test:])
+    return train, test
+
+
+def stratified_sample(by_class: dict[str, list[Path]], limit: int, seed: int) -> dict[str, list[Path]]:
+    """At most `limit` files in all, each class keeping its share (largest remainders get the spare)."""
+    total = sum(map(len, by_class.values()))
+    if not limit or total <= limit:
+        return by_class
+    shares = {c: len(f) * limit / total for c, f in by_class.items()}
+    quota = {c: int(s) for c, s in shares.items()}
+    for c in sorted(shares, key=lambda c: quota[c] - shares[c])[: limit - sum(quota.values())]:
+        quota[c] += 1
+    rng = random.Random(seed)
+    return {c: sorted(rng.sample(files, quota[c])) for c, files in by_class.items()}
+
+
+def collect_images(paths: list[Path]) -> list[Path]:
+    """Files as given, folders recursed for image files, in a stable order."""
+    extensions, found = image_extensions(), []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UsageError(f"{path} does not exist; pass image files or folders of images")
+    return found
+
+
+def keep_readable(files: list[Path], quiet: bool = False) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(the files that decode, in order; [(file, reason)] for the rest), with one warning listing the rest."""
+    good, bad = split_readable(files)
+    if not quiet:
+        warn_skipped(bad)
+    return good, bad
+
+
+def new_run_folder(out: str | Path | None, name: str, parent: Path = Path("runs")) -> Path:
+    """Where a run (or report) goes: `out` if it is new or empty (never overwrite), else
+    parent/<name>-<time>, numbered if that exists."""
+    if out:
+        path = Path(out)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise UsageError(f"--out {path} already exists and is not empty; choose a new folder (nothing was overwritten)")
+        return path
+    return numbered(parent / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+
+
+def numbered(path: Path) -> Path:
+    """`path`, or path-2, path-3 ... : the first that does not exist yet."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate

@@ -1,0 +1,160 @@
+"""Fine-tuning strategies: one record each, in the spirit of Lightning's `BaseFinetuning`.
+
+A `Strategy` holds everything about one schedule: its help text, its default learning rate, whether it
+starts from random weights, its phases (which parameter groups train, for how many epochs, at which rates,
+on which schedule) and any set-up it needs (an optimizer of its own, frozen BatchNorm). Adding a strategy is
+adding one record to STRATEGIES; the recipe checks, the CLI help, the run, `compare` and the LR finder all
+read it from there.
+
+Parameter groups are the stage groups of `model.stage_splitter`: stem, stage 1 ... stage N, head. `lr` is
+always the head's peak learning rate; a slice(lr / spread, lr) spreads rates geometrically from the stem up
+to the head. `epochs` is the total across phases. BatchNorm: fastai's convention (`train_bn`) keeps the
+BatchNorm layers of frozen stages training (their affine weights and running statistics adapt to the new
+images). Everything else in a frozen stage stays exactly as loaded. `keras` follows Keras instead: BatchNorm
+of frozen stages is frozen too, statistics included.
+
+Light to import (no fastai at module level): the CLI reads the records for --help.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Part of a schedule: `epochs` epochs training the top `trains` parameter groups (0: all of them)."""
+    epochs: int
+    trains: int
+    lr: float | slice | list  # one rate, a geometric slice from the stem to the head, or one rate per group
+    one_cycle: bool = True  # fastai's fit_one_cycle; False: a constant rate (fastai's fit)
+    pct_start: float = 0.25  # one-cycle: share of the steps spent warming up
+    div: float = 25.0  # one-cycle: the rate starts at peak / div
+    wd: float | None = None  # None: the recipe's weight decay
+
+    def describe(self) -> str:
+        what = "all stages" if not self.trains else "the head only" if self.trains == 1 else f"the top {self.trains - 1} stage(s) and the head"
+        rate = self.lr
+        if isinstance(rate, slice):
+            rate = f"{rate.stop:.1e}" if rate.start is None else f"{rate.start:.1e} (stem) .. {rate.stop:.1e} (head)"
+        elif isinstance(rate, list):
+            rate = f"{rate[0]:.1e} (body), {rate[-1]:.1e} (head)"
+        else:
+            rate = f"{rate:.1e}"
+        schedule = "one-cycle, peak lr" if self.one_cycle else "constant lr"
+        return f"{self.epochs} epoch(s) training {what}, {schedule} {rate}"
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A schedule over the stage groups. Subclasses override `phases` and, when they need one, `setup`."""
+    help: str
+    default_lr: float  # the head's peak rate when the recipe leaves lr at 0
+    random_init: bool = False  # starts from random weights whatever --weights / --pretrained say
+
+    def phases(self, lr: float, epochs: int, freeze_epochs: int, unfreeze: int, n_groups: int) -> list[Phase]:
+        raise NotImplementedError
+
+    def plan(self, learn, lr: float, epochs: int, freeze_epochs: int = 1, unfreeze: int = 2) -> list[Phase]:
+        """The phases for this Learner, whose splitter says how many parameter groups there are."""
+        return self.phases(lr, epochs, freeze_epochs, unfreeze, n_groups=len(learn.splitter(learn.model)))
+
+    def setup(self, learn) -> None:
+        """Change the Learner before the first phase (optimizer, BatchNorm); undone by `teardown`."""
+
+    def teardown(self, learn) -> None:
+        pass
+
+    def fit(self, learn, phases: list[Phase]) -> None:
+        self.setup(learn)
+        try:
+            for phase in phases:
+                learn.freeze_to(-phase.trains) if phase.trains else learn.unfreeze()
+                if phase.one_cycle:
+                    learn.fit_one_cycle(phase.epochs, phase.lr, pct_start=phase.pct_start, div=phase.div, wd=phase.wd)
+                else:
+                    learn.fit(phase.epochs, lr=phase.lr, wd=phase.wd)
+        finally:
+            self.teardown(learn)
+
+
+def head_epochs(epochs: int, freeze_epochs: int) -> int:
+    """Epochs of a head-only phase: at most freeze_epochs, and always one epoch left for the rest."""
+    return min(freeze_epochs, epochs - 1)
+
+
+class FineTune(Strategy):
+    """fastai's `fine_tune`: the head alone, then every stage with discriminative rates (fastai's lr_mult 100,
+    div 5, base rate halved)."""
+
+    def phases(self, lr, epochs, freeze_epochs, unfreeze, n_groups):
+        frozen = head_epochs(epochs, freeze_epochs)
+        head = [Phase(frozen, 1, slice(lr), pct_start=0.99)] if frozen else []
+        return head + [Phase(epochs - frozen, 0, slice(lr / 200, lr / 2), pct_start=0.3, div=5.0)]
+
+
+class D2L(Strategy):
+    """d2l 13.2's `train_fine_tuning`: SGD without momentum, L2 weight decay 1e-3, the head at 10x the body."""
+
+    def phases(self, lr, epochs, freeze_epochs, unfreeze, n_groups):
+        return [Phase(epochs, 0, [lr / 10] * (n_groups - 1) + [lr], one_cycle=False, wd=1e-3)]
+
+    def setup(self, learn):
+        from fastai.optimizer import SGD
+
+        learn.opt_func, learn.opt = partial(SGD, mom=0.0, decouple_wd=False), None  # torch SGD: L2 decay
+
+
+class Keras(Strategy):
+    """The Keras transfer-learning guide: frozen backbone (BatchNorm included), then the top stages at lr/100."""
+
+    def phases(self, lr, epochs, freeze_epochs, unfreeze, n_groups):
+        frozen = head_epochs(epochs, freeze_epochs)
+        head = [Phase(frozen, 1, lr, one_cycle=False)] if frozen else []
+        return head + [Phase(epochs - frozen, min(unfreeze + 1, n_groups), lr / 100, one_cycle=False)]  # + 1: the head
+
+    def setup(self, learn):
+        from fastai.callback.training import BnFreeze
+
+        learn.train_bn, learn.opt = False, None  # frozen means frozen, BatchNorm included, as in Keras
+        learn.add_cb(BnFreeze())
+
+    def teardown(self, learn):
+        from fastai.callback.training import BnFreeze
+
+        learn.remove_cb(BnFreeze)
+
+
+class Gradual(Strategy):
+    """ULMFiT's gradual unfreezing: one more stage group per epoch, from the top down, then everything."""
+
+    def phases(self, lr, epochs, freeze_epochs, unfreeze, n_groups):
+        steps = min(epochs, n_groups)
+        return [Phase(1, k, slice(lr / 100, lr)) for k in range(1, steps)] + [Phase(epochs - steps + 1, 0, slice(lr / 100, lr))]
+
+
+class Scratch(Strategy):
+    """Random initialisation, every layer at one rate."""
+
+    def phases(self, lr, epochs, freeze_epochs, unfreeze, n_groups):
+        return [Phase(epochs, 0, lr)]
+
+
+STRATEGIES: dict[str, Strategy] = {
+    # 1e-2, not fastai's 2e-3: a small dataset gives the new head few steps, and on the hotdog set 2e-3 left
+    # it under-trained (bench/strategies.py; README).
+    "fine-tune": FineTune("fastai's fine_tune: the head alone for --freeze-epochs, then every stage with "
+                          "discriminative LRs (lr/200 at the stem .. lr/2 at the head); one-cycle, Adam", 1e-2),
+    # d2l trains with lr 5e-5 on a loss *summed* over 128 images; fastft's loss is the batch mean, so the same
+    # steps take 128 x 5e-5 = 6.4e-3 for the body and 10x that, 0.064, for the head.
+    "d2l": D2L("d2l 13.2 as printed: every layer trains from the start, SGD without momentum, weight decay "
+               "1e-3, head at 10x the body's LR, constant rate", 0.064),
+    "keras": Keras("the Keras guide: freeze the backbone, train the head at lr, then unfreeze the top "
+                   "--unfreeze stages at lr/100; constant-rate Adam, BatchNorm of frozen stages frozen", 1e-3),
+    "gradual": Gradual("ULMFiT's gradual unfreezing: one more stage group per phase from the top down, "
+                       "discriminative LRs (lr/100 .. lr); one-cycle, Adam", 1e-2),
+    # on CIFAR-10 (10,000 images, 3 epochs) one-cycle Adam peaking at 1e-2 beat 5e-3 and 2e-3
+    # (0.510, 0.497, 0.479 test acc)
+    "scratch": Scratch("random initialisation, every layer at one LR; one-cycle, Adam (d2l's baseline)", 1e-2,
+                       random_init=True),
+}
