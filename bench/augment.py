@@ -36,7 +36,7 @@ def torchvision_pipeline(preset: str, size: int):
 def fastft_loader(data: Path, preset: str, size: int, bs: int, workers: int):
     import torch
 
-    from fastft.data import build_dataloaders, load_split
+    from fastft.data.loaders import build_dataloaders, load_split
     from fastft.recipe import Recipe
 
     recipe = Recipe(aug=preset, size=size, crop_pct=1.0, bs=bs, workers=workers)

@@ -47,9 +47,9 @@ def main() -> None:
     from fastai.learner import load_learner
 
     import fastft
-    from fastft.export import export_onnx
+    from fastft.deploy.export import export_onnx
     from fastft.recipe import load_recipe
-    from fastft.run import train
+    from fastft.train.run import train
 
     run = Path(tempfile.mkdtemp()) / "run"
     recipe = load_recipe("hotdog").replace(data=str(args.data), arch="tf_efficientnet_lite0", weights=str(args.weights),

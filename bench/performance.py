@@ -88,9 +88,9 @@ def fastft_learner(recipe_name: str, data: Path, **changes):
     """The recipe's Learner on `data`, with its number format (--precision, --channels-last) as `fastft` sets it."""
     import torch
 
-    from fastft.data import build_dataloaders, load_split
-    from fastft.distributed import resolve_precision, set_number_format
-    from fastft.model import create_learner, normalization
+    from fastft.data.loaders import build_dataloaders, load_split
+    from fastft.train.devices import resolve_precision, set_number_format
+    from fastft.train.model import create_learner, normalization
     from fastft.recipe import load_recipe
 
     recipe = load_recipe(recipe_name).replace(data=str(data), pretrained=False, **changes)
@@ -311,7 +311,7 @@ def optimizer_rows(repeats: int, steps: int = 20) -> list[dict]:
     import torch
     from fastai.optimizer import Adam
 
-    from fastft.optimizer import FusedAdam
+    from fastft.train.optimizer import FusedAdam
 
     model = timm.create_model("resnet18", num_classes=10)
     for p in model.parameters():
@@ -335,7 +335,7 @@ def optimizer_rows(repeats: int, steps: int = 20) -> list[dict]:
 def startup_rows(data: Path) -> list[dict]:
     """Seconds to find and read all of `data` before training: the readability scan of decoding per
     batch (--no-cache), the decode-once cache cold (empty cache folder) and warm (read back)."""
-    code = ("import sys, time; from pathlib import Path; from fastft.data import load_split; "
+    code = ("import sys, time; from pathlib import Path; from fastft.data.loaders import load_split; "
             "from fastft.recipe import load_recipe; r = load_recipe('cifar').replace(data=sys.argv[1], cache=sys.argv[2] == '1'); "
             "t = time.perf_counter(); load_split(Path(sys.argv[1]), r, quiet=True); print(time.perf_counter() - t)")
     cache = tempfile.mkdtemp()

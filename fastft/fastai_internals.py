@@ -18,7 +18,7 @@ def train_only(transform):
     return transform
 
 
-def test_only(transform):
+def valid_only(transform):
     """Apply `transform` to validation (test) items only: split_idx 1 (see `train_only`)."""
     transform.split_idx = 1
     return transform

@@ -50,7 +50,7 @@ class Recipe:
     # infrastructure
     seed: int = 42  # same seed, same numbers on the same machine
     workers: int = 2  # DataLoader worker processes (0 = load in the main process); unused when cached
-    cache: bool = True  # decode each image once into memory and the disk cache (fastft/cache.py), when it applies
+    cache: bool = True  # decode each image once into memory and the disk cache (fastft/data/cache.py), when it applies
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     precision: str = "auto"  # auto, fp32, bf16, fp16 (auto: bf16 where the hardware has it, else fp32 on CPU, fp16 on GPU)
     channels_last: bool = False  # model and batches in channels-last memory format (timm's --channels-last); same numbers

@@ -150,7 +150,7 @@ class AugPlan:
         """(item_tfms, batch_tfms). Test items get the deterministic resize-then-centre-crop and nothing
         random: every preset's transforms are training-only."""
         from fastft.data.transforms import ResizeCenterCrop
-        from fastft.fastai_internals import test_only, train_only
+        from fastft.fastai_internals import train_only, valid_only
 
         test_items = ResizeCenterCrop(size, crop_pct)
         item_tfms, batch_tfms = [], []
@@ -167,7 +167,7 @@ class AugPlan:
             batch_tfms += [train_only(t) for t in members[0][1].build(merged, size)]
         resized = any(PRESETS[name].sizes_training_images for name, _ in self.steps)
         # without a random crop, train and test items get the same deterministic resize
-        return [test_only(test_items) if resized else test_items, *item_tfms], batch_tfms
+        return [valid_only(test_items) if resized else test_items, *item_tfms], batch_tfms
 
 
 def _number(text: str, where: str) -> float:

@@ -8,9 +8,9 @@ indexing it; flips and colour run on the batch afterwards, as before. All of CIF
 at 32 px, 288 MB at 40.
 
 The decoded pictures are also saved under the cache folder ($FASTFT_CACHE, default
-~/.cache/fastft), keyed by every file's path, size and modification time and by size/crop_pct:
-the next run over the same files skips decoding (and the readability scan) entirely. A changed,
-added or removed file changes the key. Delete the folder to reclaim the space.
+$XDG_CACHE_HOME/fastft or ~/.cache/fastft), keyed by every file's path, size and modification time
+and by size/crop_pct: the next run over the same files skips decoding (and the readability scan)
+entirely. A changed, added or removed file changes the key. Delete the folder to reclaim the space.
 """
 from __future__ import annotations
 
@@ -29,7 +29,10 @@ MAX_BYTES = 4 * 2**30  # larger datasets decode per batch as usual
 
 
 def cache_folder() -> Path:
-    return Path(os.environ.get("FASTFT_CACHE") or Path.home() / ".cache" / "fastft").expanduser()
+    """$FASTFT_CACHE, else fastft/ in the user's cache folder ($XDG_CACHE_HOME, default ~/.cache)."""
+    if os.environ.get("FASTFT_CACHE"):
+        return Path(os.environ["FASTFT_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "fastft"
 
 
 def applies(plan: AugPlan, size: int, n_images: int) -> bool:

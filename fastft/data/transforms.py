@@ -37,7 +37,7 @@ def label_of(item):
 
 
 class CachedDL(TfmdDL):
-    """fastai's TfmdDL, serving batches by indexing decoded pictures when `pixels` is set (fastft/cache.py):
+    """fastai's TfmdDL, serving batches by indexing decoded pictures when `pixels` is set (fastft/data/cache.py):
     (N, 3, H, W) uint8 images and (N,) labels, in the dataset's item order. Order, shuffling, drop_last
     and batch transforms are the TfmdDL's own, so batches equal the per-item pipeline's exactly. A DL made
     from this one (`new`, `test_dl`) has no pixels and reads files as usual."""

@@ -1,0 +1,104 @@
+"""Each fastai behaviour fastft relies on that fastai does not promise (fastft/fastai_internals.py), checked
+directly: a fastai upgrade that changes one fails here, under a name that says what broke."""
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from fastai.data.core import Datasets, TfmdDL
+from fastai.learner import Learner
+from fastai.vision.all import Transform
+
+from fastft.fastai_internals import (BroadcastHookDL, HyperHookOptimWrapper, LoaderHookTrainer, release_last_batch,
+                                     train_only, valid_only)
+
+
+class AddTen(Transform):
+    def encodes(self, x: int):
+        return x + 10
+
+
+def test_split_idx_makes_a_transform_training_only_or_validation_only():
+    trained = Datasets([1, 2, 3, 4], tfms=[[train_only(AddTen())]], splits=([0, 1], [2, 3]))
+    assert [x for (x,) in trained.train] == [11, 12] and [x for (x,) in trained.valid] == [3, 4]
+    tested = Datasets([1, 2, 3, 4], tfms=[[valid_only(AddTen())]], splits=([0, 1], [2, 3]))
+    assert [x for (x,) in tested.train] == [1, 2] and [x for (x,) in tested.valid] == [13, 14]
+
+
+def _tiny_learner():
+    from fastai.data.core import DataLoaders
+
+    x = torch.randn(16, 3)
+    y = (x[:, 0] > 0).long()
+    dls = DataLoaders(TfmdDL(list(zip(x, y)), bs=4, shuffle=True), TfmdDL(list(zip(x, y)), bs=4))
+    return Learner(dls, torch.nn.Linear(3, 2), loss_func=torch.nn.CrossEntropyLoss())
+
+
+def test_a_learner_stopped_mid_fit_holds_its_last_batch_until_released():
+    from fastai.callback.core import Callback
+
+    class CtrlC(Callback):
+        def after_batch(self):
+            raise KeyboardInterrupt
+
+    learn = _tiny_learner()
+    with learn.no_bar(), learn.no_logging(), pytest.raises(KeyboardInterrupt):
+        learn.fit(1, cbs=CtrlC())
+    assert isinstance(learn.pred, torch.Tensor) and isinstance(learn.xb[0], torch.Tensor)  # what would be pickled
+    release_last_batch(learn)
+    assert learn.pred is None and learn.loss is None and learn.xb == (None,) and learn.yb == (None,) and learn.dl is None
+
+
+def test_set_hyper_spreads_a_slice_over_the_groups_and_stores_it_through_the_hook():
+    stored = []
+
+    class Recording(HyperHookOptimWrapper):
+        def store_hyper(self, key, values):
+            stored.append((key, list(values)))
+
+    groups = [[torch.nn.Parameter(torch.zeros(2))] for _ in range(3)]
+    opt = Recording(groups, opt=torch.optim.SGD, lr=0.1)
+    opt.set_hyper("lr", slice(1e-3, 1e-1))
+    opt.set_hyper("wd", 0.5)
+    assert stored[0][0] == "lr" and stored[0][1] == pytest.approx([1e-3, 1e-2, 1e-1])
+    assert stored[1] == ("wd", [0.5, 0.5, 0.5])
+
+
+def test_the_distributed_trainer_wraps_loaders_through_the_hook():
+    class Recording(LoaderHookTrainer):
+        def __init__(self):  # no Accelerator: only the hook is under test
+            pass
+
+        def wrap_loader(self, dl):
+            return ("wrapped", dl)
+
+    trainer = Recording()
+    trainer.learn = SimpleNamespace(dl="train loader")
+    trainer.before_train()
+    assert trainer.learn.dl == ("wrapped", "train loader")
+    trainer.learn.dl = "test loader"
+    trainer.before_validate()
+    assert trainer.learn.dl == ("wrapped", "test loader")
+
+
+def test_the_sharded_loader_takes_its_order_from_the_broadcast_hook():
+    asked = []
+
+    class Recording(BroadcastHookDL):
+        def broadcast_order(self, indices, rank):
+            asked.append(rank)
+            return list(reversed(indices))  # what rank 0 "sent"
+
+    dl = TfmdDL(list(range(10)), bs=2)
+    shards = [list(Recording(dl, rank=r, world_size=2).get_idxs()) for r in (0, 1)]
+    assert asked == [0, 0]
+    assert shards == [[9, 8, 7, 6, 5], [4, 3, 2, 1, 0]]
+
+
+def test_inference_modules_do_not_import_fastai():
+    code = ("import sys, fastft, fastft.deploy.evaluate, fastft.deploy.predict, fastft.deploy.bundle, "
+            "fastft.deploy.export, fastft.deploy.network; "
+            "print(sorted(m for m in sys.modules if m == 'fastai' or m.startswith('fastai.')))")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == "[]"
