@@ -1,13 +1,17 @@
-"""The `fastft` command: one subcommand per recipes/*.toml, plus run, predict and recipes.
+"""The `fastft` command: `train DIR` for your own photos, one command per recipe (hotdog, cifar, ...), and
+run, compare, lr-find, predict, evaluate, export, augs and recipes.
 
-The CLI parses and hands a Recipe to the library. It imports only Typer and the recipe reader up
-front, so `--help` and argument errors stay fast; fastai and timm load inside the commands.
+The CLI parses and hands a Recipe to the library. Every training option is a recipe key, with its help
+text from fastft/recipe.py; a recipe command's --help shows that recipe's values. Only Typer and the recipe
+reader are imported up front, so `--help` and argument errors stay fast; fastai and timm load inside the
+commands that need them.
 """
 from __future__ import annotations
 
 import functools
 import inspect
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -18,54 +22,24 @@ import typer
 from fastft import __version__
 from fastft.data.augment import AUG_HELP
 from fastft.errors import UsageError
-from fastft.recipe import load_recipe, read_recipe_file, recipe_files
+from fastft.recipe import OPTIONS, Recipe, find_recipes, load_recipe, read_recipe_file
 from fastft.train.strategies import STRATEGIES
+
+try:  # typer >= 0.22 carries its own click, whose errors derive from TyperException; older typer uses click's
+    from typer import TyperException as CommandLineError
+except ImportError:
+    from click import ClickException as CommandLineError
 
 # Noise from the libraries fastft drives, not something a user can act on.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Transfer learning for images: the textbook recipes, one command each (fastai + timm).")
+# Plain click help (rich_markup_mode=None): it wraps long help at word boundaries at any width.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  help="Transfer learning for images: `fastft train DIR` on your own photos, and the textbook "
+                       "recipes, one command each (fastai + timm).")
 
-# Options every training command takes: name -> (type, flag, help). None means "not given": the
-# recipe file's value (or the built-in default) stands.
-TRAIN_OPTIONS = {
-    "data": (str, "--data", "Local dataset folder: train/ and test/ (or valid/) of class folders, or class folders alone. Default: download the recipe's dataset."),
-    "data_url": (str, "--data-url", "Download the dataset archive from this URL instead of the recipe's."),
-    "epochs": (int, "--epochs", "Total epochs, frozen phases included."),
-    "lr": (str, "--lr", "The head's peak learning rate; 0: the strategy's default; auto: run fastai's LR finder first."),
-    "bs": (int, "--bs", "Batch size."),
-    "wd": (float, "--wd", "Decoupled weight decay (fastai's default 0.01; the d2l strategy keeps its own 1e-3)."),
-    "label_smoothing": (float, "--label-smoothing", "Label smoothing eps: 0 plain cross-entropy, 0.1 a common choice against overconfidence."),
-    "tta": (bool, "--tta/--no-tta", "Flip TTA: report the final test accuracy, and predict, averaging each image with its mirror."),
-    "size": (int, "--size", "Input side in pixels (train crops and test centre-crops to it)."),
-    "arch": (str, "--arch", "Any timm model name, with or without weights tag: resnet18, resnet18.tv_in1k, tf_efficientnet_lite0."),
-    "weights": (str, "--weights", "Local timm state dict (.safetensors or .pth) to start from instead of the hub."),
-    "pretrained": (bool, "--pretrained/--no-pretrained", "Start from ImageNet weights, or from random init."),
-    "head_dropout": (float, "--head-dropout", "Dropout in fastai's head (its ps): p/2 before the hidden layer, p before the last."),
-    "strategy": (str, "--strategy", "Training schedule. " + "; ".join(f"{k}: {v.help}" for k, v in STRATEGIES.items())),
-    "freeze_epochs": (int, "--freeze-epochs", "fine-tune, keras: epochs that train only the head (part of --epochs)."),
-    "unfreeze": (int, "--unfreeze", "keras: stages unfrozen from the top after the head-only phase."),
-    "aug": (str, "--aug", AUG_HELP),
-    "valid_pct": (float, "--valid-pct", "Test share when the data folder has no train/test split."),
-    "limit": (int, "--limit", "A seeded, class-stratified sample of at most N train and N test images (quick runs)."),
-    "seed": (int, "--seed", "Random seed: the same seed gives the same numbers on the same machine."),
-    "workers": (int, "--workers", "DataLoader worker processes (0: load in the main process)."),
-    "cache": (bool, "--cache/--no-cache", "Decode each image once into memory (and ~/.cache/fastft, or $FASTFT_CACHE) when no item transform is random, instead of every epoch."),
-    "device": (str, "--device", "auto, cpu, cuda, cuda:N or mps."),
-    "precision": (str, "--precision", "auto, fp32, bf16 or fp16 (auto: bf16 on GPUs and CPUs that have it in hardware; else fp16 on GPUs, fp32 on CPU and MPS)."),
-    "channels_last": (bool, "--channels-last/--no-channels-last", "Model and batches in channels-last memory format: the same arithmetic, often faster convolutions."),
-}
-
-
-def _option(name: str, kind: type, flag: str, help: str) -> inspect.Parameter:
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
-                             default=typer.Option(None, *flag.split(" "), help=help, show_default=False))
-
-
-OUT_OPTION = inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-                               default=typer.Option(None, "--out", show_default=False,
-                                                    help="Run folder (must be new or empty). Default: runs/<recipe>-<time>."))
+COMMANDS = frozenset({"train", "run", "compare", "lr-find", "recipes", "predict", "evaluate", "export", "augs"})
+TYPES = {"str": str, "int": int, "float": float, "bool": bool}  # a recipe key's type on the command line (lr: str)
 
 
 def user_errors(command):
@@ -80,7 +54,41 @@ def user_errors(command):
     return wrapper
 
 
-def _train(recipe, options: dict) -> None:
+def flag_of(name: str) -> str:
+    """A recipe key's command-line flag: bs -> --bs, channels_last -> --channels-last/--no-channels-last."""
+    field, dashed = OPTIONS[name], name.replace("_", "-")
+    return field.metadata["flag"] or (f"--{dashed}/--no-{dashed}" if field.type == "bool" else f"--{dashed}")
+
+
+def shown_value(recipe: Recipe, name: str) -> str:
+    """How --help shows a recipe's value of `name`."""
+    value = getattr(recipe, name)
+    if isinstance(value, bool):
+        return f"--{name.replace('_', '-')}" if value else f"--no-{name.replace('_', '-')}"
+    if name == "lr" and not value:
+        return f"{STRATEGIES[recipe.strategy].default_lr:g} ({recipe.strategy}'s default)"
+    if name == "data" and not value:
+        return f"download {recipe.dataset or recipe.name}" if recipe.data_url else "none"
+    return str(value) if value != "" else "none"
+
+
+def training_options(recipe: Recipe | None = None, leave_out=()) -> list[inspect.Parameter]:
+    """One option per recipe key (and --out). None means "not given": the recipe's value stands. With a
+    recipe, --help shows its values as the defaults."""
+    parameters = []
+    for name, field in OPTIONS.items():
+        if name in leave_out:
+            continue
+        shown = shown_value(recipe, name) if recipe else False
+        option = typer.Option(None, *flag_of(name).split(" "), help=field.metadata["help"], show_default=shown)
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                            annotation=Optional[TYPES.get(field.type, str)]))
+    out = typer.Option(None, "--out", show_default=False,
+                       help="Run folder (must be new or empty). Default: runs/<name>-<time>.")
+    return parameters + [inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, default=out, annotation=Optional[str])]
+
+
+def _train(recipe: Recipe, options: dict) -> None:
     from fastft.train.run import Interrupted, train
 
     out = options.pop("out")
@@ -92,12 +100,16 @@ def _train(recipe, options: dict) -> None:
         raise typer.Exit(130) from None
 
 
-def _recipe_command(name: str, path: Path):
-    def command(**options):
-        _train(read_recipe_file(path), options)
-    command.__signature__ = inspect.Signature([_option(k, *spec) for k, spec in TRAIN_OPTIONS.items()] + [OUT_OPTION])
-    command.__name__ = name
-    return user_errors(command)
+def _argument(name: str, help: str, annotation=str) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation,
+                             default=typer.Argument(..., help=help, show_default=False))
+
+
+def command(name: str, help: str, function, parameters: list[inspect.Parameter]) -> None:
+    """Register `function(**parameters)` as `fastft NAME`, with user errors as one line."""
+    function.__signature__ = inspect.Signature(parameters)
+    function.__name__ = name.replace("-", "_")
+    app.command(name=name, help=help)(user_errors(function))
 
 
 def _describe(path: Path) -> str:
@@ -107,20 +119,42 @@ def _describe(path: Path) -> str:
         return f"(broken recipe: {e})"
 
 
-for _name, _path in recipe_files().items():
-    app.command(name=_name, help=f"{_describe(_path)} (recipe: {_path.name})")(_recipe_command(_name, _path))
+def _read_or_default(path: Path) -> Recipe | None:
+    try:
+        return read_recipe_file(path)
+    except UsageError:
+        return None  # the command reports it when run
 
 
-def _recipe_argument(help: str) -> inspect.Parameter:
-    return inspect.Parameter("recipe", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
-                             default=typer.Argument(..., help=help, show_default=False))
+RECIPES, REFUSED = find_recipes(reserved=COMMANDS - {"train"})  # `fastft train` is recipes/train.toml
 
 
-def _with_recipe_options(function, recipe_help: str):
-    """Give `function(recipe, **options)` the recipe argument and every training option."""
-    function.__signature__ = inspect.Signature([_recipe_argument(recipe_help)]
-                                               + [_option(k, *spec) for k, spec in TRAIN_OPTIONS.items()] + [OUT_OPTION])
-    return user_errors(function)
+def run_name(folder: str) -> str:
+    """A run's name from its data folder: my photos/ -> my_photos."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(folder).expanduser().resolve().name).strip("._") or "data"
+
+
+def train_folder(data, **options):
+    recipe = read_recipe_file(RECIPES["train"])
+    _train(recipe.replace(name=run_name(data), data=str(data)), options)
+
+
+if "train" in RECIPES:  # the shipped recipes/train.toml
+    command("train", f"{_describe(RECIPES['train'])}. Runs are named after the folder: runs/<folder>-<time>/.",
+            train_folder, [_argument("data", "Your data: a folder of class folders (split by --valid-pct), or of "
+                                             "train/ and test/ class folders.")]
+            + training_options(_read_or_default(RECIPES["train"]), leave_out={"data"}))
+
+
+def _recipe_command(name: str, path: Path) -> None:
+    def run_recipe(**options):
+        _train(read_recipe_file(path), options)
+    command(name, f"{_describe(path)} (recipe: {path.name})", run_recipe, training_options(_read_or_default(path)))
+
+
+for _name, _path in RECIPES.items():
+    if _name != "train":
+        _recipe_command(_name, _path)
 
 
 def run_file(recipe, **options):
@@ -131,6 +165,9 @@ def lr_find(recipe, **options):
     from fastft.train.run import lr_find_only
 
     out = options.pop("out")
+    if options.pop("epochs") is not None or options.pop("tta") is not None:
+        raise UsageError("--epochs and --tta do nothing in lr-find (it takes a number of steps bounded by the data, "
+                         "then stops); drop them")
     suggestion = lr_find_only(load_recipe(recipe).replace(source="command-line options", **options), out)
     typer.echo(f"suggested lr {suggestion:.2e} (fastai's valley); plot in lr_find.png")
 
@@ -144,21 +181,27 @@ def compare(recipe, **options):
 
 
 RECIPE_HELP = "A recipe name (see `fastft recipes`) or a .toml file."
-app.command(name="run", help="Run any recipe file; a run's saved recipe.toml reproduces that run.")(
-    _with_recipe_options(run_file, "A recipe .toml file, e.g. a run's saved recipe.toml, or a recipe name."))
-app.command(name="lr-find", help="Run fastai's LR finder on a recipe's data and model: prints the suggestion, "
-            "saves lr_find.png in --out.")(_with_recipe_options(lr_find, RECIPE_HELP))
-app.command(name="compare", help="Train a recipe once per setting, same data, seed and epochs: --strategy a,b,... or "
-            "--aug a,b,... (commas separate settings). Each run goes to OUT/<setting>/; the table to "
-            "OUT/compare.json and the curves to OUT/compare.png.")(_with_recipe_options(compare, RECIPE_HELP))
+command("run", "Run any recipe file; a run's saved recipe.toml reproduces that run.", run_file,
+        [_argument("recipe", "A recipe .toml file, e.g. a run's saved recipe.toml, or a recipe name.")] + training_options())
+command("lr-find", "Run fastai's LR finder on a recipe's data and model: prints the suggestion, saves lr_find.png "
+        "in --out. It takes at most 100 steps, fewer on a small dataset.", lr_find,
+        [_argument("recipe", RECIPE_HELP)] + training_options())
+command("compare", "Train a recipe once per setting, same data, seed and epochs: --strategy a,b,... or --aug a,b,... "
+        "(commas separate settings). Each run goes to OUT/<setting>/; the table to OUT/compare.json and the curves "
+        "to OUT/compare.png.", compare, [_argument("recipe", RECIPE_HELP)] + training_options())
 
 
 @app.command(name="recipes")
 @user_errors
 def list_recipes():
-    """List the recipes, one line each."""
-    for name, path in recipe_files().items():
-        typer.echo(f"{name:<12} {_describe(path)}")
+    """List the recipes and their key settings."""
+    for name, path in RECIPES.items():
+        recipe = _read_or_default(path)
+        typer.echo(f"{name:<10} {_describe(path)}")
+        if recipe:
+            usage = "fastft train DIR" if name == "train" else f"fastft {name}"
+            typer.echo(f"{'':<10} {usage}: {recipe.arch}, {recipe.strategy}, {recipe.epochs} epochs, lr "
+                       f"{shown_value(recipe, 'lr')}, {recipe.size} px, --aug {recipe.aug}, batch {recipe.bs}")
 
 
 @app.command()
@@ -220,7 +263,8 @@ def export(
 @user_errors
 def evaluate(
     model: Path = typer.Argument(..., help="A run folder, model.json, model.onnx, or model.pkl."),
-    data: Path = typer.Argument(..., help="A folder of class folders, or one with test/ (or valid/)."),
+    data: Path = typer.Argument(..., help="A folder of class folders, or one with test/ (or valid/). The run's own "
+                                          "unsplit folder scores only the images the run held out."),
     out: Optional[str] = typer.Option(None, "--out", help="Report folder. Default: a new eval-<data> folder beside the model."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     bs: int = typer.Option(64, "--bs", min=1),
@@ -234,7 +278,8 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    typer.echo(f"accuracy {report['accuracy']:.3f} on {report['images']} images{' (flip TTA)' if report['tta'] else ''}")
+    typer.echo(f"accuracy {report['accuracy']:.3f} on {report['images']} images{' (flip TTA)' if report['tta'] else ''}: "
+               f"{report['scored']}")
     typer.echo(f"{'class':<20} {'precision':>9} {'recall':>7} {'support':>7}")
     for name, row in report["per_class"].items():
         typer.echo(f"{name:<20} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['support']:>7}")
@@ -246,7 +291,7 @@ def evaluate(
 def augs(
     spec: str = typer.Argument(..., help=AUG_HELP),
     image: Path = typer.Argument(..., help="The image to augment."),
-    out: Path = typer.Option(Path("augs.png"), "--out", help="The PNG file to write."),
+    out: Path = typer.Option(Path("augs.png"), "--out", help="The PNG file to write (must not exist yet)."),
     size: int = typer.Option(200, "--size", min=8, help="Side of each augmented image in pixels."),
     rows: int = typer.Option(2, "--rows", min=1),
     cols: int = typer.Option(4, "--cols", min=1),
@@ -261,6 +306,8 @@ def augs(
         raise UsageError(f"cannot read image {image} ({'no such file' if not image.is_file() else why}); pass an image file")
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {out} must name a .png file")
+    if out.exists():
+        raise UsageError(f"--out {out} already exists; choose a new file name (nothing was overwritten)")
     preview_grid(plan, image, out, size=size, rows=rows, cols=cols, seed=seed)
     typer.echo(f"wrote {out}")
 
@@ -274,12 +321,24 @@ def _show_version(value: bool):
 @app.callback()
 def main_options(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
                                              help="Print the version and exit.")):
-    pass
+    for line in REFUSED:
+        typer.echo(f"warning: {line}", err=True)
 
 
 def main():
     try:
-        app()
+        code = app(standalone_mode=False)
+    except CommandLineError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `fastft` alone: the help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        # a bad argument or option: one line that names it and where the help is
+        where = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) else ""
+        print(f"error: {e.format_message()}{where}", file=sys.stderr)
+        code = 2
+    except typer.Abort:
+        code = 130
     except UsageError as e:  # raised while building the commands, e.g. a broken recipe file
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    sys.exit(code if isinstance(code, int) else 0)

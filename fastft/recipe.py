@@ -10,50 +10,69 @@ import dataclasses
 import json
 import os
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from fastft.data.augment import AUG_HELP
 from fastft.errors import UsageError
 from fastft.train.strategies import STRATEGIES
 
 
+def setting(default, help: str, flag: str | None = ""):
+    """A recipe key: its built-in default and what it means. `flag` is its command-line option (derived from
+    the name when empty: bs -> --bs, bools -> --tta/--no-tta); None for keys only a recipe file sets. The CLI
+    builds every training command's options from these."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
 @dataclass
 class Recipe:
-    name: str = "custom"
-    description: str = ""
+    name: str = setting("custom", "the run's name: run folders are <name>-<time>", flag=None)
+    description: str = setting("", "one line for `fastft recipes` and --help", flag=None)
     # data: a local folder, or (when empty) a download into the data home
-    data: str = ""  # folder with train/ and test/ (or valid/) class folders, or just class folders
-    dataset: str = ""  # folder name the download extracts to, under the data home
-    data_url: str = ""  # where to download the dataset from when `data` is empty
-    data_sha1: str = ""  # published checksum of that archive; empty = not checked
-    valid_pct: float = 0.2  # held-out share when the folder has no train/test split
-    limit: int = 0  # >0: a seeded, class-stratified sample of at most this many images per split
+    data: str = setting("", "Local dataset folder: train/ and test/ (or valid/) of class folders, or class folders "
+                            "alone (split by --valid-pct). Default: download the recipe's dataset.")
+    dataset: str = setting("", "folder name the download extracts to, under the data home", flag=None)
+    data_url: str = setting("", "Download the dataset archive from this URL instead of the recipe's.")
+    data_sha1: str = setting("", "published SHA-1 of that archive; empty = not checked", flag=None)
+    valid_pct: float = setting(0.2, "Held-out (test) share when the data folder has no train/test split.")
+    limit: int = setting(0, "A seeded, class-stratified sample of at most N train and N test images (quick runs); "
+                            "0: all.")
     # model
-    arch: str = "resnet18"  # any timm name, optionally with a weights tag: resnet18.tv_in1k
-    pretrained: bool = True  # start from ImageNet weights (hub, or `weights`)
-    weights: str = ""  # local timm state dict (.safetensors / .pth) used instead of the hub
-    head_dropout: float = 0.5  # fastai's head dropout (ps): p/2 before the hidden layer, p before the last
+    arch: str = setting("resnet18", "Any timm model name, with or without weights tag: resnet18, resnet18.tv_in1k, "
+                                    "tf_efficientnet_lite0.")
+    pretrained: bool = setting(True, "Start from ImageNet weights (the hub's, or --weights), or from random init.")
+    weights: str = setting("", "Start from local weights instead of the hub's: a timm state dict (.safetensors or .pth), "
+                               "or a fastft run folder (its backbone, and its head when the classes match).")
+    head_dropout: float = setting(0.5, "Dropout in fastai's head (its ps): p/2 before the hidden layer, p before the last.")
     # input and augmentation
-    size: int = 224  # square input side in pixels
-    crop_pct: float = 0.875  # test items: resize to round(size / crop_pct), then centre-crop to size
-    aug: str = "flip"  # augmentation presets joined with '+': see `fastft hotdog --help`
+    size: int = setting(224, "Input side in pixels (train crops and test centre-crops to it).")
+    crop_pct: float = setting(0.875, "test items: resize to round(size / crop_pct), then centre-crop to size", flag=None)
+    aug: str = setting("flip", AUG_HELP)
     # training
-    strategy: str = "fine-tune"  # fine-tune, d2l, keras, gradual, scratch: see fastft/train/strategies.py
-    epochs: int = 5  # total epochs, frozen phases included
-    freeze_epochs: int = 1  # fine-tune, keras: epochs that train only the head (within `epochs`)
-    unfreeze: int = 2  # keras: stages unfrozen (from the top) after the head-only phase
-    lr: float | str = 0.0  # the head's peak learning rate; 0 = the strategy's default; "auto" = LR finder
-    bs: int = 64  # batch size
-    wd: float = 0.01  # decoupled weight decay of fastai's optimizers (fastai's default; d2l's strategy keeps its own)
-    label_smoothing: float = 0.0  # share of each target spread over all classes (fastai's LabelSmoothingCrossEntropy eps)
-    tta: bool = False  # flip TTA: the final test accuracy (and the bundle's predictions) average each image with its mirror
+    strategy: str = setting("fine-tune", "Training schedule: " + "; ".join(f"{k}: {v.help}" for k, v in STRATEGIES.items()))
+    epochs: int = setting(5, "Total epochs, frozen phases included.")
+    freeze_epochs: int = setting(1, "fine-tune, keras: epochs that train only the head (part of --epochs).")
+    unfreeze: int = setting(2, "keras: stages unfrozen from the top after the head-only phase.")
+    lr: float | str = setting(0.0, "The head's peak learning rate; 0: the strategy's default; auto: run fastai's LR finder first.")
+    bs: int = setting(64, "Batch size (per process).")
+    wd: float = setting(0.01, "Decoupled weight decay (fastai's default 0.01; the d2l strategy keeps its own 1e-3).")
+    label_smoothing: float = setting(0.0, "Label smoothing eps: 0 plain cross-entropy, 0.1 a common choice against "
+                                          "overconfidence.")
+    tta: bool = setting(False, "Flip TTA: the final test accuracy, and predictions, average each image with its mirror.")
     # infrastructure
-    seed: int = 42  # same seed, same numbers on the same machine
-    workers: int = 2  # DataLoader worker processes (0 = load in the main process); unused when cached
-    cache: bool = True  # decode each image once into memory and the disk cache (fastft/data/cache.py), when it applies
-    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    precision: str = "auto"  # auto, fp32, bf16, fp16 (auto: bf16 where the hardware has it, else fp32 on CPU, fp16 on GPU)
-    channels_last: bool = False  # model and batches in channels-last memory format (timm's --channels-last); same numbers
+    seed: int = setting(42, "Random seed: the same seed gives the same numbers on the same machine (and the same "
+                            "--workers).")
+    workers: int = setting(2, "DataLoader worker processes (0: load in the main process); unused when decoded once. "
+                              "Random crops draw in the process that loads, so 0 and 2 give different (each "
+                              "reproducible) numbers.")
+    cache: bool = setting(True, "Decode each image once into memory and the disk cache (~/.cache/fastft, or "
+                                "$FASTFT_CACHE) when no item transform is random, instead of every epoch.")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps.")
+    precision: str = setting("auto", "auto, fp32, bf16 or fp16 (auto: bf16 on GPUs and CPUs that have it in hardware; "
+                                     "else fp16 on GPUs, fp32 on CPU and MPS).")
+    channels_last: bool = setting(False, "Model and batches in channels-last memory format: the same arithmetic, "
+                                         "often faster convolutions.")
 
     def replace(self, source: str = "the command line", **changes) -> "Recipe":
         """A copy with `changes` applied (None values mean 'not given' and are ignored), validated."""
@@ -67,6 +86,7 @@ class Recipe:
 
 
 _FIELD_TYPES = {f.name: f.type for f in fields(Recipe)}
+OPTIONS = {f.name: f for f in fields(Recipe) if f.metadata["flag"] is not None}  # keys the command line sets
 _TYPE_NAMES = {"str": str, "int": int, "float": float, "bool": bool}
 
 
@@ -136,13 +156,27 @@ def recipe_dirs() -> list[Path]:
     return [shipped, *extra]
 
 
-def recipe_files() -> dict[str, Path]:
-    """Recipe name -> file, for every recipes/*.toml; each becomes a CLI command."""
-    found = {}
+def find_recipes(reserved: frozenset[str] = frozenset()) -> tuple[dict[str, Path], list[str]]:
+    """(recipe name -> file for every recipes/*.toml, each a CLI command; one line per file refused). A file
+    named like one of the `reserved` command names, or like a recipe found before it, is refused: it
+    could never run as a command (`fastft run FILE` still runs it)."""
+    found, refused = {}, []
     for folder in recipe_dirs():
         for path in sorted(folder.glob("*.toml")):
-            found.setdefault(path.stem, path)
-    return found
+            if path.stem in reserved:
+                refused.append(f"ignoring recipe {path}: '{path.stem}' is a fastft command; rename the file "
+                               "(its name is the command), or run it with `fastft run FILE`")
+            elif path.stem in found:
+                refused.append(f"ignoring recipe {path}: the recipe '{path.stem}' is already {found[path.stem]}; "
+                               "rename the file (its name is the command)")
+            else:
+                found[path.stem] = path
+    return found, refused
+
+
+def recipe_files() -> dict[str, Path]:
+    """Recipe name -> file, for every recipe a command can name."""
+    return find_recipes()[0]
 
 
 def read_recipe_file(path: Path) -> Recipe:

@@ -46,7 +46,12 @@ def test_a_run_writes_every_output(trained_run):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and float(rows[-1]["test_acc"]) == metrics["final"]["test_acc"]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Epoch 1/2 :" not in result.output  # no progress-bar frames when stdout is not a terminal
+    # the log: one line per epoch with history.csv's figures, epochs counted across phases, no progress-bar frames
+    for row in rows:
+        assert (f"epoch {row['epoch']}/2: train_loss {float(row['train_loss']):.4f}, train_acc {float(row['train_acc']):.4f}, "
+                f"valid_loss {float(row['valid_loss']):.4f}, test_acc {float(row['test_acc']):.4f}") in result.stdout
+    assert "\r" not in result.output and "\u2588" not in result.output
+    assert result.stdout.splitlines()[0].startswith("cifar: 2 epoch(s) of scratch: epochs 1-2: all stages, one-cycle")
     final = metrics["final"]
     assert (f"loss {final['loss']:.3f}, train acc {final['train_acc']:.3f}, test acc {final['test_acc']:.3f} "
             f"({final['test_acc_tta']:.3f} with flip TTA), {final['examples_per_sec']:.1f} examples/sec on cpu") in result.output

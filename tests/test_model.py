@@ -48,16 +48,49 @@ def test_local_weights_file_is_loaded(tiny_dls, tmp_path, suffix):
 def test_weights_of_another_arch_are_a_clean_error(tiny_dls, tmp_path):
     path = tmp_path / "other.safetensors"
     save_file(timm.create_model("test_resnet").state_dict(), path)
-    with pytest.raises(UsageError, match="does not fit resnet18"):
+    with pytest.raises(UsageError, match=r"other.safetensors fits \d+ of the \d+ backbone tensors of resnet18.*--arch"):
         create_learner(tiny_dls, Recipe(arch="resnet18", weights=str(path)))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"definitely not a state dict")
-    with pytest.raises(UsageError, match="does not fit"):
+    with pytest.raises(UsageError, match="junk.pth is not a readable state dict"):
         create_learner(tiny_dls, Recipe(arch="resnet18", weights=str(junk)))
     with pytest.raises(UsageError, match="does not exist"):
         create_learner(tiny_dls, Recipe(arch="resnet18", weights=str(tmp_path / "missing.pth")))
     with pytest.raises(UsageError, match="--no-pretrained"):
         create_learner(tiny_dls, Recipe(arch="resnet18", weights=str(path), pretrained=False))
+
+
+def test_weights_that_fit_only_part_of_the_backbone_are_an_error_with_the_count(tiny_dls, tmp_path):
+    state = timm.create_model("resnet18", num_classes=0).state_dict()
+    partial = {k: v for k, v in state.items() if not k.startswith("layer4.")}
+    kept = sum(1 for k in partial if not k.endswith("num_batches_tracked"))
+    total = sum(1 for k in state if not k.endswith("num_batches_tracked"))
+    save_file(partial, tmp_path / "partial.safetensors")
+    with pytest.raises(UsageError, match=rf"partial.safetensors fits {kept} of the {total} backbone tensors of resnet18"):
+        create_learner(tiny_dls, Recipe(arch="resnet18", weights=str(tmp_path / "partial.safetensors")))
+
+
+def test_a_fastft_run_as_weights_loads_its_backbone_and_its_head_when_the_classes_match(trained_run, tiny_dls, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    run = trained_run[0]  # the cifar recipe's head: no dropout
+    saved = load_file(str(run / "model.safetensors"))
+    for weights in (run, run / "model.safetensors", run / "model.json"):
+        learn = create_learner(tiny_dls, Recipe(arch="resnet18", weights=str(weights), head_dropout=0.0))
+        loaded = learn.model.state_dict()
+        assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+        assert "backbone and head" in learn.starting_weights
+    other_head = create_learner(tiny_dls, Recipe(arch="resnet18", weights=str(run), head_dropout=0.5))
+    body = other_head.model[0].state_dict()
+    assert all(torch.equal(body[k], saved[f"0.{k}"]) for k in body) and "new head" in other_head.starting_weights
+    with pytest.raises(UsageError, match="pass --arch resnet18"):
+        create_learner(tiny_dls, Recipe(arch="resnet34", weights=str(run)))
+    alone = tmp_path / "copied.safetensors"  # a bundle's weights without the model.json that says what they are
+    shutil.copy(run / "model.safetensors", alone)
+    with pytest.raises(UsageError, match=r"copied.safetensors fits 0 of the \d+ backbone tensors of resnet18"):
+        create_learner(tiny_dls, Recipe(arch="resnet18", weights=str(alone)))
 
 
 def test_pretrained_weights_offline_name_both_ways_out(dataset, tmp_path):
@@ -67,6 +100,7 @@ def test_pretrained_weights_offline_name_both_ways_out(dataset, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "--weights" in result.stderr and "--no-pretrained" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "r").exists()
+    assert len(result.stderr.strip().splitlines()) == 1 and "(" in result.stderr and "...)" not in result.stderr
 
 
 def test_scratch_never_loads_weights(dataset, tmp_path):

@@ -249,6 +249,7 @@ def preview_grid(plan: AugPlan, image_path, out_path, size: int = 200, rows: int
     import torch
     from fastai.vision.all import IntToFloatTensor, Pipeline, ToTensor, TensorImage, set_seed
 
+    from fastft.atomic import save_figure
     from fastft.data.transforms import RGBImage
 
     set_seed(seed)
@@ -264,5 +265,4 @@ def preview_grid(plan: AugPlan, image_path, out_path, size: int = 200, rows: int
         ax.axis("off")
     fig.suptitle(f"--aug {plan.spec}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out_path)

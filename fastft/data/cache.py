@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastft.atomic import replacing, write_json
 from fastft.data.augment import AugPlan
 from fastft.data.images import fixed_size_pixels, read_all
 
@@ -76,14 +77,11 @@ def _channels_first(pixels: np.ndarray):
 
 
 def _save(stored: Path, meta_file: Path, pixels: np.ndarray, bad) -> None:
-    """Write to temporary names, then rename: a reader (or a second process) never sees half a file."""
+    """Written atomically (fastft/atomic.py): a reader, or a second process, never sees half a file."""
     try:
         stored.parent.mkdir(parents=True, exist_ok=True)
-        tmp = stored.with_name(f"{stored.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, pixels)
-        os.replace(tmp, stored)
-        tmp_meta = meta_file.with_name(f"{meta_file.stem}.{os.getpid()}.tmp")
-        tmp_meta.write_text(json.dumps({"skipped": [[str(p), why] for p, why in bad]}))
-        os.replace(tmp_meta, meta_file)
+        with replacing(stored) as temporary:
+            np.save(temporary, pixels)
+        write_json(meta_file, {"skipped": [[str(p), why] for p, why in bad]})
     except OSError:
         pass  # a read-only or full disk only costs the next run a decode

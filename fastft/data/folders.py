@@ -53,7 +53,8 @@ def test_folder(root: Path) -> Path | None:
 def find_images(root: Path, valid_pct: float, seed: int) -> Split:
     """Find the train/test class folders under `root` (or split one set of class folders by seed)."""
     if not root.is_dir():
-        raise UsageError(f"data folder {root} does not exist; pass --data with a folder of train/ and test/ class folders")
+        raise UsageError(f"data folder {root} does not exist; pass a folder of class folders (or of train/ and test/ "
+                         "class folders) with --data")
     test_dir = test_folder(root)
     if (root / TRAIN_SPLIT).is_dir() and test_dir is None:
         raise UsageError(f"{root} has train/ but no test/ (or valid/) beside it; add one, "
@@ -63,15 +64,30 @@ def find_images(root: Path, valid_pct: float, seed: int) -> Split:
         if unknown := sorted(set(test) - set(train)):
             raise UsageError(f"{test_dir} has classes that {root / TRAIN_SPLIT} lacks: {', '.join(unknown)}; "
                              "give both splits the same class folders")
+        at_least_two_classes(root, root / TRAIN_SPLIT, train)
     else:
         by_class = class_images(root)
         if not by_class or not any(by_class.values()):
             raise UsageError(f"{root} has no train/ and test/ folders of class folders, nor class folders of images; "
-                             f"expected {root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg")
+                             f"expected {root}/<class>/*.jpg{csv_hint(root)}")
+        at_least_two_classes(root, root, by_class)
         train, test = seeded_split(by_class, valid_pct, seed)
-    if not train:
-        raise UsageError(f"{root / TRAIN_SPLIT} has no class folders; expected {root}/train/<class>/*.jpg")
     return Split(sorted(train), train, test)
+
+
+def csv_hint(root: Path) -> str:
+    """What to say when a folder of images comes with its labels in a CSV file instead of class folders."""
+    tables = sorted(p.name for p in root.glob("*.csv"))
+    return f"; it holds {tables[0]}: pass --labels {root / tables[0]} to read the labels from it" if tables else ""
+
+
+def at_least_two_classes(root: Path, folder: Path, by_class: dict[str, list[Path]]) -> None:
+    """A classifier needs two classes: a folder of images with one class folder (often images/ beside a CSV of
+    labels) would train a model that always answers the same and reports accuracy 1.0."""
+    if len(by_class) < 2:
+        found = f"one class folder ({next(iter(by_class))}/)" if by_class else "no class folders"
+        raise UsageError(f"{folder} has {found}; a classifier needs at least two, one folder of images per class: "
+                         f"{folder}/<class>/*.jpg{csv_hint(root)}")
 
 
 def seeded_split(by_class: dict[str, list[Path]], valid_pct: float, seed: int) -> tuple[dict, dict]:
@@ -83,8 +99,22 @@ def seeded_split(by_class: dict[str, list[Path]], valid_pct: float, seed: int) -
         files = files[:]
         rng.shuffle(files)
         n_test = round(len(files) * valid_pct)
+        if not 0 < n_test < len(files):
+            needed = next(n for n in range(2, 10_000) if 0 < round(n * valid_pct) < n)
+            raise UsageError(f"class '{name}' has {len(files)} image(s): too few to hold out {valid_pct:.0%} of each "
+                             f"class for testing and train on the rest (at least {needed} needed); add images to it, "
+                             "change --valid-pct, or remove the class folder")
         test[name], train[name] = sorted(files[:n_test]), sorted(files[n_test:])
     return train, test
+
+
+def split_files(root: Path, valid_pct: float, seed: int, limit: int = 0) -> Split:
+    """The files a run trains and tests on: found (and split by seed when the folder has no split), then
+    sampled to --limit. Training and `fastft evaluate` of the run's own folder both call this."""
+    split = find_images(root, valid_pct, seed)
+    split.train = stratified_sample(split.train, limit, seed)
+    split.test = stratified_sample(split.test, limit, seed + 1)
+    return split
 
 
 def stratified_sample(by_class: dict[str, list[Path]], limit: int, seed: int) -> dict[str, list[Path]]:

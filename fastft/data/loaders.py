@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from fastft.data.augment import AugPlan, parse_aug
-from fastft.data.folders import Split, find_images, keep_readable, stratified_sample
+from fastft.data.folders import Split, keep_readable, split_files
 from fastft.data.images import warn_skipped
 from fastft.errors import UsageError
 from fastft.recipe import Recipe
@@ -44,9 +44,7 @@ def drop_unreadable(split: Split, recipe: Recipe, plan: AugPlan, quiet: bool = F
 
 def load_split(root: Path, recipe: Recipe, plan: AugPlan | None = None, quiet: bool = False) -> Split:
     """The recipe's images under `root`: found, sampled (--limit) and checked (decoded, when cached)."""
-    split = find_images(root, recipe.valid_pct, recipe.seed)
-    split.train = stratified_sample(split.train, recipe.limit, recipe.seed)
-    split.test = stratified_sample(split.test, recipe.limit, recipe.seed + 1)
+    split = split_files(root, recipe.valid_pct, recipe.seed, recipe.limit)
     return drop_unreadable(split, recipe, plan or parse_aug(recipe.aug), quiet)
 
 

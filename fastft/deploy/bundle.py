@@ -13,6 +13,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from fastft.atomic import write_bytes, write_json
 from fastft.data.images import open_rgb, resize_center_crop
 from fastft.errors import UsageError
 
@@ -25,20 +26,20 @@ def write_bundle(model, run_dir: Path, *, arch: str, classes: list[str], size: i
     """Save the trained network's weights and what inference needs to use them."""
     import timm
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from fastft import __version__
     from fastft.deploy.network import HEAD_DEFAULTS
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(run_dir / WEIGHTS))
+    write_bytes(run_dir / WEIGHTS, save(state))
     meta = {
         "format": FORMAT, "arch": arch, "classes": list(classes), "head": {**HEAD_DEFAULTS, "dropout": head_dropout},
         "input_size": size, "resize": round(size / crop_pct), "crop_pct": crop_pct,
         "mean": list(mean), "std": list(std), "tta": tta,
         "versions": {"fastft": __version__, "timm": timm.__version__, "torch": torch.__version__},
     }
-    (run_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(run_dir / META, meta)
 
 
 def mirror_averaged(probabilities, batch):

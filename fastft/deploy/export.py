@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastft.atomic import replacing
 from fastft.errors import UsageError
 
 TOLERANCE = 1e-4  # max abs difference of probabilities between ONNX Runtime and PyTorch
@@ -42,11 +43,11 @@ def export_onnx(model_path: Path, images: list[Path] | None = None) -> tuple[Pat
     network = torch.nn.Sequential(model.network, torch.nn.Softmax(dim=1)).eval()
     size = model.meta["input_size"]
     try:
-        torch.onnx.export(network, (torch.zeros(2, 3, size, size),), str(target), input_names=["images"],
-                          output_names=["probabilities"], dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
-                          dynamo=False)
+        with replacing(target) as temporary:
+            torch.onnx.export(network, (torch.zeros(2, 3, size, size),), str(temporary), input_names=["images"],
+                              output_names=["probabilities"], dynamo=False,
+                              dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}})
     except Exception as e:  # the exporter raises many types for unsupported operators
-        target.unlink(missing_ok=True)
         raise UsageError(f"{model.meta['arch']} cannot be exported to ONNX ({type(e).__name__}: "
                          f"{str(e).strip().splitlines()[0][:150] if str(e).strip() else ''})") from None
     images = images if images is not None else sample_images(meta_dir)

@@ -1,10 +1,10 @@
 """`fastft compare`: one recipe trained once per setting (same data, seed and epochs), side by side."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
+from fastft.atomic import save_figure, write_json
 from fastft.data.augment import parse_aug
 from fastft.errors import UsageError
 from fastft.recipe import Recipe
@@ -65,8 +65,7 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def compare(recipe: Recipe, settings: list[tuple[str, dict]], out: str | None) -> list[dict]:
@@ -86,7 +85,7 @@ def compare(recipe: Recipe, settings: list[tuple[str, dict]], out: str | None) -
         metrics = train(recipe.replace(**changes), str(top / folder_name(label)), measure_unaugmented=True)
         rows.append({"setting": label, **metrics["final"],
                      "seconds": sum(e["seconds"] for e in metrics["epochs"]), "epochs": metrics["epochs"]})
-        (top / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")  # after each: partial results survive
+        write_json(top / "compare.json", rows)  # after each: partial results survive
         plot_comparison(rows, top / "compare.png")
     print(format_table(rows))
     return rows

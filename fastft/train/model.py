@@ -1,9 +1,12 @@
-"""timm architectures and their weights: hub tag, local file, or none; normalisation from the model's config."""
+"""timm architectures and their weights: hub tag, local file, a fastft run, or none; normalisation from the
+model's config; the stage splitter; the Learner."""
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
 
+from fastft.deploy.bundle import META, WEIGHTS
 from fastft.errors import UsageError
 from fastft.recipe import Recipe
 
@@ -34,16 +37,83 @@ def normalization(arch: str) -> tuple[tuple, tuple]:
     return tuple(cfg.mean), tuple(cfg.std)
 
 
-def weights_source(recipe: Recipe) -> dict:
-    """Extra timm.create_model arguments that point it at a local weights file, if the recipe has one."""
+@dataclass(frozen=True)
+class StartingWeights:
+    """Where a run's weights come from: "hub" (timm's ImageNet weights for the arch), "file" (a timm state
+    dict), "run" (a fastft run's bundle: its backbone, and its head when the classes match) or "none"."""
+    kind: str
+    path: Path | None = None
+
+    def describe(self, arch: str) -> str:
+        return {"hub": f"{arch} ImageNet weights", "none": "random init"}.get(self.kind, str(self.path))
+
+
+def starting_weights(recipe: Recipe) -> StartingWeights:
+    """Which weights the recipe asks for, checked before anything is built."""
     if not recipe.weights:
-        return {}
+        return StartingWeights("hub" if recipe.pretrained else "none")
     path = Path(recipe.weights).expanduser()
     if not recipe.pretrained:
         raise UsageError(f"--weights {path} was given with --no-pretrained; drop one of them")
+    bundle = path / META if path.is_dir() else path.with_name(META)
+    if path.is_dir() or (bundle.is_file() and path.name in (META, WEIGHTS)):
+        if not bundle.is_file():
+            raise UsageError(f"--weights {path} is a folder but not a fastft run (no {META}); pass a run folder or a "
+                             "timm state dict (.safetensors or .pth)")
+        return StartingWeights("run", bundle.parent)
     if not path.is_file():
-        raise UsageError(f"weights file {path} does not exist; pass --weights with a timm state dict (.safetensors or .pth)")
-    return {"pretrained_cfg_overlay": {"file": str(path.resolve())}}
+        raise UsageError(f"weights file {path} does not exist; pass --weights with a timm state dict (.safetensors or "
+                         ".pth) or a fastft run folder")
+    return StartingWeights("file", path)
+
+
+def _load_tensors(path: Path, arch: str) -> dict:
+    from timm.models import load_state_dict
+
+    try:
+        return load_state_dict(str(path))
+    except Exception as e:  # not a state dict, truncated, a pickle of something else: all surface here
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UsageError(f"weights file {path} is not a readable state dict ({reason}); pass the weights of {arch} "
+                         "as .safetensors or .pth") from None
+
+
+def load_backbone(body, tensors: dict, source, arch: str) -> None:
+    """Load `tensors` into the timm body, all of it or nothing: a file that fits only part of the backbone (another
+    arch, a fastft bundle's prefixed names) would otherwise leave the rest at random init without a word."""
+    own = body.state_dict()
+    fits = {k: tensors[k] for k, v in own.items() if k in tensors and tuple(tensors[k].shape) == tuple(v.shape)}
+    needed = [k for k in own if not k.endswith("num_batches_tracked")]  # a counter many files leave out
+    if missing := len([k for k in needed if k not in fits]):
+        raise UsageError(f"weights file {source} fits {len(needed) - missing} of the {len(needed)} backbone tensors of "
+                         f"{arch}; pass the weights of that architecture, or the --arch they belong to")
+    body.load_state_dict(fits, strict=False)
+
+
+def load_run(learn, run_dir: Path, recipe: Recipe) -> str:
+    """A fastft run's backbone into the Learner, and its head too when it was trained on the same classes with
+    the same head. Returns what was loaded, in words."""
+    import json
+
+    from safetensors.torch import load_file
+
+    meta = json.loads((run_dir / META).read_text())
+    if meta["arch"].partition(".")[0] != recipe.arch.partition(".")[0]:
+        raise UsageError(f"the run {run_dir} trained {meta['arch']}, not {recipe.arch}; pass --arch {meta['arch']}")
+    try:
+        state = load_file(str(run_dir / WEIGHTS))
+    except Exception as e:  # safetensors raises its own types for truncated files
+        raise UsageError(f"{run_dir / WEIGHTS} is corrupt or truncated ({str(e)[:100]}); pass another run") from None
+    body_prefix, head = "0.model.", learn.model[1]
+    load_backbone(learn.model[0].model, {k[len(body_prefix):]: v for k, v in state.items() if k.startswith(body_prefix)},
+                  run_dir / WEIGHTS, recipe.arch)
+    head_state = {k[2:]: v for k, v in state.items() if k.startswith("1.")}
+    own_head = head.state_dict()
+    same_head = head_state.keys() == own_head.keys() and all(head_state[k].shape == v.shape for k, v in own_head.items())
+    if list(meta["classes"]) == list(learn.dls.vocab) and same_head:
+        head.load_state_dict(head_state)
+        return f"backbone and head of the run {run_dir}"
+    return f"backbone of the run {run_dir} (new head: its classes or head differ)"
 
 
 def stage_splitter(model) -> list[list]:
@@ -62,23 +132,32 @@ def stage_splitter(model) -> list[list]:
 
 
 def create_learner(dls, recipe: Recipe, **learner_kwargs):
-    """fastai's vision_learner on a timm body, with the recipe's weights. Bad weights are user errors."""
+    """fastai's vision_learner on a timm body, with the recipe's starting weights (checked: a file that fits
+    only part of the backbone is an error). Sets `learn.starting_weights` to what was loaded, in words."""
     from fastai.vision.all import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, accuracy, vision_learner
 
     from fastft.train.optimizer import FusedAdam
 
-    extra = weights_source(recipe)
+    start = starting_weights(recipe)
     loss = LabelSmoothingCrossEntropyFlat(eps=recipe.label_smoothing) if recipe.label_smoothing else CrossEntropyLossFlat()
     try:
-        return vision_learner(dls, recipe.arch, normalize=False, pretrained=recipe.pretrained, ps=recipe.head_dropout, wd=recipe.wd,
-                              loss_func=loss, metrics=accuracy, splitter=stage_splitter,
-                              **extra, **{"opt_func": FusedAdam, **learner_kwargs})
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        if extra:  # a wrong arch, not a state dict, a truncated file: all surface here
-            raise UsageError(f"weights file {recipe.weights} does not fit {recipe.arch} ({reason}); "
-                             f"pass the weights of that architecture, or the --arch they belong to") from None
-        if recipe.pretrained and isinstance(e, OSError):  # hub unreachable (huggingface_hub errors are OSErrors)
-            raise UsageError(f"could not fetch ImageNet weights for {recipe.arch} from the Hugging Face hub ({reason}); "
-                             "pass --weights FILE (a local timm state dict) or --no-pretrained") from None
-        raise
+        learn = vision_learner(dls, recipe.arch, normalize=False, pretrained=start.kind == "hub", ps=recipe.head_dropout,
+                               wd=recipe.wd, loss_func=loss, metrics=accuracy, splitter=stage_splitter,
+                               **{"opt_func": FusedAdam, **learner_kwargs})
+    except OSError as e:  # hub unreachable (huggingface_hub errors are OSErrors)
+        if start.kind != "hub":
+            raise
+        raise UsageError(f"could not fetch ImageNet weights for {recipe.arch} from the Hugging Face hub "
+                         f"({first_sentence(e)}); pass --weights FILE (a local timm state dict) or --no-pretrained") from None
+    learn.starting_weights = start.describe(recipe.arch)
+    if start.kind == "file":
+        load_backbone(learn.model[0].model, _load_tensors(start.path, recipe.arch), start.path, recipe.arch)
+    elif start.kind == "run":
+        learn.starting_weights = load_run(learn, start.path, recipe)
+    return learn
+
+
+def first_sentence(e: BaseException) -> str:
+    """The first sentence of an exception's message, whole (hub errors run to several lines)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text.split(". ")[0].rstrip(".")

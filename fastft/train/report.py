@@ -5,8 +5,10 @@ Writing every epoch means an interrupted run still leaves the figures of its las
 from __future__ import annotations
 
 import csv
-import json
+import io
 from pathlib import Path
+
+from fastft.atomic import save_figure, write_json, write_text
 
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "valid_loss", "test_acc", "seconds")
 
@@ -17,6 +19,12 @@ def summary_line(final: dict, device: str) -> str:
             f"{final['examples_per_sec']:.1f} examples/sec on {device}")
 
 
+def epoch_line(epoch: dict, total: int) -> str:
+    """One epoch as a log line: the figures history.csv holds, epochs counted 1..total across phases."""
+    return (f"epoch {epoch['epoch']}/{total}: train_loss {epoch['train_loss']:.4f}, train_acc {epoch['train_acc']:.4f}, "
+            f"valid_loss {epoch['valid_loss']:.4f}, test_acc {epoch['test_acc']:.4f}, {epoch['seconds']:.1f} s")
+
+
 def write_reports(out: Path, epochs: list[dict], examples_per_sec: float, device: str) -> dict:
     last = epochs[-1]
     metrics = {
@@ -25,11 +33,12 @@ def write_reports(out: Path, epochs: list[dict], examples_per_sec: float, device
         "epochs": epochs,
         "device": device,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    with open(out / "history.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, HISTORY_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(epochs)
+    write_json(out / "metrics.json", metrics)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, HISTORY_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(epochs)
+    write_text(out / "history.csv", table.getvalue())
     plot_curves(epochs, out / "curves.png")
     return metrics
 
@@ -55,5 +64,4 @@ def plot_curves(epochs: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

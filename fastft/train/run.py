@@ -6,17 +6,17 @@ history.csv, curves.png, the pickle-free bundle (model.safetensors + model.json)
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import fastprogress.fastprogress as fastprogress
 import torch
 from fastai.callback.progress import ProgressCallback
 from fastai.vision.all import Callback, find_bs, noop, set_seed
 
+from fastft.atomic import replacing, save_figure, write_json, write_text
 from fastft.data.augment import parse_aug
 from fastft.data.download import fetch_dataset
 from fastft.data.folders import new_run_folder
@@ -28,13 +28,8 @@ from fastft.recipe import Recipe
 from fastft.train.devices import resolve_device, resolve_precision, set_number_format, training_only_callbacks
 from fastft.train.distributed import Distributed, DistributedTraining, world_size
 from fastft.train.model import check_arch, create_learner, normalization
-from fastft.train.report import summary_line, write_reports
-from fastft.train.strategies import STRATEGIES, Phase
-
-
-# fastprogress's `printing()` tests `stdout.isatty` without calling it, so its bars write `\r` frames into
-# log files; draw them on terminals only (the per-epoch table lines still print)
-fastprogress.printing = lambda: not fastprogress.NO_BAR and sys.stdout.isatty()
+from fastft.train.report import epoch_line, summary_line, write_reports
+from fastft.train.strategies import STRATEGIES, Phase, describe_plan
 
 
 class Interrupted(Exception):
@@ -47,13 +42,14 @@ def _unwrapped(model):
 
 class EpochLog(Callback):
     """d2l's figures per epoch: mean train loss and running train accuracy over the (augmented) training
-    batches, test loss and accuracy, seconds. Writes the reports after each epoch and keeps a copy of the
-    weights, so Ctrl-C can fall back to the last finished epoch."""
+    batches, test loss and accuracy, seconds. Prints them as one line (the only per-epoch output: fastai's
+    table, with its smoothed loss and per-phase epoch numbers, is switched off), writes the reports after each
+    epoch and keeps a copy of the weights, so Ctrl-C can fall back to the last finished epoch."""
 
     order = 55  # after fastai's Recorder (50)
 
-    def __init__(self, out: Path, device: str, dist: Distributed):
-        self.out, self.device, self.dist = out, device, dist
+    def __init__(self, out: Path, device: str, dist: Distributed, total_epochs: int):
+        self.out, self.device, self.dist, self.total_epochs = out, device, dist, total_epochs
         self.epochs, self.train_examples, self.train_seconds, self.snapshot = [], 0, 0.0, None
 
     def before_epoch(self):
@@ -84,6 +80,7 @@ class EpochLog(Callback):
         self.snapshot = {k: v.detach().clone() for k, v in _unwrapped(self.learn.model).state_dict().items()}
         if self.dist.is_main:
             self.results = write_reports(self.out, self.epochs, self.examples_per_sec, self.device)
+            print(epoch_line(self.epochs[-1], self.total_epochs), flush=True)
 
     @property
     def examples_per_sec(self) -> float:
@@ -133,16 +130,16 @@ def prepare(recipe: Recipe, out: str | None) -> Prepared:
     dls = build_dataloaders(split, recipe, mean, std, device, plan)
     learn = create_learner(dls, recipe)
     set_number_format(learn, precision, recipe.channels_last, device)
+    learn.logger = noop  # EpochLog prints each epoch's figures, the same as history.csv's
+    if not (dist.is_main and sys.stdout.isatty()):  # progress bars on rank 0's terminal; a log gets clean lines
+        learn.remove_cb(ProgressCallback)
     if dist.size > 1:
         learn.add_cb(dist.callback())
-        if not dist.is_main:  # rank 0 shows progress and writes; the others only train
-            learn.remove_cb(ProgressCallback)
-            learn.logger = noop
         torch.manual_seed(recipe.seed + dist.rank)  # same initial weights, different augmentation per rank
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if split.skipped:
-            (run_dir / "skipped_images.txt").write_text("".join(f"{p}\t{why}\n" for p, why in split.skipped))
+            write_text(run_dir / "skipped_images.txt", "".join(f"{p}\t{why}\n" for p, why in split.skipped))
     return Prepared(recipe, learn, run_dir, device, split.skipped, mean, std, dist)
 
 
@@ -151,21 +148,55 @@ def schedule(learn, recipe: Recipe, lr: float) -> list[Phase]:
     return STRATEGIES[recipe.strategy].plan(learn, lr, recipe.epochs, recipe.freeze_epochs, recipe.unfreeze)
 
 
+class LrFindLog(Callback):
+    """A line every tenth of the LR finder's steps: a log shows it working (a terminal also gets the bar)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.done = steps, 0
+
+    def after_batch(self):
+        if self.training:
+            self.done += 1
+            if self.done % max(1, self.steps // 10) == 0 or self.done == self.steps:
+                print(f"lr-find: step {self.done}/{self.steps}, lr {self.opt.hypers[-1]['lr']:.1e}, "
+                      f"loss {self.smooth_loss.item():.3f}", flush=True)
+
+
+def lr_find_steps(batches_per_epoch: int) -> int:
+    """fastai's 100 steps, but at most 3 epochs of the data (at least 20 steps, for a curve to read): 100 steps
+    over a few hundred images is a dozen epochs, most of it spent past the divergence point anyway."""
+    return min(100, max(20, 3 * batches_per_epoch))
+
+
 def find_lr(learn, recipe: Recipe, run_dir: Path) -> float:
-    """fastai's LR finder on the groups the strategy's first phase trains; saves lr_find.png."""
+    """fastai's LR finder on the groups the strategy's first phase trains, for a number of steps bounded by the
+    data; saves lr_find.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first = schedule(learn, recipe, lr=1.0)[0]  # only which groups train matters here
+    first = STRATEGIES[recipe.strategy].plan(learn, 1.0, recipe.freeze_epochs + 1, recipe.freeze_epochs,
+                                             recipe.unfreeze)[0]  # which groups the first phase trains
     learn.freeze_to(-first.trains) if first.trains else learn.unfreeze()
-    with learn.no_bar():
-        suggestion = learn.lr_find(show_plot=False)
+    steps = lr_find_steps(len(learn.dls.train))
+    print(f"lr-find: up to {steps} steps from lr 1e-7 to 10, training {first.describe_groups()}", flush=True)
+    saved_path, learn.path = learn.path, run_dir.resolve()  # fastai's finder keeps a copy of the model under path
+    progress = LrFindLog(steps)
+    learn.add_cb(progress)
+    try:  # every step (stop_div off): bounded by the data they cost little, and on small noisy batches fastai's
+        # divergence check (loss > 4x its best) stops the finder after a handful of steps, with no curve to read
+        suggestion = learn.lr_find(num_it=steps, stop_div=False, show_plot=False)
+    except (IndexError, ValueError):  # fastai's suggestion needs a loss curve with a valley
+        raise UsageError(f"the LR finder found no rate where the loss falls in {steps} steps; pass --lr yourself") from None
+    finally:
+        learn.remove_cb(progress)
+        learn.path = saved_path
+        with contextlib.suppress(OSError):
+            (run_dir / learn.model_dir).rmdir()  # the finder's temporary folder, empty again
     learn.recorder.plot_lr_find()
     plt.title(f"{recipe.name}, {recipe.strategy}: suggested lr {suggestion.valley:.2e}")
-    plt.savefig(run_dir / "lr_find.png", dpi=100)
-    plt.close("all")
+    save_figure(plt.gcf(), run_dir / "lr_find.png")
     return float(suggestion.valley)
 
 
@@ -202,20 +233,20 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
         recipe = recipe.replace(lr=STRATEGIES[recipe.strategy].default_lr)
     dist = run.dist
     if dist.is_main:
-        (run_dir / "recipe.toml").write_text(recipe.to_toml())
+        write_text(run_dir / "recipe.toml", recipe.to_toml())
 
-    log = EpochLog(run_dir, str(run.device), dist)
+    phases = schedule(learn, recipe, recipe.lr)
+    log = EpochLog(run_dir, str(run.device), dist, recipe.epochs)
     learn.add_cb(log)
-    weights = recipe.weights or (f"{recipe.arch} ImageNet weights" if recipe.pretrained else "random init")
     processes = (f"{dist.size} processes x batch {learn.dls.bs} (global batch {dist.size * learn.dls.bs}, --bs is per "
                  f"process)" if dist.size > 1 else f"batch {learn.dls.bs}")
     if dist.is_main:
-        print(f"{recipe.name}: {recipe.arch} from {weights}, {len(learn.dls.train_ds)} train / "
-              f"{len(learn.dls.valid_ds)} test images, {learn.dls.c} classes; {recipe.strategy} for "
-              f"{recipe.epochs} epoch(s) at lr {recipe.lr:.2e}, {processes}, {recipe.precision} on {run.device} -> {run_dir}")
+        print(f"{recipe.name}: {recipe.epochs} epoch(s) of {recipe.strategy}: {describe_plan(phases)}")
+        print(f"{recipe.arch} from {learn.starting_weights}, {len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} "
+              f"test images, {learn.dls.c} classes, {processes}, {recipe.precision} on {run.device} -> {run_dir}", flush=True)
     interrupted = False
     try:
-        STRATEGIES[recipe.strategy].fit(learn, schedule(learn, recipe, recipe.lr))
+        STRATEGIES[recipe.strategy].fit(learn, phases)
     except KeyboardInterrupt:
         interrupted = True
         if log.snapshot is None:
@@ -238,11 +269,12 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
         interrupted = True
         print("interrupted: skipping the final test-time measurements, saving the trained model", file=sys.stderr)
     try:
-        (run_dir / "metrics.json").write_text(json.dumps(log.results, indent=2) + "\n")
+        write_json(run_dir / "metrics.json", log.results)
         for callback in (DistributedTraining, *training_only_callbacks()):  # not needed to load or use the model
             learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, callback)))
         release_last_batch(learn)
-        learn.export(run_dir.resolve() / "model.pkl")
+        with replacing(run_dir.resolve() / "model.pkl") as temporary:
+            learn.export(temporary)
         write_bundle(learn.model, run_dir, arch=recipe.arch, classes=list(learn.dls.vocab), size=recipe.size,
                      crop_pct=recipe.crop_pct, mean=run.mean, std=run.std, head_dropout=recipe.head_dropout, tta=recipe.tta)
     except KeyboardInterrupt:

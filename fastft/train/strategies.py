@@ -32,8 +32,13 @@ class Phase:
     div: float = 25.0  # one-cycle: the rate starts at peak / div
     wd: float | None = None  # None: the recipe's weight decay
 
+    def describe_groups(self) -> str:
+        if not self.trains:
+            return "all stages"
+        return "the head only" if self.trains == 1 else f"the top {self.trains - 1} stage(s) and the head"
+
     def describe(self) -> str:
-        what = "all stages" if not self.trains else "the head only" if self.trains == 1 else f"the top {self.trains - 1} stage(s) and the head"
+        """What the phase trains and how: 'the head only, one-cycle to peak lr 1.0e-02'."""
         rate = self.lr
         if isinstance(rate, slice):
             rate = f"{rate.stop:.1e}" if rate.start is None else f"{rate.start:.1e} (stem) .. {rate.stop:.1e} (head)"
@@ -41,8 +46,18 @@ class Phase:
             rate = f"{rate[0]:.1e} (body), {rate[-1]:.1e} (head)"
         else:
             rate = f"{rate:.1e}"
-        schedule = "one-cycle, peak lr" if self.one_cycle else "constant lr"
-        return f"{self.epochs} epoch(s) training {what}, {schedule} {rate}"
+        return f"{self.describe_groups()}, {'one-cycle to peak' if self.one_cycle else 'constant'} lr {rate}"
+
+
+def describe_plan(phases: list[Phase]) -> str:
+    """'epoch 1: the head only, ...; epochs 2-5: all stages, ...': what each phase will do, epochs counted 1..N."""
+    parts, first = [], 1
+    for phase in phases:
+        last = first + phase.epochs - 1
+        parts.append(f"{'epoch' if first == last else 'epochs'} {first}{'' if first == last else f'-{last}'}: "
+                     f"{phase.describe()}")
+        first = last + 1
+    return "; ".join(parts)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,51 @@
+"""Every file fastft writes goes through here: written under a temporary name in the same folder, then renamed
+into place. A crash, a Ctrl-C, a kill or a full disk mid-write leaves the previous complete file (or none),
+never a truncated one; a reader never sees half a file. Files get the user's usual permissions (umask).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path`, with the same suffix (writers that pick a format by it still do), to
+    write to; renamed onto `path` when the block ends without error, removed when it does not."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with replacing(path) as temporary:
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_json(path: Path, value) -> None:
+    import json
+
+    write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def save_figure(figure, path: Path) -> None:
+    """A matplotlib figure as a PNG at 100 dpi, then closed."""
+    import matplotlib.pyplot as plt
+
+    with replacing(path) as temporary:
+        figure.savefig(temporary, dpi=100)
+    plt.close(figure)
