@@ -154,7 +154,7 @@ def test_export_of_an_unexportable_model_is_a_clean_error(tmp_path, monkeypatch)
     from fastft.deploy.network import build_network
 
     write_bundle(build_network("resnet18", 2), tmp_path, arch="resnet18", classes=["a", "b"], size=32,
-                 crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
+                 crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3, head={})
 
     def unsupported(*args, **kwargs):
         raise torch.onnx.errors.UnsupportedOperatorError("aten::fancy_op", 17, 18)

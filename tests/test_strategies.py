@@ -66,16 +66,20 @@ def changed(before, after, bn=False):
     return moved
 
 
-@pytest.fixture
-def learner(dataset):
+def watched_learner(dataset, **recipe_changes):
     from fastft.data.loaders import build_dataloaders, load_split
 
-    recipe = Recipe(size=32, bs=4, workers=0, arch="resnet18", pretrained=False, aug="none")
+    recipe = Recipe(size=32, bs=4, workers=0, arch="resnet18", pretrained=False, aug="none", **recipe_changes)
     dls = build_dataloaders(load_split(dataset, recipe), recipe, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
     learn = create_learner(dls, recipe)
     watch = Watch()
     learn.add_cb(watch)
     return learn, watch
+
+
+@pytest.fixture
+def learner(dataset):
+    return watched_learner(dataset)
 
 
 def test_groups_follow_the_resnet_stages(learner):
@@ -148,15 +152,57 @@ def test_scratch_trains_every_group_at_one_lr(learner):
     assert all(len({lr for lr, _ in step}) == 1 for step in watch.lrs)
 
 
+def test_probe_fits_a_linear_head_on_the_frozen_backbone_and_changes_nothing_else(dataset):
+    learn, watch = watched_learner(dataset, strategy="probe")
+    assert isinstance(learn.model[1][-1], torch.nn.Linear) and learn.model[1][-1].bias is not None  # a linear head
+    train_with("probe", learn, lr=0.0, epochs=5)
+    assert len(watch.states) == 2  # one epoch, whatever --epochs says
+    assert changed(watch.states[0], watch.states[1]) == {"head"}
+    assert changed(watch.states[0], watch.states[1], bn=True) == set()  # BatchNorm statistics too: nothing trained
+    assert watch.lrs == []  # no optimizer step at all
+    from fastft.train.probe import pooled_features
+
+    features, labels = pooled_features(learn, learn.dls.train_ds.items)
+    logits = learn.model[1][-1](features)
+    assert (logits.argmax(1) == labels).float().mean() == 1.0  # two colours: the probe separates them
+
+
+def test_the_probe_chooses_its_penalty_on_held_out_training_images_and_folds_the_scaling_in():
+    from fastft.train.probe import PENALTIES, fit_linear_head
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat_interleave(20)
+    features = torch.randn(60, 8, generator=generator) * 5 + 100  # far from standardised
+    features[:, 0] += labels * 30  # one informative feature
+    features = torch.cat([features, features + torch.randn(60, 8, generator=generator)])  # "mirror images"
+    fitted = fit_linear_head(features, torch.cat([labels, labels]), 3, seed=0)
+    assert fitted["penalty"] in PENALTIES and fitted["images"] == 60
+    raw_logits = features @ fitted["weight"].T + fitted["bias"]
+    assert (raw_logits.argmax(1) == torch.cat([labels, labels])).float().mean() == fitted["train_acc"] == 1.0
+
+
+def test_lp_ft_fine_tunes_every_stage_from_the_probe_with_batchnorm_statistics_kept(dataset):
+    learn, watch = watched_learner(dataset, strategy="lp-ft")
+    train_with("lp-ft", learn, lr=1e-3, epochs=2)
+    assert changed(watch.states[0], watch.states[1]) == {"head"}  # epoch 1: the probe
+    assert changed(watch.states[1], watch.states[2]) == set(GROUPS)  # epoch 2: every stage
+    running = {k for k in watch.states[0] if k.endswith(("running_mean", "running_var"))}
+    assert running and all(torch.equal(watch.states[0][k], watch.states[2][k]) for k in running)
+    rates = watch.lrs[-1]
+    assert all(trains for _, trains in rates)
+    np.testing.assert_allclose(np.array([lr for lr, _ in rates]) / rates[-1][0], np.geomspace(1 / 100, 1, 6), rtol=1e-6)
+
+
 def test_compare_runs_every_strategy_side_by_side(dataset, tmp_path):
     out = tmp_path / "cmp"
-    result = invoke("compare", "cifar", "--data", dataset, *TINY, "--epochs", "2",
-                    "--strategy", "fine-tune,d2l,keras,gradual,scratch", "--out", out)
+    names = list(STRATEGIES)
+    result = invoke("compare", "cifar", "--data", dataset, *TINY, "--epochs", "2", "--strategy", ",".join(names),
+                    "--out", out)
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "compare.json").read_text())
-    assert [r["setting"] for r in rows] == ["fine-tune", "d2l", "keras", "gradual", "scratch"]
+    assert [r["setting"] for r in rows] == names
     for row in rows:
-        assert len(row["epochs"]) == 2 and {"loss", "train_acc", "test_acc", "examples_per_sec"} <= set(row)
+        assert len(row["epochs"]) == (1 if row["setting"] == "probe" else 2) and {"loss", "train_acc", "test_acc", "examples_per_sec"} <= set(row)
         saved = (out / row["setting"] / "recipe.toml").read_text()
         assert f'strategy = "{row["setting"]}"' in saved and "seed = 42" in saved
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"

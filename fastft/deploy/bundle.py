@@ -22,7 +22,7 @@ FORMAT = "fastft-bundle/1"
 
 
 def write_bundle(model, run_dir: Path, *, arch: str, classes: list[str], size: int, crop_pct: float,
-                 mean, std, head_dropout: float = 0.5, tta: bool = False) -> None:
+                 mean, std, head: dict, tta: bool = False) -> None:
     """Save the trained network's weights and what inference needs to use them."""
     import timm
     import torch
@@ -34,7 +34,7 @@ def write_bundle(model, run_dir: Path, *, arch: str, classes: list[str], size: i
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_bytes(run_dir / WEIGHTS, save(state))
     meta = {
-        "format": FORMAT, "arch": arch, "classes": list(classes), "head": {**HEAD_DEFAULTS, "dropout": head_dropout},
+        "format": FORMAT, "arch": arch, "classes": list(classes), "head": {**HEAD_DEFAULTS, **head},
         "input_size": size, "resize": round(size / crop_pct), "crop_pct": crop_pct,
         "mean": list(mean), "std": list(std), "tta": tta,
         "versions": {"fastft": __version__, "timm": timm.__version__, "torch": torch.__version__},

@@ -11,6 +11,10 @@ from torch import nn
 
 # fastai's create_head defaults: concat pooling, one hidden layer of 512, dropout 0.25 then 0.5.
 HEAD_DEFAULTS = {"hidden": 512, "dropout": 0.5, "concat_pool": True}
+HEADS = {
+    "fastai": {"hidden": 512, "concat_pool": True},  # fastai's create_head
+    "linear": {"hidden": 0, "concat_pool": False},  # a linear classifier on average-pooled features: what a probe fits
+}
 
 
 class ConcatPool(nn.Module):
@@ -35,11 +39,14 @@ class Body(nn.Module):
 def head(n_features: int, n_classes: int, pool: bool, hidden: int = 512, dropout: float = 0.5,
          concat_pool: bool = True) -> nn.Sequential:
     """fastai's create_head: [pool, flatten,] BN, dropout/2, linear, ReLU, BN, dropout, linear. Like fastai's
-    LinBnDrop, a dropout of 0 leaves the Dropout layers out (which renumbers the parameters after them)."""
+    LinBnDrop, a dropout of 0 leaves the Dropout layers out (which renumbers the parameters after them).
+    hidden=0: a linear classifier instead, [pool, flatten,] [dropout,] linear with a bias (LINEAR_HEAD)."""
     layers: list[nn.Module] = []
     if pool:
         layers += [ConcatPool() if concat_pool else nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         n_features *= 2 if concat_pool else 1
+    if not hidden:
+        return nn.Sequential(*layers, *([nn.Dropout(dropout)] if dropout else []), nn.Linear(n_features, n_classes))
     for n_in, n_out, p, last in ((n_features, hidden, dropout / 2, False), (hidden, n_classes, dropout, True)):
         layers += [nn.BatchNorm1d(n_in)] + ([nn.Dropout(p)] if p else []) + [nn.Linear(n_in, n_out, bias=False)]
         layers += [] if last else [nn.ReLU(inplace=True)]

@@ -136,7 +136,9 @@ def create_learner(dls, recipe: Recipe, **learner_kwargs):
     only part of the backbone is an error). Sets `learn.starting_weights` to what was loaded, in words."""
     from fastai.vision.all import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, accuracy, vision_learner
 
+    from fastft.deploy.network import HEADS, head
     from fastft.train.optimizer import FusedAdam
+    from fastft.train.strategies import STRATEGIES
 
     start = starting_weights(recipe)
     loss = LabelSmoothingCrossEntropyFlat(eps=recipe.label_smoothing) if recipe.label_smoothing else CrossEntropyLossFlat()
@@ -149,6 +151,12 @@ def create_learner(dls, recipe: Recipe, **learner_kwargs):
             raise
         raise UsageError(f"could not fetch ImageNet weights for {recipe.arch} from the Hugging Face hub "
                          f"({first_sentence(e)}); pass --weights FILE (a local timm state dict) or --no-pretrained") from None
+    learn.head_config = {**HEADS[STRATEGIES[recipe.strategy].head], "dropout": recipe.head_dropout}
+    if STRATEGIES[recipe.strategy].head != "fastai":  # fastai builds its own head: put the strategy's in its place
+        body = learn.model[0]
+        learn.model[1] = head(body.model.num_features, dls.c, pool=body.needs_pool, **learn.head_config).to(
+            next(body.parameters()).device)
+        learn.opt = None  # fastai made its optimizer (when it froze the body) over the head it built
     learn.starting_weights = start.describe(recipe.arch)
     if start.kind == "file":
         load_backbone(learn.model[0].model, _load_tensors(start.path, recipe.arch), start.path, recipe.arch)

@@ -69,6 +69,9 @@ class EpochLog(Callback):
     def after_epoch(self):
         # every rank saw its own shard: the epoch's figures are sums over ranks
         n_train, train_loss, train_correct, n_test, test_loss, test_correct = self.dist.sum(self.sums[True] + self.sums[False])
+        if probe := getattr(self.learn, "probe_fit", None):  # a probe epoch: no batches trained, a head was fitted
+            n_train = probe["images"]
+            train_loss, train_correct = probe["train_loss"] * n_train, probe["train_acc"] * n_train
         self.train_examples += n_train
         self.train_seconds += self.epoch_train_seconds
         self.epochs.append({
@@ -246,7 +249,7 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
               f"test images, {learn.dls.c} classes, {processes}, {recipe.precision} on {run.device} -> {run_dir}", flush=True)
     interrupted = False
     try:
-        STRATEGIES[recipe.strategy].fit(learn, phases)
+        STRATEGIES[recipe.strategy].fit(learn, phases, recipe.seed)
     except KeyboardInterrupt:
         interrupted = True
         if log.snapshot is None:
@@ -276,7 +279,7 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
         with replacing(run_dir.resolve() / "model.pkl") as temporary:
             learn.export(temporary)
         write_bundle(learn.model, run_dir, arch=recipe.arch, classes=list(learn.dls.vocab), size=recipe.size,
-                     crop_pct=recipe.crop_pct, mean=run.mean, std=run.std, head_dropout=recipe.head_dropout, tta=recipe.tta)
+                     crop_pct=recipe.crop_pct, mean=run.mean, std=run.std, head=learn.head_config, tta=recipe.tta)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted while saving the model: model.pkl or model.safetensors in {run_dir} may be "
                           "incomplete; metrics.json and the curves are kept") from None

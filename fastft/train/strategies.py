@@ -21,13 +21,16 @@ from dataclasses import dataclass
 from functools import partial
 
 
+ONE_CYCLE, CONSTANT, PROBE = "one-cycle", "constant", "probe"
+
+
 @dataclass(frozen=True)
 class Phase:
     """Part of a schedule: `epochs` epochs training the top `trains` parameter groups (0: all of them)."""
     epochs: int
     trains: int
     lr: float | slice | list  # one rate, a geometric slice from the stem to the head, or one rate per group
-    one_cycle: bool = True  # fastai's fit_one_cycle; False: a constant rate (fastai's fit)
+    schedule: str = ONE_CYCLE  # ONE_CYCLE (fastai's fit_one_cycle), CONSTANT (fastai's fit) or PROBE (fastft/train/probe.py)
     pct_start: float = 0.25  # one-cycle: share of the steps spent warming up
     div: float = 25.0  # one-cycle: the rate starts at peak / div
     wd: float | None = None  # None: the recipe's weight decay
@@ -46,7 +49,9 @@ class Phase:
             rate = f"{rate[0]:.1e} (body), {rate[-1]:.1e} (head)"
         else:
             rate = f"{rate:.1e}"
-        return f"{self.describe_groups()}, {'one-cycle to peak' if self.one_cycle else 'constant'} lr {rate}"
+        if self.schedule == PROBE:
+            return "the head fitted on the frozen backbone's features (a linear probe)"
+        return f"{self.describe_groups()}, {'one-cycle to peak' if self.schedule == ONE_CYCLE else 'constant'} lr {rate}"
 
 
 def describe_plan(phases: list[Phase]) -> str:
@@ -66,6 +71,7 @@ class Strategy:
     help: str
     default_lr: float  # the head's peak rate when the recipe leaves lr at 0
     random_init: bool = False  # starts from random weights whatever --weights / --pretrained say
+    head: str = "fastai"  # the head's shape, a name in fastft/deploy/network.py's HEADS
 
     def phases(self, lr: float, epochs: int, freeze_epochs: int, unfreeze: int, n_groups: int) -> list[Phase]:
         raise NotImplementedError
@@ -80,17 +86,40 @@ class Strategy:
     def teardown(self, learn) -> None:
         pass
 
-    def fit(self, learn, phases: list[Phase]) -> None:
+    def fit(self, learn, phases: list[Phase], seed: int = 0) -> None:
         self.setup(learn)
         try:
             for phase in phases:
                 learn.freeze_to(-phase.trains) if phase.trains else learn.unfreeze()
-                if phase.one_cycle:
+                if phase.schedule == ONE_CYCLE:
                     learn.fit_one_cycle(phase.epochs, phase.lr, pct_start=phase.pct_start, div=phase.div, wd=phase.wd)
-                else:
+                elif phase.schedule == CONSTANT:
                     learn.fit(phase.epochs, lr=phase.lr, wd=phase.wd)
+                else:
+                    fit_probe_epoch(learn, seed)
         finally:
             self.teardown(learn)
+
+
+def fit_probe_epoch(learn, seed: int) -> None:
+    """One epoch that fits the head as a linear probe instead of training it, then measures the test split
+    like any epoch. The epoch's training figures are the probe's, on the training images (`learn.probe_fit`,
+    read by the run's EpochLog)."""
+    from fastai.callback.core import Callback, CancelTrainException
+
+    from fastft.train.probe import fit_probe
+
+    class ProbeInsteadOfTraining(Callback):
+        order = -5  # after fastai's TrainEvalCallback has started the epoch, before anything trains
+
+        def before_train(self):
+            self.learn.probe_fit = fit_probe(self.learn, seed)
+            raise CancelTrainException
+
+    try:
+        learn.fit(1, lr=0.0, cbs=ProbeInsteadOfTraining())
+    finally:
+        learn.__dict__.pop("probe_fit", None)
 
 
 def head_epochs(epochs: int, freeze_epochs: int) -> int:
@@ -112,7 +141,7 @@ class D2L(Strategy):
     """d2l 13.2's `train_fine_tuning`: SGD without momentum, L2 weight decay 1e-3, the head at 10x the body."""
 
     def phases(self, lr, epochs, freeze_epochs, unfreeze, n_groups):
-        return [Phase(epochs, 0, [lr / 10] * (n_groups - 1) + [lr], one_cycle=False, wd=1e-3)]
+        return [Phase(epochs, 0, [lr / 10] * (n_groups - 1) + [lr], CONSTANT, wd=1e-3)]
 
     def setup(self, learn):
         from fastai.optimizer import SGD
@@ -125,8 +154,8 @@ class Keras(Strategy):
 
     def phases(self, lr, epochs, freeze_epochs, unfreeze, n_groups):
         frozen = head_epochs(epochs, freeze_epochs)
-        head = [Phase(frozen, 1, lr, one_cycle=False)] if frozen else []
-        return head + [Phase(epochs - frozen, min(unfreeze + 1, n_groups), lr / 100, one_cycle=False)]  # + 1: the head
+        head = [Phase(frozen, 1, lr, CONSTANT)] if frozen else []
+        return head + [Phase(epochs - frozen, min(unfreeze + 1, n_groups), lr / 100, CONSTANT)]  # + 1: the head
 
     def setup(self, learn):
         from fastai.callback.training import BnFreeze
@@ -146,6 +175,34 @@ class Gradual(Strategy):
     def phases(self, lr, epochs, freeze_epochs, unfreeze, n_groups):
         steps = min(epochs, n_groups)
         return [Phase(1, k, slice(lr / 100, lr)) for k in range(1, steps)] + [Phase(epochs - steps + 1, 0, slice(lr / 100, lr))]
+
+
+class Probe(Strategy):
+    """A linear probe: the backbone stays as loaded, the linear head is fitted on its features. One epoch."""
+
+    def phases(self, lr, epochs, freeze_epochs, unfreeze, n_groups):
+        return [Phase(1, 1, 0.0, PROBE)]
+
+
+class LinearProbeThenFineTune(Strategy):
+    """LP-FT (Kumar et al., ICLR 2022): the head fitted as a linear probe in the first epoch, then every stage
+    fine-tuned from it with discriminative rates (lr/100 at the stem .. lr at the head), one-cycle. BatchNorm
+    keeps the statistics the probe was fitted with: batch statistics of small, augmented batches would move
+    every feature the head was fitted on (its affine weights still train)."""
+
+    def phases(self, lr, epochs, freeze_epochs, unfreeze, n_groups):
+        probe = [Phase(1, 1, 0.0, PROBE)]
+        return probe + ([Phase(epochs - 1, 0, slice(lr / 100, lr), pct_start=0.1)] if epochs > 1 else [])
+
+    def setup(self, learn):
+        from fastft.train.probe import FrozenBatchNormStatistics
+
+        learn.add_cb(FrozenBatchNormStatistics())
+
+    def teardown(self, learn):
+        from fastft.train.probe import FrozenBatchNormStatistics
+
+        learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, FrozenBatchNormStatistics)))
 
 
 class Scratch(Strategy):
@@ -170,6 +227,12 @@ STRATEGIES: dict[str, Strategy] = {
                        "discriminative LRs (lr/100 .. lr); one-cycle, Adam", 1e-2),
     # on CIFAR-10 (10,000 images, 3 epochs) one-cycle Adam peaking at 1e-2 beat 5e-3 and 2e-3
     # (0.510, 0.497, 0.479 test acc)
+    "probe": Probe("a linear probe: the backbone as loaded, a linear head fitted on its features of the training "
+                   "images (and their mirror images) in one pass; seconds, whatever --epochs says", 0.0,
+                   head="linear"),
+    "lp-ft": LinearProbeThenFineTune("LP-FT: epoch 1 fits a linear head as a probe, the other epochs fine-tune every "
+                                     "stage from it (lr/100 at the stem .. lr at the head); one-cycle, Adam", 1e-3,
+                                     head="linear"),
     "scratch": Scratch("random initialisation, every layer at one LR; one-cycle, Adam (d2l's baseline)", 1e-2,
                        random_init=True),
 }
