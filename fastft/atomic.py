@@ -24,6 +24,13 @@ def replacing(path: Path) -> Iterator[Path]:
             temporary.unlink()
 
 
+def remove_partial_files(folder: Path) -> None:
+    """Temporary files a killed process left behind (a SIGKILL skips every cleanup): the finished files beside
+    them are whole, and these are not."""
+    for leftover in Path(folder).glob(".*.partial*"):
+        leftover.unlink(missing_ok=True)
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     with replacing(path) as temporary:
         with open(temporary, "wb") as f:

@@ -8,6 +8,7 @@ commands that need them.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import json
@@ -38,7 +39,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Transfer learning for images: `fastft train DIR` on your own photos, and the textbook "
                        "recipes, one command each (fastai + timm).")
 
-COMMANDS = frozenset({"train", "run", "compare", "lr-find", "recipes", "predict", "evaluate", "export", "augs"})
+COMMANDS = frozenset({"train", "run", "compare", "lr-find", "recipes", "predict", "evaluate", "export", "augs", "resume",
+                      "inspect"})
 TYPES = {"str": str, "int": int, "float": float, "bool": bool}  # a recipe key's type on the command line (lr: str)
 
 
@@ -50,6 +52,13 @@ def user_errors(command):
             return command(*args, **kwargs)
         except UsageError as e:
             typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            typer.echo(f"error: no space left on the disk while writing {e.filename or 'a file'}; free some space and run "
+                       "the command again (every file written before is whole; a stopped training run continues with "
+                       "`fastft resume RUN`)", err=True)
             raise typer.Exit(2) from None
     return wrapper
 
@@ -72,7 +81,7 @@ def shown_value(recipe: Recipe, name: str) -> str:
     return str(value) if value != "" else "none"
 
 
-def training_options(recipe: Recipe | None = None, leave_out=()) -> list[inspect.Parameter]:
+def training_options(recipe: Recipe | None = None, leave_out=(), resumable: bool = True) -> list[inspect.Parameter]:
     """One option per recipe key (and --out). None means "not given": the recipe's value stands. With a
     recipe, --help shows its values as the defaults."""
     parameters = []
@@ -80,21 +89,31 @@ def training_options(recipe: Recipe | None = None, leave_out=()) -> list[inspect
         if name in leave_out:
             continue
         shown = shown_value(recipe, name) if recipe else False
-        option = typer.Option(None, *flag_of(name).split(" "), help=field.metadata["help"], show_default=shown)
+        option = typer.Option(None, *flag_of(name).split(" "), help=field.metadata["help"], show_default=shown,
+                              min=field.metadata["cli_min"])
         parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                             annotation=Optional[TYPES.get(field.type, str)]))
     out = typer.Option(None, "--out", show_default=False,
                        help="Run folder (must be new or empty). Default: runs/<name>-<time>.")
-    return parameters + [inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, default=out, annotation=Optional[str])]
+    resume = typer.Option(None, "--resume", show_default=False, metavar="RUN",
+                          help="Continue the stopped run in folder RUN from its last finished epoch, as it was set up "
+                               "(the same as `fastft resume RUN`; no other option goes with it).")
+    parameters.append(inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, default=out, annotation=Optional[str]))
+    if resumable:
+        parameters.append(inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=resume,
+                                            annotation=Optional[Path]))
+    return parameters
 
 
 def _train(recipe: Recipe, options: dict) -> None:
+    out, resume = options.pop("out"), options.pop("resume", None)
+    if resume is not None and (out is not None or any(v is not None for v in options.values())):
+        raise UsageError("--resume continues a run as it was set up; drop the other options (a new run: leave out --resume)")
+    recipe = recipe.replace(source="command-line options", **options)  # bad values fail here, before the imports
     from fastft.train.run import Interrupted, train
 
-    out = options.pop("out")
-    recipe = recipe.replace(source="command-line options", **options)
     try:
-        train(recipe, out)
+        train(recipe, out, resume=resume)
     except Interrupted as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(130) from None
@@ -136,13 +155,16 @@ def run_name(folder: str) -> str:
 
 def train_folder(data, **options):
     recipe = read_recipe_file(RECIPES["train"])
+    if Path(data).suffix.lower() == ".csv" and options.get("labels") is None:  # `fastft train labels.csv`
+        data, options["labels"] = str(Path(data).parent), str(data)
     _train(recipe.replace(name=run_name(data), data=str(data)), options)
 
 
 if "train" in RECIPES:  # the shipped recipes/train.toml
     command("train", f"{_describe(RECIPES['train'])}. Runs are named after the folder: runs/<folder>-<time>/.",
             train_folder, [_argument("data", "Your data: a folder of class folders (split by --valid-pct), or of "
-                                             "train/ and test/ class folders.")]
+                                             "train/ and test/ class folders; or a CSV file of image paths and "
+                                             "labels (as --labels).")]
             + training_options(_read_or_default(RECIPES["train"]), leave_out={"data"}))
 
 
@@ -185,10 +207,53 @@ command("run", "Run any recipe file; a run's saved recipe.toml reproduces that r
         [_argument("recipe", "A recipe .toml file, e.g. a run's saved recipe.toml, or a recipe name.")] + training_options())
 command("lr-find", "Run fastai's LR finder on a recipe's data and model: prints the suggestion, saves lr_find.png "
         "in --out. It takes at most 100 steps, fewer on a small dataset.", lr_find,
-        [_argument("recipe", RECIPE_HELP)] + training_options())
+        [_argument("recipe", RECIPE_HELP)] + training_options(resumable=False))
 command("compare", "Train a recipe once per setting, same data, seed and epochs: --strategy a,b,... or --aug a,b,... "
         "(commas separate settings). Each run goes to OUT/<setting>/; the table to OUT/compare.json and the curves "
-        "to OUT/compare.png.", compare, [_argument("recipe", RECIPE_HELP)] + training_options())
+        "to OUT/compare.png.", compare, [_argument("recipe", RECIPE_HELP)] + training_options(resumable=False))
+
+
+@app.command(name="resume")
+@user_errors
+def resume_run(run: Path = typer.Argument(..., metavar="RUN", help="The folder of a run that stopped (Ctrl-C, a crash, "
+                                                                     "a kill) before it finished.")):
+    """Continue a stopped run from its last finished epoch: the same phases, learning-rate schedule and random
+    draws, as if it had never stopped."""
+    _train(Recipe(), {"out": None, "resume": run})
+
+
+@app.command(name="inspect")
+@user_errors
+def inspect_data(
+    data: Path = typer.Argument(..., metavar="DATA", help="A data folder (class folders, or train/ and test/), or a labels CSV."),
+    labels: Optional[str] = typer.Option(None, "--labels", help=OPTIONS["labels"].metadata["help"]),
+    image_col: str = typer.Option("", "--image-col", help=OPTIONS["image_col"].metadata["help"]),
+    label_col: str = typer.Option("", "--label-col", help=OPTIONS["label_col"].metadata["help"]),
+    label_delim: str = typer.Option("", "--label-delim", help=OPTIONS["label_delim"].metadata["help"]),
+    valid_pct: float = typer.Option(0.2, "--valid-pct", help=OPTIONS["valid_pct"].metadata["help"]),
+    seed: int = typer.Option(42, "--seed", help="The seed the split is drawn with (as training's --seed)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    out: Optional[str] = typer.Option(None, "--out", help="Folder for report.json and samples.png. Default: "
+                                                           "runs/inspect-<data>-<time>."),
+):
+    """What a dataset holds, before training: images per class and split, unreadable files, sizes and modes,
+    exact duplicates (within a split, and train/test leakage), tiny classes; report.json and samples.png."""
+    from fastft.data.folders import new_run_folder, split_files
+    from fastft.data.inspect import as_text, report, sample_grid
+
+    if data.suffix.lower() == ".csv" and labels is None:
+        data, labels = data.parent, str(data)
+    recipe = Recipe().replace(source="command-line options", data=str(data), labels=labels, image_col=image_col,
+                              label_col=label_col, label_delim=label_delim, valid_pct=valid_pct, seed=seed)
+    split = split_files(data, recipe)
+    folder = new_run_folder(out, f"inspect-{run_name(str(data))}")
+    result = report(split, data)
+    folder.mkdir(parents=True, exist_ok=True)
+    from fastft.atomic import write_json
+
+    write_json(folder / "report.json", result)
+    sample_grid(split, folder / "samples.png")
+    typer.echo(json.dumps(result, indent=2) if as_json else as_text(result) + f"\nreport.json and samples.png in {folder}")
 
 
 @app.command(name="recipes")
@@ -209,7 +274,9 @@ def list_recipes():
 def predict(
     model: Path = typer.Argument(..., help="A run folder (a run's --out), model.json, model.onnx, or model.pkl."),
     paths: List[Path] = typer.Argument(..., help="Image files and folders (recursed)."),
-    top: int = typer.Option(1, "--top-k", min=1, help="Show the K most likely labels."),
+    top: Optional[int] = typer.Option(None, "--top-k", min=1, help="Show the K most likely labels. Default: the most "
+                                                                   "likely one; multi-label: every label at or above "
+                                                                   "the run's threshold."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON list at the end."),
     as_csv: bool = typer.Option(False, "--csv", help="Print CSV rows: path, then label and probability pairs."),
     bs: int = typer.Option(64, "--bs", min=1, help="Images per batch."),
@@ -219,20 +286,24 @@ def predict(
     """Label images: path, label and probability per line, as results come."""
     import csv
 
-    from fastft.deploy.predict import predict as predict_images, top_k
+    from fastft.deploy.predict import predict as predict_images, shown_labels
 
     if as_json and as_csv:
         raise UsageError("--json and --csv are exclusive; pick one")
     results = predict_images(model, paths, bs=bs, tta=tta, trust_pickle=trust_pickle, progress=sys.stderr.isatty())
     if as_json:
-        typer.echo(json.dumps([{**r, "top": top_k(r, top)} for r in results], indent=2))
+        typer.echo(json.dumps([{**r, "top": shown_labels(r, top)} for r in results], indent=2))
         return
     writer = csv.writer(sys.stdout) if as_csv else None
-    if writer:
-        writer.writerow(["path"] + [f"{name}{i}" for i in range(1, top + 1) for name in ("label", "probability")])
-    for r in results:
-        best = top_k(r, top)
-        if writer:
+    for number, r in enumerate(results):
+        best = shown_labels(r, top)
+        if writer and number == 0:
+            multi = "labels" in r
+            writer.writerow(["path", "labels", *r["probabilities"]] if multi else
+                            ["path"] + [f"{name}{i}" for i in range(1, len(best) + 1) for name in ("label", "probability")])
+        if writer and "labels" in r:  # multi-label: the labels shown, then every label's probability
+            writer.writerow([r["path"], ";".join(label for label, _ in best), *(f"{p:.6f}" for p in r["probabilities"].values())])
+        elif writer:
             writer.writerow([r["path"]] + [v for label, p in best for v in (label, f"{p:.6f}")])
         else:
             typer.echo(r["path"] + "".join(f"\t{label}\t{p:.3f}" for label, p in best))
@@ -263,15 +334,16 @@ def export(
 @user_errors
 def evaluate(
     model: Path = typer.Argument(..., help="A run folder, model.json, model.onnx, or model.pkl."),
-    data: Path = typer.Argument(..., help="A folder of class folders, or one with test/ (or valid/). The run's own "
-                                          "unsplit folder scores only the images the run held out."),
+    data: Path = typer.Argument(..., help="A folder of class folders, or one with test/ (or valid/), or a labels CSV. "
+                                          "The run's own unsplit data scores only the images the run held out."),
     out: Optional[str] = typer.Option(None, "--out", help="Report folder. Default: a new eval-<data> folder beside the model."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     bs: int = typer.Option(64, "--bs", min=1),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Average each prediction with its mirror image's. Default: as the model's run did (its recipe's tta)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a fastai model.pkl (a pickle runs code)."),
 ):
-    """Accuracy, per-class precision and recall, confusion.png and top_losses.png."""
+    """Accuracy, balanced accuracy, macro F1, per-class precision and recall (multi-label: micro/macro F1, mAP,
+    per-label precision and recall), confusion.png and top_losses.png."""
     from fastft.deploy.evaluate import evaluate as evaluate_model
 
     report = evaluate_model(model, data, out, bs=bs, tta=tta, trust_pickle=trust_pickle)
@@ -280,10 +352,17 @@ def evaluate(
         return
     typer.echo(f"accuracy {report['accuracy']:.3f} on {report['images']} images{' (flip TTA)' if report['tta'] else ''}: "
                f"{report['scored']}")
-    typer.echo(f"{'class':<20} {'precision':>9} {'recall':>7} {'support':>7}")
-    for name, row in report["per_class"].items():
-        typer.echo(f"{name:<20} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['support']:>7}")
-    typer.echo(f"confusion.png, top_losses.png and evaluation.json in {report['folder']}")
+    rows = report.get("per_class") or report["per_label"]
+    if "per_label" in report:
+        typer.echo(f"threshold {report['threshold']:.2f}, micro F1 {report['micro_f1']:.3f}, macro F1 "
+                   f"{report['macro_f1']:.3f}, mAP {report['mAP']:.3f}")
+    else:
+        typer.echo(f"balanced accuracy {report['balanced_accuracy']:.3f}, macro F1 {report['macro_f1']:.3f}")
+    typer.echo(f"{'label' if 'per_label' in report else 'class':<20} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>7}")
+    for name, row in rows.items():
+        typer.echo(f"{name:<20} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['f1']:>7.3f} {row['support']:>7}")
+    pictures = "top_losses.png" if "per_label" in report else "confusion.png, top_losses.png"
+    typer.echo(f"{pictures} and evaluation.json in {report['folder']}")
 
 
 @app.command()

@@ -18,11 +18,12 @@ from fastft.errors import UsageError
 from fastft.train.strategies import STRATEGIES
 
 
-def setting(default, help: str, flag: str | None = ""):
+def setting(default, help: str, flag: str | None = "", choices: tuple = (), cli_min: int | None = None):
     """A recipe key: its built-in default and what it means. `flag` is its command-line option (derived from
-    the name when empty: bs -> --bs, bools -> --tta/--no-tta); None for keys only a recipe file sets. The CLI
-    builds every training command's options from these."""
-    return field(default=default, metadata={"help": help, "flag": flag})
+    the name when empty: bs -> --bs, bools -> --tta/--no-tta); None for keys only a recipe file sets. `choices`
+    are the values it takes, if only some; `cli_min` the least a command-line value may be. The CLI builds every
+    training command's options from these."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "cli_min": cli_min})
 
 
 @dataclass
@@ -35,6 +36,15 @@ class Recipe:
     dataset: str = setting("", "folder name the download extracts to, under the data home", flag=None)
     data_url: str = setting("", "Download the dataset archive from this URL instead of the recipe's.")
     data_sha1: str = setting("", "published SHA-1 of that archive; empty = not checked", flag=None)
+    labels: str = setting("", "A CSV file of image paths (relative to it or to --data) and labels, instead of class "
+                              "folders; a split column (train/valid/test, or is_valid) decides the split if it has one.")
+    image_col: str = setting("", "The labels CSV's image column (found by name when empty: image, file, path, ...).")
+    label_col: str = setting("", "The labels CSV's label column (found by name when empty: label, class, tags, ...).")
+    label_delim: str = setting("", "What separates several labels in one cell (a multi-label run): empty: ';' when a "
+                                   "cell has one, a space when the spaced words are labels themselves; none: "
+                                   "single-label.")
+    balance: str = setting("none", "Imbalanced classes: weights (class-weighted loss), sampler (fastai's WeightedDL: "
+                                   "each class drawn equally often) or none.", choices=("none", "weights", "sampler"))
     valid_pct: float = setting(0.2, "Held-out (test) share when the data folder has no train/test split.")
     limit: int = setting(0, "A seeded, class-stratified sample of at most N train and N test images (quick runs); "
                             "0: all.")
@@ -50,7 +60,8 @@ class Recipe:
     crop_pct: float = setting(0.875, "test items: resize to round(size / crop_pct), then centre-crop to size", flag=None)
     aug: str = setting("flip", AUG_HELP)
     # training
-    strategy: str = setting("fine-tune", "Training schedule: " + "; ".join(f"{k}: {v.help}" for k, v in STRATEGIES.items()))
+    strategy: str = setting("fine-tune", "Training schedule: " + "; ".join(f"{k}: {v.help}" for k, v in STRATEGIES.items()),
+                            choices=tuple(STRATEGIES))
     epochs: int = setting(5, "Total epochs, frozen phases included.")
     freeze_epochs: int = setting(1, "fine-tune, keras: epochs that train only the head (part of --epochs).")
     unfreeze: int = setting(2, "keras: stages unfrozen from the top after the head-only phase.")
@@ -60,6 +71,21 @@ class Recipe:
     label_smoothing: float = setting(0.0, "Label smoothing eps: 0 plain cross-entropy, 0.1 a common choice against "
                                           "overconfidence.")
     tta: bool = setting(False, "Flip TTA: the final test accuracy, and predictions, average each image with its mirror.")
+    # which epoch to keep, when to stop, where to log
+    holdout: float = setting(0.0, "Share of each class's training images held out as a validation split, to pick the "
+                                  "best epoch (--keep) and stop early (--patience); 0: none. A data folder with "
+                                  "valid/ beside train/ and test/ has one already.")
+    keep: str = setting("auto", "Which epoch's weights the run keeps (bundle, model.pkl): best (by --monitor), last, or "
+                                "auto: best when the run has a validation split apart from the test split, else last "
+                                "(picking on the test split would overstate its accuracy).",
+                        choices=("auto", "best", "last"))
+    monitor: str = setting("accuracy", "The figure --keep best and --patience watch on the validation split: accuracy "
+                                       "or valid_loss.", choices=("accuracy", "valid_loss"))
+    patience: int = setting(0, "Stop after N epochs without improvement of --monitor (the rest of the schedule is "
+                               "skipped); 0 in a recipe file: never.", cli_min=1)
+    log: str = setting("", "Log also to: tensorboard (event files under the run folder; pip install "
+                           "'fastft[tensorboard]'). metrics.json and history.csv are always written.",
+                       choices=("", "tensorboard"))
     # infrastructure
     seed: int = setting(42, "Random seed: the same seed gives the same numbers on the same machine (and the same "
                             "--workers).")
@@ -85,6 +111,7 @@ class Recipe:
         return "\n".join(lines) + "\n"
 
 
+_FIELDS = {f.name: f for f in fields(Recipe)}
 _FIELD_TYPES = {f.name: f.type for f in fields(Recipe)}
 OPTIONS = {f.name: f for f in fields(Recipe) if f.metadata["flag"] is not None}  # keys the command line sets
 _TYPE_NAMES = {"str": str, "int": int, "float": float, "bool": bool}
@@ -114,18 +141,22 @@ def _checked(values: dict, source: str) -> dict:
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise UsageError(f"'{key}' in {source} must be a {want.__name__}, got {value!r}")
         out[key] = value
-    if out.get("strategy", "fine-tune") not in STRATEGIES:
-        raise UsageError(f"unknown strategy '{out['strategy']}' in {source}; choose one of: {', '.join(STRATEGIES)}")
     for key in ("epochs", "bs", "size"):
         if key in out and out[key] < 1:
             raise UsageError(f"'{key}' in {source} must be at least 1, got {out[key]}")
-    for key in ("freeze_epochs", "limit", "workers", "wd"):
+    for key in ("freeze_epochs", "limit", "workers", "wd", "patience"):
         if key in out and out[key] < 0:
             raise UsageError(f"'{key}' in {source} must not be negative, got {out[key]}")
     if out.get("unfreeze", 1) < 1:
         raise UsageError(f"'unfreeze' in {source} must be at least 1 stage, got {out['unfreeze']}")
     if "valid_pct" in out and not 0 < out["valid_pct"] < 1:
         raise UsageError(f"'valid_pct' in {source} must be between 0 and 1, got {out['valid_pct']}")
+    if "holdout" in out and not 0 <= out["holdout"] < 1:
+        raise UsageError(f"'holdout' in {source} must be at least 0 and below 1, got {out['holdout']}")
+    for key, value in out.items():
+        if (choices := _FIELDS[key].metadata["choices"]) and value not in choices:
+            shown = ", ".join(c or '""' for c in choices)
+            raise UsageError(f"'{key}' in {source} must be one of {shown}; got {value!r}")
     for key in ("label_smoothing", "head_dropout"):
         if key in out and not 0 <= out[key] < 1:
             raise UsageError(f"'{key}' in {source} must be in [0, 1), got {out[key]}")
@@ -187,7 +218,12 @@ def read_recipe_file(path: Path) -> Recipe:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"recipe file {path} is not valid TOML: {e}") from None
     values.setdefault("name", path.stem)
-    return Recipe(**_checked(values, str(path)))
+    return recipe_from_values(values, str(path))
+
+
+def recipe_from_values(values: dict, source: str) -> Recipe:
+    """A recipe from key/value pairs (a parsed TOML file), checked: `source` names them in errors."""
+    return Recipe(**_checked(values, source))
 
 
 def load_recipe(name_or_path: str) -> Recipe:

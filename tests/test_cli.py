@@ -38,9 +38,10 @@ def test_a_run_writes_every_output(trained_run):
     out, result = trained_run
     assert {"model.pkl", "metrics.json", "recipe.toml", "history.csv", "curves.png"} <= {p.name for p in out.iterdir()}
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["final"]) == {"loss", "train_acc", "test_acc", "test_acc_tta", "examples_per_sec"}  # cifar: tta
+    assert set(metrics["final"]) == {"loss", "train_acc", "test_acc", "test_acc_tta", "examples_per_sec",  # cifar: tta
+                                     "balanced_accuracy", "macro_f1"}
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
-    assert set(metrics["epochs"][0]) >= {"epoch", "train_loss", "valid_loss", "test_acc", "seconds"}
+    assert set(metrics["epochs"][0]) >= {"epoch", "train_loss", "test_loss", "test_acc", "seconds"}
     assert 0 <= metrics["final"]["test_acc"] <= 1 and metrics["final"]["examples_per_sec"] > 0
     with open(out / "history.csv") as f:
         rows = list(csv.DictReader(f))
@@ -49,7 +50,7 @@ def test_a_run_writes_every_output(trained_run):
     # the log: one line per epoch with history.csv's figures, epochs counted across phases, no progress-bar frames
     for row in rows:
         assert (f"epoch {row['epoch']}/2: train_loss {float(row['train_loss']):.4f}, train_acc {float(row['train_acc']):.4f}, "
-                f"valid_loss {float(row['valid_loss']):.4f}, test_acc {float(row['test_acc']):.4f}") in result.stdout
+                f"test_loss {float(row['test_loss']):.4f}, test_acc {float(row['test_acc']):.4f}") in result.stdout
     assert "\r" not in result.output and "\u2588" not in result.output
     assert result.stdout.splitlines()[0].startswith("cifar: 2 epoch(s) of scratch: epochs 1-2: all stages, one-cycle")
     final = metrics["final"]
@@ -150,9 +151,9 @@ def test_ctrl_c_during_the_final_tta_pass_still_saves_the_trained_model(dataset,
     import fastft.deploy.bundle
     import fastft.train.run
 
-    def pressed_ctrl_c(learn):
+    def pressed_ctrl_c(learn, tta):
         raise KeyboardInterrupt
-    monkeypatch.setattr(fastft.train.run, "flip_tta_accuracy", pressed_ctrl_c)
+    monkeypatch.setattr(fastft.train.run, "final_scores", pressed_ctrl_c)
     out = tmp_path / "run"
     result = invoke("cifar", "--data", dataset, *TINY, "--epochs", "1", "--tta", "--out", out)
     assert result.exit_code == 130 and "interrupted" in result.stderr, result.output

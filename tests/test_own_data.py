@@ -33,7 +33,7 @@ def test_train_names_the_run_after_the_folder(photo_run):
     _, run, result = photo_run
     assert re.fullmatch(r"my_photos-\d{8}-\d{6}", run.name)
     assert 'name = "my_photos"' in (run / "recipe.toml").read_text()
-    assert result.stdout.startswith("my_photos: 2 epoch(s) of fine-tune: epoch 1: the head only")
+    assert result.stdout.startswith("my_photos: 2 epoch(s) of lp-ft: epoch 1: the head fitted on the frozen backbone's")
     assert "12 train / 4 test images, 2 classes" in result.stdout  # a quarter of each class held out
     assert {"model.safetensors", "model.json", "metrics.json"} <= {p.name for p in run.iterdir()}
 
@@ -94,7 +94,7 @@ def test_help_shows_each_recipes_own_values_and_wraps_at_80_columns():
     hotdog = fastft("hotdog", "--help", env={"COLUMNS": "80"}).stdout
 
     def default_of(text, flag):
-        block = text[text.index(flag + " "):]
+        block = text[text.index("\n  " + flag + " "):]  # the option's own line, not a mention in another's help
         return re.search(r"\[default:\s*\(([^)]*)\)\]", block.replace("\n", " ")).group(1)
     assert default_of(cifar, "--size") == "40" and default_of(hotdog, "--size") == "224"
     assert default_of(cifar, "--strategy") == "scratch" and default_of(hotdog, "--epochs") == "5"

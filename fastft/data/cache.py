@@ -85,3 +85,25 @@ def _save(stored: Path, meta_file: Path, pixels: np.ndarray, bad) -> None:
         write_json(meta_file, {"skipped": [[str(p), why] for p, why in bad]})
     except OSError:
         pass  # a read-only or full disk only costs the next run a decode
+
+
+def content_hashes(files: list[Path], digest) -> list[str]:
+    """`digest(file)` of every file (the duplicate check's content hashes), remembered in the cache folder under
+    the files' key: a run over unchanged files reads them back instead of hashing every file again."""
+    stored = cache_folder() / f"{_key(files, 0, 0.0)}.hashes.json"
+    try:
+        hashes = json.loads(stored.read_text())
+        if len(hashes) == len(files):
+            return hashes
+    except (OSError, ValueError):
+        pass
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        hashes = list(pool.map(digest, files))
+    try:
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        write_json(stored, hashes)
+    except OSError:
+        pass  # a read-only or full disk only costs the next run the hashing
+    return hashes

@@ -19,21 +19,37 @@ from fastft.errors import UsageError
 
 TRAIN_SPLIT = "train"
 TEST_SPLIT_NAMES = ("test", "valid", "val")  # the first that exists beside train/ is the test split
+VALID_SPLIT_NAMES = ("valid", "val")  # beside train/ and test/: a validation split, to pick epochs on
 
 
 @dataclass
 class Split:
-    """Image files per class for training and for testing (validation)."""
+    """Image files per class for training, for testing (d2l's validation set, measured every epoch) and, when
+    the run has one, for validation apart from the test split (picking the best epoch, stopping early)."""
     classes: list[str]
     train: dict[str, list[Path]]
     test: dict[str, list[Path]]
+    valid: dict[str, list[Path]] = field(default_factory=dict)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
-    pixels: dict = field(default_factory=dict)  # "train"/"test" -> (N, 3, H, W) uint8, in item order, when cached
+    pixels: dict = field(default_factory=dict)  # part -> (N, 3, H, W) uint8, in item order, when cached
+    delimiter: str = ""  # multi-label (a labels CSV): keys are label sets joined by it; "" for single-label
+
+    @property
+    def multi_label(self) -> bool:
+        return bool(self.delimiter)
+
+    def labels_of(self, key: str) -> list[str]:
+        return key.split(self.delimiter) if self.delimiter else [key]
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return ("train", "test", "valid") if self.valid else ("train", "test")
 
     def items(self, part: str) -> list[tuple[Path, str]]:
-        """(file, class) pairs of one split, class by class: the order items, labels and cached pixels share."""
-        by_class = getattr(self, part)
-        return [(p, c) for c in self.classes for p in by_class.get(c, [])]
+        """(file, key) pairs of one split, key by key (a class; multi-label: a label set): the order items, labels
+        and cached pixels share."""
+        by_key = getattr(self, part)
+        return [(p, key) for key in sorted(by_key) for p in by_key[key]]
 
 
 def class_images(folder: Path) -> dict[str, list[Path]]:
@@ -61,10 +77,14 @@ def find_images(root: Path, valid_pct: float, seed: int) -> Split:
                          "or put the class folders directly in the data folder to split them by --valid-pct")
     if (root / TRAIN_SPLIT).is_dir():
         train, test = class_images(root / TRAIN_SPLIT), class_images(test_dir)
-        if unknown := sorted(set(test) - set(train)):
-            raise UsageError(f"{test_dir} has classes that {root / TRAIN_SPLIT} lacks: {', '.join(unknown)}; "
-                             "give both splits the same class folders")
+        valid_dir = next((root / n for n in VALID_SPLIT_NAMES if (root / n).is_dir() and root / n != test_dir), None)
+        valid = class_images(valid_dir) if valid_dir else {}
+        for folder, classes in ((test_dir, test), (valid_dir, valid)):
+            if unknown := sorted(set(classes) - set(train)):
+                raise UsageError(f"{folder} has classes that {root / TRAIN_SPLIT} lacks: {', '.join(unknown)}; "
+                                 "give every split the same class folders")
         at_least_two_classes(root, root / TRAIN_SPLIT, train)
+        return Split(sorted(train), train, test, valid)
     else:
         by_class = class_images(root)
         if not by_class or not any(by_class.values()):
@@ -81,6 +101,13 @@ def csv_hint(root: Path) -> str:
     return f"; it holds {tables[0]}: pass --labels {root / tables[0]} to read the labels from it" if tables else ""
 
 
+def at_least_two_labels(source: Path, labels: list[str]) -> None:
+    """A classifier needs two labels (a labels CSV)."""
+    if len(labels) < 2:
+        raise UsageError(f"{source} gives {'only the label ' + labels[0] if labels else 'no labels'}; a classifier "
+                         "needs at least two")
+
+
 def at_least_two_classes(root: Path, folder: Path, by_class: dict[str, list[Path]]) -> None:
     """A classifier needs two classes: a folder of images with one class folder (often images/ beside a CSV of
     labels) would train a model that always answers the same and reports accuracy 1.0."""
@@ -90,30 +117,48 @@ def at_least_two_classes(root: Path, folder: Path, by_class: dict[str, list[Path
                          f"{folder}/<class>/*.jpg{csv_hint(root)}")
 
 
-def seeded_split(by_class: dict[str, list[Path]], valid_pct: float, seed: int) -> tuple[dict, dict]:
+def seeded_split(by_class: dict[str, list[Path]], valid_pct: float, seed: int, what: str = "testing",
+                 strict: bool = True) -> tuple[dict, dict]:
     """(train, test) per class: each class shuffled by `seed`, round(n * valid_pct) of it held out. The same
-    files, seed and share always give the same split (a run's evaluation re-creates it)."""
+    files, seed and share always give the same split (a run's evaluation re-creates it). `strict`: a class
+    too small to hold any out is an error; otherwise (multi-label label sets, many of them rare) it trains."""
     rng = random.Random(seed)
     train, test = {}, {}
     for name, files in by_class.items():
         files = files[:]
         rng.shuffle(files)
         n_test = round(len(files) * valid_pct)
-        if not 0 < n_test < len(files):
+        if not strict and not 0 < n_test < len(files):
+            n_test = 0
+        elif not 0 < n_test < len(files):
             needed = next(n for n in range(2, 10_000) if 0 < round(n * valid_pct) < n)
+            option = "--valid-pct" if what == "testing" else "--holdout"
             raise UsageError(f"class '{name}' has {len(files)} image(s): too few to hold out {valid_pct:.0%} of each "
-                             f"class for testing and train on the rest (at least {needed} needed); add images to it, "
-                             "change --valid-pct, or remove the class folder")
+                             f"class for {what} and train on the rest (at least {needed} needed); add images to it, "
+                             f"change {option}, or remove the class folder")
         test[name], train[name] = sorted(files[:n_test]), sorted(files[n_test:])
     return train, test
 
 
-def split_files(root: Path, valid_pct: float, seed: int, limit: int = 0) -> Split:
-    """The files a run trains and tests on: found (and split by seed when the folder has no split), then
-    sampled to --limit. Training and `fastft evaluate` of the run's own folder both call this."""
-    split = find_images(root, valid_pct, seed)
+def split_files(root: Path, recipe) -> Split:
+    """The files a run trains, tests and validates on: found in class folders or a labels CSV (split by seed when
+    the data has no split), a validation split carved from the training files when --holdout asks, then sampled
+    to --limit. Training and `fastft evaluate` of the run's own data both call this, so they see the same split."""
+    valid_pct, seed, limit, holdout = recipe.valid_pct, recipe.seed, recipe.limit, recipe.holdout
+    if recipe.labels:
+        from fastft.data.labels import read_labels
+
+        split = read_labels(Path(recipe.labels).expanduser(), root, recipe.image_col, recipe.label_col,
+                            recipe.label_delim, valid_pct, seed)
+    else:
+        split = find_images(root, valid_pct, seed)
+    if holdout:
+        if split.valid:
+            raise UsageError(f"{root} has a validation split (valid/ beside train/ and test/) already; drop --holdout")
+        split.train, split.valid = seeded_split(split.train, holdout, seed + 2, "validation", strict=not split.multi_label)
     split.train = stratified_sample(split.train, limit, seed)
     split.test = stratified_sample(split.test, limit, seed + 1)
+    split.valid = stratified_sample(split.valid, limit, seed + 2)
     return split
 
 

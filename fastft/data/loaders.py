@@ -11,17 +11,15 @@ from fastft.data.images import warn_skipped
 from fastft.errors import UsageError
 from fastft.recipe import Recipe
 
-PARTS = ("train", "test")
-
 
 def drop_unreadable(split: Split, recipe: Recipe, plan: AugPlan, quiet: bool = False) -> Split:
     """Skip files that do not decode, with one warning listing them; a class left empty is an error.
     Where the decode-once cache applies (fastft/data/cache.py), this pass decodes the pictures too."""
     from fastft.data import cache
 
-    n_files = sum(len(f) for part in PARTS for f in getattr(split, part).values())
+    n_files = sum(len(f) for part in split.parts for f in getattr(split, part).values())
     cached = recipe.cache and cache.applies(plan, recipe.size, n_files)
-    for part in PARTS:
+    for part in split.parts:
         files = [p for p, _ in split.items(part)]
         if cached:
             good, split.pixels[part], bad = cache.decode(files, recipe.size, recipe.crop_pct)
@@ -34,44 +32,87 @@ def drop_unreadable(split: Split, recipe: Recipe, plan: AugPlan, quiet: bool = F
         split.skipped += bad
     if not quiet:
         warn_skipped(split.skipped)
-    for part in PARTS:
-        for name, files in getattr(split, part).items():
-            if not files:
-                raise UsageError(f"class folder '{name}' in the {part} split has no readable images; "
-                                 "add images to it or remove the folder")
+    for part in split.parts:
+        by_key = getattr(split, part)
+        for name, files in list(by_key.items()):
+            if files:
+                continue
+            if split.multi_label:  # a label set with no readable image: its labels still come in other sets
+                del by_key[name]
+                continue
+            raise UsageError(f"class '{name}' in the {part} split has no readable images; add images to it or "
+                             "remove it")
     return split
+
+
+def label_counts(split: Split) -> dict[str, int]:
+    """Training images per label (multi-label: per label, whatever else the image is labelled)."""
+    counts = dict.fromkeys(split.classes, 0)
+    for key, files in split.train.items():
+        for label in split.labels_of(key):
+            counts[label] += len(files)
+    return counts
+
+
+def imbalance_note(counts: dict[str, int]) -> str:
+    """One line with the counts when the largest class has more than 3x the smallest's images, else ''."""
+    if min(counts.values()) * 3 >= max(counts.values()):
+        return ""
+    shown = ", ".join(f"{label} {n}" for label, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return (f"note: the classes are imbalanced (training images: {shown}); --balance weights or --balance sampler "
+            "weighs them equally")
 
 
 def load_split(root: Path, recipe: Recipe, plan: AugPlan | None = None, quiet: bool = False) -> Split:
     """The recipe's images under `root`: found, sampled (--limit) and checked (decoded, when cached)."""
-    split = split_files(root, recipe.valid_pct, recipe.seed, recipe.limit)
+    split = split_files(root, recipe)
     return drop_unreadable(split, recipe, plan or parse_aug(recipe.aug), quiet)
 
 
 def build_dataloaders(split: Split, recipe: Recipe, mean, std, device, plan: AugPlan | None = None):
-    """fastai DataLoaders: item transforms per image on the CPU, batch transforms on `device`."""
+    """fastai DataLoaders: item transforms per image on the CPU, batch transforms on `device`. dls.train and
+    dls.valid are the training and test splits (fastai's valid is d2l's test split); a validation split apart
+    from the test split, when the run has one, is dls[2]."""
     import torch
     from fastai.vision.all import CategoryBlock, DataBlock, ImageBlock, IndexSplitter, Normalize
 
-    from fastft.data.transforms import CachedDL, RGBImage, image_of, label_of
+    from fastai.vision.all import MultiCategoryBlock, TensorCategory, TensorMultiCategory
 
-    train, test = ([list(pair) for pair in split.items(part)] for part in PARTS)
+    from fastft.data.transforms import CachedDL, LabelsOf, RGBImage, WeightedCachedDL, image_of, label_of
+
+    items = {part: [list(pair) for pair in split.items(part)] for part in split.parts}
+    train, test, valid = items["train"], items["test"], items.get("valid", [])
     item_tfms, batch_tfms = (plan or parse_aug(recipe.aug)).transforms(recipe.size, recipe.crop_pct)
     bs = min(recipe.bs, len(train))  # fastai drops the last partial batch: a bigger bs would train on nothing
     if bs < recipe.bs:
         print(f"note: batch size {recipe.bs} is more than the {len(train)} training images; using {bs}", file=sys.stderr)
+    labels = MultiCategoryBlock(vocab=split.classes) if split.multi_label else CategoryBlock(vocab=split.classes)
     block = DataBlock(
-        blocks=(ImageBlock(cls=RGBImage), CategoryBlock(vocab=split.classes)),
-        get_x=image_of, get_y=label_of,
+        blocks=(ImageBlock(cls=RGBImage), labels),
+        get_x=image_of, get_y=LabelsOf(split.delimiter) if split.multi_label else label_of,
         splitter=IndexSplitter(range(len(train), len(train) + len(test))),
         item_tfms=item_tfms,
         batch_tfms=[*batch_tfms, Normalize.from_stats(mean, std)],
     )
     cached = bool(split.pixels)  # batches come from memory: worker processes would only add copying
+    counts = label_counts(split)
+    sampling = {}
+    if recipe.balance == "sampler":  # each label drawn about equally often (an image: its labels' mean weight)
+        weights = [sum(1 / counts[label] for label in split.labels_of(key)) / len(split.labels_of(key)) for _, key in train]
+        sampling = {"dl_type": WeightedCachedDL, "dl_kwargs": [{"wgts": weights}, {}]}
     dls = block.dataloaders(train + test, bs=bs, num_workers=0 if cached else recipe.workers, device=device,
-                            dl_type=CachedDL)
+                            **{"dl_type": CachedDL, **sampling})
+    dls.label_counts, dls.multi_label = counts, split.multi_label
+    if valid:  # fastai's way to more labelled items through the test split's (validation) pipeline
+        dls.loaders.append(dls.test_dl(valid, with_labels=True))
     if cached:
-        for dl, part, items in ((dls.train, "train", train), (dls.valid, "test", test)):
-            labels = [split.classes.index(c) for _, c in items]
-            dl.pixels = split.pixels[part], torch.tensor(labels)
+        for dl, part in zip(dls.loaders, split.parts):
+            keys = [key for _, key in items[part]]
+            if split.multi_label:
+                targets = torch.zeros(len(keys), len(split.classes))
+                for row, key in enumerate(keys):
+                    targets[row, [split.classes.index(label) for label in split.labels_of(key)]] = 1.0
+                dl.pixels = split.pixels[part], TensorMultiCategory(targets)
+            else:
+                dl.pixels = split.pixels[part], TensorCategory(torch.tensor([split.classes.index(k) for k in keys]))
     return dls

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from fastai.vision.all import PILImage, RandTransform, TensorCategory, TensorImage, TfmdDL, Transform
+from fastai.vision.all import PILImage, RandTransform, TensorImage, TfmdDL, Transform, WeightedDL
 from PIL import Image
 
 from fastft.data.images import open_rgb, resize_center_crop, to_rgb
@@ -36,6 +36,16 @@ def label_of(item):
     return item[1]
 
 
+class LabelsOf:
+    """A multi-label item's labels: its key split by the delimiter (a class, not a lambda, so model.pkl pickles)."""
+
+    def __init__(self, delimiter: str):
+        self.delimiter = delimiter
+
+    def __call__(self, item):
+        return item[1].split(self.delimiter)
+
+
 class CachedDL(TfmdDL):
     """fastai's TfmdDL, serving batches by indexing decoded pictures when `pixels` is set (fastft/data/cache.py):
     (N, 3, H, W) uint8 images and (N,) labels, in the dataset's item order. Order, shuffling, drop_last
@@ -48,12 +58,17 @@ class CachedDL(TfmdDL):
         if self.pixels is None:
             yield from super().create_batches(samps)
             return
-        images, labels = self.pixels
+        images, labels = self.pixels  # labels: a TensorCategory (N,) or, multi-label, a TensorMultiCategory (N, C)
         order = torch.tensor(list(samps), dtype=torch.long)
         stop = len(order) - len(order) % self.bs if self.drop_last else len(order)
         for start in range(0, stop, self.bs):
             idx = order[start:start + self.bs]
-            yield TensorImage(images[idx]), TensorCategory(labels[idx])
+            yield TensorImage(images[idx]), labels[idx]
+
+
+class WeightedCachedDL(CachedDL, WeightedDL):
+    """--balance sampler: fastai's WeightedDL (training items drawn with replacement, in proportion to `wgts`),
+    serving decoded pictures like CachedDL when they are there."""
 
 
 class ResizeCenterCrop(Transform):

@@ -22,8 +22,9 @@ FORMAT = "fastft-bundle/1"
 
 
 def write_bundle(model, run_dir: Path, *, arch: str, classes: list[str], size: int, crop_pct: float,
-                 mean, std, head: dict, tta: bool = False) -> None:
-    """Save the trained network's weights and what inference needs to use them."""
+                 mean, std, head: dict, tta: bool = False, threshold: float | None = None) -> None:
+    """Save the trained network's weights and what inference needs to use them. `threshold`: a multi-label
+    model's (a label is predicted when its probability reaches it); None for single-label."""
     import timm
     import torch
     from safetensors.torch import save
@@ -37,6 +38,7 @@ def write_bundle(model, run_dir: Path, *, arch: str, classes: list[str], size: i
         "format": FORMAT, "arch": arch, "classes": list(classes), "head": {**HEAD_DEFAULTS, **head},
         "input_size": size, "resize": round(size / crop_pct), "crop_pct": crop_pct,
         "mean": list(mean), "std": list(std), "tta": tta,
+        **({"multi_label": True, "threshold": threshold} if threshold is not None else {}),
         "versions": {"fastft": __version__, "timm": timm.__version__, "torch": torch.__version__},
     }
     write_json(run_dir / META, meta)
@@ -49,9 +51,10 @@ def mirror_averaged(probabilities, batch):
     return (probabilities(batch) + probabilities(mirror)) / 2
 
 
-def softmax_of(network):
-    """A torch network's class probabilities, as a function of a batch (for mirror_averaged)."""
-    return lambda batch: network(batch).softmax(dim=1)
+def probabilities_of(network, multi_label: bool = False):
+    """A torch network's probabilities, as a function of a batch (for mirror_averaged): softmax over the classes,
+    or for a multi-label model a sigmoid per label."""
+    return lambda batch: network(batch).sigmoid() if multi_label else network(batch).softmax(dim=1)
 
 
 def _meta(path: Path) -> dict:
@@ -66,10 +69,20 @@ def _meta(path: Path) -> dict:
 
 
 class Model:
-    """A trained classifier: `predict(image)` -> (label, {class: probability}); `predict_batch(paths)`."""
+    """A trained classifier: `predict(image)` -> (label, {class: probability}); `predict_batch(paths)`. A multi-label
+    model's probabilities are per label (a sigmoid each); its results also list every label at or above the run's
+    threshold."""
 
     classes: list[str]
     meta: dict
+
+    @property
+    def multi_label(self) -> bool:
+        return bool(self.meta.get("multi_label"))
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta.get("threshold", 0.5))
 
     def preprocess(self, image) -> np.ndarray:
         """The run's test transform: RGB, resize + centre crop, scale to [0, 1], normalise. (3, H, W)."""
@@ -104,8 +117,11 @@ class Model:
 
     def result(self, image, row: np.ndarray) -> dict:
         best = int(row.argmax())
-        return {"path": str(image), "label": self.classes[best], "probability": float(row[best]),
-                "probabilities": dict(zip(self.classes, map(float, row)))}
+        result = {"path": str(image), "label": self.classes[best], "probability": float(row[best]),
+                  "probabilities": dict(zip(self.classes, map(float, row)))}
+        if self.multi_label:
+            result["labels"] = [c for c, p in sorted(zip(self.classes, row), key=lambda cp: -cp[1]) if p >= self.threshold]
+        return result
 
 
 class BundleModel(Model):
@@ -139,7 +155,7 @@ class BundleModel(Model):
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
-            return self._torch.softmax(self.network(self._torch.from_numpy(batch)), dim=1).numpy()
+            return probabilities_of(self.network, self.multi_label)(self._torch.from_numpy(batch)).numpy()
 
 
 class OnnxModel(Model):
@@ -176,8 +192,8 @@ class PickleModel(Model):
         except Exception as e:
             raise UsageError(f"could not load {pkl_path} ({type(e).__name__}: {str(e)[:120]}); is it a fastai model.pkl?") from None
         self.classes = list(self.learn.dls.vocab)
-        beside = pkl_path.with_name(META)  # in a run folder: predict as the run's bundle does (its tta)
-        self.meta = {"tta": _meta(beside).get("tta", False)} if beside.is_file() else {}
+        beside = pkl_path.with_name(META)  # in a run folder: predict as the run's bundle does (tta, threshold)
+        self.meta = {k: v for k, v in _meta(beside).items() if k in ("tta", "multi_label", "threshold")} if beside.is_file() else {}
 
     def predict_batch(self, images: Iterable, bs: int = 64, tta: bool | None = None) -> Iterator[dict]:
         images = list(images)
@@ -186,7 +202,7 @@ class PickleModel(Model):
             if self.flip_tta(tta):  # the bundle's flip TTA (fastai's own `tta` blends random training augmentations)
                 import torch
 
-                probabilities = softmax_of(self.learn.model.eval())
+                probabilities = probabilities_of(self.learn.model.eval(), self.multi_label)
                 with torch.inference_mode():
                     probs = torch.cat([mirror_averaged(probabilities, xb) for xb, *_ in dl]).numpy()
             else:

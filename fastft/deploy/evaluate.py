@@ -21,27 +21,46 @@ def run_recipe(model_path: Path):
         return None  # an older or edited recipe: evaluate the folder as given
 
 
-def labelled_images(data: Path, recipe=None) -> tuple[list[tuple[Path, str]], str]:
-    """((image, class) pairs, which images those are, in words). DATA/test (or valid) if it has one. The run's
-    own folder without a split: the images the run held out (its seed, --valid-pct and --limit), never the
-    ones it trained on. Any other folder: all of its class folders."""
-    if not data.is_dir():
-        raise UsageError(f"data folder {data} does not exist; pass a folder of class folders (or one with test/)")
-    if folder := test_folder(data):
-        by_class, scored = class_images(folder), f"the test split {folder}"
-    elif recipe and recipe.data and Path(recipe.data).resolve() == data.resolve():
-        by_class = split_files(data, recipe.valid_pct, recipe.seed, recipe.limit).test
+def labelled_images(data: Path, recipe=None) -> tuple[list[tuple[Path, str]], str, str]:
+    """((image, key) pairs, which images those are in words, the multi-label delimiter or ''). The key is a class,
+    or a multi-label image's labels joined by the delimiter. DATA/test (or valid) if it has one. The run's own
+    data without a split (a folder, or its labels CSV): the images the run held out (its seed, --valid-pct and
+    --limit), never the ones it trained on. Any other folder: all of its class folders; any other CSV: every row."""
+    own = recipe is not None and recipe.data and (
+        Path(recipe.data).resolve() == data.resolve() or (recipe.labels and Path(recipe.labels).resolve() == data.resolve()))
+    delimiter = ""
+    if data.suffix.lower() == ".csv" and data.is_file():
+        if own:
+            split = split_files(Path(recipe.data), recipe)
+            by_key, scored = split.test, f"the test rows of {data} (held out by the run, or its split column)"
+        else:
+            from fastft.data.labels import read_labels
+
+            split = read_labels(data, None, recipe.image_col if recipe else "", recipe.label_col if recipe else "",
+                                recipe.label_delim if recipe else "", 0.2, 0)
+            by_key = {k: split.train.get(k, []) + split.test.get(k, []) + split.valid.get(k, [])
+                      for k in {*split.train, *split.test, *split.valid}}
+            scored = f"every row of {data} (whatever its split column says: any the model trained on count too)"
+        delimiter = split.delimiter
+    elif not data.is_dir():
+        raise UsageError(f"data folder {data} does not exist; pass a folder of class folders (or one with test/), "
+                         "or a labels CSV")
+    elif folder := test_folder(data):
+        by_key, scored = class_images(folder), f"the test split {folder}"
+    elif own:
+        split = split_files(data, recipe)
+        by_key, delimiter = split.test, split.delimiter
         scored = (f"the images of {data} the run held out from training ({recipe.valid_pct:.0%} of each class, "
                   f"seed {recipe.seed})")
     else:
-        by_class = class_images(data)
+        by_key = class_images(data)
         scored = f"every image in the class folders of {data} (it has no test/ split: any it was trained on count too)"
-    by_class = {c: files for c, files in by_class.items() if files}
-    if not by_class:
-        raise UsageError(f"{folder or data} has no class folders of images; expected {folder or data}/<class>/*.jpg")
-    pairs = [(p, c) for c, files in by_class.items() for p in files]
+    by_key = {k: files for k, files in by_key.items() if files}
+    if not by_key:
+        raise UsageError(f"{data} has no labelled images to score; expected {data}/<class>/*.jpg or a labels CSV")
+    pairs = [(p, k) for k, files in sorted(by_key.items()) for p in files]
     keep = set(keep_readable([p for p, _ in pairs])[0])
-    return [(p, c) for p, c in pairs if p in keep], scored
+    return [(p, k) for p, k in pairs if p in keep], scored, delimiter
 
 
 def evaluation_folder(model_path: Path, data: Path, out: str | None) -> Path:
@@ -49,42 +68,49 @@ def evaluation_folder(model_path: Path, data: Path, out: str | None) -> Path:
     if out:
         return new_run_folder(out, "")
     home = model_path if model_path.is_dir() else model_path.parent
-    return numbered(home / f"eval-{data.resolve().name}")
+    return numbered(home / f"eval-{data.resolve().stem}")
 
 
 def evaluate(model_path: Path, data: Path, out: str | None = None, bs: int = 64, tta: bool | None = None,
              trust_pickle: bool = False) -> dict:
+    """Score a model on labelled images: deploy/scores.py's figures, confusion.png (single-label),
+    top_losses.png and evaluation.json in a new folder."""
+    from fastft.deploy import scores
     from fastft.deploy.bundle import load
 
     model = load(model_path, trust_pickle=trust_pickle)
-    pairs, scored = labelled_images(data, run_recipe(model_path))
-    if unknown := sorted({c for _, c in pairs} - set(model.classes)):
-        raise UsageError(f"{data} has classes the model does not know: {', '.join(unknown)} "
+    pairs, scored, delimiter = labelled_images(data, run_recipe(model_path))
+    labels_of = (lambda key: key.split(delimiter)) if delimiter else (lambda key: [key])
+    if unknown := sorted({label for _, key in pairs for label in labels_of(key)} - set(model.classes)):
+        raise UsageError(f"{data} has labels the model does not know: {', '.join(unknown)} "
                          f"(it knows {', '.join(model.classes)})")
+    if bool(delimiter) != model.multi_label and delimiter:
+        raise UsageError(f"{data} gives several labels per image, but {model_path} is a single-label model")
     folder = evaluation_folder(model_path, data, out)
     results = list(model.predict_batch([p for p, _ in pairs], bs=bs, tta=tta))
     index = {c: i for i, c in enumerate(model.classes)}
-    truth = np.array([index[c] for _, c in pairs])
     probs = np.array([[r["probabilities"][c] for c in model.classes] for r in results])
-    guess = probs.argmax(axis=1)
-    n = len(model.classes)
-    confusion = np.zeros((n, n), dtype=int)
-    np.add.at(confusion, (truth, guess), 1)
-    per_class = {}
-    for c, i in index.items():
-        predicted, actual = confusion[:, i].sum(), confusion[i, :].sum()
-        per_class[c] = {"precision": float(confusion[i, i] / predicted) if predicted else 0.0,
-                        "recall": float(confusion[i, i] / actual) if actual else 0.0, "support": int(actual)}
-    losses = -np.log(np.clip(probs[np.arange(len(truth)), truth], 1e-12, 1.0))
+    if model.multi_label:
+        truth = np.zeros_like(probs)
+        for row, (_, key) in enumerate(pairs):
+            truth[row, [index[label] for label in labels_of(key)]] = 1.0
+        figures = scores.multi_label(probs, truth, model.classes, model.threshold)
+        clipped = np.clip(probs, 1e-12, 1 - 1e-12)
+        losses = -(truth * np.log(clipped) + (1 - truth) * np.log(1 - clipped)).mean(axis=1)
+        shown = [";".join(r["labels"]) or "(none)" for r in results]
+    else:
+        truth = np.array([index[key] for _, key in pairs])
+        figures = scores.single_label(probs, truth, model.classes)
+        losses = -np.log(np.clip(probs[np.arange(len(truth)), truth], 1e-12, 1.0))
+        shown = [r["label"] for r in results]
     report = {"model": str(model_path), "data": str(data), "images": len(pairs), "scored": scored,
-              "accuracy": float((guess == truth).mean()),
-              "tta": bool(model.flip_tta(tta)), "per_class": per_class,
-              "confusion": {"classes": model.classes, "matrix": confusion.tolist()}}
+              "tta": bool(model.flip_tta(tta)), **figures}
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "evaluation.json", report)
-    plot_confusion(confusion, model.classes, folder / "confusion.png")
+    if not model.multi_label:
+        plot_confusion(np.array(figures["confusion"]["matrix"]), model.classes, folder / "confusion.png")
     worst = np.argsort(-losses)[:9]
-    plot_top_losses([(pairs[i][0], pairs[i][1], model.classes[guess[i]], losses[i], probs[i, guess[i]]) for i in worst],
+    plot_top_losses([(pairs[i][0], pairs[i][1], shown[i], losses[i], float(probs[i].max())) for i in worst],
                     folder / "top_losses.png")
     report["folder"] = str(folder)
     return report

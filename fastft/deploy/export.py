@@ -40,7 +40,7 @@ def export_onnx(model_path: Path, images: list[Path] | None = None) -> tuple[Pat
         raise UsageError(f"export starts from a bundle (a run folder or model.json), not {model_path}")
     meta_dir = (model_path if model_path.is_dir() else model_path.parent)
     target = meta_dir / "model.onnx"
-    network = torch.nn.Sequential(model.network, torch.nn.Softmax(dim=1)).eval()
+    network = torch.nn.Sequential(model.network, torch.nn.Sigmoid() if model.multi_label else torch.nn.Softmax(dim=1)).eval()
     size = model.meta["input_size"]
     try:
         with replacing(target) as temporary:

@@ -32,3 +32,11 @@ def predict(model_path: Path, paths: list[Path], bs: int = 64, tta: bool | None 
 
 def top_k(result: dict, k: int) -> list[tuple[str, float]]:
     return sorted(result["probabilities"].items(), key=lambda kv: -kv[1])[:k]
+
+
+def shown_labels(result: dict, k: int | None) -> list[tuple[str, float]]:
+    """(label, probability) pairs to show: the top k when asked; else the most likely label, or for a multi-label
+    model every label at or above its threshold."""
+    if k is None and "labels" in result:
+        return [(label, result["probabilities"][label]) for label in result["labels"]]
+    return top_k(result, k or 1)

@@ -10,10 +10,12 @@ from fastft.errors import UsageError
 from fastft.recipe import Recipe
 
 # (key, title, width, number format): d2l's figures, the accuracy on the training images without
-# augmentation (against test acc, it shows overfitting), and the wall time of training
+# augmentation (against test acc, it shows overfitting), the epoch whose weights the run kept (--keep,
+# --patience), and the wall time of training
 COLUMNS = (("loss", "loss", 7, ".3f"), ("train_acc", "train acc", 9, ".3f"),
            ("train_acc_unaugmented", "unaugmented train acc", 21, ".3f"), ("test_acc", "test acc", 8, ".3f"),
-           ("examples_per_sec", "examples/sec", 12, ".1f"), ("seconds", "seconds", 8, ".1f"))
+           ("kept_epoch", "kept epoch", 10, "d"), ("examples_per_sec", "examples/sec", 12, ".1f"),
+           ("seconds", "seconds", 8, ".1f"))
 
 
 def settings_to_compare(recipe: Recipe, strategies: str | None, augs: str | None) -> list[tuple[str, dict]]:
@@ -83,8 +85,8 @@ def compare(recipe: Recipe, settings: list[tuple[str, dict]], out: str | None) -
     for label, changes in settings:
         print(f"== {label}")
         metrics = train(recipe.replace(**changes), str(top / folder_name(label)), measure_unaugmented=True)
-        rows.append({"setting": label, **metrics["final"],
-                     "seconds": sum(e["seconds"] for e in metrics["epochs"]), "epochs": metrics["epochs"]})
+        rows.append({"setting": label, **metrics["final"], "kept_epoch": metrics["kept_epoch"],
+                     "epochs_run": len(metrics["epochs"]), "seconds": sum(e["seconds"] for e in metrics["epochs"]), "epochs": metrics["epochs"]})
         write_json(top / "compare.json", rows)  # after each: partial results survive
         plot_comparison(rows, top / "compare.png")
     print(format_table(rows))

@@ -61,6 +61,14 @@ class Distributed:
         """Rank 0's `value` on every rank (any picklable object)."""
         return broadcast(value if self.is_main else None, 0) if self.accelerator else value
 
+    def gather(self, value) -> list:
+        """Every rank's `value` (any picklable object), in rank order, on every rank."""
+        if not self.accelerator:
+            return [value]
+        from accelerate.utils import gather_object
+
+        return gather_object([value])
+
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks."""
         if not self.accelerator:

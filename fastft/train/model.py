@@ -134,17 +134,17 @@ def stage_splitter(model) -> list[list]:
 def create_learner(dls, recipe: Recipe, **learner_kwargs):
     """fastai's vision_learner on a timm body, with the recipe's starting weights (checked: a file that fits
     only part of the backbone is an error). Sets `learn.starting_weights` to what was loaded, in words."""
-    from fastai.vision.all import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, accuracy, vision_learner
+    from fastai.vision.all import vision_learner
 
     from fastft.deploy.network import HEADS, head
     from fastft.train.optimizer import FusedAdam
     from fastft.train.strategies import STRATEGIES
 
     start = starting_weights(recipe)
-    loss = LabelSmoothingCrossEntropyFlat(eps=recipe.label_smoothing) if recipe.label_smoothing else CrossEntropyLossFlat()
+    loss, metric = loss_function(dls, recipe)
     try:
         learn = vision_learner(dls, recipe.arch, normalize=False, pretrained=start.kind == "hub", ps=recipe.head_dropout,
-                               wd=recipe.wd, loss_func=loss, metrics=accuracy, splitter=stage_splitter,
+                               wd=recipe.wd, loss_func=loss, metrics=metric, splitter=stage_splitter,
                                **{"opt_func": FusedAdam, **learner_kwargs})
     except OSError as e:  # hub unreachable (huggingface_hub errors are OSErrors)
         if start.kind != "hub":
@@ -163,6 +163,25 @@ def create_learner(dls, recipe: Recipe, **learner_kwargs):
     elif start.kind == "run":
         learn.starting_weights = load_run(learn, start.path, recipe)
     return learn
+
+
+def loss_function(dls, recipe: Recipe):
+    """(loss, fastai metric): cross-entropy (label smoothing with --label-smoothing), or for multi-label data binary
+    cross-entropy per label; --balance weights weighs each class by the inverse of its share of the training
+    images (multi-label: each label's positives by its negatives-to-positives ratio)."""
+    import torch
+    from fastai.vision.all import BCEWithLogitsLossFlat, CrossEntropyLossFlat, accuracy, accuracy_multi
+
+    counts = torch.tensor([float(dls.label_counts[c]) for c in dls.vocab]) if hasattr(dls, "label_counts") else None
+    weighted = recipe.balance == "weights" and counts is not None
+    if getattr(dls, "multi_label", False):
+        if recipe.label_smoothing:
+            raise UsageError("--label-smoothing is for single-label data; this run is multi-label: drop it")
+        positive = (len(dls.train_ds) - counts) / counts.clamp_min(1) if weighted else None
+        return BCEWithLogitsLossFlat(pos_weight=positive.to(dls.device) if positive is not None else None), accuracy_multi
+    weight = (counts.sum() / (len(counts) * counts.clamp_min(1))).to(dls.device) if weighted else None
+    # torch's label_smoothing is fastai's LabelSmoothingCrossEntropy: (1 - eps) * CE + eps * mean over classes
+    return CrossEntropyLossFlat(weight=weight, label_smoothing=recipe.label_smoothing), accuracy
 
 
 def first_sentence(e: BaseException) -> str:

@@ -40,15 +40,29 @@ def pooled_features(learn, items) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(originals + mirrors), torch.cat(labels + labels)  # row i + N is row i's mirror image
 
 
+def head_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the classes; multi-label (y is 0/1 per label) binary cross-entropy per label."""
+    if y.ndim == 2:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float())
+    return torch.nn.functional.cross_entropy(logits, y)
+
+
+def head_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    if y.ndim == 2:
+        return ((logits > 0) == y.bool()).float().mean().item()
+    return (logits.argmax(1) == y).float().mean().item()
+
+
 def _logistic_regression(x: torch.Tensor, y: torch.Tensor, n_classes: int, penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight (C, D), bias (C,)) minimising mean cross-entropy + penalty/2 * |weight|^2, by full-batch L-BFGS."""
+    """(weight (C, D), bias (C,)) minimising the mean loss + penalty/2 * |weight|^2, by full-batch L-BFGS: a
+    multinomial logistic regression, or one binary logistic regression per label for multi-label targets."""
     weight = torch.zeros(n_classes, x.shape[1], requires_grad=True)
     bias = torch.zeros(n_classes, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=500, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ weight.T + bias, y) + penalty / 2 * weight.pow(2).sum()
+        loss = head_loss(x @ weight.T + bias, y) + penalty / 2 * weight.pow(2).sum()
         loss.backward()
         return loss
 
@@ -58,15 +72,15 @@ def _logistic_regression(x: torch.Tensor, y: torch.Tensor, n_classes: int, penal
 
 def _split_by_class(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (fit, valid) of pairs (an image and its mirror stay together), VALID_SHARE of each class held out."""
-    pairs = labels[: len(labels) // 2]
+    keys = [str(label) for label in labels[: len(labels) // 2].tolist()]  # a class, or a multi-label row's label set
     rng, fit, valid = random.Random(seed), [], []
-    for c in sorted(set(pairs.tolist())):
-        members = [i for i, label in enumerate(pairs.tolist()) if label == c]
+    for c in sorted(set(keys)):
+        members = [i for i, key in enumerate(keys) if key == c]
         rng.shuffle(members)
         n_valid = round(len(members) * VALID_SHARE) if len(members) > 2 else 0
         valid += members[:n_valid]
         fit += members[n_valid:]
-    half = len(pairs)
+    half = len(keys)
     as_rows = lambda idx: torch.tensor(idx + [i + half for i in idx], dtype=torch.long)
     return as_rows(fit), as_rows(valid)
 
@@ -81,7 +95,7 @@ def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, n_classes: int
     if len(valid):
         for penalty in PENALTIES:
             weight, bias = _logistic_regression(x[fit], labels[fit], n_classes, penalty)
-            scores[penalty] = torch.nn.functional.cross_entropy(x[valid] @ weight.T + bias, labels[valid]).item()
+            scores[penalty] = head_loss(x[valid] @ weight.T + bias, labels[valid]).item()
     penalty = min(scores, key=scores.get) if scores else PENALTIES[-1]
     print(f"linear probe: L2 penalty {penalty:g}, chosen on {len(valid) // 2} held-out training images "
           f"(their loss: {', '.join(f'{p:g} {v:.3f}' for p, v in scores.items())})", flush=True)
@@ -90,8 +104,7 @@ def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, n_classes: int
     # fold the standardisation into the layer: W((f - m) / s) + b = (W / s) f + (b - (W / s) m)
     raw_weight = weight / std
     return {"weight": raw_weight, "bias": bias - raw_weight @ mean, "penalty": penalty, "images": len(labels) // 2,
-            "train_loss": torch.nn.functional.cross_entropy(logits, labels).item(),
-            "train_acc": (logits.argmax(1) == labels).float().mean().item()}
+            "train_loss": head_loss(logits, labels).item(), "train_acc": head_accuracy(logits, labels)}
 
 
 def fit_probe(learn, seed: int) -> dict:

@@ -1,6 +1,8 @@
 """A run's figures as d2l reports them, written after every epoch: metrics.json, history.csv, curves.png.
 
-Writing every epoch means an interrupted run still leaves the figures of its last finished epoch.
+Writing every epoch means an interrupted run still leaves the figures of its last finished epoch. Columns:
+train_loss and train_acc over the epoch's augmented training batches; test_loss and test_acc on the test split;
+valid_loss and valid_acc on the validation split, when the run has one apart from the test split.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 
 from fastft.atomic import save_figure, write_json, write_text
 
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "valid_loss", "test_acc", "seconds")
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "valid_loss", "valid_acc", "seconds")
 
 
 def summary_line(final: dict, device: str) -> str:
@@ -21,30 +23,32 @@ def summary_line(final: dict, device: str) -> str:
 
 def epoch_line(epoch: dict, total: int) -> str:
     """One epoch as a log line: the figures history.csv holds, epochs counted 1..total across phases."""
-    return (f"epoch {epoch['epoch']}/{total}: train_loss {epoch['train_loss']:.4f}, train_acc {epoch['train_acc']:.4f}, "
-            f"valid_loss {epoch['valid_loss']:.4f}, test_acc {epoch['test_acc']:.4f}, {epoch['seconds']:.1f} s")
+    figures = ", ".join(f"{k} {epoch[k]:.4f}" for k in HISTORY_COLUMNS[1:-1] if k in epoch)
+    return f"epoch {epoch['epoch']}/{total}: {figures}, {epoch['seconds']:.1f} s"
 
 
-def write_reports(out: Path, epochs: list[dict], examples_per_sec: float, device: str) -> dict:
-    last = epochs[-1]
+def write_reports(out: Path, epochs: list[dict], examples_per_sec: float, device: str, kept_epoch: int) -> dict:
+    """The files, and metrics.json's content: `final` holds the figures of the epoch whose weights the run keeps."""
+    kept = epochs[kept_epoch - 1]
     metrics = {
-        "final": {"loss": last["train_loss"], "train_acc": last["train_acc"], "test_acc": last["test_acc"],
+        "final": {"loss": kept["train_loss"], "train_acc": kept["train_acc"], "test_acc": kept["test_acc"],
                   "examples_per_sec": examples_per_sec},
+        "kept_epoch": kept_epoch,
         "epochs": epochs,
         "device": device,
     }
     write_json(out / "metrics.json", metrics)
     table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, HISTORY_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(table, HISTORY_COLUMNS, extrasaction="ignore", restval="")
     writer.writeheader()
     writer.writerows(epochs)
     write_text(out / "history.csv", table.getvalue())
-    plot_curves(epochs, out / "curves.png")
+    plot_curves(epochs, out / "curves.png", kept_epoch)
     return metrics
 
 
-def plot_curves(epochs: list[dict], path: Path) -> None:
-    """d2l's training picture: train loss, train acc and test acc per epoch (losses left, accuracy right)."""
+def plot_curves(epochs: list[dict], path: Path, kept_epoch: int | None = None) -> None:
+    """d2l's training picture: losses left, accuracies right, per epoch; the kept epoch marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,10 +56,12 @@ def plot_curves(epochs: list[dict], path: Path) -> None:
 
     x = [e["epoch"] for e in epochs]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
-    loss_ax.plot(x, [e["train_loss"] for e in epochs], "o-", label="train loss")
-    loss_ax.plot(x, [e["valid_loss"] for e in epochs], "s--", label="test loss")
-    acc_ax.plot(x, [e["train_acc"] for e in epochs], "o-", label="train acc")
-    acc_ax.plot(x, [e["test_acc"] for e in epochs], "s--", label="test acc")
+    for ax, kind in ((loss_ax, "loss"), (acc_ax, "acc")):
+        for split, style in (("train", "o-"), ("test", "s--"), ("valid", "^:")):
+            if f"{split}_{kind}" in epochs[0]:
+                ax.plot(x, [e[f"{split}_{kind}"] for e in epochs], style, label=f"{split} {kind}")
+        if kept_epoch and kept_epoch != len(epochs):
+            ax.axvline(kept_epoch, color="grey", lw=1, label="kept epoch")
     acc_ax.set_ylim(0, 1)
     for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         ax.set_xlabel("epoch")

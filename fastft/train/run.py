@@ -8,86 +8,34 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from fastai.callback.progress import ProgressCallback
-from fastai.vision.all import Callback, find_bs, noop, set_seed
+from fastai.vision.all import Callback, noop, set_seed
 
-from fastft.atomic import replacing, save_figure, write_json, write_text
+from fastft.atomic import remove_partial_files, replacing, save_figure, write_json, write_text
 from fastft.data.augment import parse_aug
 from fastft.data.download import fetch_dataset
 from fastft.data.folders import new_run_folder
-from fastft.data.loaders import build_dataloaders, load_split
-from fastft.deploy.bundle import mirror_averaged, softmax_of, write_bundle
+from fastft.data.inspect import leakage_warning
+from fastft.data.loaders import build_dataloaders, imbalance_note, label_counts, load_split
+from fastft.deploy.bundle import mirror_averaged, probabilities_of, write_bundle
 from fastft.errors import UsageError
 from fastft.fastai_internals import release_last_batch
 from fastft.recipe import Recipe
 from fastft.train.devices import resolve_device, resolve_precision, set_number_format, training_only_callbacks
 from fastft.train.distributed import Distributed, DistributedTraining, world_size
 from fastft.train.model import check_arch, create_learner, normalization
-from fastft.train.report import epoch_line, summary_line, write_reports
+from fastft.train import checkpoint
+from fastft.train.epochs import EpochLog, unwrapped
+from fastft.train.report import summary_line, write_reports
 from fastft.train.strategies import STRATEGIES, Phase, describe_plan
 
 
 class Interrupted(Exception):
     """Ctrl-C during training; the outputs of the last finished epoch were kept."""
-
-
-def _unwrapped(model):
-    return getattr(model, "module", model)  # DistributedDataParallel wraps the model during fit
-
-
-class EpochLog(Callback):
-    """d2l's figures per epoch: mean train loss and running train accuracy over the (augmented) training
-    batches, test loss and accuracy, seconds. Prints them as one line (the only per-epoch output: fastai's
-    table, with its smoothed loss and per-phase epoch numbers, is switched off), writes the reports after each
-    epoch and keeps a copy of the weights, so Ctrl-C can fall back to the last finished epoch."""
-
-    order = 55  # after fastai's Recorder (50)
-
-    def __init__(self, out: Path, device: str, dist: Distributed, total_epochs: int):
-        self.out, self.device, self.dist, self.total_epochs = out, device, dist, total_epochs
-        self.epochs, self.train_examples, self.train_seconds, self.snapshot = [], 0, 0.0, None
-
-    def before_epoch(self):
-        self.started = time.perf_counter()
-        self.sums = {True: [0, 0.0, 0], False: [0, 0.0, 0]}  # training? -> [examples, loss sum, correct]
-
-    def before_validate(self):
-        self.epoch_train_seconds = time.perf_counter() - self.started
-
-    def after_batch(self):
-        n = find_bs(self.yb)
-        sums = self.sums[self.training]
-        sums[0] += n
-        sums[1] += self.loss.item() * n
-        sums[2] += (self.pred.argmax(dim=-1) == self.yb[0]).sum().item()
-
-    def after_epoch(self):
-        # every rank saw its own shard: the epoch's figures are sums over ranks
-        n_train, train_loss, train_correct, n_test, test_loss, test_correct = self.dist.sum(self.sums[True] + self.sums[False])
-        if probe := getattr(self.learn, "probe_fit", None):  # a probe epoch: no batches trained, a head was fitted
-            n_train = probe["images"]
-            train_loss, train_correct = probe["train_loss"] * n_train, probe["train_acc"] * n_train
-        self.train_examples += n_train
-        self.train_seconds += self.epoch_train_seconds
-        self.epochs.append({
-            "epoch": len(self.epochs) + 1,
-            "train_loss": train_loss / max(n_train, 1), "train_acc": train_correct / max(n_train, 1),
-            "valid_loss": test_loss / max(n_test, 1), "test_acc": test_correct / max(n_test, 1),
-            "seconds": time.perf_counter() - self.started,
-        })
-        self.snapshot = {k: v.detach().clone() for k, v in _unwrapped(self.learn.model).state_dict().items()}
-        if self.dist.is_main:
-            self.results = write_reports(self.out, self.epochs, self.examples_per_sec, self.device)
-            print(epoch_line(self.epochs[-1], self.total_epochs), flush=True)
-
-    @property
-    def examples_per_sec(self) -> float:
-        return self.train_examples / max(self.train_seconds, 1e-9)
 
 
 @dataclass
@@ -103,9 +51,10 @@ class Prepared:
     dist: Distributed
 
 
-def prepare(recipe: Recipe, out: str | None) -> Prepared:
+def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared:
     """Check the recipe, find the data, build DataLoaders and Learner. Every user error surfaces here,
-    before the run folder is created, so a failed start leaves nothing behind."""
+    before the run folder is created, so a failed start leaves nothing behind. `resuming`: `out` is the
+    stopped run's own folder."""
     device = resolve_device(recipe.device)
     precision = resolve_precision(recipe.precision, device)
     recipe = recipe.replace(precision=precision)
@@ -120,7 +69,7 @@ def prepare(recipe: Recipe, out: str | None) -> Prepared:
             print(f"note: --strategy {recipe.strategy} starts from random weights; not loading {recipe.weights}",
                   file=sys.stderr)
         recipe = recipe.replace(pretrained=False, weights="")
-    run_dir = dist.from_main(lambda: new_run_folder(out, recipe.name))  # rank 0 names it for all
+    run_dir = Path(out) if resuming else dist.from_main(lambda: new_run_folder(out, recipe.name))  # rank 0 names it
     if recipe.data:
         root = Path(recipe.data).expanduser()
     else:  # rank 0 downloads while the others wait
@@ -129,6 +78,11 @@ def prepare(recipe: Recipe, out: str | None) -> Prepared:
 
     set_seed(recipe.seed, reproducible=True)
     split = load_split(root, recipe, plan, quiet=not dist.is_main)
+    if dist.is_main:
+        for note in (imbalance_note(label_counts(split)), leakage_warning(split)):
+            if note:
+                print(note, file=sys.stderr)
+    recipe = recipe.replace(keep=resolve_keep(recipe, has_validation=bool(split.valid), quiet=not dist.is_main))
     mean, std = normalization(recipe.arch)
     dls = build_dataloaders(split, recipe, mean, std, device, plan)
     learn = create_learner(dls, recipe)
@@ -144,6 +98,21 @@ def prepare(recipe: Recipe, out: str | None) -> Prepared:
         if split.skipped:
             write_text(run_dir / "skipped_images.txt", "".join(f"{p}\t{why}\n" for p, why in split.skipped))
     return Prepared(recipe, learn, run_dir, device, split.skipped, mean, std, dist)
+
+
+NO_VALIDATION = (" (no validation split apart from the test split, and picking an epoch on the test split would "
+                 "overstate its accuracy; --holdout 0.1 carves one from the training images)")
+
+
+def resolve_keep(recipe: Recipe, has_validation: bool, quiet: bool) -> str:
+    """--keep auto: best when the run has a validation split apart from the test split, else last. Picking an
+    epoch (or stopping early) on the test split itself is allowed when asked for, and said to be optimistic."""
+    keep = recipe.keep if recipe.keep != "auto" else ("best" if has_validation else "last")
+    if not has_validation and (keep == "best" or recipe.patience) and not quiet:
+        print("warning: this run has no validation split apart from its test split, so --keep best / --patience "
+              "watch the test split: the test accuracy it reports is optimistic (--holdout 0.1 carves a validation "
+              "split from the training images)", file=sys.stderr)
+    return keep
 
 
 def schedule(learn, recipe: Recipe, lr: float) -> list[Phase]:
@@ -211,66 +180,115 @@ def unaugmented_train_accuracy(learn) -> float:
         return float(learn.validate(dl=dl)[1])
 
 
-def flip_tta_accuracy(learn) -> float:
-    """Test accuracy when each image's probabilities are averaged with its mirror image's: what the
-    bundle predicts for a run with `tta` (`fastft predict --tta`)."""
-    probabilities, correct, total = softmax_of(learn.model.eval()), 0, 0
+def split_predictions(learn, dl, tta: bool) -> tuple:
+    """(probabilities (N, C), targets) of the model over one split, as the bundle would predict them: with flip
+    TTA (each image averaged with its mirror image, `fastft predict --tta`) when `tta`."""
+    import numpy as np
+
+    probabilities = probabilities_of(unwrapped(learn.model).eval(), getattr(learn.dls, "multi_label", False))
+    probs, targets = [], []
     with torch.inference_mode():
-        for xb, yb in learn.dls.valid:
-            correct += (mirror_averaged(probabilities, xb).argmax(dim=1) == yb).sum().item()
-            total += len(yb)
-    return correct / max(total, 1)
+        for xb, yb in dl:
+            probs.append((mirror_averaged(probabilities, xb) if tta else probabilities(xb)).float().cpu())
+            targets.append(yb.cpu())
+    return (torch.cat(probs).numpy(), torch.cat(targets).numpy()) if probs else (np.zeros((0, 0)), np.zeros(0))
 
 
-def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = False, callbacks=()) -> dict:
-    """Run `recipe`; returns metrics.json's content (empty on ranks other than 0). Raises Interrupted
-    after saving on Ctrl-C. `measure_unaugmented` adds final.train_acc_unaugmented (one more pass over
-    the training images); `callbacks` are extra fastai callbacks for the Learner."""
-    run = prepare(recipe, out)
-    recipe, learn, run_dir = run.recipe, run.learn, run.run_dir
+def final_scores(learn, tta: bool) -> dict:
+    """The kept model's scores on the test split (deploy/scores.py): balanced accuracy and macro F1 beside the
+    accuracy; a multi-label run's at the threshold with the best micro F1 on the validation split (0.5 without
+    one), with mAP."""
+    from fastft.deploy import scores
+
+    classes = list(learn.dls.vocab)
+    probs, truth = split_predictions(learn, learn.dls.valid, tta)
+    if not getattr(learn.dls, "multi_label", False):
+        return scores.single_label(probs, truth.astype(int), classes)
+    threshold = 0.5
+    if len(learn.dls.loaders) > 2:
+        threshold = scores.choose_threshold(*split_predictions(learn, learn.dls.loaders[2], tta))
+    return scores.multi_label(probs, truth, classes, threshold)
+
+
+def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = False, callbacks=(),
+          resume: Path | None = None) -> dict:
+    """Run `recipe`, or (`resume`) continue a stopped run from its checkpoint; returns metrics.json's content
+    (empty on ranks other than 0). Raises Interrupted after saving on Ctrl-C. `measure_unaugmented` adds
+    final.train_acc_unaugmented (one more pass over the training images); `callbacks` are extra fastai
+    callbacks for the Learner."""
+    saved = None
+    if resume is not None:
+        saved = checkpoint.load(resume)
+        recipe = recipe_from_checkpoint(saved, resume)
+        out = str(resume)
+    run = prepare(recipe, out, resuming=saved is not None)
+    recipe, learn, run_dir, dist = run.recipe, run.learn, run.run_dir, run.dist
+    if saved is not None and dist.is_main:
+        remove_partial_files(run_dir)
     learn.add_cbs(callbacks)
     if recipe.lr == "auto":
         recipe = recipe.replace(lr=find_lr(learn, recipe, run_dir))
         print(f"lr finder suggests {recipe.lr:.2e} (plot: {run_dir / 'lr_find.png'})")
     elif not recipe.lr:
         recipe = recipe.replace(lr=STRATEGIES[recipe.strategy].default_lr)
-    dist = run.dist
-    if dist.is_main:
+    if dist.is_main and saved is None:
         write_text(run_dir / "recipe.toml", recipe.to_toml())
 
     phases = schedule(learn, recipe, recipe.lr)
-    log = EpochLog(run_dir, str(run.device), dist, recipe.epochs)
+    log = EpochLog(run_dir, str(run.device), dist, recipe.epochs, recipe.keep, recipe.monitor, recipe.patience,
+                   recipe.to_toml())
     learn.add_cb(log)
+    extra_logs = [tensorboard_log(run_dir, log, run.mean, run.std)] if recipe.log == "tensorboard" and dist.is_main else []
+    learn.add_cbs(extra_logs)
+    start_epoch, restore = 0, None
+    if saved is not None:
+        start_epoch, restore = saved["epoch"], resumer(saved, log, dist)
     processes = (f"{dist.size} processes x batch {learn.dls.bs} (global batch {dist.size * learn.dls.bs}, --bs is per "
                  f"process)" if dist.size > 1 else f"batch {learn.dls.bs}")
     if dist.is_main:
         print(f"{recipe.name}: {recipe.epochs} epoch(s) of {recipe.strategy}: {describe_plan(phases)}")
+        validation = f", {len(learn.dls.loaders[2].dataset)} validation" if len(learn.dls.loaders) > 2 else ""
         print(f"{recipe.arch} from {learn.starting_weights}, {len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} "
-              f"test images, {learn.dls.c} classes, {processes}, {recipe.precision} on {run.device} -> {run_dir}", flush=True)
+              f"test{validation} images, {learn.dls.c} classes, {processes}, {recipe.precision} on {run.device}, "
+              f"keeping the {recipe.keep} epoch{NO_VALIDATION if len(learn.dls.loaders) < 3 else ''} -> {run_dir}",
+              flush=True)
+        if saved is not None:
+            print(f"resuming after epoch {start_epoch} of {recipe.epochs} from {run_dir / checkpoint.CHECKPOINT}", flush=True)
     interrupted = False
     try:
-        STRATEGIES[recipe.strategy].fit(learn, phases, recipe.seed)
+        if start_epoch < recipe.epochs:
+            STRATEGIES[recipe.strategy].fit(learn, phases, recipe.seed, start_epoch=start_epoch, restore=restore)
     except KeyboardInterrupt:
         interrupted = True
         if log.snapshot is None:
             raise Interrupted(f"interrupted before the first epoch finished; {run_dir} holds only recipe.toml") from None
-        learn.model = _unwrapped(learn.model)
-        learn.model.load_state_dict(log.snapshot)
-        if dist.is_main:  # Ctrl-C may have cut the last epoch's reports short: write them again
-            log.results = write_reports(run_dir, log.epochs, log.examples_per_sec, str(run.device))
-    learn.remove_cbs([log, *callbacks])
+    finally:
+        for extra in extra_logs:
+            extra.close()
+    learn.model = unwrapped(learn.model)
+    learn.model.load_state_dict(log.kept_weights())  # the epoch --keep chose (after Ctrl-C: of those finished)
+    if dist.is_main:  # Ctrl-C may have cut the last epoch's reports short: write them again
+        log.results = write_reports(run_dir, log.epochs, log.examples_per_sec, str(run.device), log.kept_epoch)
+    learn.remove_cbs([log, *extra_logs, *callbacks])
     if not dist.is_main:
         dist.wait()
         return {}
-    final = log.results["final"]
+    final, threshold = log.results["final"], 0.5 if getattr(learn.dls, "multi_label", False) else None
     try:  # extra passes over the data: a Ctrl-C here skips them, and the trained model is still saved
-        if recipe.tta:  # after fit the Learner holds the whole test set again (fastai's DistributedTrainer restores it)
-            final["test_acc_tta"] = flip_tta_accuracy(learn)
+        # after fit the Learner holds the whole test set again (fastai's DistributedTrainer restores it)
+        test = final_scores(learn, recipe.tta)
+        log.results["test_scores"] = test
+        final.update({k: test[k] for k in ("balanced_accuracy", "macro_f1", "micro_f1", "mAP", "threshold") if k in test})
+        threshold = test.get("threshold")
+        if recipe.tta:
+            final["test_acc_tta"] = test["accuracy"]
         if measure_unaugmented and not interrupted and dist.size == 1:
             final["train_acc_unaugmented"] = unaugmented_train_accuracy(learn)
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted: skipping the final test-time measurements, saving the trained model", file=sys.stderr)
+    if log.stopped:
+        log.results["stopped_early"] = log.stopped
     try:
         write_json(run_dir / "metrics.json", log.results)
         for callback in (DistributedTraining, *training_only_callbacks()):  # not needed to load or use the model
@@ -279,15 +297,53 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
         with replacing(run_dir.resolve() / "model.pkl") as temporary:
             learn.export(temporary)
         write_bundle(learn.model, run_dir, arch=recipe.arch, classes=list(learn.dls.vocab), size=recipe.size,
-                     crop_pct=recipe.crop_pct, mean=run.mean, std=run.std, head=learn.head_config, tta=recipe.tta)
+                     crop_pct=recipe.crop_pct, mean=run.mean, std=run.std, head=learn.head_config, tta=recipe.tta,
+                     threshold=threshold)
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted while saving the model: model.pkl or model.safetensors in {run_dir} may be "
-                          "incomplete; metrics.json and the curves are kept") from None
+        raise Interrupted(f"interrupted while saving the model: the earlier model files in {run_dir} are whole; "
+                          "metrics.json and the curves are kept; `fastft resume` finishes it") from None
     dist.wait()
     if interrupted:
-        raise Interrupted(f"interrupted: kept the outputs of epoch {len(log.epochs)} of {recipe.epochs} in {run_dir}")
-    print(summary_line(final, str(run.device)))
+        raise Interrupted(f"interrupted: kept the outputs of epoch {log.kept_epoch} of {recipe.epochs} in {run_dir}; "
+                          f"`fastft resume {run_dir}` continues it")
+    checkpoint.remove(run_dir)  # finished: the bundle is the result, and nothing is left to resume
+    kept = f" (kept epoch {log.kept_epoch} of {len(log.epochs)})" if log.kept_epoch != len(log.epochs) else ""
+    print(summary_line(final, str(run.device)) + kept)
     return log.results
+
+
+def recipe_from_checkpoint(saved: dict, run_dir: Path) -> Recipe:
+    import tomllib
+
+    from fastft.recipe import recipe_from_values
+
+    try:
+        return recipe_from_values(tomllib.loads(saved["recipe"]), f"{run_dir / checkpoint.CHECKPOINT}'s recipe")
+    except UsageError as e:
+        raise UsageError(f"{run_dir} cannot resume: its recipe no longer validates ({e})") from None
+
+
+def resumer(saved: dict, log, dist):
+    """restore(learn, optimizer): put the stopped run's state back, just before its next epoch: the weights and
+    the log always; the optimizer's state when the next epoch is in the middle of a phase (a new phase starts
+    with a fresh optimizer state, as it did in the first run); every random generator last, so the next draw
+    is the one the first run made."""
+    log.restore(saved["log"])
+    log.snapshot = saved["model"]
+
+    def restore(learn, optimizer: bool) -> None:
+        unwrapped(learn.model).load_state_dict(saved["model"])
+        if optimizer and saved["optimizer"] is not None:
+            learn.opt.load_state_dict(saved["optimizer"])
+        randomness = saved["random"]
+        checkpoint.set_random_state(randomness[dist.rank if dist.rank < len(randomness) else 0], learn.dls)
+    return restore
+
+
+def tensorboard_log(run_dir: Path, log, mean, std):
+    from fastft.train.tensorboard import TensorBoardLog
+
+    return TensorBoardLog(run_dir / "tensorboard", log, mean, std)
 
 
 def lr_find_only(recipe: Recipe, out: str | None = None) -> float:

@@ -86,15 +86,28 @@ class Strategy:
     def teardown(self, learn) -> None:
         pass
 
-    def fit(self, learn, phases: list[Phase], seed: int = 0) -> None:
+    def fit(self, learn, phases: list[Phase], seed: int = 0, start_epoch: int = 0, restore=None) -> None:
+        """Train the phases in turn. A resumed run passes the epochs already done (`start_epoch`) and
+        `restore(learn, optimizer)`, called once just before the first epoch still to run: phases done are
+        skipped, and a phase stopped in its middle continues at its next epoch on the same schedule (fastai's
+        `start_epoch`). Early stopping (`learn.stop_schedule`) skips the phases left."""
         self.setup(learn)
+        learn.stop_schedule = False
         try:
+            first = 0  # the phase's first epoch, counted from 0 across phases
             for phase in phases:
+                done_here, first = max(0, min(phase.epochs, start_epoch - first)), first + phase.epochs
+                if done_here == phase.epochs or learn.stop_schedule:
+                    continue
                 learn.freeze_to(-phase.trains) if phase.trains else learn.unfreeze()
+                if restore is not None:
+                    restore(learn, optimizer=done_here > 0)
+                    restore = None
                 if phase.schedule == ONE_CYCLE:
-                    learn.fit_one_cycle(phase.epochs, phase.lr, pct_start=phase.pct_start, div=phase.div, wd=phase.wd)
+                    learn.fit_one_cycle(phase.epochs, phase.lr, pct_start=phase.pct_start, div=phase.div, wd=phase.wd,
+                                        start_epoch=done_here)
                 elif phase.schedule == CONSTANT:
-                    learn.fit(phase.epochs, lr=phase.lr, wd=phase.wd)
+                    learn.fit(phase.epochs, lr=phase.lr, wd=phase.wd, start_epoch=done_here)
                 else:
                     fit_probe_epoch(learn, seed)
         finally:
@@ -110,7 +123,7 @@ def fit_probe_epoch(learn, seed: int) -> None:
     from fastft.train.probe import fit_probe
 
     class ProbeInsteadOfTraining(Callback):
-        order = -5  # after fastai's TrainEvalCallback has started the epoch, before anything trains
+        order = 65  # after every before_train (fastai's ProgressCallback, 60, opens its bar there), before any batch
 
         def before_train(self):
             self.learn.probe_fit = fit_probe(self.learn, seed)

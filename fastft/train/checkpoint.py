@@ -1,0 +1,96 @@
+"""The checkpoint a crashed or stopped run resumes from: checkpoint.pt in the run folder, rewritten (atomically)
+after every finished epoch and removed when the run finishes.
+
+It holds what the next epoch depends on: the model's and the optimizer's state, how many epochs are done, the
+random number generators' states (Python's, NumPy's, torch's, each DataLoader's, per process), the figures
+logged so far with the best epoch's weights, and the resolved recipe. A run resumed from it trains the same
+remaining epochs with the same phases, learning-rate schedule and random draws as if it had never stopped.
+"""
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastft.atomic import write_bytes
+from fastft.errors import UsageError
+
+CHECKPOINT = "checkpoint.pt"
+FORMAT = "fastft-checkpoint/1"
+
+
+def random_state(dls) -> dict:
+    """Every random number generator a training epoch draws from, in plain types (loadable with weights_only)."""
+    numpy_state = np.random.get_state()
+    kind, keys, position, has_gauss, cached_gaussian = numpy_state
+    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(cached_gaussian)],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "loaders": [loader_rng(dl).getstate() for dl in dls.loaders]}
+
+
+def set_random_state(state: dict, dls) -> None:
+    random.setstate(_as_tuples(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for dl, saved in zip(dls.loaders, state["loaders"]):
+        loader_rng(dl).setstate(_as_tuples(saved))
+
+
+def loader_rng(dl) -> random.Random:
+    """The generator a fastai DataLoader shuffles with (a wrapper's inner DataLoader's, under many processes)."""
+    return getattr(dl, "dl", dl).rng
+
+
+def _as_tuples(value):
+    """random.setstate wants the tuples getstate gave; a round trip through a checkpoint may leave lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def plain(value):
+    """`value` with NumPy scalars made Python numbers, recursively: fastai's schedules hand NumPy floats to the
+    optimizer's hyperparameters, and a checkpoint loads with weights_only (no arbitrary classes)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    return value
+
+
+def save(run_dir: Path, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(plain({"format": FORMAT, **state}), buffer)
+    write_bytes(run_dir / CHECKPOINT, buffer.getvalue())
+
+
+def remove(run_dir: Path) -> None:
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+
+
+def load(run_dir: Path) -> dict:
+    """The checkpoint of an unfinished run, checked. Anything else is a one-line error; nothing is changed."""
+    run_dir = Path(run_dir)
+    path = run_dir / CHECKPOINT
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir} does not exist; pass the folder of a run that stopped before it finished")
+    if not path.is_file():
+        if (run_dir / "model.json").is_file():
+            raise UsageError(f"{run_dir} finished (its model is saved): there is nothing to resume; start a new run, "
+                             f"e.g. `fastft run {run_dir / 'recipe.toml'} --out NEW_FOLDER`")
+        raise UsageError(f"{run_dir} is not a fastft run that can resume (no {CHECKPOINT}: it stopped before its first "
+                         "epoch finished, or is not a run folder); start it again")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt or not a checkpoint: torch raises many types
+        raise UsageError(f"{path} is truncated or corrupt ({type(e).__name__}); the run cannot resume from it; "
+                         "start it again") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UsageError(f"{path} is not a {FORMAT} checkpoint; the run cannot resume from it; start it again")
+    return state

@@ -1,0 +1,169 @@
+"""The end of every epoch, in one callback: the figures (d2l's, plus the validation split's when the run has one),
+one log line, the reports, the best epoch so far, early stopping, and the checkpoint a stopped run resumes from.
+
+Figures are d2l's: mean train loss and running train accuracy over the epoch's (augmented) training batches,
+test loss and accuracy over the test split, seconds. A validation split apart from the test split (valid/, or
+--holdout) adds valid_loss and valid_acc; --keep best and --patience watch --monitor on it, never on the test
+split unless the user insists (and then the run says its test accuracy is optimistic).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from fastai.callback.core import Callback, CancelFitException
+from fastai.torch_core import find_bs
+
+from fastft.train import checkpoint
+from fastft.train.report import epoch_line, write_reports
+
+MONITORED = {"accuracy": ("valid_acc", "test_acc", max), "valid_loss": ("valid_loss", "test_loss", min)}
+
+
+def unwrapped(model):
+    return getattr(model, "module", model)  # DistributedDataParallel wraps the model during fit
+
+
+def correct(logits, targets) -> float:
+    """How many images a batch got right: the top class; multi-label (0/1 targets, one per label), each image's
+    share of labels right at probability 0.5 (fastai's accuracy_multi)."""
+    if targets.ndim == logits.ndim:
+        return ((logits > 0) == targets.bool()).float().mean(dim=-1).sum().item()
+    return (logits.argmax(dim=-1) == targets).sum().item()
+
+
+def _copy(model) -> dict:
+    return {k: v.detach().clone() for k, v in unwrapped(model).state_dict().items()}
+
+
+class EpochLog(Callback):
+    """Per epoch: figures, a log line (the only per-epoch output: fastai's table, with its smoothed loss and
+    per-phase epoch numbers, is off), metrics.json/history.csv/curves.png, the kept and best weights, early
+    stopping, and checkpoint.pt. Ctrl-C falls back to the last finished epoch's weights (`snapshot`)."""
+
+    order = 55  # after fastai's Recorder (50)
+
+    def __init__(self, out: Path, device: str, dist, total_epochs: int, keep: str, monitor: str, patience: int,
+                 recipe_toml: str):
+        self.out, self.device, self.dist, self.total_epochs = out, device, dist, total_epochs
+        self.keep, self.patience, self.recipe_toml = keep, patience, recipe_toml
+        self.monitor = monitor
+        self.epochs, self.train_examples, self.train_seconds, self.train_batches = [], 0, 0.0, 0
+        self.snapshot, self.best, self.running, self.stopped = None, None, False, ""
+
+    # ---- figures -------------------------------------------------------------------------------------------
+    def before_epoch(self):
+        self.started = time.perf_counter()
+        self.sums = {True: [0, 0.0, 0], False: [0, 0.0, 0]}  # training? -> [examples, loss sum, correct]
+
+    def before_validate(self):
+        # an epoch fastai skips (SkipToEpoch, order 70, after this callback's before_epoch) never validates
+        self.epoch_train_seconds, self.running = time.perf_counter() - self.started, True
+
+    def after_batch(self):
+        self.train_batches += self.training
+        n = find_bs(self.yb)
+        sums = self.sums[self.training]
+        sums[0] += n
+        sums[1] += self.loss.item() * n
+        sums[2] += correct(self.pred, self.yb[0])
+
+    def validation_figures(self) -> dict:
+        """valid_loss and valid_acc on the validation split (dls[2]), when there is one."""
+        if len(self.dls.loaders) < 3:
+            return {}
+        model, losses, right, total = unwrapped(self.learn.model), 0.0, 0, 0
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode():
+            for xb, yb in self.dls.loaders[2]:
+                out = model(xb)
+                losses += self.learn.loss_func(out, yb).item() * len(yb)
+                right += correct(out, yb)
+                total += len(yb)
+        model.train(was_training)
+        losses, right, total = self.dist.sum([losses, right, total])  # many processes: each scored its shard
+        return {"valid_loss": losses / max(total, 1), "valid_acc": right / max(total, 1)}
+
+    def after_epoch(self):
+        if not self.running:  # an epoch fastai skipped (a resumed run's finished epochs): nothing happened
+            return
+        self.running = False
+        # every rank saw its own shard: the epoch's figures are sums over ranks
+        n_train, train_loss, train_correct, n_test, test_loss, test_correct = self.dist.sum(self.sums[True] + self.sums[False])
+        if probe := getattr(self.learn, "probe_fit", None):  # a probe epoch: no batches trained, a head was fitted
+            n_train = probe["images"]
+            train_loss, train_correct = probe["train_loss"] * n_train, probe["train_acc"] * n_train
+        self.train_examples += n_train
+        self.train_seconds += self.epoch_train_seconds
+        entry = {"epoch": len(self.epochs) + 1,
+                 "train_loss": train_loss / max(n_train, 1), "train_acc": train_correct / max(n_train, 1),
+                 "test_loss": test_loss / max(n_test, 1), "test_acc": test_correct / max(n_test, 1),
+                 **self.validation_figures()}
+        entry["seconds"] = time.perf_counter() - self.started
+        self.epochs.append(entry)
+        self.snapshot = _copy(self.learn.model)
+        improved = self.track_best(entry)
+        if self.dist.is_main:
+            self.results = write_reports(self.out, self.epochs, self.examples_per_sec, self.device, self.kept_epoch)
+            print(epoch_line(entry, self.total_epochs) + (" (best so far)" if improved and self.keep == "best" else ""),
+                  flush=True)
+        self.save_checkpoint()
+        if self.should_stop():
+            raise CancelFitException
+
+    @property
+    def examples_per_sec(self) -> float:
+        return self.train_examples / max(self.train_seconds, 1e-9)
+
+    # ---- the best epoch and early stopping ----------------------------------------------------------------
+    def monitored(self, entry: dict) -> float:
+        on_validation, on_test, _ = MONITORED[self.monitor]
+        return entry[on_validation] if on_validation in entry else entry[on_test]
+
+    def track_best(self, entry: dict) -> bool:
+        better = MONITORED[self.monitor][2]
+        value = self.monitored(entry)
+        if self.best is None or better(value, self.best["value"]) != self.best["value"]:
+            self.best = {"epoch": entry["epoch"], "value": value,
+                         "weights": self.snapshot if self.keep == "best" else None}
+            return True
+        return False
+
+    @property
+    def kept_epoch(self) -> int:
+        return self.best["epoch"] if self.keep == "best" else len(self.epochs)
+
+    def kept_weights(self) -> dict:
+        return self.best["weights"] if self.keep == "best" else self.snapshot
+
+    def should_stop(self) -> bool:
+        if not self.patience or len(self.epochs) - self.best["epoch"] < self.patience or len(self.epochs) >= self.total_epochs:
+            return False
+        self.stopped = (f"stopping early: {self.monitor} has not improved for {self.patience} epoch(s) (best "
+                        f"{self.best['value']:.4f} at epoch {self.best['epoch']}); skipping epochs "
+                        f"{len(self.epochs) + 1}-{self.total_epochs}")
+        self.learn.stop_schedule = True
+        if self.dist.is_main:
+            print(self.stopped, flush=True)
+        return True
+
+    # ---- checkpoint ---------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """What the log needs to continue a resumed run exactly where it stopped."""
+        return {"epochs": self.epochs, "train_examples": self.train_examples, "train_seconds": self.train_seconds,
+                "train_batches": self.train_batches, "best": self.best}
+
+    def restore(self, state: dict) -> None:
+        self.epochs, self.best = state["epochs"], state["best"]
+        self.train_examples, self.train_seconds = state["train_examples"], state["train_seconds"]
+        self.train_batches = state["train_batches"]
+
+    def save_checkpoint(self) -> None:
+        randomness = self.dist.gather(checkpoint.random_state(self.dls))  # every process's own generators
+        if self.dist.is_main:
+            opt = self.learn.opt
+            checkpoint.save(self.out, {"epoch": len(self.epochs), "recipe": self.recipe_toml, "model": self.snapshot,
+                                       "optimizer": opt.state_dict() if opt is not None else None,
+                                       "random": randomness, "log": self.state()})

@@ -1,0 +1,228 @@
+"""The training lifecycle: the best epoch kept, early stopping, resuming after SIGKILL, files never half
+written, TensorBoard logs."""
+import csv
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, fastft, invoke, make_class_folders, make_split_dataset
+from fastft.train import checkpoint
+
+FASTFT = Path(sys.executable).with_name("fastft")
+
+
+def weights_digest(run: Path) -> str:
+    from safetensors.torch import load_file
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_file(str(run / "model.safetensors")).items()):
+        digest.update(name.encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_keep_best_picks_the_epoch_with_the_best_validation_accuracy(tmp_path):
+    data = make_class_folders(tmp_path / "photos", per_class=10)
+    out = tmp_path / "run"
+    result = invoke("train", data, *TINY, "--epochs", "3", "--holdout", "0.25", "--out", out)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    epochs = metrics["epochs"]
+    assert all({"valid_loss", "valid_acc", "test_loss", "test_acc"} <= set(e) for e in epochs)
+    best = max(epochs, key=lambda e: (e["valid_acc"], -e["epoch"]))  # the first epoch with the best accuracy
+    assert metrics["kept_epoch"] == best["epoch"] and metrics["final"]["test_acc"] == best["test_acc"]
+    assert "keeping the best epoch" in result.stdout
+    # the bundle holds that epoch's weights: scoring the test split again gives its test accuracy
+    report = json.loads(invoke("evaluate", out, data, "--json", "--out", tmp_path / "eval").stdout)
+    assert report["accuracy"] == pytest.approx(best["test_acc"])
+    with open(out / "history.csv") as f:
+        assert next(csv.reader(f))[:8] == ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "valid_loss",
+                                           "valid_acc", "seconds"]
+
+
+def test_without_a_validation_split_the_last_epoch_is_kept_and_the_run_says_why(trained_run):
+    out, result = trained_run  # the cifar recipe: a train and a test split only
+    assert "keeping the last epoch (no validation split" in result.stdout and "overstate" in result.stdout
+    assert json.loads((out / "metrics.json").read_text())["kept_epoch"] == 2
+    assert 'keep = "last"' in (out / "recipe.toml").read_text()  # the resolved recipe says what happened
+
+
+def test_patience_stops_the_schedule_and_says_so(tmp_path):
+    data = make_class_folders(tmp_path / "photos", per_class=10)
+    out = tmp_path / "run"
+    result = invoke("train", data, *TINY, "--epochs", "12", "--holdout", "0.25", "--patience", "1", "--out", out)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    ran = len(metrics["epochs"])
+    assert ran < 12 and f"skipping epochs {ran + 1}-12" in result.stdout and "stopped_early" in metrics
+    assert metrics["epochs"][metrics["kept_epoch"] - 1]["valid_acc"] == max(e["valid_acc"] for e in metrics["epochs"])
+    assert (out / "model.json").is_file() and not (out / checkpoint.CHECKPOINT).exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_patience_below_one_is_an_error(value, dataset, tmp_path):
+    result = fastft("train", dataset, *TINY, "--patience", value, "--out", tmp_path / "run")
+    assert result.returncode == 2 and "--patience" in result.stderr and not (tmp_path / "run").exists()
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _start(args, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(FASTFT), *map(str, args)], stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def _kill_after_checkpoint(proc, run: Path, epochs_done: int, timeout: float = 300) -> None:
+    """SIGKILL the run as soon as the checkpoint of epoch `epochs_done` is in place: in the next epoch."""
+    deadline = time.monotonic() + timeout
+    history, saved = run / "history.csv", run / checkpoint.CHECKPOINT
+    while time.monotonic() < deadline and proc.poll() is None:
+        rows = len(history.read_text().splitlines()) - 1 if history.exists() else 0
+        if rows == epochs_done and saved.exists() and saved.stat().st_mtime_ns >= history.stat().st_mtime_ns:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"the run did not reach epoch {epochs_done} in time (exit {proc.poll()})")
+
+
+@pytest.fixture(scope="module")
+def slow_data(tmp_path_factory):
+    """Enough images that an epoch takes a moment: room to kill a run inside one."""
+    return make_split_dataset(tmp_path_factory.mktemp("slow") / "photos", per_class=24)
+
+
+def test_a_run_killed_in_epoch_3_of_4_resumes_to_the_same_weights(slow_data, tmp_path):
+    # lp-ft: epoch 1 is the probe, epochs 2-4 one fine-tuning phase; random crops draw from Python's generator
+    args = ["train", slow_data, *TINY, "--size", "48", "--epochs", "4"]
+    whole = fastft(*args, "--out", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    cut = tmp_path / "cut"
+    proc = _start([*args, "--out", cut], tmp_path / "cut.log")
+    _kill_after_checkpoint(proc, cut, epochs_done=2)
+    assert torch.load(cut / checkpoint.CHECKPOINT, weights_only=True)["epoch"] == 2
+    assert not (cut / "model.safetensors").exists()
+    resumed = fastft("resume", cut)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch 2 of 4" in resumed.stdout
+    assert weights_digest(cut) == weights_digest(tmp_path / "whole")
+    strip = lambda run: [{k: v for k, v in e.items() if k != "seconds"} for e in json.loads((run / "metrics.json").read_text())["epochs"]]
+    assert strip(cut) == strip(tmp_path / "whole")
+    assert not (cut / checkpoint.CHECKPOINT).exists()  # finished: nothing left to resume
+
+
+def _every_file_is_whole(run: Path) -> None:
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    for path in run.iterdir():
+        if path.name.startswith("."):  # a killed write's temporary file: never one of the run's files
+            assert ".partial" in path.name
+            continue
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".csv":
+            rows = list(csv.DictReader(path.open()))
+            assert all(row["seconds"] for row in rows)
+        elif path.suffix == ".png":
+            with Image.open(path) as im:
+                im.verify()
+        elif path.suffix == ".toml":
+            tomllib.loads(path.read_text())
+        elif path.suffix == ".safetensors":
+            load_file(str(path))
+        elif path.name == checkpoint.CHECKPOINT:
+            checkpoint.load(run)
+
+
+def test_files_are_whole_whenever_a_run_is_killed_and_it_resumes_each_time(dataset, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", dataset, *TINY, "--epochs", "6", "--log", "tensorboard"]
+    proc = _start([*args, "--out", run], tmp_path / "log")
+    for epochs_done, delay in ((1, 0.0), (3, 0.15), (5, 0.3)):
+        if epochs_done > 1:
+            proc = _start(["resume", run], tmp_path / "log")
+        _kill_after_checkpoint(proc, run, epochs_done)
+        time.sleep(delay)
+        _every_file_is_whole(run)
+    final = fastft("resume", run)
+    assert final.returncode == 0, final.stderr
+    _every_file_is_whole(run)
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # resuming cleared the temporary files
+    assert len(json.loads((run / "metrics.json").read_text())["epochs"]) == 6
+
+
+def test_resume_refuses_what_it_cannot_continue_and_changes_nothing(trained_run, slow_data, tmp_path):
+    finished = fastft("resume", trained_run[0])
+    assert finished.returncode == 2 and "finished" in finished.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert fastft("resume", empty).returncode == 2
+    assert "does not exist" in fastft("resume", tmp_path / "nowhere").stderr
+    cut = tmp_path / "cut"
+    proc = _start(["train", slow_data, *TINY, "--epochs", "3", "--out", cut], tmp_path / "log")
+    _kill_after_checkpoint(proc, cut, epochs_done=1)
+    saved = cut / checkpoint.CHECKPOINT
+    good = saved.read_bytes()
+    saved.write_bytes(good[: len(good) // 2])
+    before = {p.name: p.read_bytes() for p in cut.iterdir() if p.is_file()}
+    truncated = fastft("resume", cut)
+    assert truncated.returncode == 2 and "truncated or corrupt" in truncated.stderr and "Traceback" not in truncated.stderr
+    assert {p.name: p.read_bytes() for p in cut.iterdir() if p.is_file()} == before
+    state = torch.load(__import__("io").BytesIO(good), weights_only=True)
+    state["recipe"] = state["recipe"].replace("seed = 42", "seed = 42\nbatch_norm = 3")  # a key fastft no longer knows
+    torch.save(state, saved)
+    invalid = fastft("resume", cut)
+    assert invalid.returncode == 2 and "batch_norm" in invalid.stderr and "no longer validates" in invalid.stderr
+    assert fastft("train", slow_data, "--resume", cut, "--epochs", "2").returncode == 2  # --resume takes no other option
+
+
+def test_tensorboard_logs_losses_rates_figures_and_images(tmp_path, dataset):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    result = invoke("train", dataset, *TINY, "--epochs", "2", "--log", "tensorboard", "--out", out)
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/batch_loss", "lr/group0", "acc/test", "loss/train", "acc/train"} <= scalars
+    assert [e.step for e in events.Scalars("acc/test")] == [1, 2]
+    batches = events.Scalars("train/batch_loss")
+    assert len(batches) == 4 and [e.step for e in batches] == [1, 2, 3, 4]  # 16 images, batch 4; epoch 1 is the probe
+    assert "train/augmented" in events.Tags()["images"]
+
+
+def test_a_full_disk_while_saving_leaves_the_earlier_files_whole(dataset, tmp_path, monkeypatch):
+    import errno
+
+    import fastft.deploy.bundle
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(fastft.deploy.bundle, "write_bytes", disk_full)
+    out = tmp_path / "run"
+    result = invoke("train", dataset, *TINY, "--epochs", "1", "--out", out)
+    assert result.exit_code == 2 and "no space left" in result.output.lower(), result.output
+    _every_file_is_whole(out)
+    assert not (out / "model.safetensors").exists() and (out / checkpoint.CHECKPOINT).exists()  # resumable later
+
+
+def test_compare_takes_patience_and_shows_the_epoch_each_run_kept(tmp_path):
+    data = make_class_folders(tmp_path / "photos", per_class=10)
+    out = tmp_path / "cmp"
+    result = invoke("compare", "train", "--data", data, *TINY, "--epochs", "8", "--holdout", "0.25", "--patience", "1",
+                    "--strategy", "fine-tune,lp-ft", "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "compare.json").read_text())
+    for row in rows:
+        metrics = json.loads((out / row["setting"] / "metrics.json").read_text())
+        assert row["kept_epoch"] == metrics["kept_epoch"] and row["epochs_run"] == len(metrics["epochs"]) < 8
+    assert "kept epoch" in result.stdout.splitlines()[-3]
