@@ -40,7 +40,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "recipes, one command each (fastai + timm).")
 
 COMMANDS = frozenset({"train", "run", "compare", "lr-find", "recipes", "predict", "evaluate", "export", "augs", "resume",
-                      "inspect"})
+                      "inspect", "explain", "serve"})
 TYPES = {"str": str, "int": int, "float": float, "bool": bool}  # a recipe key's type on the command line (lr: str)
 
 
@@ -121,7 +121,7 @@ def _train(recipe: Recipe, options: dict) -> None:
 
 def _argument(name: str, help: str, annotation=str) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation,
-                             default=typer.Argument(..., help=help, show_default=False))
+                             default=typer.Argument(..., help=help, show_default=False, metavar=name.upper()))
 
 
 def command(name: str, help: str, function, parameters: list[inspect.Parameter]) -> None:
@@ -272,8 +272,8 @@ def list_recipes():
 @app.command()
 @user_errors
 def predict(
-    model: Path = typer.Argument(..., help="A run folder (a run's --out), model.json, model.onnx, or model.pkl."),
-    paths: List[Path] = typer.Argument(..., help="Image files and folders (recursed)."),
+    model: Path = typer.Argument(..., metavar="MODEL", help="A run folder (a run's --out), model.json, model.onnx, or model.pkl."),
+    paths: List[Path] = typer.Argument(..., metavar="PATHS", help="Image files and folders (recursed)."),
     top: Optional[int] = typer.Option(None, "--top-k", min=1, help="Show the K most likely labels. Default: the most "
                                                                    "likely one; multi-label: every label at or above "
                                                                    "the run's threshold."),
@@ -313,15 +313,29 @@ def predict(
 @app.command()
 @user_errors
 def export(
-    model: Path = typer.Argument(..., help="A run folder (a run's --out) or its model.json."),
-    format: str = typer.Option("onnx", "--format", help="Export format: onnx."),
+    model: Path = typer.Argument(..., metavar="MODEL", help="A run folder (a run's --out) or its model.json."),
+    format: str = typer.Option("onnx", "--format", help="onnx: model.onnx beside the bundle; hub: the folder timm "
+                                                         "and the Hugging Face hub read (config.json, model.safetensors, "
+                                                         "README.md)."),
+    out: Optional[str] = typer.Option(None, "--out", help="hub: the folder to write (new or empty). Default: "
+                                                           "hub-<time> beside the model."),
 ):
-    """Export a model: model.onnx (dynamic batch, probabilities out) beside the bundle, checked in
-    ONNX Runtime against PyTorch."""
+    """Export a model: ONNX (dynamic batch, probabilities out, checked in ONNX Runtime against PyTorch), or the
+    hub layout that plain timm loads (`timm.create_model("local-dir:DIR", pretrained=True)`)."""
+    if format == "hub":
+        from fastft.deploy.hub import export_hub
+
+        folder = export_hub(model, out)
+        typer.echo(f"wrote {folder}: load it with timm.create_model(\"local-dir:{folder}\", pretrained=True); upload "
+                   f"it with "
+                   f"huggingface_hub.upload_folder(repo_id=..., folder_path=\"{folder}\")")
+        return
     from fastft.deploy.export import TOLERANCE, export_onnx
 
     if format != "onnx":
-        raise UsageError(f"unknown export format '{format}'; formats: onnx")
+        raise UsageError(f"unknown export format '{format}'; formats: onnx, hub")
+    if out is not None:
+        raise UsageError("--out is for --format hub; ONNX goes beside the bundle (model.onnx)")
     path, difference, checked = export_onnx(model)
     inputs = f"{checked} real images" if checked else "random inputs (the run's data is not at hand)"
     typer.echo(f"wrote {path}; max abs difference of probabilities vs PyTorch on {inputs}: {difference:.2e}")
@@ -332,9 +346,48 @@ def export(
 
 @app.command()
 @user_errors
+def explain(
+    model: Path = typer.Argument(..., metavar="MODEL", help="A run folder (a run's --out) or its model.json."),
+    images: List[Path] = typer.Argument(..., metavar="IMAGES", help="Image files and folders (recursed)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Folder for the pictures (new or empty). Default: "
+                                                           "explain-<time> beside the model."),
+    class_name: Optional[str] = typer.Option(None, "--class", help="Explain this class instead of the predicted one."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="The module Grad-CAM reads (default: the last feature "
+                                                               "stage timm reports for the architecture)."),
+    top: int = typer.Option(3, "--top-k", min=1, help="Probabilities shown per image."),
+):
+    """Grad-CAM: each image with a heat map of where the model looked for the predicted class (or --class), and
+    its top-k probabilities. Needs pip install 'fastft[explain]'."""
+    from fastft.deploy.explain import explain as explain_images
+
+    folder, results = explain_images(model, images, out, class_name, layer, top)
+    for r in results:
+        typer.echo(f"{r['path']}\t{r['class']}\t{r['png']}")
+    typer.echo(f"{len(results)} picture(s) and explain.json in {folder}")
+
+
+@app.command()
+@user_errors
+def serve(
+    model: Path = typer.Argument(..., metavar="MODEL", help="A run folder (a run's --out) or its model.json."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Where to listen: 127.0.0.1 (this machine only); "
+                                                          "0.0.0.0 opens it to the network."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    max_upload: float = typer.Option(10.0, "--max-upload", min=0.0, help="Largest upload in MB."),
+):
+    """A web page for one model: drop or pick an image (or give a local file's path) and see its top labels with
+    probability bars, and the Grad-CAM picture when the explain extra is there; POST /predict answers as
+    `fastft predict --json`. Needs pip install 'fastft[serve]'."""
+    from fastft.deploy.serve import serve as serve_model
+
+    serve_model(model, host, port, max_upload)
+
+
+@app.command()
+@user_errors
 def evaluate(
-    model: Path = typer.Argument(..., help="A run folder, model.json, model.onnx, or model.pkl."),
-    data: Path = typer.Argument(..., help="A folder of class folders, or one with test/ (or valid/), or a labels CSV. "
+    model: Path = typer.Argument(..., metavar="MODEL", help="A run folder, model.json, model.onnx, or model.pkl."),
+    data: Path = typer.Argument(..., metavar="DATA", help="A folder of class folders, or one with test/ (or valid/), or a labels CSV. "
                                           "The run's own unsplit data scores only the images the run held out."),
     out: Optional[str] = typer.Option(None, "--out", help="Report folder. Default: a new eval-<data> folder beside the model."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -361,15 +414,14 @@ def evaluate(
     typer.echo(f"{'label' if 'per_label' in report else 'class':<20} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>7}")
     for name, row in rows.items():
         typer.echo(f"{name:<20} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['f1']:>7.3f} {row['support']:>7}")
-    pictures = "top_losses.png" if "per_label" in report else "confusion.png, top_losses.png"
-    typer.echo(f"{pictures} and evaluation.json in {report['folder']}")
+    typer.echo(f"{', '.join(report['pictures'])} and evaluation.json in {report['folder']}")
 
 
 @app.command()
 @user_errors
 def augs(
-    spec: str = typer.Argument(..., help=AUG_HELP),
-    image: Path = typer.Argument(..., help="The image to augment."),
+    spec: str = typer.Argument(..., metavar="SPEC", help=AUG_HELP),
+    image: Path = typer.Argument(..., metavar="IMAGE", help="The image to augment."),
     out: Path = typer.Option(Path("augs.png"), "--out", help="The PNG file to write (must not exist yet)."),
     size: int = typer.Option(200, "--size", min=8, help="Side of each augmented image in pixels."),
     rows: int = typer.Option(2, "--rows", min=1),

@@ -110,8 +110,13 @@ def evaluate(model_path: Path, data: Path, out: str | None = None, bs: int = 64,
     if not model.multi_label:
         plot_confusion(np.array(figures["confusion"]["matrix"]), model.classes, folder / "confusion.png")
     worst = np.argsort(-losses)[:9]
-    plot_top_losses([(pairs[i][0], pairs[i][1], shown[i], losses[i], float(probs[i].max())) for i in worst],
-                    folder / "top_losses.png")
+    rows = [(pairs[i][0], pairs[i][1], shown[i], losses[i], float(probs[i].max())) for i in worst]
+    plot_top_losses(rows, folder / "top_losses.png")
+    from fastft.deploy.explain import plot_top_losses as plot_explained
+
+    report["pictures"] = ["confusion.png"] * (not model.multi_label) + ["top_losses.png"] + (
+        ["gradcam_top_losses.png"] if plot_explained(model, rows, folder / "gradcam_top_losses.png") else [])
+    write_json(folder / "evaluation.json", report)
     report["folder"] = str(folder)
     return report
 

@@ -1,0 +1,93 @@
+"""`fastft export MODEL --format hub --out DIR`: the folder timm's own loader and the Hugging Face hub read.
+
+timm's `save_for_hf` writes it from a plain timm model: config.json (architecture, num_classes, label_names,
+pretrained_cfg with mean, std, input size and crop) and model.safetensors under timm's own parameter names.
+fastft adds a README.md model card with the run's figures and recipe.
+`timm.create_model("local-dir:DIR", pretrained=True)` loads it, no fastft needed; `huggingface_hub.upload_folder(repo_id=..., folder_path=DIR)` publishes it.
+
+The head: a linear head (strategies `lp-ft` and `probe`: average pooling, one linear layer) is exactly timm's
+own classifier, so its weight and bias become the model's classifier. fastai's head (concat pooling,
+BatchNorm, a hidden layer with a ReLU) has no timm equivalent: exporting it is an error that says so.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fastft.errors import UsageError
+
+
+def export_hub(model_path: Path, out: str | None) -> Path:
+    import timm
+    import torch
+    from timm.models import save_for_hf
+
+    from fastft.atomic import write_text
+    from fastft.data.folders import new_run_folder
+    from fastft.deploy.bundle import BundleModel, load
+
+    model = load(model_path)
+    if not isinstance(model, BundleModel):
+        raise UsageError(f"hub export starts from a bundle (a run folder or model.json), not {model_path}")
+    head = model.meta.get("head", {})
+    if head.get("hidden", 512) or head.get("concat_pool", True):
+        raise UsageError("this model has fastai's head (concat pooling, a hidden layer), which plain timm cannot "
+                         "hold; train with --strategy lp-ft or probe (a linear head, timm's own) to export to the hub")
+    folder = new_run_folder(out, "hub", parent=model_path if model_path.is_dir() else model_path.parent)
+    arch = model.meta["arch"]
+    network = timm.create_model(arch.partition(".")[0], pretrained=False, num_classes=len(model.classes))
+    body = model.network[0].model.state_dict()
+    linear = model.network[1][-1]
+    classifier = network.pretrained_cfg.get("classifier") or "fc"
+    state = {**body, f"{classifier}.weight": linear.weight.detach(), f"{classifier}.bias": linear.bias.detach()}
+    missing, unexpected = network.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UsageError(f"{arch}'s classifier is not a single linear layer named '{classifier}' ({len(missing)} "
+                         "tensors left unset); this architecture cannot be exported to the hub layout")
+    size = model.meta["input_size"]
+    config = {"label_names": list(model.classes),
+              "pretrained_cfg": {"mean": tuple(model.meta["mean"]), "std": tuple(model.meta["std"]),
+                                 "input_size": (3, size, size), "crop_pct": model.meta["crop_pct"],
+                                 "crop_mode": "center", "interpolation": "bilinear",
+                                 "num_classes": len(model.classes)}}
+    with torch.no_grad():
+        save_for_hf(network.eval(), str(folder), model_config=config, safe_serialization=True)
+    write_text(folder / "README.md", model_card(model, model_path, folder))
+    return folder
+
+
+def model_card(model, model_path: Path, folder: Path) -> str:
+    run = model_path if model_path.is_dir() else model_path.parent
+    metrics = json.loads((run / "metrics.json").read_text()).get("final", {}) if (run / "metrics.json").is_file() else {}
+    recipe = (run / "recipe.toml").read_text() if (run / "recipe.toml").is_file() else ""
+    figures = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
+    return f"""---
+library_name: timm
+tags:
+- image-classification
+- timm
+- fastft
+---
+# {folder.name}: {model.meta['arch']} fine-tuned with fastft
+
+Classes: {', '.join(model.classes)}. Input: {model.meta['input_size']} px, resized to {model.meta['resize']} px on the
+shorter side and centre-cropped; mean {model.meta['mean']}, std {model.meta['std']}.
+
+```python
+import timm
+model = timm.create_model("local-dir:{folder.name}", pretrained=True)  # or "hf-hub:<you>/<repo>" once uploaded
+```
+
+Upload: `huggingface_hub.upload_folder(repo_id="<you>/<repo>", folder_path="{folder.name}")`.
+
+## Test figures of the run
+
+| figure | value |
+|---|---|
+{figures}
+
+## Recipe
+
+```toml
+{recipe}```
+"""
