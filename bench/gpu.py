@@ -3,15 +3,20 @@
     python bench/gpu.py                                  # CIFAR-10 from ../shared, the photos of ../shared/data/cat_breeds
     python bench/gpu.py --only loop --rounds 5
     python bench/gpu.py --only commands --epochs 10      # whole `fastft cifar` runs, cold and warm cache
+    python bench/gpu.py --only decode,commands --baseline /tmp/before   # before and after, side by side
 
 Tables (JSON to bench/results/gpu-<device>.json):
 - loop: training images/s of the `cifar` recipe's loop (fastft), the d2l `train_ch13` loop (ImageFolder + flip +
   DataLoader with --workers workers) and plain fastai (ImageDataLoaders + vision_learner), each as a share of the
   limit measured in the same rounds: the same model's bare train step on a batch already on the device, stepped
   by torch's fused AdamW, in the same number format. Interleaved rounds; a ratio is the median of the rounds'.
+- decode: seconds for fastft to find and decode all of CIFAR-10 into an empty cache folder (cold), and to read it
+  back (warm).
 - commands: whole `fastft cifar` commands: --epochs N on a cold cache (an empty cache folder) and a warm one, and
-  the tiny run `--limit 1000 --epochs 1 --size 32 --no-pretrained`, with its fixed cost: wall time minus the
-  epoch's seconds minus `python -c "import fastai.vision.all"` timed on its own.
+  the tiny run `--limit 1000 --epochs 1 --size 32 --no-pretrained` (--repeats times, median), with its fixed cost:
+  wall time minus the epoch's seconds minus `python -c "import fastai.vision.all"` timed right after it.
+With --baseline (an earlier checkout: `git worktree add /tmp/before <commit>`), the decode table and the tiny run
+measure that checkout too, interleaved with this one, and give this one's share of its time.
 - photos: fine-tuning a small folder of photos at 224 px for 5 epochs, `fastft train` against the same job as a
   plain fastai script, both whole commands (imports included).
 On a CPU every size shrinks (a CIFAR-10 subset, 1 epoch, 64 photos at 128 px) so the script runs in minutes.
@@ -28,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, SHARED, write_results
+from common import ROOT, SHARED, load_seconds, write_results
 
 FASTFT = Path(sys.executable).with_name("fastft")
 
@@ -188,25 +193,59 @@ def timed(command: list[str], env: dict | None = None, cwd: Path | None = None) 
     return time.perf_counter() - started, done.stdout
 
 
+def checkouts(args) -> dict:
+    """{label: fastft checkout (None: this one)} to measure side by side."""
+    return {"now": None, **({f"baseline ({args.baseline})": args.baseline} if args.baseline else {})}
+
+
+def decode_table(args, device) -> list[dict]:
+    rows = []
+    for label, tree in checkouts(args).items():
+        cache = tempfile.mkdtemp(prefix="fastft-bench-cache-")
+        for state in ("cold", "warm"):
+            rows.append({"fastft": label, "cache": state, "seconds": load_seconds(args.data, True, cache, tree)})
+    for row in rows:
+        row["of_baseline"] = row["seconds"] / rows[-2 if row["cache"] == "cold" else -1]["seconds"]
+    return rows
+
+
+def fastft_cifar(tree: Path | None, args: list[str], cache: str, run: Path) -> tuple[float, dict]:
+    """(wall seconds, metrics.json) of one whole `fastft cifar` command of checkout `tree` (None: this one)."""
+    command = [str(FASTFT)] if tree is None else [sys.executable, "-m", "fastft"]
+    env = {"FASTFT_CACHE": cache, **({"PYTHONPATH": str(tree)} if tree else {})}
+    wall, _ = timed([*command, "cifar", *args, "--out", str(run)], env=env, cwd=tree)
+    return wall, json.loads((run / "metrics.json").read_text())
+
+
+def importing_fastai() -> float:
+    return timed([sys.executable, "-c", "import fastai.vision.all"])[0]
+
+
 def command_table(args, device) -> list[dict]:
     cuda = device.type == "cuda"
     data = args.data if cuda else subset(args.data, 500, 100)
     epochs = args.epochs if cuda else 1
     cache = tempfile.mkdtemp(prefix="fastft-bench-cache-")
     work = Path(tempfile.mkdtemp())
-    importing, _ = timed([sys.executable, "-c", "import fastai.vision.all"])
     rows = []
-    for name, extra in (("cold cache", []), ("warm cache", []),
-                        ("tiny run", ["--limit", "1000", "--size", "32", "--no-pretrained"])):
-        run = work / name.replace(" ", "-")
-        run_epochs = 1 if name == "tiny run" else epochs
-        wall, _ = timed([str(FASTFT), "cifar", "--data", str(data), "--epochs", str(run_epochs), *extra, "--out", str(run)],
-                        env={"FASTFT_CACHE": cache})
-        metrics = json.loads((run / "metrics.json").read_text())
+    for name in ("cold cache", "warm cache"):
+        wall, metrics = fastft_cifar(None, ["--data", str(data), "--epochs", str(epochs)], cache, work / name.replace(" ", "-"))
         training = sum(e["seconds"] for e in metrics["epochs"])
-        rows.append({"command": f"fastft cifar --epochs {run_epochs} ({name})", "wall_s": wall, "epochs_s": training,
-                     "test_acc": metrics["final"]["test_acc"], "import_fastai_s": importing,
-                     "fixed_cost_s": wall - training - importing})
+        rows.append({"command": f"fastft cifar --epochs {epochs} ({name})", "fastft": "now", "wall_s": wall,
+                     "epochs_s": training, "test_acc": metrics["final"]["test_acc"]})
+    tiny = ["--data", str(data), "--limit", "1000", "--epochs", "1", "--size", "32", "--no-pretrained"]
+    runs = {label: [] for label in checkouts(args)}
+    for repeat in range(args.repeats):  # interleaved: a busy moment of the machine hits both checkouts alike
+        for which, (label, tree) in enumerate(checkouts(args).items()):
+            wall, metrics = fastft_cifar(tree, tiny, cache, work / f"tiny-{which}-{repeat}")
+            training = sum(e["seconds"] for e in metrics["epochs"])
+            importing = importing_fastai()
+            runs[label].append({"wall_s": wall, "epochs_s": training, "import_fastai_s": importing,
+                                "fixed_cost_s": wall - training - importing})
+    for label, measured in runs.items():
+        rows.append({"command": "fastft cifar --limit 1000 --epochs 1 --size 32 --no-pretrained (tiny run)",
+                     "fastft": label, **{key: statistics.median(r[key] for r in measured) for key in measured[0]},
+                     "fixed_cost_runs": [round(r["fixed_cost_s"], 2) for r in measured]})
     return rows
 
 
@@ -257,7 +296,7 @@ def photos_table(args, device) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="loop,commands,photos")
+    parser.add_argument("--only", default="loop,decode,commands,photos")
     parser.add_argument("--data", type=Path, default=SHARED / "data" / "cifar10")
     parser.add_argument("--photos", type=Path, default=SHARED / "data" / "cat_breeds")
     parser.add_argument("--photo-workers", default="2", help="comma list: --workers values for the photos table")
@@ -266,6 +305,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--repeats", type=int, default=3, help="tiny runs per checkout")
+    parser.add_argument("--baseline", type=Path, default=None, help="an earlier fastft checkout to measure side by side")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -274,7 +315,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = device_name()
     tables = {}
-    for part, build in (("loop", loop_table), ("commands", command_table), ("photos", photos_table)):
+    for part, build in (("loop", loop_table), ("decode", decode_table), ("commands", command_table),
+                        ("photos", photos_table)):
         if part in args.only.split(","):
             tables[part] = build(args, device)
             print(f"\n{part} on {name}")

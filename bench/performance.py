@@ -46,7 +46,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from common import ROOT, SHARED, write_results
+from common import ROOT, SHARED, load_seconds, write_results
 
 FASTFT = Path(sys.executable).with_name("fastft")
 
@@ -335,16 +335,9 @@ def optimizer_rows(repeats: int, steps: int = 20) -> list[dict]:
 def startup_rows(data: Path) -> list[dict]:
     """Seconds to find and read all of `data` before training: the readability scan of decoding per
     batch (--no-cache), the decode-once cache cold (empty cache folder) and warm (read back)."""
-    code = ("import sys, time; from pathlib import Path; from fastft.data.loaders import load_split; "
-            "from fastft.recipe import load_recipe; r = load_recipe('cifar').replace(data=sys.argv[1], cache=sys.argv[2] == '1'); "
-            "t = time.perf_counter(); load_split(Path(sys.argv[1]), r, quiet=True); print(time.perf_counter() - t)")
     cache = tempfile.mkdtemp()
-    rows = []
-    for name, cached in (("scan only (--no-cache)", "0"), ("decode once, cold", "1"), ("decode once, warm", "1")):
-        out = subprocess.run([sys.executable, "-c", code, str(data), cached], capture_output=True, text=True, check=True,
-                             env={**os.environ, "FASTFT_CACHE": cache})
-        rows.append({"step": name, "seconds": float(out.stdout.split()[-1])})
-    return rows
+    return [{"step": name, "seconds": load_seconds(data, cached, cache)}
+            for name, cached in (("scan only (--no-cache)", False), ("decode once, cold", True), ("decode once, warm", True))]
 
 
 def print_table(title: str, rows: list[dict], columns: dict) -> None:

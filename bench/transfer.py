@@ -160,6 +160,22 @@ def run_linear_probe(data: Path, seed: int, args) -> dict:
             "C": probe.best_params_["logisticregression__C"]}
 
 
+SETTINGS_THAT_MATTER = ("arch", "weights", "size", "epochs", "workers", "extra")
+
+
+def earlier_runs(args) -> list[dict]:
+    """The runs --json holds, when it was written with the same settings (else none)."""
+    import json
+
+    if not args.json.is_file():
+        return []
+    record = json.loads(args.json.read_text())
+    if any(record["settings"].get(key) != str(getattr(args, key)) for key in SETTINGS_THAT_MATTER):
+        print(f"--resume: {args.json} was written with other settings; starting afresh", file=sys.stderr)
+        return []
+    return record["results"]["runs"]
+
+
 def main() -> None:
     from fastft.train.strategies import STRATEGIES
 
@@ -175,6 +191,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the run folders (logs, figures) in the temporary folder")
     parser.add_argument("--extra", default="", help="recipe changes for every fastft method, e.g. 'lr=3e-4,label_smoothing=0.1'")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "transfer.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs --json already holds from the same settings (an interrupted bench) and do the rest")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -187,10 +205,12 @@ def main() -> None:
     if "default" in methods and default_strategy in methods:  # the same runs twice: measure them once
         methods.remove(default_strategy)
         print(f"{default_strategy} is the default: measured once, as 'default'", file=sys.stderr)
-    runs = []
+    runs = earlier_runs(args) if args.resume else []
     for seed in range(args.seeds):
         for name, data in datasets.items():
             for method in methods:
+                if any((r["dataset"], r["method"], r["seed"]) == (name, method, seed) for r in runs):
+                    continue
                 t0 = time.perf_counter()
                 if method == "plain-fastai":
                     row = run_plain_fastai(data, seed, args)
@@ -215,9 +235,11 @@ def main() -> None:
                              "seconds_median": statistics.median(r["seconds"] for r in mine)}
         table.append({"dataset": name, **cells})
     wall = time.perf_counter() - started
+    if args.resume:  # the command's own time does not cover the runs kept from before: count every run instead
+        wall = sum(r["seconds"] for r in runs)
     default = next((r["strategy"] for r in runs if r["method"] == "default"), "")
     print(f"\n{args.arch}, {args.size} px, {args.epochs} epochs, median of {args.seeds} seed(s); "
-          f"default = the train recipe ({default}); whole command {wall:.0f} s")
+          f"default = the train recipe ({default}); {'all runs' if args.resume else 'whole command'} {wall:.0f} s")
     width = max(12, *(len(m) for m in methods))
     print(f"{'dataset':<11}" + "".join(f"{m:>{width + 1}}" for m in methods))
     for row in table:

@@ -3,11 +3,10 @@
 Each is one small, named piece here, with the fastai behaviour it depends on; the rest of fastft uses these
 names and never the private ones. tests/test_fastai_internals.py checks each behaviour directly, so a fastai
 upgrade that changes one fails there first, with a name that says what broke. Importing this module imports
-fastai: only code that trains does.
+fastai (not fastai.distributed, until a distributed hook is asked for): only code that trains does.
 """
 from __future__ import annotations
 
-from fastai.distributed import DistributedDL, DistributedTrainer
 from fastai.optimizer import OptimWrapper
 
 
@@ -43,23 +42,32 @@ class HyperHookOptimWrapper(OptimWrapper):
         raise NotImplementedError
 
 
-class LoaderHookTrainer(DistributedTrainer):
-    """fastai's DistributedTrainer wraps every DataLoader it trains or validates on through the private
-    `_wrap_dl(dl)` (in before_fit, before_train and before_validate). This routes that to `wrap_loader`."""
+def __getattr__(name: str):
+    """LoaderHookTrainer and BroadcastHookDL, built on first use: their fastai base classes live in
+    fastai.distributed, which imports accelerate, seconds a single-process run does not spend."""
+    if name not in ("LoaderHookTrainer", "BroadcastHookDL"):
+        raise AttributeError(name)
+    from fastai.distributed import DistributedDL, DistributedTrainer
 
-    def _wrap_dl(self, dl):
-        return self.wrap_loader(dl)
+    class LoaderHookTrainer(DistributedTrainer):
+        """fastai's DistributedTrainer wraps every DataLoader it trains or validates on through the private
+        `_wrap_dl(dl)` (in before_fit, before_train and before_validate). This routes that to `wrap_loader`."""
 
-    def wrap_loader(self, dl):
-        raise NotImplementedError
+        def _wrap_dl(self, dl):
+            return self.wrap_loader(dl)
 
+        def wrap_loader(self, dl):
+            raise NotImplementedError
 
-class BroadcastHookDL(DistributedDL):
-    """fastai's DistributedDL.get_idxs shares rank 0's shuffled order with every rank through the private
-    `_broadcast(indices, rank)` (a CUDA tensor broadcast: NCCL only). This routes that to `broadcast_order`."""
+    class BroadcastHookDL(DistributedDL):
+        """fastai's DistributedDL.get_idxs shares rank 0's shuffled order with every rank through the private
+        `_broadcast(indices, rank)` (a CUDA tensor broadcast: NCCL only). This routes that to `broadcast_order`."""
 
-    def _broadcast(self, t, rank):
-        return self.broadcast_order(list(t), rank)
+        def _broadcast(self, t, rank):
+            return self.broadcast_order(list(t), rank)
 
-    def broadcast_order(self, indices: list[int], rank: int) -> list[int]:
-        raise NotImplementedError
+        def broadcast_order(self, indices: list[int], rank: int) -> list[int]:
+            raise NotImplementedError
+
+    globals().update(LoaderHookTrainer=LoaderHookTrainer, BroadcastHookDL=BroadcastHookDL)
+    return globals()[name]

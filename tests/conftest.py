@@ -1,9 +1,11 @@
 """Synthetic image folders in the real on-disk layouts, and one shared tiny training run."""
 from __future__ import annotations
 
+import atexit
 import functools
 import http.server
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,6 +20,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Decoded-image caches go to a throwaway folder, not the user's ~/.cache/fastft.
 os.environ["FASTFT_CACHE"] = tempfile.mkdtemp(prefix="fastft-test-cache-")
+atexit.register(shutil.rmtree, os.environ["FASTFT_CACHE"], ignore_errors=True)
 
 COLOURS = {"blue": (30, 60, 200), "red": (200, 40, 30), "green": (40, 180, 60)}
 

@@ -39,5 +39,6 @@ class Probe(Callback):
 
 
 data, out, probes = sys.argv[1:4]
-recipe = load_recipe("cifar").replace(data=data, arch="resnet18", pretrained=False, size=32, bs=4, workers=0, epochs=2)
+recipe = load_recipe("cifar").replace(data=data, arch="resnet18", pretrained=False, size=32, bs=4, workers=0, epochs=2,
+                                       device="cpu")  # gloo on CPU processes, GPU or not
 train(recipe, out, callbacks=[Probe(os.path.join(probes, f"rank{os.environ.get('RANK', '0')}.json"))])

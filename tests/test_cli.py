@@ -103,7 +103,7 @@ def test_bad_input_is_one_line_and_exit_2(dataset, tmp_path):
     _one_line_error(fastft("cifar", "--data", tmp_path / "nowhere", *args), "does not exist", "--data")
     _one_line_error(fastft("cifar", "--data", dataset, *args, "--arch", "resnet19"), "resnet19", "resnet18")
     _one_line_error(fastft("cifar", "--data", dataset, *args, "--aug", "flip+spin"), "spin", "vflip")
-    _one_line_error(fastft("cifar", "--data", dataset, *args, "--device", "cuda"), "--device cpu")
+    _one_line_error(fastft("cifar", "--data", dataset, *args, "--device", "cuda:99"), "--device cpu")  # no GPU, or not that one
     _one_line_error(fastft("cifar", "--data", dataset, *args, "--strategy", "warp"), "warp", "fine-tune")
     _one_line_error(fastft("nosuchrecipe"), "nosuchrecipe")
     _one_line_error(fastft("run", tmp_path / "missing.toml"), "missing.toml")

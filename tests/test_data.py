@@ -152,3 +152,26 @@ def test_random_item_transforms_and_no_cache_decode_per_batch(tmp_path):
     assert not load_split(root, Recipe(size=16, aug="crop+flip")).pixels
     assert not load_split(root, Recipe(size=16, aug="trivial")).pixels
     assert not load_split(root, Recipe(size=16, aug="flip", cache=False)).pixels
+
+
+def test_many_files_decode_in_processes_with_the_same_results_as_threads(tmp_path, monkeypatch):
+    """Large datasets are decoded by a process pool (fastft/data/images.py): same pictures, same order, same
+    unreadable files as the thread pool that small ones use."""
+    import functools
+
+    from fastft.data import images
+
+    root = make_class_folders(tmp_path / "d", per_class=12)
+    files = sorted(root.rglob("*.*"))
+    (root / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (root / "blue" / "empty.png").write_bytes(b"")
+    files.insert(3, root / "red" / "broken.jpg")
+    files.append(root / "blue" / "empty.png")
+    read = functools.partial(images.fixed_size_pixels, size=16, crop_pct=1.0)
+    by_threads = images.read_all(files, read, threads=2)
+    monkeypatch.setattr(images, "PROCESSES_FROM", 1)
+    monkeypatch.setattr(images.os, "cpu_count", lambda: 2)  # processes even on a one-core machine
+    by_processes = images.read_all(files, read)
+    assert by_processes[0] == by_threads[0] and len(by_processes[0]) == 24
+    assert all((a == b).all() for a, b in zip(by_processes[1], by_threads[1]))
+    assert [p.name for p, _ in by_processes[2]] == [p.name for p, _ in by_threads[2]] == ["broken.jpg", "empty.png"]

@@ -81,7 +81,7 @@ def test_channels_last_changes_the_layout_not_the_numbers(dataset, tmp_path):
     from fastft.train.run import prepare
 
     recipe = load_recipe("cifar").replace(data=str(dataset), arch="resnet18", pretrained=False, size=32, bs=4,
-                                          workers=0, channels_last=True)
+                                          workers=0, channels_last=True, device="cpu")
     learn = prepare(recipe, str(tmp_path / "prepared")).learn
     stem = learn.model[0].model.conv1.weight
     assert stem.is_contiguous(memory_format=torch.channels_last) and not stem.is_contiguous()

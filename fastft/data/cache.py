@@ -14,6 +14,7 @@ entirely. A changed, added or removed file changes the key. Delete the folder to
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -63,7 +64,7 @@ def decode(files: list[Path], size: int, crop_pct: float):
                 return good, _channels_first(pixels), list(skipped.items())
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is decoded again and rewritten
-    good, pictures, bad = read_all(files, lambda p: fixed_size_pixels(p, size, crop_pct))
+    good, pictures, bad = read_all(files, functools.partial(fixed_size_pixels, size=size, crop_pct=crop_pct))
     pixels = np.stack(pictures) if pictures else np.zeros((0, size, size, 3), np.uint8)
     _save(stored, meta_file, pixels, bad)
     return good, _channels_first(pixels), bad

@@ -49,8 +49,9 @@ class LabelsOf:
 class CachedDL(TfmdDL):
     """fastai's TfmdDL, serving batches by indexing decoded pictures when `pixels` is set (fastft/data/cache.py):
     (N, 3, H, W) uint8 images and (N,) labels, in the dataset's item order. Order, shuffling, drop_last
-    and batch transforms are the TfmdDL's own, so batches equal the per-item pipeline's exactly. A DL made
-    from this one (`new`, `test_dl`) has no pixels and reads files as usual."""
+    and batch transforms are the TfmdDL's own, so batches equal the per-item pipeline's exactly. The pictures
+    may live on the GPU (`on_device`): batches are then cut there, with no copy from the host per batch. A DL
+    made from this one (`new`, `test_dl`) has no pixels and reads files as usual."""
 
     pixels = None
 
@@ -59,7 +60,7 @@ class CachedDL(TfmdDL):
             yield from super().create_batches(samps)
             return
         images, labels = self.pixels  # labels: a TensorCategory (N,) or, multi-label, a TensorMultiCategory (N, C)
-        order = torch.tensor(list(samps), dtype=torch.long)
+        order = torch.tensor(list(samps), dtype=torch.long, device=images.device)  # index where the pictures are
         stop = len(order) - len(order) % self.bs if self.drop_last else len(order)
         for start in range(0, stop, self.bs):
             idx = order[start:start + self.bs]

@@ -26,7 +26,7 @@ from fastft.errors import UsageError
 from fastft.fastai_internals import release_last_batch
 from fastft.recipe import Recipe
 from fastft.train.devices import resolve_device, resolve_precision, set_number_format, training_only_callbacks
-from fastft.train.distributed import Distributed, DistributedTraining, world_size
+from fastft.train.distributed import Distributed, world_size
 from fastft.train.model import check_arch, create_learner, normalization
 from fastft.train import checkpoint
 from fastft.train.epochs import EpochLog, unwrapped
@@ -291,7 +291,8 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
         log.results["stopped_early"] = log.stopped
     try:
         write_json(run_dir / "metrics.json", log.results)
-        for callback in (DistributedTraining, *training_only_callbacks()):  # not needed to load or use the model
+        dist.remove_callback(learn)  # training-only callbacks: not needed to load or use the model
+        for callback in training_only_callbacks():
             learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, callback)))
         release_last_batch(learn)
         with replacing(run_dir.resolve() / "model.pkl") as temporary:
