@@ -31,12 +31,17 @@ def remove_partial_files(folder: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
-def write_bytes(path: Path, data: bytes) -> None:
+def write_with(path: Path, write) -> None:
+    """`write(f)` into an open binary file that becomes `path` once written and flushed to disk."""
     with replacing(path) as temporary:
         with open(temporary, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    write_with(path, lambda f: f.write(data))
 
 
 def write_text(path: Path, text: str) -> None:

@@ -9,6 +9,7 @@ Light on purpose (PIL, no fastai): inference uses it too.
 """
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -52,13 +53,29 @@ class Split:
         return [(p, key) for key in sorted(by_key) for p in by_key[key]]
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files under `folder`, recursively, in Path order (symlinked folders are not followed, as
+    with Path.rglob). os.scandir tells files from folders without a stat per file, and sorting each folder's
+    names is cheaper than sorting whole paths: all of CIFAR-10's 60,000 files are listed in a fraction of the
+    time of rglob, is_file and sorted."""
+    extensions, found = image_extensions(), []
+
+    def visit(path: str) -> None:
+        with os.scandir(path) as scan:
+            entries = sorted(scan, key=lambda entry: entry.name)  # Path order compares names folder by folder
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                visit(entry.path)
+            elif os.path.splitext(entry.name)[1].lower() in extensions and entry.is_file():
+                found.append(Path(entry.path))
+
+    visit(str(folder))
+    return found
+
+
 def class_images(folder: Path) -> dict[str, list[Path]]:
     """class name -> sorted image files under folder/<class>/ (recursively); hidden folders are ignored."""
-    extensions = image_extensions()
-    return {
-        d.name: sorted(p for p in d.rglob("*") if p.suffix.lower() in extensions and p.is_file())
-        for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")
-    }
+    return {d.name: image_files(d) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
 
 
 def test_folder(root: Path) -> Path | None:
@@ -177,10 +194,10 @@ def stratified_sample(by_class: dict[str, list[Path]], limit: int, seed: int) ->
 
 def collect_images(paths: list[Path]) -> list[Path]:
     """Files as given, folders recursed for image files, in a stable order."""
-    extensions, found = image_extensions(), []
+    found = []
     for path in paths:
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+            found += image_files(path)
         elif path.is_file():
             found.append(path)
         else:

@@ -51,6 +51,7 @@ class EpochLog(Callback):
         self.monitor = monitor
         self.epochs, self.train_examples, self.train_seconds, self.train_batches = [], 0, 0.0, 0
         self.snapshot, self.best, self.running, self.stopped = None, None, False, ""
+        self.results = None  # metrics.json's content, once an epoch has written the reports
 
     # ---- figures -------------------------------------------------------------------------------------------
     def before_epoch(self):

@@ -267,7 +267,9 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
             extra.close()
     learn.model = unwrapped(learn.model)
     learn.model.load_state_dict(log.kept_weights())  # the epoch --keep chose (after Ctrl-C: of those finished)
-    if dist.is_main:  # Ctrl-C may have cut the last epoch's reports short: write them again
+    # every finished epoch wrote the reports; again only if Ctrl-C cut them short or no epoch ran here (a resumed
+    # run whose epochs had all finished)
+    if dist.is_main and (interrupted or log.results is None):
         log.results = write_reports(run_dir, log.epochs, log.examples_per_sec, str(run.device), log.kept_epoch)
     learn.remove_cbs([log, *extra_logs, *callbacks])
     if not dist.is_main:
