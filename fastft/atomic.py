@@ -31,17 +31,12 @@ def remove_partial_files(folder: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
-def write_with(path: Path, write) -> None:
-    """`write(f)` into an open binary file that becomes `path` once written and flushed to disk."""
+def write_bytes(path: Path, data: bytes) -> None:
     with replacing(path) as temporary:
         with open(temporary, "wb") as f:
-            write(f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    write_with(path, lambda f: f.write(data))
 
 
 def write_text(path: Path, text: str) -> None:

@@ -131,6 +131,7 @@ def test_decoded_pictures_are_reused_from_disk_until_a_file_changes(tmp_path, mo
     root = make_split_dataset(tmp_path / "d")
     recipe = Recipe(size=16, crop_pct=1.0, aug="flip")
     first = load_split(root, recipe).pixels["train"]
+    cache.finish_writes()  # saved in the background while training starts
     assert list((tmp_path / "cache").glob("*.npy"))
 
     def no_decoding(*args):

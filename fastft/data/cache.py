@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -43,16 +44,17 @@ def applies(plan: AugPlan, size: int, n_images: int) -> bool:
 
 
 def _key(files: list[Path], size: int, crop_pct: float) -> str:
-    digest = hashlib.sha1(f"{VERSION} {size} {crop_pct}".encode())
+    lines = [f"{VERSION} {size} {crop_pct}"]
     for path in files:  # abspath, not resolve: resolve costs a system call per folder of every file's path
         stat = os.stat(path)
-        digest.update(f"\n{os.path.abspath(path)}\t{stat.st_size}\t{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()
+        lines.append(f"{os.path.abspath(path)}\t{stat.st_size}\t{stat.st_mtime_ns}")
+    return hashlib.sha1("\n".join(lines).encode()).hexdigest()
 
 
 def decode(files: list[Path], size: int, crop_pct: float):
     """(readable files, (N, 3, size, size) uint8 tensor of their pictures, [(unreadable file, reason)]),
     from the disk cache when these exact files were decoded before."""
+    finish_writes()  # a save still in flight may be of these very files (fastft compare: one run after another)
     key = _key(files, size, crop_pct)
     stored, meta_file = cache_folder() / f"{key}.npy", cache_folder() / f"{key}.json"
     if stored.is_file() and meta_file.is_file():
@@ -66,8 +68,21 @@ def decode(files: list[Path], size: int, crop_pct: float):
             pass  # a damaged cache entry is decoded again and rewritten
     good, pictures, bad = read_all(files, functools.partial(fixed_size_pixels, size=size, crop_pct=crop_pct))
     pixels = np.stack(pictures) if pictures else np.zeros((0, size, size, 3), np.uint8)
-    _save(stored, meta_file, pixels, bad)
+    # written while training starts (all of CIFAR-10 at 40 px: 288 MB, about half a second); a thread that is not
+    # a daemon, so the process finishes the file before it exits
+    writer = threading.Thread(target=_save, args=(stored, meta_file, pixels, bad), name="fastft-cache-writer")
+    writer.start()
+    _writers.append(writer)
     return good, _channels_first(pixels), bad
+
+
+_writers: list = []
+
+
+def finish_writes() -> None:
+    """Wait until every decoded dataset this process started saving is on disk."""
+    while _writers:
+        _writers.pop().join()
 
 
 def _channels_first(pixels: np.ndarray):

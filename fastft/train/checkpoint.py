@@ -8,13 +8,14 @@ remaining epochs with the same phases, learning-rate schedule and random draws a
 """
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fastft.atomic import write_with
+from fastft.atomic import write_bytes
 from fastft.errors import UsageError
 
 CHECKPOINT = "checkpoint.pt"
@@ -64,8 +65,9 @@ def plain(value):
 
 
 def save(run_dir: Path, state: dict) -> None:
-    state = plain({"format": FORMAT, **state})
-    write_with(run_dir / CHECKPOINT, lambda f: torch.save(state, f))  # straight to the file: no copy in memory
+    buffer = io.BytesIO()
+    torch.save(plain({"format": FORMAT, **state}), buffer)
+    write_bytes(run_dir / CHECKPOINT, buffer.getvalue())
 
 
 def remove(run_dir: Path) -> None:
