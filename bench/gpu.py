@@ -11,7 +11,7 @@ Tables (JSON to bench/results/gpu-<device>.json):
   limit measured in the same rounds: the same model's bare train step on a batch already on the device, stepped
   by torch's fused AdamW, in the same number format. Interleaved rounds; a ratio is the median of the rounds'.
 - decode: seconds for fastft to find and decode all of CIFAR-10 into an empty cache folder (cold), and to read it
-  back (warm).
+  back (warm), each in a fresh process; median of --repeats rounds.
 - commands: whole `fastft cifar` commands: --epochs N on a cold cache (an empty cache folder) and a warm one, and
   the tiny run `--limit 1000 --epochs 1 --size 32 --no-pretrained` (--repeats times, median), with its fixed cost:
   wall time minus the epoch's seconds minus `python -c "import fastai.vision.all"` timed right after it.
@@ -199,13 +199,17 @@ def checkouts(args) -> dict:
 
 
 def decode_table(args, device) -> list[dict]:
-    rows = []
-    for label, tree in checkouts(args).items():
-        cache = tempfile.mkdtemp(prefix="fastft-bench-cache-")
-        for state in ("cold", "warm"):
-            rows.append({"fastft": label, "cache": state, "seconds": load_seconds(args.data, True, cache, tree)})
-    for row in rows:
-        row["of_baseline"] = row["seconds"] / rows[-2 if row["cache"] == "cold" else -1]["seconds"]
+    """Cold (an empty cache folder) then warm, per checkout, --repeats rounds interleaved; medians."""
+    runs: dict = {}
+    for _ in range(args.repeats):
+        for label, tree in checkouts(args).items():
+            cache = tempfile.mkdtemp(prefix="fastft-bench-cache-")
+            for state in ("cold", "warm"):
+                runs.setdefault((label, state), []).append(load_seconds(args.data, True, cache, tree))
+    rows = [{"fastft": label, "cache": state, "seconds": statistics.median(times), "runs": [round(t, 2) for t in times]}
+            for (label, state), times in runs.items()]
+    for row in rows:  # against the last checkout's figure in the same state: the baseline's, when there is one
+        row["of_baseline"] = row["seconds"] / next(r["seconds"] for r in reversed(rows) if r["cache"] == row["cache"])
     return rows
 
 
@@ -305,7 +309,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    parser.add_argument("--repeats", type=int, default=3, help="tiny runs per checkout")
+    parser.add_argument("--repeats", type=int, default=3, help="decode rounds and tiny runs per checkout")
     parser.add_argument("--baseline", type=Path, default=None, help="an earlier fastft checkout to measure side by side")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()

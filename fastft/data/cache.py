@@ -27,7 +27,7 @@ from fastft.atomic import replacing, write_json
 from fastft.data.augment import AugPlan
 from fastft.data.images import fixed_size_pixels, read_all
 
-VERSION = 1  # bump when what is stored changes
+VERSION = 2  # bump when what is stored changes (2: channels first)
 MAX_BYTES = 4 * 2**30  # larger datasets decode per batch as usual
 
 
@@ -62,18 +62,18 @@ def decode(files: list[Path], size: int, crop_pct: float):
             skipped = {Path(p): why for p, why in json.loads(meta_file.read_text())["skipped"]}
             pixels = np.load(stored)
             good = [p for p in files if p not in skipped]
-            if pixels.shape == (len(good), size, size, 3):
-                return good, _channels_first(pixels), list(skipped.items())
+            if pixels.shape == (len(good), 3, size, size):
+                return good, _as_tensor(pixels), list(skipped.items())
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is decoded again and rewritten
     good, pictures, bad = read_all(files, functools.partial(fixed_size_pixels, size=size, crop_pct=crop_pct))
-    pixels = np.stack(pictures) if pictures else np.zeros((0, size, size, 3), np.uint8)
+    pixels = np.stack(pictures) if pictures else np.zeros((0, 3, size, size), np.uint8)
     # written while training starts (all of CIFAR-10 at 40 px: 288 MB, about half a second); a thread that is not
     # a daemon, so the process finishes the file before it exits
     writer = threading.Thread(target=_save, args=(stored, meta_file, pixels, bad), name="fastft-cache-writer")
     writer.start()
     _writers.append(writer)
-    return good, _channels_first(pixels), bad
+    return good, _as_tensor(pixels), bad
 
 
 _writers: list = []
@@ -85,11 +85,12 @@ def finish_writes() -> None:
         _writers.pop().join()
 
 
-def _channels_first(pixels: np.ndarray):
-    """(N, H, W, 3) -> contiguous (N, 3, H, W), the layout batches are in."""
+def _as_tensor(pixels: np.ndarray):
+    """The (N, 3, H, W) uint8 array as a tensor sharing its memory: stored channels first, as batches are,
+    so neither a first run nor a later one copies all the pictures to reorder them."""
     import torch
 
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(pixels)
 
 
 def _save(stored: Path, meta_file: Path, pixels: np.ndarray, bad) -> None:

@@ -140,8 +140,9 @@ def split_readable(paths: list[Path], threads: int | None = None) -> tuple[list[
 
 
 def fixed_size_pixels(path: Path, size: int, crop_pct: float) -> np.ndarray:
-    """(size, size, 3) uint8: the file as RGB after the test transform (`resize_center_crop`)."""
-    return np.asarray(resize_center_crop(open_rgb(path), size, crop_pct))
+    """(3, size, size) uint8, channels first as batches are: the file as RGB after the test transform
+    (`resize_center_crop`)."""
+    return np.asarray(resize_center_crop(open_rgb(path), size, crop_pct)).transpose(2, 0, 1)
 
 
 def warn_skipped(bad: list[tuple[Path, str]]) -> None:
