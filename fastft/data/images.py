@@ -121,8 +121,9 @@ def read_all(paths: list[Path], read, threads: int | None = None) -> tuple[list[
 
         chunk = -(-len(paths) // (cores * 8))  # a few chunks per process: even loads, little pickling
         chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
-        # fork: the workers start at once and need nothing re-imported; they only run PIL and NumPy
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        # fork on Linux: the workers start at once and need nothing re-imported; they only run PIL and NumPy.
+        # Elsewhere the platform's default (spawn): macOS system libraries are not safe to fork.
+        context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
         with ProcessPoolExecutor(cores, mp_context=context) as pool:
             results = [r for chunk in pool.map(functools.partial(_attempt_all, read), chunks) for r in _unpack(chunk)]
     else:
