@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import random
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,36 @@ def save(run_dir: Path, state: dict) -> None:
     buffer = io.BytesIO()
     torch.save(plain({"format": FORMAT, **state}), buffer)
     write_bytes(run_dir / CHECKPOINT, buffer.getvalue())
+
+
+class BackgroundSaver:
+    """checkpoint.pt written by a thread while the next epoch trains, so the accelerator does not wait for a
+    disk write every epoch. One save at a time: a new one first waits for the last. An error of the thread (a
+    full disk) is raised in the training thread at the next save or at `wait()`. The thread is not a daemon:
+    the process finishes the file before it exits, and Ctrl-C (delivered to the main thread) never cuts it."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def save(self, run_dir: Path, state: dict) -> None:
+        self.wait()
+
+        def write():
+            try:
+                save(run_dir, state)
+            except BaseException as e:  # handed to the training thread
+                self.error = e
+        self.thread = threading.Thread(target=write, name="fastft-checkpoint")
+        self.thread.start()
+
+    def wait(self) -> None:
+        """Until the last save is on disk; raise its error, if it had one."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 def remove(run_dir: Path) -> None:

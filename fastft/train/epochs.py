@@ -8,6 +8,7 @@ split unless the user insists (and then the run says its test accuracy is optimi
 """
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class EpochLog(Callback):
         self.epochs, self.train_examples, self.train_seconds, self.train_batches = [], 0, 0.0, 0
         self.snapshot, self.best, self.running, self.stopped = None, None, False, ""
         self.results = None  # metrics.json's content, once an epoch has written the reports
+        self.saver = checkpoint.BackgroundSaver()
 
     # ---- figures -------------------------------------------------------------------------------------------
     def before_epoch(self):
@@ -152,9 +154,10 @@ class EpochLog(Callback):
 
     # ---- checkpoint ---------------------------------------------------------------------------------------
     def state(self) -> dict:
-        """What the log needs to continue a resumed run exactly where it stopped."""
-        return {"epochs": self.epochs, "train_examples": self.train_examples, "train_seconds": self.train_seconds,
-                "train_batches": self.train_batches, "best": self.best}
+        """What the log needs to continue a resumed run exactly where it stopped (copies: the next epoch appends
+        to the list while a checkpoint of this one is written)."""
+        return {"epochs": list(self.epochs), "train_examples": self.train_examples, "train_seconds": self.train_seconds,
+                "train_batches": self.train_batches, "best": dict(self.best) if self.best else None}
 
     def restore(self, state: dict) -> None:
         self.epochs, self.best = state["epochs"], state["best"]
@@ -165,6 +168,8 @@ class EpochLog(Callback):
         randomness = self.dist.gather(checkpoint.random_state(self.dls))  # every process's own generators
         if self.dist.is_main:
             opt = self.learn.opt
-            checkpoint.save(self.out, {"epoch": len(self.epochs), "recipe": self.recipe_toml, "model": self.snapshot,
-                                       "optimizer": opt.state_dict() if opt is not None else None,
+            # written in the background (checkpoint.BackgroundSaver) while training goes on: everything the next
+            # epoch changes in place is copied first (the snapshot already is a copy)
+            self.saver.save(self.out, {"epoch": len(self.epochs), "recipe": self.recipe_toml, "model": self.snapshot,
+                                       "optimizer": copy.deepcopy(opt.state_dict()) if opt is not None else None,
                                        "random": randomness, "log": self.state()})

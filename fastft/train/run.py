@@ -291,6 +291,9 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
         print("interrupted: skipping the final test-time measurements, saving the trained model", file=sys.stderr)
     if log.stopped:
         log.results["stopped_early"] = log.stopped
+    # the last epoch's checkpoint, written while the final scores were computed, on disk before any model file (a
+    # full disk raises here), so a run that fails from here on can be resumed
+    log.saver.wait()
     try:
         write_json(run_dir / "metrics.json", log.results)
         dist.remove_callback(learn)  # training-only callbacks: not needed to load or use the model
