@@ -23,6 +23,11 @@ TEST_SPLIT_NAMES = ("test", "valid", "val")  # the first that exists beside trai
 VALID_SPLIT_NAMES = ("valid", "val")  # beside train/ and test/: a validation split, to pick epochs on
 
 
+def labels_in(key: str, delimiter: str) -> list[str]:
+    """The labels a split key stands for: the class itself, or (multi-label) the label set joined by `delimiter`."""
+    return key.split(delimiter) if delimiter else [key]
+
+
 @dataclass
 class Split:
     """Image files per class for training, for testing (d2l's validation set, measured every epoch) and, when
@@ -40,7 +45,7 @@ class Split:
         return bool(self.delimiter)
 
     def labels_of(self, key: str) -> list[str]:
-        return key.split(self.delimiter) if self.delimiter else [key]
+        return labels_in(key, self.delimiter)
 
     @property
     def parts(self) -> tuple[str, ...]:

@@ -112,7 +112,7 @@ def read_all(paths: list[Path], read, threads: int | None = None) -> tuple[list[
     """Apply `read` (picklable: a module-level function or a functools.partial of one) to every path: (paths it
     read, in order, what it returned for each, [(path it raised on, reason)]). Many files go to a process per
     core in chunks: opening, converting and resizing with PIL is mostly Python work, which threads cannot run
-    side by side (all of CIFAR-10 decoded 2.3x as fast on 2 cores: bench/README.md). Few files, one core, or
+    side by side (all of CIFAR-10, listed and decoded cold, 2.8x as fast on 2 cores: bench/README.md). Few files, one core, or
     an explicit `threads` count use threads."""
     cores = os.cpu_count() or 1
     if threads is None and cores > 1 and len(paths) >= PROCESSES_FROM:

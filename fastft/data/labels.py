@@ -15,7 +15,7 @@ import csv
 import sys
 from pathlib import Path
 
-from fastft.data.folders import Split, at_least_two_labels, seeded_split
+from fastft.data.folders import Split, at_least_two_labels, labels_in, seeded_split
 from fastft.errors import UsageError
 
 IMAGE_COLUMNS = ("image", "images", "file", "filename", "file_name", "fname", "path", "image_path", "img", "name", "image_id", "id")
@@ -128,7 +128,7 @@ def read_labels(table: Path, data: Path | None, image_col: str, label_col: str, 
 
 
 def _vocabulary(by_key: dict, delim: str) -> set[str]:
-    return {label for key in by_key for label in (key.split(delim) if delim else [key])}
+    return {label for key in by_key for label in labels_in(key, delim)}
 
 
 def _split_of(value: str, column: str, number: int, table: Path) -> str:

@@ -11,6 +11,7 @@ import torch
 from fastai.vision.all import PILImage, RandTransform, TensorImage, TfmdDL, Transform, WeightedDL
 from PIL import Image
 
+from fastft.data.folders import labels_in
 from fastft.data.images import open_rgb, resize_center_crop, to_rgb
 
 
@@ -43,7 +44,7 @@ class LabelsOf:
         self.delimiter = delimiter
 
     def __call__(self, item):
-        return item[1].split(self.delimiter)
+        return labels_in(item[1], self.delimiter)
 
 
 class CachedDL(TfmdDL):
