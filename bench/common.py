@@ -17,10 +17,13 @@ def write_results(path: Path, settings: dict, rows: list[dict]) -> None:
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
-# fastft.data.loaders since the package was grouped into folders; fastft.data before (a --baseline checkout)
+# fastft.data.loaders since the package was grouped into folders; fastft.data before (a --baseline checkout).
+# torch is imported before the clock starts, as it is in every fastft run by the time the data is read (the
+# decoders import it lazily; until 2026-11-25 the figures included that import, about 1.3 s on 2 cores).
 LOAD_SECONDS = """
 import sys, time
 from pathlib import Path
+import torch
 try:
     from fastft.data.loaders import load_split
 except ImportError:

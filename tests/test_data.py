@@ -2,6 +2,7 @@
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,7 +138,7 @@ def test_decoded_pictures_are_reused_from_disk_until_a_file_changes(tmp_path, mo
     def no_decoding(*args):
         raise AssertionError("decoded a file the cache holds")
 
-    monkeypatch.setattr(cache, "fixed_size_pixels", no_decoding)
+    monkeypatch.setattr(cache, "read_pictures", no_decoding)
     assert torch.equal(load_split(root, recipe).pixels["train"], first)
     monkeypatch.undo()
     monkeypatch.setenv("FASTFT_CACHE", str(tmp_path / "cache"))
@@ -156,8 +157,9 @@ def test_random_item_transforms_and_no_cache_decode_per_batch(tmp_path):
 
 
 def test_many_files_decode_in_processes_with_the_same_results_as_threads(tmp_path, monkeypatch):
-    """Large datasets are decoded by a process pool (fastft/data/images.py): same pictures, same order, same
-    unreadable files as the thread pool that small ones use."""
+    """Large datasets are decoded by a process pool (fastft/data/images.py), the pictures written by the workers
+    into memory they share with the parent on Linux: same pictures, same order, same unreadable files as the
+    thread pool that small ones use."""
     import functools
 
     from fastft.data import images
@@ -170,9 +172,19 @@ def test_many_files_decode_in_processes_with_the_same_results_as_threads(tmp_pat
     files.append(root / "blue" / "empty.png")
     read = functools.partial(images.fixed_size_pixels, size=16, crop_pct=1.0)
     by_threads = images.read_all(files, read, threads=2)
+    pictures_by_threads = images.read_pictures(files, 16, 1.0, threads=2)
     monkeypatch.setattr(images, "PROCESSES_FROM", 1)
     monkeypatch.setattr(images.os, "cpu_count", lambda: 2)  # processes even on a one-core machine
     by_processes = images.read_all(files, read)
-    assert by_processes[0] == by_threads[0] and len(by_processes[0]) == 24
+    pictures_by_processes = images.read_pictures(files, 16, 1.0)
+    assert by_processes[0] == by_threads[0] == pictures_by_processes[0] == pictures_by_threads[0]
+    assert len(by_processes[0]) == 24
     assert all((a == b).all() for a, b in zip(by_processes[1], by_threads[1]))
-    assert [p.name for p, _ in by_processes[2]] == [p.name for p, _ in by_threads[2]] == ["broken.jpg", "empty.png"]
+    assert pictures_by_processes[1].shape == (24, 3, 16, 16)
+    assert (pictures_by_processes[1] == np.stack(by_threads[1])).all()
+    assert (pictures_by_threads[1] == pictures_by_processes[1]).all()
+    for result in (by_threads, by_processes, pictures_by_threads, pictures_by_processes):
+        assert [p.name for p, _ in result[2]] == ["broken.jpg", "empty.png"]
+    every_file_readable = [f for f in files if f.name not in ("broken.jpg", "empty.png")]
+    good, pictures, bad = images.read_pictures(every_file_readable, 16, 1.0)
+    assert good == every_file_readable and not bad and (pictures == pictures_by_processes[1]).all()

@@ -108,26 +108,43 @@ def _unpack(chunk: tuple) -> list:
     return [(next(good), None) if why is None else (None, why) for why in reasons]
 
 
+def _worker_count(n_files: int, threads: int | None) -> int:
+    """Processes to read `n_files` with: one per core for many files; 0 (threads instead) for few files, one core, or
+    an explicit `threads` count."""
+    cores = os.cpu_count() or 1
+    return cores if threads is None and cores > 1 and n_files >= PROCESSES_FROM else 0
+
+
+FORKS = sys.platform.startswith("linux")
+
+
+def _process_pool(processes: int, initializer=None, initargs=()):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork on Linux: the workers start at once and need nothing re-imported; they only run PIL and NumPy.
+    # Elsewhere the platform's default (spawn): macOS system libraries are not safe to fork.
+    context = multiprocessing.get_context("fork" if FORKS else None)
+    return ProcessPoolExecutor(processes, mp_context=context, initializer=initializer, initargs=initargs)
+
+
+def _chunks(paths: list, processes: int) -> list[tuple[int, list]]:
+    """(first index, paths): a few chunks per process, for even loads and little pickling."""
+    size = -(-len(paths) // (processes * 8))
+    return [(i, paths[i:i + size]) for i in range(0, len(paths), size)]
+
+
 def read_all(paths: list[Path], read, threads: int | None = None) -> tuple[list[Path], list, list[tuple[Path, str]]]:
     """Apply `read` (picklable: a module-level function or a functools.partial of one) to every path: (paths it
     read, in order, what it returned for each, [(path it raised on, reason)]). Many files go to a process per
     core in chunks: opening, converting and resizing with PIL is mostly Python work, which threads cannot run
-    side by side (all of CIFAR-10, listed and decoded cold, 2.8x as fast on 2 cores: bench/README.md). Few files, one core, or
-    an explicit `threads` count use threads."""
-    cores = os.cpu_count() or 1
-    if threads is None and cores > 1 and len(paths) >= PROCESSES_FROM:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        chunk = -(-len(paths) // (cores * 8))  # a few chunks per process: even loads, little pickling
-        chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
-        # fork on Linux: the workers start at once and need nothing re-imported; they only run PIL and NumPy.
-        # Elsewhere the platform's default (spawn): macOS system libraries are not safe to fork.
-        context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
-        with ProcessPoolExecutor(cores, mp_context=context) as pool:
+    side by side. Few files, one core, or an explicit `threads` count use threads."""
+    if processes := _worker_count(len(paths), threads):
+        with _process_pool(processes) as pool:
+            chunks = [chunk for _, chunk in _chunks(paths, processes)]
             results = [r for chunk in pool.map(functools.partial(_attempt_all, read), chunks) for r in _unpack(chunk)]
     else:
-        with ThreadPoolExecutor(threads or min(8, cores)) as pool:
+        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
             results = list(pool.map(functools.partial(_attempt, read), paths, chunksize=64))
     good = [(p, value) for p, (value, why) in zip(paths, results) if why is None]
     bad = [(p, why) for p, (_, why) in zip(paths, results) if why is not None]
@@ -144,6 +161,51 @@ def fixed_size_pixels(path: Path, size: int, crop_pct: float) -> np.ndarray:
     """(3, size, size) uint8, channels first as batches are: the file as RGB after the test transform
     (`resize_center_crop`)."""
     return np.asarray(resize_center_crop(open_rgb(path), size, crop_pct)).transpose(2, 0, 1)
+
+
+_pictures = None  # a forked worker's view of the shared array read_pictures fills
+
+
+def _share(pictures: np.ndarray) -> None:
+    global _pictures
+    _pictures = pictures
+
+
+def _fill(read, first: int, paths: list[Path]) -> list:
+    """A worker's chunk: each picture written into its row of the shared array; the reasons (None: read)."""
+    reasons = []
+    for i, path in enumerate(paths, first):
+        value, why = _attempt(read, path)
+        if why is None:
+            _pictures[i] = value
+        reasons.append(why)
+    return reasons
+
+
+def read_pictures(paths: list[Path], size: int, crop_pct: float,
+                  threads: int | None = None) -> tuple[list[Path], np.ndarray, list[tuple[Path, str]]]:
+    """(paths read, in order, an (N, 3, size, size) uint8 array of their `fixed_size_pixels`, [(unreadable path,
+    reason)]). On Linux, many files go to forked processes that write straight into one array in memory they share
+    with this process: no picture is pickled, sent through a pipe or stacked afterwards (all of CIFAR-10, listed
+    and decoded cold: bench/README.md). Elsewhere, `read_all` and a stack."""
+    read = functools.partial(fixed_size_pixels, size=size, crop_pct=crop_pct)
+    processes = _worker_count(len(paths), threads)
+    if not (processes and FORKS):
+        good, values, bad = read_all(paths, read, threads)
+        return good, np.stack(values) if values else np.zeros((0, 3, size, size), np.uint8), bad
+    import mmap
+
+    shape = (len(paths), 3, size, size)
+    # an anonymous shared mapping: forked workers write into the very pages this process reads
+    pictures = np.frombuffer(mmap.mmap(-1, int(np.prod(shape))), np.uint8).reshape(shape)
+    with _process_pool(processes, _share, (pictures,)) as pool:
+        chunks = _chunks(paths, processes)
+        reasons = [why for part in pool.map(functools.partial(_fill, read), *zip(*chunks)) for why in part]
+    bad = [(p, why) for p, why in zip(paths, reasons) if why is not None]
+    if not bad:
+        return paths, pictures, bad
+    keep = np.array([why is None for why in reasons])
+    return [p for p, why in zip(paths, reasons) if why is None], pictures[keep], bad
 
 
 def warn_skipped(bad: list[tuple[Path, str]]) -> None:
