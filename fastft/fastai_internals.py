@@ -30,6 +30,13 @@ def release_last_batch(learn) -> None:
     learn._end_cleanup()
 
 
+def cap_workers(dl, most: int) -> None:
+    """Let `dl` start at most `most` worker processes. fastai's DataLoader hands its num_workers to the private torch
+    loader it iterates through (`fake_l`), which starts that many processes at every pass over the data, however
+    few batches there are, and each worker takes every num_workers-th batch."""
+    dl.fake_l.num_workers = min(dl.fake_l.num_workers, max(most, 0))
+
+
 class HyperHookOptimWrapper(OptimWrapper):
     """fastai's OptimWrapper.set_hyper(key, value) spreads a value or a slice over the parameter groups, then
     stores the values through the private `_set_hyper(key, values)`. This routes that one step to

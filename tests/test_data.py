@@ -149,6 +149,15 @@ def test_decoded_pictures_are_reused_from_disk_until_a_file_changes(tmp_path, mo
     assert not torch.equal(again, first) and again[0].float().mean() > 200
 
 
+def test_a_loader_starts_no_more_workers_than_it_has_batches(tmp_path):
+    """fastai starts every worker at every pass over the data: a worker with no batch would only cost its start."""
+    root = make_split_dataset(tmp_path / "d")
+    recipe = Recipe(size=16, bs=4, workers=8, aug="crop+flip")
+    dls = build_dataloaders(load_split(root, recipe), recipe, MEAN, STD, torch.device("cpu"))
+    assert all(0 < len(dl) < 8 for dl in dls.loaders)
+    assert [dl.fake_l.num_workers for dl in dls.loaders] == [len(dl) for dl in dls.loaders]  # see cap_workers
+
+
 def test_random_item_transforms_and_no_cache_decode_per_batch(tmp_path):
     root = make_split_dataset(tmp_path / "d")
     assert not load_split(root, Recipe(size=16, aug="crop+flip")).pixels

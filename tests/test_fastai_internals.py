@@ -1,5 +1,6 @@
 """Each fastai behaviour fastft relies on that fastai does not promise (fastft/fastai_internals.py), checked
 directly: a fastai upgrade that changes one fails here, under a name that says what broke."""
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -10,8 +11,8 @@ from fastai.data.core import Datasets, TfmdDL
 from fastai.learner import Learner
 from fastai.vision.all import Transform
 
-from fastft.fastai_internals import (BroadcastHookDL, HyperHookOptimWrapper, LoaderHookTrainer, release_last_batch,
-                                     train_only, valid_only)
+from fastft.fastai_internals import (BroadcastHookDL, HyperHookOptimWrapper, LoaderHookTrainer, cap_workers,
+                                     release_last_batch, train_only, valid_only)
 
 
 class AddTen(Transform):
@@ -24,6 +25,22 @@ def test_split_idx_makes_a_transform_training_only_or_validation_only():
     assert [x for (x,) in trained.train] == [11, 12] and [x for (x,) in trained.valid] == [3, 4]
     tested = Datasets([1, 2, 3, 4], tfms=[[valid_only(AddTen())]], splits=([0, 1], [2, 3]))
     assert [x for (x,) in tested.train] == [1, 2] and [x for (x,) in tested.valid] == [13, 14]
+
+
+class WorkerPid(Transform):
+    def encodes(self, x: int):
+        return os.getpid()
+
+
+def test_a_dataloader_starts_the_worker_count_its_torch_loader_holds():
+    dl = TfmdDL(Datasets(list(range(8)), tfms=[[WorkerPid()]]), bs=4, num_workers=2)
+    pids = {int(pid) for (batch,) in dl for pid in batch}
+    assert len(pids) == 2 and os.getpid() not in pids  # two batches, one per worker
+    cap_workers(dl, 1)
+    pids = {int(pid) for (batch,) in dl for pid in batch}
+    assert len(pids) == 1 and os.getpid() not in pids
+    cap_workers(dl, 0)
+    assert {int(pid) for (batch,) in dl for pid in batch} == {os.getpid()}
 
 
 def _tiny_learner():

@@ -79,6 +79,7 @@ def build_dataloaders(split: Split, recipe: Recipe, mean, std, device, plan: Aug
     from fastai.vision.all import MultiCategoryBlock, TensorCategory, TensorMultiCategory
 
     from fastft.data.transforms import CachedDL, LabelsOf, RGBImage, WeightedCachedDL, image_of, label_of
+    from fastft.fastai_internals import cap_workers
 
     items = {part: [list(pair) for pair in split.items(part)] for part in split.parts}
     train, test, valid = items["train"], items["test"], items.get("valid", [])
@@ -105,6 +106,8 @@ def build_dataloaders(split: Split, recipe: Recipe, mean, std, device, plan: Aug
     dls.label_counts, dls.multi_label = counts, split.multi_label
     if valid:  # fastai's way to more labelled items through the test split's (validation) pipeline
         dls.loaders.append(dls.test_dl(valid, with_labels=True))
+    for dl in dls.loaders:  # fastai starts every worker at every pass: one with no batch to load only costs its start
+        cap_workers(dl, len(dl))
     if cached:
         for dl, part in zip(dls.loaders, split.parts):
             keys = [key for _, key in items[part]]
