@@ -303,7 +303,7 @@ def main() -> None:
     parser.add_argument("--only", default="loop,decode,commands,photos")
     parser.add_argument("--data", type=Path, default=SHARED / "data" / "cifar10")
     parser.add_argument("--photos", type=Path, default=SHARED / "data" / "cat_breeds")
-    parser.add_argument("--photo-workers", default="2", help="comma list: --workers values for the photos table")
+    parser.add_argument("--photo-workers", default="auto,2", help="comma list: --workers values for the photos table")
     parser.add_argument("--bs", type=int, default=128)
     parser.add_argument("--size", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=10)

@@ -30,11 +30,11 @@ def release_last_batch(learn) -> None:
     learn._end_cleanup()
 
 
-def cap_workers(dl, most: int) -> None:
-    """Let `dl` start at most `most` worker processes. fastai's DataLoader hands its num_workers to the private torch
-    loader it iterates through (`fake_l`), which starts that many processes at every pass over the data, however
-    few batches there are, and each worker takes every num_workers-th batch."""
-    dl.fake_l.num_workers = min(dl.fake_l.num_workers, max(most, 0))
+def set_workers(dl, count: int) -> None:
+    """Make `dl`'s next passes load in `count` worker processes. fastai's DataLoader hands its num_workers to the
+    private torch loader it iterates through (`fake_l`), which starts that many at every pass over the data; each
+    worker takes every count-th batch. DataLoaders made from `dl` (`new`, `test_dl`) start with the same count."""
+    dl.fake_l.num_workers = count
 
 
 class HyperHookOptimWrapper(OptimWrapper):

@@ -89,9 +89,11 @@ class Recipe:
     # infrastructure
     seed: int = setting(42, "Random seed: the same seed gives the same numbers on the same machine (and the same "
                             "--workers).")
-    workers: int = setting(2, "DataLoader worker processes (0: load in the main process); unused when decoded once. "
-                              "Random crops draw in the process that loads, so 0 and 2 give different (each "
-                              "reproducible) numbers.")
+    workers: int | str = setting("auto", "DataLoader worker processes per pass over the data (0: load in the main "
+                                         "process), never more than the pass's batches; auto: none on a CPU, on a GPU "
+                                         "one per 4 batches, up to the cores (8 at most). Unused when decoded once. "
+                                         "Random crops draw in the process that loads, so different counts give "
+                                         "different (each reproducible) numbers.")
     cache: bool = setting(True, "Decode each image once into memory and the disk cache (~/.cache/fastft, or "
                                 "$FASTFT_CACHE) when no item transform is random, instead of every epoch.")
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps.")
@@ -135,6 +137,9 @@ def _checked(values: dict, source: str) -> dict:
         if key == "lr":
             out[key] = _learning_rate(value, source)
             continue
+        if key == "workers":
+            out[key] = _workers(value, source)
+            continue
         want = _TYPE_NAMES[_FIELD_TYPES[key]]
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
@@ -144,7 +149,7 @@ def _checked(values: dict, source: str) -> dict:
     for key in ("epochs", "bs", "size"):
         if key in out and out[key] < 1:
             raise UsageError(f"'{key}' in {source} must be at least 1, got {out[key]}")
-    for key in ("freeze_epochs", "limit", "workers", "wd", "patience"):
+    for key in ("freeze_epochs", "limit", "wd", "patience"):
         if key in out and out[key] < 0:
             raise UsageError(f"'{key}' in {source} must not be negative, got {out[key]}")
     if out.get("unfreeze", 1) < 1:
@@ -176,6 +181,19 @@ def _learning_rate(value, source: str) -> float | str:
     if lr < 0:
         raise UsageError(f"'lr' in {source} must be a positive number, 0 (the strategy's default) or auto; got {value!r}")
     return lr
+
+
+def _workers(value, source: str) -> int | str:
+    """auto, or a number of processes (0 or more; the command line gives it as text)."""
+    if value == "auto":
+        return value
+    try:
+        count = int(value) if not isinstance(value, (bool, float)) else -1
+    except (TypeError, ValueError):
+        count = -1
+    if count < 0:
+        raise UsageError(f"'workers' in {source} must be auto or a number of processes (0: none), got {value!r}")
+    return count
 
 
 def recipe_dirs() -> list[Path]:

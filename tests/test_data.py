@@ -155,7 +155,21 @@ def test_a_loader_starts_no_more_workers_than_it_has_batches(tmp_path):
     recipe = Recipe(size=16, bs=4, workers=8, aug="crop+flip")
     dls = build_dataloaders(load_split(root, recipe), recipe, MEAN, STD, torch.device("cpu"))
     assert all(0 < len(dl) < 8 for dl in dls.loaders)
-    assert [dl.fake_l.num_workers for dl in dls.loaders] == [len(dl) for dl in dls.loaders]  # see cap_workers
+    assert [dl.fake_l.num_workers for dl in dls.loaders] == [len(dl) for dl in dls.loaders]  # see set_workers
+    cached = Recipe(size=16, bs=4, workers=8, aug="flip")
+    dls = build_dataloaders(load_split(root, cached), cached, MEAN, STD, torch.device("cpu"))
+    assert dls.train.pixels is not None and all(dl.fake_l.num_workers == 0 for dl in dls.loaders)
+
+
+def test_auto_workers_none_on_a_cpu_and_one_per_four_batches_on_a_gpu(monkeypatch):
+    from fastft.data import loaders
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # only the device's type is read
+    monkeypatch.setattr("fastcore.parallel.num_cpus", lambda: 16)
+    assert loaders.worker_count("auto", cpu, 1000) == 0
+    assert [loaders.worker_count("auto", cuda, n) for n in (3, 8, 20, 1000)] == [0, 2, 5, 8]
+    assert loaders.worker_count("auto", cuda, 1000, processes=4) == 4  # four training processes share 16 cores
+    assert loaders.worker_count(3, cpu, 1000) == 3 and loaders.worker_count(3, cuda, 2) == 2
 
 
 def test_random_item_transforms_and_no_cache_decode_per_batch(tmp_path):

@@ -11,8 +11,8 @@ from fastai.data.core import Datasets, TfmdDL
 from fastai.learner import Learner
 from fastai.vision.all import Transform
 
-from fastft.fastai_internals import (BroadcastHookDL, HyperHookOptimWrapper, LoaderHookTrainer, cap_workers,
-                                     release_last_batch, train_only, valid_only)
+from fastft.fastai_internals import (BroadcastHookDL, HyperHookOptimWrapper, LoaderHookTrainer, release_last_batch,
+                                     set_workers, train_only, valid_only)
 
 
 class AddTen(Transform):
@@ -33,13 +33,14 @@ class WorkerPid(Transform):
 
 
 def test_a_dataloader_starts_the_worker_count_its_torch_loader_holds():
-    dl = TfmdDL(Datasets(list(range(8)), tfms=[[WorkerPid()]]), bs=4, num_workers=2)
+    dl = TfmdDL(Datasets(list(range(8)), tfms=[[WorkerPid()]]), bs=4)
+    set_workers(dl, 2)
     pids = {int(pid) for (batch,) in dl for pid in batch}
     assert len(pids) == 2 and os.getpid() not in pids  # two batches, one per worker
-    cap_workers(dl, 1)
+    set_workers(dl, 1)
     pids = {int(pid) for (batch,) in dl for pid in batch}
     assert len(pids) == 1 and os.getpid() not in pids
-    cap_workers(dl, 0)
+    set_workers(dl, 0)
     assert {int(pid) for (batch,) in dl for pid in batch} == {os.getpid()}
 
 

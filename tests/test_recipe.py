@@ -27,7 +27,8 @@ def test_unknown_key_is_an_error_that_names_it(tmp_path):
 
 
 @pytest.mark.parametrize("line", ['epochs = "five"', "pretrained = 1", "lr = -1.0", "strategy = \"warp\"", "size = 0",
-                                  "label_smoothing = 1.0", "head_dropout = -0.1", "wd = -0.01"])
+                                  "label_smoothing = 1.0", "head_dropout = -0.1", "wd = -0.01",
+                                  "workers = -1", 'workers = "many"', "workers = 2.5"])
 def test_bad_values_are_errors(tmp_path, line):
     path = tmp_path / "bad.toml"
     path.write_text(line + "\n")
@@ -43,6 +44,12 @@ def test_precedence_cli_over_file_over_default(tmp_path):
     assert from_file.bs == Recipe().bs  # not in the file: the built-in default
     from_cli = from_file.replace(epochs=7, lr=None)  # None: flag not given
     assert (from_cli.epochs, from_cli.lr) == (7, 0.01)
+
+
+def test_workers_are_auto_or_a_count_from_a_file_or_the_command_line():
+    assert Recipe().workers == "auto"
+    assert Recipe().replace(workers="3").workers == 3  # the command line gives text
+    assert Recipe().replace(workers=0).workers == 0 and Recipe().replace(workers="auto").workers == "auto"
 
 
 def test_resolved_recipe_round_trips(tmp_path):

@@ -69,17 +69,39 @@ def load_split(root: Path, recipe: Recipe, plan: AugPlan | None = None, quiet: b
     return drop_unreadable(split, recipe, plan or parse_aug(recipe.aug), quiet)
 
 
-def build_dataloaders(split: Split, recipe: Recipe, mean, std, device, plan: AugPlan | None = None):
+BATCHES_PER_WORKER = 4  # auto on a GPU: a worker is started for every 4 batches of a pass
+
+
+def worker_count(workers: int | str, device, batches: int, processes: int = 1) -> int:
+    """Worker processes for a DataLoader with `batches` batches per pass. fastai starts every worker anew at every
+    pass (its DataLoader keeps the pass's order and random state in the object each worker copies when it starts,
+    so workers cannot persist), and a forked worker makes the training process copy every page it writes while
+    the worker lives. So never more workers than batches; and auto: none on a CPU, where training keeps the cores
+    busy (on 2 cores, 1.6x as fast without workers for 60 photos, 1.1x for 995: bench/README.md); on a GPU, one
+    per BATCHES_PER_WORKER batches (a 245-photo fine-tune on an H100 was faster with 2 workers than with 14: issue
+    19), up to this process's share of the cores, 8 at most."""
+    from fastcore.parallel import num_cpus
+
+    if workers != "auto":
+        return min(int(workers), batches)
+    if device.type != "cuda":
+        return 0
+    return min(batches // BATCHES_PER_WORKER, max(1, num_cpus() // processes), 8)
+
+
+def build_dataloaders(split: Split, recipe: Recipe, mean, std, device, plan: AugPlan | None = None,
+                      processes: int = 1):
     """fastai DataLoaders: item transforms per image on the CPU, batch transforms on `device`. dls.train and
     dls.valid are the training and test splits (fastai's valid is d2l's test split); a validation split apart
-    from the test split, when the run has one, is dls[2]."""
+    from the test split, when the run has one, is dls[2]. `processes`: how many train side by side (distributed),
+    sharing the cores for workers."""
     import torch
     from fastai.vision.all import CategoryBlock, DataBlock, ImageBlock, IndexSplitter, Normalize
 
     from fastai.vision.all import MultiCategoryBlock, TensorCategory, TensorMultiCategory
 
     from fastft.data.transforms import CachedDL, LabelsOf, RGBImage, WeightedCachedDL, image_of, label_of
-    from fastft.fastai_internals import cap_workers
+    from fastft.fastai_internals import set_workers
 
     items = {part: [list(pair) for pair in split.items(part)] for part in split.parts}
     train, test, valid = items["train"], items["test"], items.get("valid", [])
@@ -101,13 +123,13 @@ def build_dataloaders(split: Split, recipe: Recipe, mean, std, device, plan: Aug
     if recipe.balance == "sampler":  # each label drawn about equally often (an image: its labels' mean weight)
         weights = [sum(1 / counts[label] for label in split.labels_of(key)) / len(split.labels_of(key)) for _, key in train]
         sampling = {"dl_type": WeightedCachedDL, "dl_kwargs": [{"wgts": weights}, {}]}
-    dls = block.dataloaders(train + test, bs=bs, num_workers=0 if cached else recipe.workers, device=device,
+    dls = block.dataloaders(train + test, bs=bs, num_workers=0, device=device,
                             **{"dl_type": CachedDL, **sampling})
     dls.label_counts, dls.multi_label = counts, split.multi_label
     if valid:  # fastai's way to more labelled items through the test split's (validation) pipeline
         dls.loaders.append(dls.test_dl(valid, with_labels=True))
-    for dl in dls.loaders:  # fastai starts every worker at every pass: one with no batch to load only costs its start
-        cap_workers(dl, len(dl))
+    for dl in [] if cached else dls.loaders:  # cached: batches come from memory, workers would only add copying
+        set_workers(dl, worker_count(recipe.workers, device, len(dl), processes))
     if cached:
         for dl, part in zip(dls.loaders, split.parts):
             keys = [key for _, key in items[part]]

@@ -84,7 +84,7 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
                 print(note, file=sys.stderr)
     recipe = recipe.replace(keep=resolve_keep(recipe, has_validation=bool(split.valid), quiet=not dist.is_main))
     mean, std = normalization(recipe.arch)
-    dls = build_dataloaders(split, recipe, mean, std, device, plan)
+    dls = build_dataloaders(split, recipe, mean, std, device, plan, processes=dist.size)
     learn = create_learner(dls, recipe)
     set_number_format(learn, precision, recipe.channels_last, device)
     learn.logger = noop  # EpochLog prints each epoch's figures, the same as history.csv's
