@@ -14,7 +14,9 @@ Tables (JSON to bench/results/gpu-<device>.json):
   back (warm), each in a fresh process; median of --repeats rounds.
 - commands: whole `fastft cifar` commands: --epochs N on a cold cache (an empty cache folder) and a warm one, and
   the tiny run `--limit 1000 --epochs 1 --size 32 --no-pretrained` (--repeats times, median), with its fixed cost:
-  wall time minus the epoch's seconds minus `python -c "import fastai.vision.all"` timed right after it.
+  wall time minus the epoch's seconds minus `python -c "import fastai.vision.all"` timed right after it; and the
+  work outside training: the same against that import ending in gc.freeze() (as fastft's command ends), which
+  spares it the interpreter's exit-time collections.
 With --baseline (an earlier checkout: `git worktree add /tmp/before <commit>`), the decode table and the tiny run
 measure that checkout too, interleaved with this one, and give this one's share of its time.
 - photos: fine-tuning a small folder of photos at 224 px for 5 epochs, `fastft train` against the same job as a
@@ -221,8 +223,11 @@ def fastft_cifar(tree: Path | None, args: list[str], cache: str, run: Path) -> t
     return wall, json.loads((run / "metrics.json").read_text())
 
 
-def importing_fastai() -> float:
-    return timed([sys.executable, "-c", "import fastai.vision.all"])[0]
+def importing_fastai(frozen: bool = False) -> float:
+    """`python -c "import fastai.vision.all"`, the fixed cost's reference; `frozen`: ending with gc.freeze() as
+    fastft's command does, so the interpreter's exit skips its collections (about 1.3 s of the plain import on 2
+    cores): against it, the fixed cost is only the work fastft does outside training."""
+    return timed([sys.executable, "-c", "import fastai.vision.all" + ("; import gc; gc.freeze()" if frozen else "")])[0]
 
 
 def command_table(args, device) -> list[dict]:
@@ -243,9 +248,10 @@ def command_table(args, device) -> list[dict]:
         for which, (label, tree) in enumerate(checkouts(args).items()):
             wall, metrics = fastft_cifar(tree, tiny, cache, work / f"tiny-{which}-{repeat}")
             training = sum(e["seconds"] for e in metrics["epochs"])
-            importing = importing_fastai()
+            importing, importing_frozen = importing_fastai(), importing_fastai(frozen=True)
             runs[label].append({"wall_s": wall, "epochs_s": training, "import_fastai_s": importing,
-                                "fixed_cost_s": wall - training - importing})
+                                "fixed_cost_s": wall - training - importing, "import_fastai_frozen_s": importing_frozen,
+                                "work_outside_training_s": wall - training - importing_frozen})
     for label, measured in runs.items():
         rows.append({"command": "fastft cifar --limit 1000 --epochs 1 --size 32 --no-pretrained (tiny run)",
                      "fastft": label, **{key: statistics.median(r[key] for r in measured) for key in measured[0]},
