@@ -108,7 +108,7 @@ def _unpack(chunk: tuple) -> list:
     return [(next(good), None) if why is None else (None, why) for why in reasons]
 
 
-def _worker_count(n_files: int, threads: int | None) -> int:
+def _decode_processes(n_files: int, threads: int | None) -> int:
     """Processes to read `n_files` with: one per core for many files; 0 (threads instead) for few files, one core, or
     an explicit `threads` count."""
     cores = os.cpu_count() or 1
@@ -139,7 +139,7 @@ def read_all(paths: list[Path], read, threads: int | None = None) -> tuple[list[
     read, in order, what it returned for each, [(path it raised on, reason)]). Many files go to a process per
     core in chunks: opening, converting and resizing with PIL is mostly Python work, which threads cannot run
     side by side. Few files, one core, or an explicit `threads` count use threads."""
-    if processes := _worker_count(len(paths), threads):
+    if processes := _decode_processes(len(paths), threads):
         with _process_pool(processes) as pool:
             chunks = [chunk for _, chunk in _chunks(paths, processes)]
             results = [r for chunk in pool.map(functools.partial(_attempt_all, read), chunks) for r in _unpack(chunk)]
@@ -189,7 +189,7 @@ def read_pictures(paths: list[Path], size: int, crop_pct: float,
     with this process: no picture is pickled, sent through a pipe or stacked afterwards (all of CIFAR-10, listed
     and decoded cold: bench/README.md). Elsewhere, `read_all` and a stack."""
     read = functools.partial(fixed_size_pixels, size=size, crop_pct=crop_pct)
-    processes = _worker_count(len(paths), threads)
+    processes = _decode_processes(len(paths), threads)
     if not (processes and FORKS):
         good, values, bad = read_all(paths, read, threads)
         return good, np.stack(values) if values else np.zeros((0, 3, size, size), np.uint8), bad
