@@ -202,10 +202,10 @@ def read_pictures(paths: list[Path], size: int, crop_pct: float,
         chunks = _chunks(paths, processes)
         reasons = [why for part in pool.map(functools.partial(_fill, read), *zip(*chunks)) for why in part]
     bad = [(p, why) for p, why in zip(paths, reasons) if why is not None]
-    if not bad:
-        return paths, pictures, bad
-    keep = np.array([why is None for why in reasons])
-    return [p for p, why in zip(paths, reasons) if why is None], pictures[keep], bad
+    if bad:  # rare: the unreadable files' rows are dropped (a copy)
+        keep = [why is None for why in reasons]
+        paths, pictures = [p for p, kept in zip(paths, keep) if kept], pictures[np.array(keep)]
+    return paths, pictures, bad
 
 
 def warn_skipped(bad: list[tuple[Path, str]]) -> None:

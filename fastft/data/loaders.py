@@ -128,8 +128,9 @@ def build_dataloaders(split: Split, recipe: Recipe, mean, std, device, plan: Aug
     dls.label_counts, dls.multi_label = counts, split.multi_label
     if valid:  # fastai's way to more labelled items through the test split's (validation) pipeline
         dls.loaders.append(dls.test_dl(valid, with_labels=True))
-    for dl in [] if cached else dls.loaders:  # cached: batches come from memory, workers would only add copying
-        set_workers(dl, worker_count(recipe.workers, device, len(dl), processes))
+    if not cached:  # cached: batches come from memory, workers would only add copying
+        for dl in dls.loaders:
+            set_workers(dl, worker_count(recipe.workers, device, len(dl), processes))
     if cached:
         for dl, part in zip(dls.loaders, split.parts):
             keys = [key for _, key in items[part]]
