@@ -49,10 +49,17 @@ def write_json(path: Path, value) -> None:
     write_text(path, json.dumps(value, indent=2) + "\n")
 
 
-def save_figure(figure, path: Path) -> None:
-    """A matplotlib figure as a PNG at 100 dpi, then closed."""
-    import matplotlib.pyplot as plt
+def subplots(*args, figsize: tuple[float, float], **kwargs):
+    """(figure, axes): a matplotlib Figure and its `Figure.subplots`, made without pyplot, so importing or calling
+    fastft never chooses a backend or grows pyplot's list of open figures: a program (a notebook, a web service)
+    that uses fastft keeps its own. Every picture fastft draws starts here and ends in `save_figure`."""
+    from matplotlib.figure import Figure
 
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(*args, **kwargs)
+
+
+def save_figure(figure, path: Path) -> None:
+    """A matplotlib figure as a PNG at 100 dpi (Agg, whatever backend pyplot has)."""
     with replacing(path) as temporary:
         figure.savefig(temporary, dpi=100)
-    plt.close(figure)

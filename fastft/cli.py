@@ -32,9 +32,6 @@ try:  # typer >= 0.22 carries its own click, whose errors derive from TyperExcep
 except ImportError:
     from click import ClickException as CommandLineError
 
-# Noise from the libraries fastft drives, not something a user can act on.
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
-
 # Plain click help (rich_markup_mode=None): it wraps long help at word boundaries at any width.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Transfer learning for images: `fastft train DIR` on your own photos, and the textbook "
@@ -239,21 +236,24 @@ def inspect_data(
 ):
     """What a dataset holds, before training: images per class and split, unreadable files, sizes and modes,
     exact duplicates (within a split, and train/test leakage), tiny classes; report.json and samples.png."""
-    from fastft.data.folders import new_run_folder, split_files
+    from fastft.data.folders import split_files
+    from fastft.run_folder import new_run_folder
     from fastft.data.inspect import as_text, report, sample_grid
 
     if data.suffix.lower() == ".csv" and labels is None:
         data, labels = data.parent, str(data)
     recipe = Recipe().replace(source="command-line options", data=str(data), labels=labels, image_col=image_col,
                               label_col=label_col, label_delim=label_delim, valid_pct=valid_pct, seed=seed)
+    from fastft.atomic import write_json
+    from fastft.data.images import large_images_allowed
+
     split = split_files(data, recipe)
     folder = new_run_folder(out, f"inspect-{run_name(str(data))}")
-    result = report(split, data)
-    folder.mkdir(parents=True, exist_ok=True)
-    from fastft.atomic import write_json
-
-    write_json(folder / "report.json", result)
-    sample_grid(split, folder / "samples.png")
+    with large_images_allowed():  # the user's own photos, as a run reads them
+        result = report(split, data)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / "report.json", result)
+        sample_grid(split, folder / "samples.png")
     typer.echo(json.dumps(result, indent=2) if as_json else as_text(result) + f"\nreport.json and samples.png in {folder}")
 
 
@@ -458,6 +458,9 @@ def main_options(version: bool = typer.Option(False, "--version", callback=_show
 
 
 def main():
+    """The `fastft` command's process. Only here, where the process is fastft's own, are warnings filtered: noise from
+    the libraries fastft drives, not something a user can act on. `import fastft` changes no warning filter."""
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
     try:
         code = app(standalone_mode=False)
     except CommandLineError as e:

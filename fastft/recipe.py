@@ -15,19 +15,22 @@ from pathlib import Path
 
 from fastft.data.augment import AUG_HELP
 from fastft.errors import UsageError
-from fastft.train.strategies import STRATEGIES
+from fastft.train.strategies import STRATEGIES, strategy_settings
 
 
-def setting(default, help: str, flag: str | None = "", choices: tuple = (), cli_min: int | None = None):
+def setting(default, help: str, flag: str | None = "", choices: tuple = (), cli_min: int | None = None,
+            minimum: int | None = None):
     """A recipe key: its built-in default and what it means. `flag` is its command-line option (derived from
     the name when empty: bs -> --bs, bools -> --tta/--no-tta); None for keys only a recipe file sets. `choices`
-    are the values it takes, if only some; `cli_min` the least a command-line value may be. The CLI builds every
-    training command's options from these."""
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "cli_min": cli_min})
+    are the values it takes, if only some; `cli_min` the least a command-line value may be, `minimum` the least
+    any value may be. The CLI builds every training command's options from these."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "cli_min": cli_min,
+                                            "minimum": minimum})
 
 
 @dataclass
-class Recipe:
+class CommonRecipe:
+    """The keys every run has. `Recipe` adds the strategies' own settings (fastft/train/strategies.py)."""
     name: str = setting("custom", "the run's name: run folders are <name>-<time>", flag=None)
     description: str = setting("", "one line for `fastft recipes` and --help", flag=None)
     # data: a local folder, or (when empty) a download into the data home
@@ -63,8 +66,6 @@ class Recipe:
     strategy: str = setting("fine-tune", "Training schedule: " + "; ".join(f"{k}: {v.help}" for k, v in STRATEGIES.items()),
                             choices=tuple(STRATEGIES))
     epochs: int = setting(5, "Total epochs, frozen phases included.")
-    freeze_epochs: int = setting(1, "fine-tune, keras: epochs that train only the head (part of --epochs).")
-    unfreeze: int = setting(2, "keras: stages unfrozen from the top after the head-only phase.")
     lr: float | str = setting(0.0, "The head's peak learning rate; 0: the strategy's default; auto: run fastai's LR finder first.")
     bs: int = setting(64, "Batch size (per process).")
     wd: float = setting(0.01, "Decoupled weight decay (fastai's default 0.01; the d2l strategy keeps its own 1e-3).")
@@ -102,7 +103,7 @@ class Recipe:
     channels_last: bool = setting(False, "Model and batches in channels-last memory format: the same arithmetic, "
                                          "often faster convolutions.")
 
-    def replace(self, source: str = "the command line", **changes) -> "Recipe":
+    def replace(self, source: str = "the command line", **changes):
         """A copy with `changes` applied (None values mean 'not given' and are ignored), validated."""
         given = {k: v for k, v in changes.items() if v is not None}
         return dataclasses.replace(self, **_checked(given, source))
@@ -112,6 +113,13 @@ class Recipe:
         lines += [f"{f.name} = {_toml_value(getattr(self, f.name))}" for f in fields(self)]
         return "\n".join(lines) + "\n"
 
+
+# Each strategy's own settings (`StrategySetting`s, declared with the strategies that take them) are recipe keys too.
+Recipe = dataclasses.make_dataclass(
+    "Recipe", [(name, "int", setting(s.default, f"{', '.join(users)}: {s.help}", cli_min=s.minimum, minimum=s.minimum))
+               for name, (s, users) in strategy_settings().items()],
+    bases=(CommonRecipe,), namespace={"__doc__": "A run's settings: the common keys and every strategy's own."})
+Recipe.__module__ = __name__
 
 _FIELDS = {f.name: f for f in fields(Recipe)}
 _FIELD_TYPES = {f.name: f.type for f in fields(Recipe)}
@@ -149,11 +157,12 @@ def _checked(values: dict, source: str) -> dict:
     for key in ("epochs", "bs", "size"):
         if key in out and out[key] < 1:
             raise UsageError(f"'{key}' in {source} must be at least 1, got {out[key]}")
-    for key in ("freeze_epochs", "limit", "wd", "patience"):
+    for key in ("limit", "wd", "patience"):
         if key in out and out[key] < 0:
             raise UsageError(f"'{key}' in {source} must not be negative, got {out[key]}")
-    if out.get("unfreeze", 1) < 1:
-        raise UsageError(f"'unfreeze' in {source} must be at least 1 stage, got {out['unfreeze']}")
+    for key, value in out.items():
+        if (least := _FIELDS[key].metadata["minimum"]) is not None and value < least:
+            raise UsageError(f"'{key}' in {source} must be at least {least}, got {value}")
     if "valid_pct" in out and not 0 < out["valid_pct"] < 1:
         raise UsageError(f"'valid_pct' in {source} must be between 0 and 1, got {out['valid_pct']}")
     if "holdout" in out and not 0 <= out["holdout"] < 1:

@@ -38,7 +38,14 @@ class Probe(Callback):
             json.dump({"epochs": self.epochs, "weights": digest.hexdigest()}, f)
 
 
-data, out, probes = sys.argv[1:4]
-recipe = load_recipe("cifar").replace(data=data, arch="resnet18", pretrained=False, size=32, bs=4, workers=0, epochs=2,
-                                       device="cpu")  # gloo on CPU processes, GPU or not
-train(recipe, out, callbacks=[Probe(os.path.join(probes, f"rank{os.environ.get('RANK', '0')}.json"))])
+def tiny_recipe(name: str, data: str, strategy: str = ""):
+    """Recipe `name` made tiny for synthetic data, on CPU processes (gloo), GPU or not."""
+    recipe = load_recipe(name).replace(data=data, arch="resnet18", pretrained=False, size=32, bs=4, workers=0, epochs=2,
+                                       device="cpu")
+    return recipe.replace(strategy=strategy) if strategy else recipe
+
+
+if __name__ == "__main__":  # DATA OUT PROBES [RECIPE [STRATEGY]]
+    data, out, probes, *rest = sys.argv[1:]
+    recipe = tiny_recipe(rest[0] if rest else "cifar", data, rest[1] if len(rest) > 1 else "")
+    train(recipe, out, callbacks=[Probe(os.path.join(probes, f"rank{os.environ.get('RANK', '0')}.json"))])

@@ -152,8 +152,9 @@ def test_export_of_an_unexportable_model_is_a_clean_error(tmp_path, monkeypatch)
     from fastft.deploy.bundle import write_bundle
     from fastft.deploy.export import export_onnx
     from fastft.deploy.network import build_network
+    from fastft.run_folder import RunFolder
 
-    write_bundle(build_network("resnet18", 2), tmp_path, arch="resnet18", classes=["a", "b"], size=32,
+    write_bundle(build_network("resnet18", 2), RunFolder(tmp_path), arch="resnet18", classes=["a", "b"], size=32,
                  crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3, head={})
 
     def unsupported(*args, **kwargs):

@@ -147,16 +147,27 @@ def test_ctrl_c_keeps_the_last_finished_epoch(dataset, tmp_path):
     assert 1 <= len(epochs) < 200 and (out / "model.pkl").stat().st_size > 0
 
 
-def test_ctrl_c_during_the_final_tta_pass_still_saves_the_trained_model(dataset, tmp_path, monkeypatch):
+def test_ctrl_c_during_the_final_tta_pass_still_saves_the_trained_model(dataset, tmp_path):
     import fastft.deploy.bundle
-    import fastft.train.run
+    from fastai.callback.core import Callback
 
-    def pressed_ctrl_c(learn, tta):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(fastft.train.run, "final_scores", pressed_ctrl_c)
+    from fastft.recipe import load_recipe
+    from fastft.train.run import Interrupted, train
+
+    class CtrlCInTheNextForwardPass(Callback):
+        """When training ends, the model's next forward pass (the final TTA scores) is cut by Ctrl-C."""
+
+        def after_fit(self):
+            def pressed(module, inputs):
+                handle.remove()
+                raise KeyboardInterrupt
+            handle = self.learn.model.register_forward_pre_hook(pressed)
+
+    recipe = load_recipe("cifar").replace(data=str(dataset), arch="resnet18", pretrained=False, size=32, bs=4, workers=0,
+                                          device="cpu", epochs=1, tta=True)
     out = tmp_path / "run"
-    result = invoke("cifar", "--data", dataset, *TINY, "--epochs", "1", "--tta", "--out", out)
-    assert result.exit_code == 130 and "interrupted" in result.stderr, result.output
+    with pytest.raises(Interrupted, match="interrupted"):
+        train(recipe, str(out), callbacks=[CtrlCInTheNextForwardPass()])
     final = json.loads((out / "metrics.json").read_text())["final"]
     assert "test_acc" in final and "test_acc_tta" not in final
     assert fastft.deploy.bundle.load(out).predict(next((dataset / "test").rglob("*.png")))[0] in ("blue", "red")

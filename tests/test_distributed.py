@@ -5,12 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import TINY, invoke
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 HERE = Path(__file__).resolve().parent
+RUN_FILES = ["curves.png", "history.csv", "metrics.json", "model.json", "model.pkl", "model.safetensors", "recipe.toml"]  # one set, from rank 0
 
 
 def torchrun(*args, cwd):
@@ -39,8 +41,7 @@ def test_the_cli_under_torchrun_writes_one_set_of_outputs(dataset, tmp_path):
     assert "2 processes x batch 4 (global batch 8" in result.stdout
     assert result.stdout.count("test acc") == 1  # one summary line: rank 0 speaks for all
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no stray run folders from rank 1
-    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "history.csv", "metrics.json", "model.json",
-                                                     "model.pkl", "model.safetensors", "recipe.toml"]
+    assert sorted(p.name for p in out.iterdir()) == RUN_FILES
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["epochs"]) == 2
     # the test accuracy covers every test image once: it equals a single-process evaluation of the model
@@ -48,6 +49,61 @@ def test_the_cli_under_torchrun_writes_one_set_of_outputs(dataset, tmp_path):
     assert report["images"] == 8 and metrics["final"]["test_acc"] == pytest.approx(report["accuracy"])
     tta = json.loads(invoke("evaluate", out, dataset, "--json", "--out", tmp_path / "tta").stdout)  # cifar: tta
     assert tta["tta"] and metrics["final"]["test_acc_tta"] == pytest.approx(tta["accuracy"])
+
+
+# Every strategy with a code path of its own: the probe (features computed per rank and gathered, the head fitted on
+# rank 0 and copied to all), lp-ft (that probe, then fine-tuning with BatchNorm statistics frozen), fine-tune (a frozen
+# phase, then everything), keras (BatchNorm frozen, the top stages only) and scratch (random init). d2l and gradual
+# differ from fine-tune only in their phases and optimizer.
+@pytest.mark.parametrize("strategy", ["probe", "lp-ft", "fine-tune", "keras", "scratch"])
+def test_every_strategy_trains_on_two_processes(strategy, dataset, tmp_path):
+    import fastft
+    from distributed_probe import tiny_recipe
+    from fastft.train.run import train
+
+    probes, two = tmp_path / "probes", tmp_path / "two"
+    probes.mkdir()
+    result = torchrun(HERE / "distributed_probe.py", dataset, two, probes, "train", strategy, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((probes / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # every rank ends with the same weights
+    assert sorted(p.name for p in two.iterdir()) == RUN_FILES and result.stdout.count("test acc") == 1
+    assert f'strategy = "{strategy}"' in (two / "recipe.toml").read_text()
+
+    one = tmp_path / "one"
+    train(tiny_recipe("train", str(dataset), strategy), str(one))  # the same recipe in one process
+    images = sorted(p for p in (dataset / "test").rglob("*") if p.is_file())
+    truth = [p.parent.name for p in images]
+    two_model, one_model = fastft.load(two), fastft.load(one)
+    two_probs = np.array([list(two_model.predict(p)[1].values()) for p in images])
+    one_probs = np.array([list(one_model.predict(p)[1].values()) for p in images])
+    assert np.allclose(two_probs.sum(1), 1, atol=1e-5)
+    two_metrics, one_metrics = (json.loads((run / "metrics.json").read_text()) for run in (two, one))
+    # the run's figures are its saved model's: the test accuracy it printed is the bundle's on the test images
+    bundle_accuracy = np.mean([two_model.classes[i] == t for i, t in zip(two_probs.argmax(1), truth)])
+    assert two_metrics["final"]["test_acc"] == pytest.approx(bundle_accuracy)
+    if strategy in ("probe", "lp-ft"):
+        # the probe sees the same features of the same images in one process or two, and fits the same head: its
+        # epoch scores the same (LP-FT's later epochs train on global batches of 8 instead of 4, and differ)
+        assert two_metrics["epochs"][0]["test_acc"] == one_metrics["epochs"][0]["test_acc"]
+        assert two_metrics["epochs"][0]["train_loss"] == pytest.approx(one_metrics["epochs"][0]["train_loss"], rel=1e-3)
+    if strategy == "probe":  # nothing else trains: the same model, to float precision
+        np.testing.assert_allclose(two_probs, one_probs, atol=1e-4)
+
+
+def test_accelerate_launch_runs_the_default_command(dataset, tmp_path):
+    """`accelerate launch` is the other launcher the README names: the default recipe (`fastft train DIR`, lp-ft)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = Path(sys.executable).with_name("accelerate")
+    result = subprocess.run([str(launcher), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fastft", "train", str(dataset),
+                             *TINY, "--epochs", "2", "--out", str(out)],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes x batch 4" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == RUN_FILES
+    assert json.loads((out / "metrics.json").read_text())["final"]["test_acc"] >= 0
 
 
 def test_precision_choices(dataset, tmp_path):

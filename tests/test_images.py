@@ -1,4 +1,7 @@
 """Any valid image mode becomes 8-bit RGB; unreadable files are recognised, not crashed on."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -60,3 +63,24 @@ def test_unreadable_files_are_told_apart(tmp_path):
         assert unreadable_reason(bad)
     ok, skipped = split_readable([good, truncated, empty, text])
     assert ok == [good] and [p for p, _ in skipped] == [truncated, empty, text]
+
+
+def test_importing_fastft_keeps_pils_decompression_bomb_guard():
+    """A program that imports fastft to predict (a web service, say) keeps PIL's guard for the images it is sent."""
+    def limit(code):
+        return subprocess.run([sys.executable, "-c", f"{code}; import PIL.Image; print(PIL.Image.MAX_IMAGE_PIXELS)"],
+                              capture_output=True, text=True, check=True).stdout.split()[-1]
+    assert limit("import fastft, fastft.cli, fastft.train.run, fastft.deploy.serve") == limit("pass") != "None"
+
+
+def test_training_reads_photos_over_the_guard_and_puts_it_back(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from conftest import TINY, invoke, make_split_dataset
+
+    data = make_split_dataset(tmp_path / "data")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # every 40x32 picture is now over twice PIL's limit
+    result = invoke("cifar", "--data", data, *TINY, "--epochs", "1", "--out", tmp_path / "run")
+    assert result.exit_code == 0 and "warning" not in result.output.lower(), result.output
+    assert "16 train / 8 test" in result.stdout
+    assert Image.MAX_IMAGE_PIXELS == 500  # the guard is back once the run is over

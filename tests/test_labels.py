@@ -142,7 +142,7 @@ def test_multi_label_predict_evaluate_and_onnx(multi_run, tmp_path):
 def test_balance_weights_the_loss_or_the_sampling_and_imbalance_is_noted(tmp_path):
     import torch
 
-    from fastft.data.loaders import build_dataloaders, load_split
+    from fastft.data.loaders import build_dataloaders, label_counts, load_split
     from fastft.recipe import Recipe
     from fastft.train.model import create_learner
 
@@ -152,9 +152,11 @@ def test_balance_weights_the_loss_or_the_sampling_and_imbalance_is_noted(tmp_pat
     base = Recipe(size=16, bs=4, workers=0, arch="resnet18", pretrained=False)
     for balance in ("weights", "sampler", "none"):
         recipe = base.replace(balance=balance)
-        dls = build_dataloaders(load_split(root, recipe), recipe, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
-        assert dls.label_counts == {"blue": 8, "red": 25}
-        learn = create_learner(dls, recipe)
+        split = load_split(root, recipe)
+        counts = label_counts(split)
+        assert counts == {"blue": 8, "red": 25}
+        dls = build_dataloaders(split, recipe, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+        learn, _ = create_learner(dls, recipe, class_counts=counts)
         weight = learn.loss_func.func.weight
         if balance == "weights":
             assert weight.tolist() == pytest.approx([33 / (2 * 8), 33 / (2 * 25)])

@@ -3,6 +3,7 @@ written, TensorBoard logs."""
 import csv
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -203,11 +204,14 @@ def test_tensorboard_logs_losses_rates_figures_and_images(tmp_path, dataset):
 def test_a_full_disk_while_saving_leaves_the_earlier_files_whole(dataset, tmp_path, monkeypatch):
     import errno
 
-    import fastft.deploy.bundle
+    flush = os.fsync
 
-    def disk_full(path, data):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
-    monkeypatch.setattr(fastft.deploy.bundle, "write_bytes", disk_full)
+    def disk_full_for_the_bundle(fd):  # the disk fills up as the bundle's weights are written
+        name = Path(os.readlink(f"/proc/self/fd/{fd}")).name  # the bundle's temporary file, .model.PID.partial.safetensors
+        if name.startswith(".model.") and name.endswith(".safetensors"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return flush(fd)
+    monkeypatch.setattr(os, "fsync", disk_full_for_the_bundle)
     out = tmp_path / "run"
     result = invoke("train", dataset, *TINY, "--epochs", "1", "--out", out)
     assert result.exit_code == 2 and "no space left" in result.output.lower(), result.output

@@ -38,7 +38,8 @@ def test_local_weights_file_is_loaded(tiny_dls, tmp_path, suffix):
     state = {k: v.contiguous() for k, v in source.state_dict().items()}
     path = tmp_path / f"w{suffix}"
     save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
-    learn = create_learner(tiny_dls, Recipe(arch="test_resnet", pretrained=True, weights=str(path)))
+    learn, loaded = create_learner(tiny_dls, Recipe(arch="test_resnet", pretrained=True, weights=str(path)))
+    assert loaded == str(path)
     loaded = learn.model[0].model.state_dict()
     assert all(torch.equal(loaded[k], state[k]) for k in loaded)
     # the head is new: two classes, not timm's 1000
@@ -78,13 +79,13 @@ def test_a_fastft_run_as_weights_loads_its_backbone_and_its_head_when_the_classe
     run = trained_run[0]  # the cifar recipe's head: no dropout
     saved = load_file(str(run / "model.safetensors"))
     for weights in (run, run / "model.safetensors", run / "model.json"):
-        learn = create_learner(tiny_dls, Recipe(arch="resnet18", weights=str(weights), head_dropout=0.0))
+        learn, described = create_learner(tiny_dls, Recipe(arch="resnet18", weights=str(weights), head_dropout=0.0))
         loaded = learn.model.state_dict()
         assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
-        assert "backbone and head" in learn.starting_weights
-    other_head = create_learner(tiny_dls, Recipe(arch="resnet18", weights=str(run), head_dropout=0.5))
+        assert "backbone and head" in described
+    other_head, described = create_learner(tiny_dls, Recipe(arch="resnet18", weights=str(run), head_dropout=0.5))
     body = other_head.model[0].state_dict()
-    assert all(torch.equal(body[k], saved[f"0.{k}"]) for k in body) and "new head" in other_head.starting_weights
+    assert all(torch.equal(body[k], saved[f"0.{k}"]) for k in body) and "new head" in described
     with pytest.raises(UsageError, match="pass --arch resnet18"):
         create_learner(tiny_dls, Recipe(arch="resnet34", weights=str(run)))
     alone = tmp_path / "copied.safetensors"  # a bundle's weights without the model.json that says what they are
@@ -121,7 +122,7 @@ def test_scratch_never_loads_weights(dataset, tmp_path):
 def test_fastai_free_network_matches_the_learner_for_any_head_dropout(tiny_dls, dropout):
     from fastft.deploy.network import build_network
 
-    learn = create_learner(tiny_dls, Recipe(arch="resnet18", pretrained=False, head_dropout=dropout))
+    learn, _ = create_learner(tiny_dls, Recipe(arch="resnet18", pretrained=False, head_dropout=dropout))
     rebuilt = build_network("resnet18", 2, {"dropout": dropout})
     rebuilt.load_state_dict(learn.model.state_dict(), strict=True)
     dropouts = [m.p for m in learn.model.modules() if isinstance(m, torch.nn.Dropout)]
@@ -132,15 +133,15 @@ def test_fastai_free_network_matches_the_learner_for_any_head_dropout(tiny_dls, 
 
 
 def test_weight_decay_reaches_the_optimizer(tiny_dls):
-    learn = create_learner(tiny_dls, Recipe(arch="resnet18", pretrained=False, wd=0.3))
+    learn, _ = create_learner(tiny_dls, Recipe(arch="resnet18", pretrained=False, wd=0.3))
     with learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-3)
     assert {h["wd"] for h in learn.opt.hypers} == {0.3}
 
 
 def test_label_smoothing_spreads_the_target_over_the_classes(tiny_dls):
-    plain = create_learner(tiny_dls, Recipe(arch="resnet18", pretrained=False))
-    smooth = create_learner(tiny_dls, Recipe(arch="resnet18", pretrained=False, label_smoothing=0.2))
+    plain, _ = create_learner(tiny_dls, Recipe(arch="resnet18", pretrained=False))
+    smooth, _ = create_learner(tiny_dls, Recipe(arch="resnet18", pretrained=False, label_smoothing=0.2))
     logits, target = torch.tensor([[4.0, -4.0]]), torch.tensor([0])
     log_p = logits.log_softmax(dim=1)
     assert plain.loss_func(logits, target).item() == pytest.approx(-log_p[0, 0].item())

@@ -14,9 +14,12 @@ from fastft.train.strategies import STRATEGIES
 GROUPS = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
 
 
-def train_with(name, learn, lr, epochs, freeze_epochs=1, unfreeze=2):
+def train_with(name, learner, lr, epochs, freeze_epochs=1, unfreeze=2):
+    """Fit strategy `name`'s phases on a watched learner (built for that strategy's head)."""
+    learn, _, context = learner
     strategy = STRATEGIES[name]
-    strategy.fit(learn, strategy.plan(learn, lr, epochs, freeze_epochs, unfreeze))
+    recipe = context.recipe.replace(epochs=epochs, freeze_epochs=freeze_epochs, unfreeze=unfreeze)
+    strategy.fit(learn, strategy.plan(learn, lr, recipe), context)
 
 
 class Watch(Callback):
@@ -66,24 +69,25 @@ def changed(before, after, bn=False):
     return moved
 
 
-def watched_learner(dataset, **recipe_changes):
-    from fastft.data.loaders import build_dataloaders, load_split
+def watched_learner(dataset, out, **recipe_changes):
+    """(Learner, Watch, RunContext) of a prepared run, as `fastft train` sets it up, in one process on the CPU."""
+    from fastft.train.run import prepare
 
-    recipe = Recipe(size=32, bs=4, workers=0, arch="resnet18", pretrained=False, aug="none", **recipe_changes)
-    dls = build_dataloaders(load_split(dataset, recipe), recipe, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
-    learn = create_learner(dls, recipe)
+    recipe = Recipe(data=str(dataset), size=32, bs=4, workers=0, arch="resnet18", pretrained=False, aug="none",
+                    device="cpu", precision="fp32", **recipe_changes)
+    prepared = prepare(recipe, str(out))
     watch = Watch()
-    learn.add_cb(watch)
-    return learn, watch
+    prepared.learn.add_cb(watch)
+    return prepared.learn, watch, prepared.context
 
 
 @pytest.fixture
-def learner(dataset):
-    return watched_learner(dataset)
+def learner(dataset, tmp_path):
+    return watched_learner(dataset, tmp_path / "run")
 
 
 def test_groups_follow_the_resnet_stages(learner):
-    learn, _ = learner
+    learn, _, _ = learner
     groups = stage_splitter(learn.model)
     assert len(groups) == 6
     names = {id(p): n for n, p in learn.model.named_parameters()}
@@ -94,15 +98,15 @@ def test_groups_follow_the_resnet_stages(learner):
 def test_epochs_are_the_total_across_phases():
     for strategy in STRATEGIES:
         for epochs in (1, 2, 5, 9):
-            plan = STRATEGIES[strategy].phases(1e-2, epochs, 2, 2, 6)
+            plan = STRATEGIES[strategy].phases(1e-2, epochs, 6, {"freeze_epochs": 2, "unfreeze": 2})
             total = 1 if strategy == "probe" else epochs  # a probe is one epoch, whatever --epochs says
             assert sum(p.epochs for p in plan) == total and all(p.epochs > 0 for p in plan)
-    assert [(p.trains, p.epochs) for p in STRATEGIES["gradual"].phases(1e-2, 5, 0, 2, 6)] == [(1, 1), (2, 1), (3, 1), (4, 1), (0, 1)]
+    assert [(p.trains, p.epochs) for p in STRATEGIES["gradual"].phases(1e-2, 5, 6, {})] == [(1, 1), (2, 1), (3, 1), (4, 1), (0, 1)]
 
 
 def test_fine_tune_freezes_the_body_then_spreads_lrs_over_stages(learner):
-    learn, watch = learner
-    train_with("fine-tune", learn, lr=1e-2, epochs=2, freeze_epochs=1, unfreeze=1)
+    learn, watch, _ = learner
+    train_with("fine-tune", learner, lr=1e-2, epochs=2, freeze_epochs=1, unfreeze=1)
     # epoch 1: only the head's weights move; BatchNorm trains everywhere (fastai's train_bn)
     assert changed(watch.states[0], watch.states[1]) == {"head"}
     assert changed(watch.states[0], watch.states[1], bn=True) >= {"stem", "layer4"}
@@ -117,8 +121,8 @@ def test_fine_tune_freezes_the_body_then_spreads_lrs_over_stages(learner):
 
 
 def test_keras_freezes_batchnorm_too_and_unfreezes_only_the_top(learner):
-    learn, watch = learner
-    train_with("keras", learn, lr=1e-3, epochs=2, freeze_epochs=1, unfreeze=1)
+    learn, watch, _ = learner
+    train_with("keras", learner, lr=1e-3, epochs=2, freeze_epochs=1, unfreeze=1)
     assert changed(watch.states[0], watch.states[1]) == {"head"}
     assert changed(watch.states[0], watch.states[1], bn=True) <= {"head"}  # running stats included
     assert changed(watch.states[1], watch.states[2]) == {"layer4", "head"}
@@ -129,8 +133,8 @@ def test_keras_freezes_batchnorm_too_and_unfreezes_only_the_top(learner):
 def test_d2l_trains_everything_with_sgd_and_a_10x_head(learner):
     from fastai.optimizer import sgd_step
 
-    learn, watch = learner
-    train_with("d2l", learn, lr=0.05, epochs=1)
+    learn, watch, _ = learner
+    train_with("d2l", learner, lr=0.05, epochs=1)
     assert changed(watch.states[0], watch.states[1]) == set(GROUPS)
     assert sgd_step in learn.opt.cbs
     assert all(h["wd"] == 1e-3 for h in learn.opt.hypers)
@@ -139,31 +143,32 @@ def test_d2l_trains_everything_with_sgd_and_a_10x_head(learner):
 
 
 def test_gradual_unfreezes_one_stage_per_epoch_from_the_top(learner):
-    learn, watch = learner
-    train_with("gradual", learn, lr=1e-2, epochs=3)
+    learn, watch, _ = learner
+    train_with("gradual", learner, lr=1e-2, epochs=3)
     assert changed(watch.states[0], watch.states[1]) == {"head"}
     assert changed(watch.states[1], watch.states[2]) == {"layer4", "head"}
     assert changed(watch.states[2], watch.states[3]) == set(GROUPS)
 
 
 def test_scratch_trains_every_group_at_one_lr(learner):
-    learn, watch = learner
-    train_with("scratch", learn, lr=1e-2, epochs=1)
+    learn, watch, _ = learner
+    train_with("scratch", learner, lr=1e-2, epochs=1)
     assert changed(watch.states[0], watch.states[1]) == set(GROUPS)
     assert all(len({lr for lr, _ in step}) == 1 for step in watch.lrs)
 
 
-def test_probe_fits_a_linear_head_on_the_frozen_backbone_and_changes_nothing_else(dataset):
-    learn, watch = watched_learner(dataset, strategy="probe")
+def test_probe_fits_a_linear_head_on_the_frozen_backbone_and_changes_nothing_else(dataset, tmp_path):
+    learner = learn, watch, _ = watched_learner(dataset, tmp_path / "run", strategy="probe")
     assert isinstance(learn.model[1][-1], torch.nn.Linear) and learn.model[1][-1].bias is not None  # a linear head
-    train_with("probe", learn, lr=0.0, epochs=5)
+    train_with("probe", learner, lr=0.0, epochs=5)
     assert len(watch.states) == 2  # one epoch, whatever --epochs says
     assert changed(watch.states[0], watch.states[1]) == {"head"}
     assert changed(watch.states[0], watch.states[1], bn=True) == set()  # BatchNorm statistics too: nothing trained
     assert watch.lrs == []  # no optimizer step at all
     from fastft.train.probe import pooled_features
 
-    features, labels = pooled_features(learn, learn.dls.train_ds.items)
+    features, mirrors, labels = pooled_features(learn, learn.dls.train_ds.items)
+    assert features.shape == mirrors.shape and not torch.equal(features, mirrors)
     logits = learn.model[1][-1](features)
     assert (logits.argmax(1) == labels).float().mean() == 1.0  # two colours: the probe separates them
 
@@ -182,9 +187,9 @@ def test_the_probe_chooses_its_penalty_on_held_out_training_images_and_folds_the
     assert (raw_logits.argmax(1) == torch.cat([labels, labels])).float().mean() == fitted["train_acc"] == 1.0
 
 
-def test_lp_ft_fine_tunes_every_stage_from_the_probe_with_batchnorm_statistics_kept(dataset):
-    learn, watch = watched_learner(dataset, strategy="lp-ft")
-    train_with("lp-ft", learn, lr=1e-3, epochs=2)
+def test_lp_ft_fine_tunes_every_stage_from_the_probe_with_batchnorm_statistics_kept(dataset, tmp_path):
+    learner = learn, watch, _ = watched_learner(dataset, tmp_path / "run", strategy="lp-ft")
+    train_with("lp-ft", learner, lr=1e-3, epochs=2)
     assert changed(watch.states[0], watch.states[1]) == {"head"}  # epoch 1: the probe
     assert changed(watch.states[1], watch.states[2]) == set(GROUPS)  # epoch 2: every stage
     running = {k for k in watch.states[0] if k.endswith(("running_mean", "running_var"))}
@@ -235,8 +240,8 @@ def test_fused_adam_takes_the_steps_of_fastais_adam(learner):
 
     from fastft.train.optimizer import FusedAdam
 
-    fused, _ = learner
-    reference = create_learner(fused.dls, Recipe(size=32, bs=4, arch="resnet18", pretrained=False), opt_func=Adam)
+    fused, _, _ = learner
+    reference, _ = create_learner(fused.dls, Recipe(size=32, bs=4, arch="resnet18", pretrained=False), opt_func=Adam)
     reference.model.load_state_dict(fused.model.state_dict())
     for learn in (fused, reference):
         learn.create_opt()

@@ -242,10 +242,7 @@ def parse_aug(spec: str) -> AugPlan:
 
 def preview_grid(plan: AugPlan, image_path, out_path, size: int = 200, rows: int = 2, cols: int = 4, seed: int = 0) -> None:
     """d2l's `apply` picture: rows x cols augmented versions of one image, as training would see them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fastft.atomic import subplots
     import torch
     from fastai.vision.all import IntToFloatTensor, Pipeline, ToTensor, TensorImage, set_seed
 
@@ -259,7 +256,7 @@ def preview_grid(plan: AugPlan, image_path, out_path, size: int = 200, rows: int
     batch = TensorImage(torch.stack([items(image) for _ in range(rows * cols)]))
     batch = Pipeline([IntToFloatTensor(), *batch_tfms], split_idx=0)(batch)
     tile = max(size, 100) / 100  # inches at dpi 100: every tile at least 100 px
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * tile, rows * tile + 0.4), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(cols * tile, rows * tile + 0.4), squeeze=False)
     for ax, picture in zip(axes.flat, batch):
         ax.imshow(picture.permute(1, 2, 0).clamp(0, 1).numpy())
         ax.axis("off")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 from fastft.data.images import image_extensions, split_readable, warn_skipped
@@ -216,23 +215,3 @@ def keep_readable(files: list[Path], quiet: bool = False) -> tuple[list[Path], l
     if not quiet:
         warn_skipped(bad)
     return good, bad
-
-
-def new_run_folder(out: str | Path | None, name: str, parent: Path = Path("runs")) -> Path:
-    """Where a run (or report) goes: `out` if it is new or empty (never overwrite), else
-    parent/<name>-<time>, numbered if that exists."""
-    if out:
-        path = Path(out)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise UsageError(f"--out {path} already exists and is not empty; choose a new folder (nothing was overwritten)")
-        return path
-    return numbered(parent / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-
-
-def numbered(path: Path) -> Path:
-    """`path`, or path-2, path-3 ... : the first that does not exist yet."""
-    candidate, n = path, 1
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.name}-{n}")
-    return candidate

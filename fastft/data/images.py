@@ -5,6 +5,7 @@ pixels into whatever colour was stored under them. These helpers do what a perso
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -14,8 +15,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-# Photos bigger than PIL's decompression-bomb guard (~179 Mpx) are still valid images to train on.
-Image.MAX_IMAGE_PIXELS = None
+
+@contextlib.contextmanager
+def large_images_allowed():
+    """Lift PIL's decompression-bomb guard (about 179 Mpx) while a run reads the user's own training images (a huge
+    photo is still a photo to train on), and put it back after: a process that imports fastft to predict, or a
+    service embedding it, keeps the guard for every image that comes in. Usable as a decorator. PIL reads the limit
+    from a module global, so this holds for the whole process (its forked decode workers too) while it lasts."""
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def image_extensions() -> set[str]:

@@ -108,16 +108,13 @@ def as_text(r: dict) -> str:
 
 def sample_grid(split: Split, path: Path, per_class: int = SAMPLES_PER_CLASS) -> None:
     """A PNG: one row per class, a few of its training images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fastft.atomic import subplots
 
     from fastft.atomic import save_figure
     from fastft.data.images import open_rgb
 
     rows = len(split.classes)
-    fig, axes = plt.subplots(rows, per_class, figsize=(per_class * 1.6, rows * 1.7), squeeze=False)
+    fig, axes = subplots(rows, per_class, figsize=(per_class * 1.6, rows * 1.7), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for r, c in enumerate(split.classes):

@@ -125,9 +125,8 @@ def build_dataloaders(split: Split, recipe: Recipe, mean, std, device, plan: Aug
         sampling = {"dl_type": WeightedCachedDL, "dl_kwargs": [{"wgts": weights}, {}]}
     dls = block.dataloaders(train + test, bs=bs, num_workers=0, device=device,
                             **{"dl_type": CachedDL, **sampling})
-    dls.label_counts, dls.multi_label = counts, split.multi_label
     if valid:  # fastai's way to more labelled items through the test split's (validation) pipeline
-        dls.loaders.append(dls.test_dl(valid, with_labels=True))
+        dls.loaders.append(dls.test_dl(valid, with_labels=True))  # at VALIDATION
     if not cached:  # cached: batches come from memory, workers would only add copying
         for dl in dls.loaders:
             set_workers(dl, worker_count(recipe.workers, device, len(dl), processes))
@@ -141,8 +140,16 @@ def build_dataloaders(split: Split, recipe: Recipe, mean, std, device, plan: Aug
                 labels = TensorMultiCategory(targets)
             else:
                 labels = TensorCategory(torch.tensor([split.classes.index(k) for k in keys]))
-            dl.pixels = on_device(split.pixels[part], labels, device)
+            dl.serve_decoded(*on_device(split.pixels[part], labels, device))
     return dls
+
+
+VALIDATION = 2  # dls.loaders: the training split, the test split (fastai's "valid"), then the validation split
+
+
+def validation_loader(dls):
+    """The validation split's DataLoader (apart from the test split: valid/ or --holdout), or None."""
+    return dls.loaders[VALIDATION] if len(dls.loaders) > VALIDATION else None
 
 
 GPU_SHARE = 0.5  # of the GPU's free memory the decoded pictures may take; the model needs the rest

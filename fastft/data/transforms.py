@@ -54,7 +54,11 @@ class CachedDL(TfmdDL):
     may live on the GPU (`on_device`): batches are then cut there, with no copy from the host per batch. A DL
     made from this one (`new`, `test_dl`) has no pixels and reads files as usual."""
 
-    pixels = None
+    pixels = None  # (images, labels) once `serve_decoded` is called
+
+    def serve_decoded(self, images, labels) -> None:
+        """Serve batches from these decoded pictures and their labels, in the dataset's item order."""
+        self.pixels = (images, labels)
 
     def create_batches(self, samps):
         if self.pixels is None:

@@ -16,12 +16,12 @@ import numpy as np
 from fastft.atomic import write_bytes, write_json
 from fastft.data.images import open_rgb, resize_center_crop
 from fastft.errors import UsageError
+from fastft.run_folder import META, PICKLE, WEIGHTS, RunFolder
 
-WEIGHTS, META = "model.safetensors", "model.json"
 FORMAT = "fastft-bundle/1"
 
 
-def write_bundle(model, run_dir: Path, *, arch: str, classes: list[str], size: int, crop_pct: float,
+def write_bundle(model, run: RunFolder, *, arch: str, classes: list[str], size: int, crop_pct: float,
                  mean, std, head: dict, tta: bool = False, threshold: float | None = None) -> None:
     """Save the trained network's weights and what inference needs to use them. `threshold`: a multi-label
     model's (a label is predicted when its probability reaches it); None for single-label."""
@@ -33,7 +33,7 @@ def write_bundle(model, run_dir: Path, *, arch: str, classes: list[str], size: i
     from fastft.deploy.network import HEAD_DEFAULTS
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_bytes(run_dir / WEIGHTS, save(state))
+    write_bytes(run.weights, save(state))
     meta = {
         "format": FORMAT, "arch": arch, "classes": list(classes), "head": {**HEAD_DEFAULTS, **head},
         "input_size": size, "resize": round(size / crop_pct), "crop_pct": crop_pct,
@@ -41,7 +41,7 @@ def write_bundle(model, run_dir: Path, *, arch: str, classes: list[str], size: i
         **({"multi_label": True, "threshold": threshold} if threshold is not None else {}),
         "versions": {"fastft": __version__, "timm": timm.__version__, "torch": torch.__version__},
     }
-    write_json(run_dir / META, meta)
+    write_json(run.meta, meta)
 
 
 def mirror_averaged(probabilities, batch):
@@ -221,8 +221,8 @@ def load(path, trust_pickle: bool = False) -> Model:
     if path.is_dir():
         if (path / META).is_file():
             return BundleModel(path / META)
-        if (path / "model.pkl").is_file():
-            path = path / "model.pkl"
+        if (path / PICKLE).is_file():
+            path = path / PICKLE
         else:
             raise UsageError(f"no trained model in {path}; pass a run folder (a run's --out) or a model file")
     if not path.is_file():

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 
 from fastft.atomic import save_figure, write_json
-from fastft.data.folders import class_images, keep_readable, new_run_folder, numbered, split_files, test_folder
+from fastft.data.folders import class_images, keep_readable, split_files, test_folder
+from fastft.run_folder import new_run_folder, numbered, run_folder_of
 from fastft.errors import UsageError
 
 
@@ -14,7 +15,7 @@ def run_recipe(model_path: Path):
     """The recipe of the run a model came from (its folder's recipe.toml), if it is there."""
     from fastft.recipe import read_recipe_file
 
-    saved = (model_path if model_path.is_dir() else model_path.parent) / "recipe.toml"
+    saved = run_folder_of(model_path).recipe
     try:
         return read_recipe_file(saved) if saved.is_file() else None
     except UsageError:
@@ -67,8 +68,7 @@ def evaluation_folder(model_path: Path, data: Path, out: str | None) -> Path:
     """--out, or a new eval-<data name>[-N] folder beside the model; never an existing non-empty one."""
     if out:
         return new_run_folder(out, "")
-    home = model_path if model_path.is_dir() else model_path.parent
-    return numbered(home / f"eval-{data.resolve().stem}")
+    return numbered(run_folder_of(model_path).path / f"eval-{data.resolve().stem}")
 
 
 def evaluate(model_path: Path, data: Path, out: str | None = None, bs: int = 64, tta: bool | None = None,
@@ -122,13 +122,10 @@ def evaluate(model_path: Path, data: Path, out: str | None = None, bs: int = 64,
 
 
 def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fastft.atomic import subplots
 
     side = max(4, 0.6 * len(classes) + 2)
-    fig, ax = plt.subplots(figsize=(side, side))
+    fig, ax = subplots(figsize=(side, side))
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=90)
     ax.set_yticks(range(len(classes)), classes)
@@ -143,16 +140,13 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
 
 def plot_top_losses(rows: list[tuple], path: Path) -> None:
     """fastai's plot_top_losses picture: predicted/actual/loss/probability above each image."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fastft.atomic import subplots
 
     from fastft.data.images import open_rgb
 
     cols = 3
     nrows = max(1, -(-len(rows) // cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(cols * 3, nrows * 3.2), squeeze=False)
+    fig, axes = subplots(nrows, cols, figsize=(cols * 3, nrows * 3.2), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (image, actual, predicted, loss, prob) in zip(axes.flat, rows):

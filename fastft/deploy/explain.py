@@ -92,20 +92,17 @@ def explain(model_path: Path, images: list[Path], out: str | None, class_name: s
             layer: str | None = None, top_k: int = 3, trust_pickle: bool = False) -> tuple[Path, list[dict]]:
     """One PNG per image in a new folder: the picture with the heat map of the predicted class (or
     `class_name`) over it, and the top-k probabilities. Returns (folder, [{path, class, png, top}])."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fastft.atomic import subplots
 
     from fastft.atomic import save_figure, write_json
-    from fastft.data.folders import new_run_folder
+    from fastft.run_folder import new_run_folder, run_folder_of
     from fastft.deploy.bundle import load
     from fastft.deploy.predict import readable_images
 
     model = load(model_path, trust_pickle=trust_pickle)
     explainer = Explainer(model, layer)
     files = readable_images(images)
-    folder = new_run_folder(out, "explain", parent=(model_path if model_path.is_dir() else model_path.parent))
+    folder = new_run_folder(out, "explain", parent=run_folder_of(model_path).path)
     folder.mkdir(parents=True, exist_ok=True)
     results = []
     for number, path in enumerate(files):
@@ -114,7 +111,7 @@ def explain(model_path: Path, images: list[Path], out: str | None, class_name: s
         target = explainer.class_index(class_name, probs)
         heat = explainer.heat_maps(batch, [target])[0]
         top = sorted(zip(model.classes, map(float, probs)), key=lambda cp: -cp[1])[:top_k]
-        fig, ax = plt.subplots(figsize=(4, 4.4))
+        fig, ax = subplots(figsize=(4, 4.4))
         draw(ax, picture_of(model, batch[0]), heat,
              f"Grad-CAM: {model.classes[target]}\n" + ", ".join(f"{c} {p:.2f}" for c, p in top))
         png = folder / f"{number:03d}-{path.stem}.png"
@@ -131,10 +128,7 @@ def plot_top_losses(model, rows: list[tuple], path: Path) -> bool:
 
     if not rows or not isinstance(model, BundleModel) or not available():
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fastft.atomic import subplots
 
     from fastft.atomic import save_figure
 
@@ -143,7 +137,7 @@ def plot_top_losses(model, rows: list[tuple], path: Path) -> bool:
     probs = model.predict_arrays(batch, tta=False)
     heats = explainer.heat_maps(batch, [int(row.argmax()) for row in probs])
     cols = 3
-    fig, axes = plt.subplots(-(-len(rows) // cols), cols, figsize=(cols * 3, -(-len(rows) // cols) * 3.2), squeeze=False)
+    fig, axes = subplots(-(-len(rows) // cols), cols, figsize=(cols * 3, -(-len(rows) // cols) * 3.2), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (_, actual, predicted, loss, prob), row, heat in zip(axes.flat, rows, batch, heats):

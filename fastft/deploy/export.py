@@ -8,16 +8,17 @@ import numpy as np
 
 from fastft.atomic import replacing
 from fastft.errors import UsageError
+from fastft.run_folder import RunFolder, run_folder_of
 
 TOLERANCE = 1e-4  # max abs difference of probabilities between ONNX Runtime and PyTorch
 
 
-def sample_images(meta_dir: Path, n: int = 8) -> list[Path]:
+def sample_images(run: RunFolder, n: int = 8) -> list[Path]:
     """Real inputs for the check: test images of the run's data, if its recipe.toml still points at them."""
     from fastft.data.folders import collect_images, keep_readable, test_folder
     from fastft.recipe import read_recipe_file
 
-    recipe_file = meta_dir / "recipe.toml"
+    recipe_file = run.recipe
     if not recipe_file.is_file():
         return []
     data = Path(read_recipe_file(recipe_file).data)
@@ -38,8 +39,8 @@ def export_onnx(model_path: Path, images: list[Path] | None = None) -> tuple[Pat
     model = load(model_path)
     if not isinstance(model, BundleModel):
         raise UsageError(f"export starts from a bundle (a run folder or model.json), not {model_path}")
-    meta_dir = (model_path if model_path.is_dir() else model_path.parent)
-    target = meta_dir / "model.onnx"
+    run = run_folder_of(model_path)
+    target = run.onnx
     network = torch.nn.Sequential(model.network, torch.nn.Sigmoid() if model.multi_label else torch.nn.Softmax(dim=1)).eval()
     size = model.meta["input_size"]
     try:
@@ -50,7 +51,7 @@ def export_onnx(model_path: Path, images: list[Path] | None = None) -> tuple[Pat
     except Exception as e:  # the exporter raises many types for unsupported operators
         raise UsageError(f"{model.meta['arch']} cannot be exported to ONNX ({type(e).__name__}: "
                          f"{str(e).strip().splitlines()[0][:150] if str(e).strip() else ''})") from None
-    images = images if images is not None else sample_images(meta_dir)
+    images = images if images is not None else sample_images(run)
     if images:
         batch = np.stack([model.preprocess(p) for p in images])
     else:

@@ -23,7 +23,7 @@ def export_hub(model_path: Path, out: str | None) -> Path:
     from timm.models import save_for_hf
 
     from fastft.atomic import write_text
-    from fastft.data.folders import new_run_folder
+    from fastft.run_folder import new_run_folder, run_folder_of
     from fastft.deploy.bundle import BundleModel, load
 
     model = load(model_path)
@@ -33,7 +33,7 @@ def export_hub(model_path: Path, out: str | None) -> Path:
     if head.get("hidden", 512) or head.get("concat_pool", True):
         raise UsageError("this model has fastai's head (concat pooling, a hidden layer), which plain timm cannot "
                          "hold; train with --strategy lp-ft or probe (a linear head, timm's own) to export to the hub")
-    folder = new_run_folder(out, "hub", parent=model_path if model_path.is_dir() else model_path.parent)
+    folder = new_run_folder(out, "hub", parent=run_folder_of(model_path).path)
     arch = model.meta["arch"]
     network = timm.create_model(arch.partition(".")[0], pretrained=False, num_classes=len(model.classes))
     body = model.network[0].model.state_dict()
@@ -57,9 +57,11 @@ def export_hub(model_path: Path, out: str | None) -> Path:
 
 
 def model_card(model, model_path: Path, folder: Path) -> str:
-    run = model_path if model_path.is_dir() else model_path.parent
-    metrics = json.loads((run / "metrics.json").read_text()).get("final", {}) if (run / "metrics.json").is_file() else {}
-    recipe = (run / "recipe.toml").read_text() if (run / "recipe.toml").is_file() else ""
+    from fastft.run_folder import run_folder_of
+
+    run = run_folder_of(model_path)
+    metrics = json.loads(run.metrics.read_text()).get("final", {}) if run.metrics.is_file() else {}
+    recipe = run.recipe.read_text() if run.recipe.is_file() else ""
     figures = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
     return f"""---
 library_name: timm

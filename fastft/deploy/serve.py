@@ -61,20 +61,16 @@ def decode(data: bytes):
 
 def gradcam_png(explainer, model, batch, probs) -> str:
     """The Grad-CAM picture of the top class, as a base64 PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fastft.atomic import subplots
 
     from fastft.deploy.explain import draw, picture_of
 
     target = int(probs.argmax())
     heat = explainer.heat_maps(batch, [target])[0]
-    fig, ax = plt.subplots(figsize=(3.2, 3.4))
+    fig, ax = subplots(figsize=(3.2, 3.4))
     draw(ax, picture_of(model, batch[0]), heat, f"Grad-CAM: {model.classes[target]}")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
     return base64.b64encode(buffer.getvalue()).decode()
 
 

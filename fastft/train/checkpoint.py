@@ -18,8 +18,9 @@ import torch
 
 from fastft.atomic import write_bytes
 from fastft.errors import UsageError
+from fastft.fastai_internals import loader_rng
+from fastft.run_folder import CHECKPOINT, RunFolder
 
-CHECKPOINT = "checkpoint.pt"
 FORMAT = "fastft-checkpoint/1"
 
 
@@ -43,11 +44,6 @@ def set_random_state(state: dict, dls) -> None:
         loader_rng(dl).setstate(_as_tuples(saved))
 
 
-def loader_rng(dl) -> random.Random:
-    """The generator a fastai DataLoader shuffles with (a wrapper's inner DataLoader's, under many processes)."""
-    return getattr(dl, "dl", dl).rng
-
-
 def _as_tuples(value):
     """random.setstate wants the tuples getstate gave; a round trip through a checkpoint may leave lists."""
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
@@ -65,10 +61,10 @@ def plain(value):
     return value
 
 
-def save(run_dir: Path, state: dict) -> None:
+def save(run: RunFolder, state: dict) -> None:
     buffer = io.BytesIO()
     torch.save(plain({"format": FORMAT, **state}), buffer)
-    write_bytes(run_dir / CHECKPOINT, buffer.getvalue())
+    write_bytes(run.checkpoint, buffer.getvalue())
 
 
 class BackgroundSaver:
@@ -80,12 +76,12 @@ class BackgroundSaver:
     def __init__(self):
         self.thread, self.error = None, None
 
-    def save(self, run_dir: Path, state: dict) -> None:
+    def save(self, run: RunFolder, state: dict) -> None:
         self.wait()
 
         def write():
             try:
-                save(run_dir, state)
+                save(run, state)
             except BaseException as e:  # handed to the training thread
                 self.error = e
         self.thread = threading.Thread(target=write, name="fastft-checkpoint")
@@ -101,20 +97,21 @@ class BackgroundSaver:
             raise error
 
 
-def remove(run_dir: Path) -> None:
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+def remove(run: RunFolder) -> None:
+    run.checkpoint.unlink(missing_ok=True)
 
 
 def load(run_dir: Path) -> dict:
     """The checkpoint of an unfinished run, checked. Anything else is a one-line error; nothing is changed."""
     run_dir = Path(run_dir)
-    path = run_dir / CHECKPOINT
+    run = RunFolder(run_dir)
+    path = run.checkpoint
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir} does not exist; pass the folder of a run that stopped before it finished")
     if not path.is_file():
-        if (run_dir / "model.json").is_file():
+        if run.finished:
             raise UsageError(f"{run_dir} finished (its model is saved): there is nothing to resume; start a new run, "
-                             f"e.g. `fastft run {run_dir / 'recipe.toml'} --out NEW_FOLDER`")
+                             f"e.g. `fastft run {run.recipe} --out NEW_FOLDER`")
         raise UsageError(f"{run_dir} is not a fastft run that can resume (no {CHECKPOINT}: it stopped before its first "
                          "epoch finished, or is not a run folder); start it again")
     try:

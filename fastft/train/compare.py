@@ -48,12 +48,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot_comparison(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from fastft.atomic import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (loss_ax, acc_ax) = subplots(1, 2, figsize=(10, 4))
     for row in rows:
         epochs = [e["epoch"] for e in row["epochs"]]
         line, = loss_ax.plot(epochs, [e["train_loss"] for e in row["epochs"]], "o-", label=row["setting"])
@@ -72,7 +69,7 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
 
 def compare(recipe: Recipe, settings: list[tuple[str, dict]], out: str | None) -> list[dict]:
     """Train once per setting into OUT/<setting>/; write compare.json and compare.png at the top."""
-    from fastft.data.folders import new_run_folder
+    from fastft.run_folder import new_run_folder
     from fastft.train.distributed import world_size
     from fastft.train.run import train
 

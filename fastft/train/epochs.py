@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import copy
 import time
-from pathlib import Path
 
 import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.torch_core import find_bs
 
+from fastft.data.loaders import validation_loader
+from fastft.fastai_internals import AFTER_RECORDER
 from fastft.train import checkpoint
 from fastft.train.report import epoch_line, write_reports
 
@@ -26,10 +27,10 @@ def unwrapped(model):
     return getattr(model, "module", model)  # DistributedDataParallel wraps the model during fit
 
 
-def correct(logits, targets) -> float:
+def correct(logits, targets, multi_label: bool) -> float:
     """How many images a batch got right: the top class; multi-label (0/1 targets, one per label), each image's
     share of labels right at probability 0.5 (fastai's accuracy_multi)."""
-    if targets.ndim == logits.ndim:
+    if multi_label:
         return ((logits > 0) == targets.bool()).float().mean(dim=-1).sum().item()
     return (logits.argmax(dim=-1) == targets).sum().item()
 
@@ -41,15 +42,16 @@ def _copy(model) -> dict:
 class EpochLog(Callback):
     """Per epoch: figures, a log line (the only per-epoch output: fastai's table, with its smoothed loss and
     per-phase epoch numbers, is off), metrics.json/history.csv/curves.png, the kept and best weights, early
-    stopping, and checkpoint.pt. Ctrl-C falls back to the last finished epoch's weights (`snapshot`)."""
+    stopping, and checkpoint.pt. Ctrl-C falls back to the last finished epoch's weights (`snapshot`). `progress` is
+    what it and the strategy tell each other: a probe epoch's figures in, early stopping out."""
 
-    order = 55  # after fastai's Recorder (50)
+    order = AFTER_RECORDER
 
-    def __init__(self, out: Path, device: str, dist, total_epochs: int, keep: str, monitor: str, patience: int,
-                 recipe_toml: str):
-        self.out, self.device, self.dist, self.total_epochs = out, device, dist, total_epochs
-        self.keep, self.patience, self.recipe_toml = keep, patience, recipe_toml
-        self.monitor = monitor
+    def __init__(self, context, progress):
+        recipe = context.recipe
+        self.out, self.device, self.dist, self.total_epochs = context.folder, str(context.device), context.dist, recipe.epochs
+        self.keep, self.monitor, self.patience = context.resolved.keep, recipe.monitor, recipe.patience
+        self.multi_label, self.recipe_toml, self.progress = context.multi_label, context.saved_recipe().to_toml(), progress
         self.epochs, self.train_examples, self.train_seconds, self.train_batches = [], 0, 0.0, 0
         self.snapshot, self.best, self.running, self.stopped = None, None, False, ""
         self.results = None  # metrics.json's content, once an epoch has written the reports
@@ -70,23 +72,23 @@ class EpochLog(Callback):
         sums = self.sums[self.training]
         sums[0] += n
         sums[1] += self.loss.item() * n
-        sums[2] += correct(self.pred, self.yb[0])
+        sums[2] += correct(self.pred, self.yb[0], self.multi_label)
 
     def validation_figures(self) -> dict:
-        """valid_loss and valid_acc on the validation split (dls[2]), when there is one."""
-        if len(self.dls.loaders) < 3:
+        """valid_loss and valid_acc on the validation split, when there is one."""
+        if (validation := validation_loader(self.dls)) is None:
             return {}
         model, losses, right, total = unwrapped(self.learn.model), 0.0, 0, 0
         was_training = model.training
         model.eval()
         with torch.inference_mode():
-            for xb, yb in self.dls.loaders[2]:
+            for xb, yb in validation:
                 out = model(xb)
                 losses += self.learn.loss_func(out, yb).item() * len(yb)
-                right += correct(out, yb)
+                right += correct(out, yb, self.multi_label)
                 total += len(yb)
         model.train(was_training)
-        losses, right, total = self.dist.sum([losses, right, total])  # many processes: each scored its shard
+        losses, right, total = self.dist.sum([losses, right, total])  # many processes: each scored all of it (sums keep the means)
         return {"valid_loss": losses / max(total, 1), "valid_acc": right / max(total, 1)}
 
     def after_epoch(self):
@@ -95,7 +97,7 @@ class EpochLog(Callback):
         self.running = False
         # every rank saw its own shard: the epoch's figures are sums over ranks
         n_train, train_loss, train_correct, n_test, test_loss, test_correct = self.dist.sum(self.sums[True] + self.sums[False])
-        if probe := getattr(self.learn, "probe_fit", None):  # a probe epoch: no batches trained, a head was fitted
+        if probe := self.progress.probe:  # a probe epoch: no batches trained, a head was fitted
             n_train = probe["images"]
             train_loss, train_correct = probe["train_loss"] * n_train, probe["train_acc"] * n_train
         self.train_examples += n_train
@@ -147,7 +149,7 @@ class EpochLog(Callback):
         self.stopped = (f"stopping early: {self.monitor} has not improved for {self.patience} epoch(s) (best "
                         f"{self.best['value']:.4f} at epoch {self.best['epoch']}); skipping epochs "
                         f"{len(self.epochs) + 1}-{self.total_epochs}")
-        self.learn.stop_schedule = True
+        self.progress.stop = True
         if self.dist.is_main:
             print(self.stopped, flush=True)
         return True

@@ -6,7 +6,7 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastft.deploy.bundle import META, WEIGHTS
+from fastft.run_folder import META, WEIGHTS, RunFolder
 from fastft.errors import UsageError
 from fastft.recipe import Recipe
 
@@ -131,17 +131,30 @@ def stage_splitter(model) -> list[list]:
     return [[named[name] for name in names] for names in groups.values()] + [head_params]
 
 
-def create_learner(dls, recipe: Recipe, **learner_kwargs):
-    """fastai's vision_learner on a timm body, with the recipe's starting weights (checked: a file that fits
-    only part of the backbone is an error). Sets `learn.starting_weights` to what was loaded, in words."""
+def head_config(strategy: str, dropout: float) -> dict:
+    """The classifier head a strategy trains (a name in fastft/deploy/network.py's HEADS), with the recipe's dropout:
+    what the bundle records to rebuild it."""
+    from fastft.deploy.network import HEADS
+    from fastft.train.strategies import STRATEGIES
+
+    return {**HEADS[STRATEGIES[strategy].head], "dropout": dropout}
+
+
+def create_learner(dls, recipe: Recipe, start: StartingWeights | None = None, head: dict | None = None,
+                   class_counts: dict[str, int] | None = None, multi_label: bool = False, **learner_kwargs):
+    """(Learner, what its weights were loaded from in words): fastai's vision_learner on a timm body with `head`
+    (by default the strategy's), from `start` (by default the recipe's starting weights; checked: a file that fits
+    only part of the backbone is an error). `class_counts` weigh the loss for --balance weights; `multi_label`
+    makes it binary cross-entropy per label."""
     from fastai.vision.all import vision_learner
 
-    from fastft.deploy.network import HEADS, head
+    from fastft.deploy.network import head as build_head
     from fastft.train.optimizer import FusedAdam
     from fastft.train.strategies import STRATEGIES
 
-    start = starting_weights(recipe)
-    loss, metric = loss_function(dls, recipe)
+    start = start or starting_weights(recipe)
+    head = head or head_config(recipe.strategy, recipe.head_dropout)
+    loss, metric = loss_function(dls, recipe, class_counts, multi_label)
     try:
         learn = vision_learner(dls, recipe.arch, normalize=False, pretrained=start.kind == "hub", ps=recipe.head_dropout,
                                wd=recipe.wd, loss_func=loss, metrics=metric, splitter=stage_splitter,
@@ -151,30 +164,29 @@ def create_learner(dls, recipe: Recipe, **learner_kwargs):
             raise
         raise UsageError(f"could not fetch ImageNet weights for {recipe.arch} from the Hugging Face hub "
                          f"({first_sentence(e)}); pass --weights FILE (a local timm state dict) or --no-pretrained") from None
-    learn.head_config = {**HEADS[STRATEGIES[recipe.strategy].head], "dropout": recipe.head_dropout}
     if STRATEGIES[recipe.strategy].head != "fastai":  # fastai builds its own head: put the strategy's in its place
         body = learn.model[0]
-        learn.model[1] = head(body.model.num_features, dls.c, pool=body.needs_pool, **learn.head_config).to(
+        learn.model[1] = build_head(body.model.num_features, dls.c, pool=body.needs_pool, **head).to(
             next(body.parameters()).device)
         learn.opt = None  # fastai made its optimizer (when it froze the body) over the head it built
-    learn.starting_weights = start.describe(recipe.arch)
+    loaded = start.describe(recipe.arch)
     if start.kind == "file":
         load_backbone(learn.model[0].model, _load_tensors(start.path, recipe.arch), start.path, recipe.arch)
     elif start.kind == "run":
-        learn.starting_weights = load_run(learn, start.path, recipe)
-    return learn
+        loaded = load_run(learn, start.path, recipe)
+    return learn, loaded
 
 
-def loss_function(dls, recipe: Recipe):
+def loss_function(dls, recipe: Recipe, class_counts: dict[str, int] | None, multi_label: bool):
     """(loss, fastai metric): cross-entropy (label smoothing with --label-smoothing), or for multi-label data binary
     cross-entropy per label; --balance weights weighs each class by the inverse of its share of the training
     images (multi-label: each label's positives by its negatives-to-positives ratio)."""
     import torch
     from fastai.vision.all import BCEWithLogitsLossFlat, CrossEntropyLossFlat, accuracy, accuracy_multi
 
-    counts = torch.tensor([float(dls.label_counts[c]) for c in dls.vocab]) if hasattr(dls, "label_counts") else None
+    counts = torch.tensor([float(class_counts[c]) for c in dls.vocab]) if class_counts else None
     weighted = recipe.balance == "weights" and counts is not None
-    if getattr(dls, "multi_label", False):
+    if multi_label:
         if recipe.label_smoothing:
             raise UsageError("--label-smoothing is for single-label data; this run is multi-label: drop it")
         positive = (len(dls.train_ds) - counts) / counts.clamp_min(1) if weighted else None

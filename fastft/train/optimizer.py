@@ -9,7 +9,6 @@ eps 1e-5), and fit_one_cycle's momentum schedule drives beta1 as it drives fasta
 from __future__ import annotations
 
 import torch
-from fastai.optimizer import set_item_pg
 from fastcore.foundation import L
 
 from fastft.fastai_internals import HyperHookOptimWrapper
@@ -50,4 +49,4 @@ class FusedAdam(HyperHookOptimWrapper):
         for i, value in enumerate(values):
             for group in self.opt.param_groups[2 * i: 2 * i + 2]:
                 if not (key == "wd" and group.get("no_decay")):
-                    set_item_pg(group, self.bwd_map[key], value)
+                    self.set_group_hyper(group, key, value)

@@ -8,7 +8,9 @@ images (never the test split), and the head is then refitted on all of them. The
 there; `lp-ft` (Kumar et al., ICLR 2022) fine-tunes everything from that head, which distorts the
 pretrained features less than fine-tuning from a random head does.
 
-Features live in memory only: nothing is written anywhere.
+Features live in memory only: nothing is written anywhere. Under several processes each computes the features
+of its shard of the training images; every rank gets all of them, rank 0 fits the head, and every rank copies
+rank 0's head, so all end with the same weights.
 """
 from __future__ import annotations
 
@@ -17,43 +19,64 @@ import random
 import torch
 from fastai.callback.core import Callback
 
+from fastft.fastai_internals import AFTER_TRAINING_MODE, labelled_loader
+from fastft.train.epochs import unwrapped
+
 PENALTIES = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # L2 per example on standardised features: the candidates tried
 VALID_SHARE = 0.2  # of each class's training images, to choose the penalty
 
 
-def pooled_features(learn, items) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (2N, D), labels (2N,)): every item, then every item's mirror image, through the frozen backbone
-    and the head's pooling layers, with the test transform. Runs on the Learner's device, in eval mode."""
-    body, head = learn.model[0], learn.model[1]
+def pooled_features(learn, items) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(features (N, D), mirror images' features (N, D), labels (N,)) of `items`, through the frozen backbone and
+    the head's pooling layers, with the test transform. Runs on the Learner's device, in eval mode."""
+    network = unwrapped(learn.model)  # DistributedDataParallel wraps it during a fit of several processes
+    body, head = network[0], network[1]
     pool = torch.nn.Sequential(*[m for m in head if isinstance(m, (torch.nn.AdaptiveAvgPool2d, torch.nn.Flatten))])
-    dl = learn.dls.test_dl(items, with_labels=True, shuffle=False)
+    dl = labelled_loader(learn.dls, items, shuffle=False)
     originals, mirrors, labels = [], [], []
-    was_training = learn.model.training
-    learn.model.eval()
+    was_training = network.training
+    network.eval()
     with torch.inference_mode():
         for xb, yb in dl:
             xb, yb = xb.as_subclass(torch.Tensor), yb.as_subclass(torch.Tensor)  # plain tensors, not fastai's types
             originals.append(pool(body(xb)).float().cpu())
             mirrors.append(pool(body(xb.flip(-1))).float().cpu())
             labels.append(yb.cpu())
-    learn.model.train(was_training)
-    return torch.cat(originals + mirrors), torch.cat(labels + labels)  # row i + N is row i's mirror image
+    network.train(was_training)
+    return torch.cat(originals), torch.cat(mirrors), torch.cat(labels)
 
 
-def head_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def all_features(learn, dist) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (2N, D), labels (2N,)) of every training image, then of every one's mirror image (row i + N is
+    row i's mirror). Each process computes its shard (every size-th image from its rank) and all get everything."""
+    items = learn.dls.train_ds.items
+    shards = dist.gather(pooled_features(learn, items[dist.rank::dist.size]))
+
+    def whole(part: int) -> torch.Tensor:  # item i is row i // size of rank i % size's shard
+        pieces = [shard[part] for shard in shards]
+        out = pieces[0].new_empty((len(items), *pieces[0].shape[1:]))
+        for rank, piece in enumerate(pieces):
+            out[rank::dist.size] = piece
+        return out
+    originals, mirrors, labels = whole(0), whole(1), whole(2)
+    return torch.cat([originals, mirrors]), torch.cat([labels, labels])
+
+
+def head_loss(logits: torch.Tensor, y: torch.Tensor, multi_label: bool) -> torch.Tensor:
     """Cross-entropy over the classes; multi-label (y is 0/1 per label) binary cross-entropy per label."""
-    if y.ndim == 2:
+    if multi_label:
         return torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float())
     return torch.nn.functional.cross_entropy(logits, y)
 
 
-def head_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    if y.ndim == 2:
+def head_accuracy(logits: torch.Tensor, y: torch.Tensor, multi_label: bool) -> float:
+    if multi_label:
         return ((logits > 0) == y.bool()).float().mean().item()
     return (logits.argmax(1) == y).float().mean().item()
 
 
-def _logistic_regression(x: torch.Tensor, y: torch.Tensor, n_classes: int, penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _logistic_regression(x: torch.Tensor, y: torch.Tensor, n_classes: int, penalty: float,
+                         multi_label: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight (C, D), bias (C,)) minimising the mean loss + penalty/2 * |weight|^2, by full-batch L-BFGS: a
     multinomial logistic regression, or one binary logistic regression per label for multi-label targets."""
     weight = torch.zeros(n_classes, x.shape[1], requires_grad=True)
@@ -62,7 +85,7 @@ def _logistic_regression(x: torch.Tensor, y: torch.Tensor, n_classes: int, penal
 
     def closure():
         optimizer.zero_grad()
-        loss = head_loss(x @ weight.T + bias, y) + penalty / 2 * weight.pow(2).sum()
+        loss = head_loss(x @ weight.T + bias, y, multi_label) + penalty / 2 * weight.pow(2).sum()
         loss.backward()
         return loss
 
@@ -85,7 +108,8 @@ def _split_by_class(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torc
     return as_rows(fit), as_rows(valid)
 
 
-def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, n_classes: int, seed: int) -> dict:
+def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, n_classes: int, seed: int,
+                    multi_label: bool = False) -> dict:
     """Fit the probe: choose the penalty on a validation split of the training images, refit on all of them.
     Returns {"weight", "bias"} for a Linear on the raw features, and its figures on the training images."""
     mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
@@ -94,24 +118,27 @@ def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, n_classes: int
     scores = {}
     if len(valid):
         for penalty in PENALTIES:
-            weight, bias = _logistic_regression(x[fit], labels[fit], n_classes, penalty)
-            scores[penalty] = head_loss(x[valid] @ weight.T + bias, labels[valid]).item()
+            weight, bias = _logistic_regression(x[fit], labels[fit], n_classes, penalty, multi_label)
+            scores[penalty] = head_loss(x[valid] @ weight.T + bias, labels[valid], multi_label).item()
     penalty = min(scores, key=scores.get) if scores else PENALTIES[-1]
     print(f"linear probe: L2 penalty {penalty:g}, chosen on {len(valid) // 2} held-out training images "
           f"(their loss: {', '.join(f'{p:g} {v:.3f}' for p, v in scores.items())})", flush=True)
-    weight, bias = _logistic_regression(x, labels, n_classes, penalty)
+    weight, bias = _logistic_regression(x, labels, n_classes, penalty, multi_label)
     logits = x @ weight.T + bias
     # fold the standardisation into the layer: W((f - m) / s) + b = (W / s) f + (b - (W / s) m)
     raw_weight = weight / std
     return {"weight": raw_weight, "bias": bias - raw_weight @ mean, "penalty": penalty, "images": len(labels) // 2,
-            "train_loss": head_loss(logits, labels).item(), "train_acc": head_accuracy(logits, labels)}
+            "train_loss": head_loss(logits, labels, multi_label).item(),
+            "train_acc": head_accuracy(logits, labels, multi_label)}
 
 
-def fit_probe(learn, seed: int) -> dict:
-    """Fit the Learner's linear head (its last layer) as a probe on the training images. Returns the fit's figures."""
-    features, labels = pooled_features(learn, learn.dls.train_ds.items)
-    fitted = fit_linear_head(features, labels, learn.dls.c, seed)
-    linear = learn.model[1][-1]
+def fit_probe(learn, context) -> dict:
+    """Fit the Learner's linear head (its last layer) as a probe on the training images, on rank 0 of a run of
+    several processes, every rank taking its result. Returns the fit's figures. `context`: the RunContext."""
+    features, labels = all_features(learn, context.dist)
+    fitted = context.dist.from_main(lambda: fit_linear_head(features, labels, len(context.classes),
+                                                            context.recipe.seed, context.multi_label))
+    linear = unwrapped(learn.model)[1][-1]
     with torch.no_grad():
         linear.weight.copy_(fitted["weight"].to(linear.weight))
         linear.bias.copy_(fitted["bias"].to(linear.bias))
@@ -122,7 +149,7 @@ class FrozenBatchNormStatistics(Callback):
     """Every BatchNorm layer normalises with its running statistics while training, and keeps them (its affine
     weights still train): the features a probe was fitted on do not move with each small augmented batch."""
 
-    order = 5  # after fastai's TrainEvalCallback (order -10) puts the model in training mode
+    order = AFTER_TRAINING_MODE
 
     def before_train(self):
         for module in self.learn.model.modules():

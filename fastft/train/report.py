@@ -11,6 +11,7 @@ import io
 from pathlib import Path
 
 from fastft.atomic import save_figure, write_json, write_text
+from fastft.run_folder import RunFolder
 
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "valid_loss", "valid_acc", "seconds")
 
@@ -27,35 +28,37 @@ def epoch_line(epoch: dict, total: int) -> str:
     return f"epoch {epoch['epoch']}/{total}: {figures}, {epoch['seconds']:.1f} s"
 
 
-def write_reports(out: Path, epochs: list[dict], examples_per_sec: float, device: str, kept_epoch: int) -> dict:
-    """The files, and metrics.json's content: `final` holds the figures of the epoch whose weights the run keeps."""
+def write_reports(out: RunFolder, epochs: list[dict], examples_per_sec: float, device: str, kept_epoch: int,
+                  additions: dict | None = None) -> dict:
+    """The files, and metrics.json's content: `final` holds the figures of the epoch whose weights the run keeps.
+    The one writer of metrics.json: after every epoch (so a stopped run keeps its figures) and once more at the
+    end, with `additions` (the final scores: more keys for `final`, and keys of their own)."""
     kept = epochs[kept_epoch - 1]
+    additions = dict(additions or {})
     metrics = {
         "final": {"loss": kept["train_loss"], "train_acc": kept["train_acc"], "test_acc": kept["test_acc"],
-                  "examples_per_sec": examples_per_sec},
+                  "examples_per_sec": examples_per_sec, **additions.pop("final", {})},
         "kept_epoch": kept_epoch,
         "epochs": epochs,
         "device": device,
+        **additions,
     }
-    write_json(out / "metrics.json", metrics)
+    write_json(out.metrics, metrics)
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, HISTORY_COLUMNS, extrasaction="ignore", restval="")
     writer.writeheader()
     writer.writerows(epochs)
-    write_text(out / "history.csv", table.getvalue())
-    plot_curves(epochs, out / "curves.png", kept_epoch)
+    write_text(out.history, table.getvalue())
+    plot_curves(epochs, out.curves, kept_epoch)
     return metrics
 
 
 def plot_curves(epochs: list[dict], path: Path, kept_epoch: int | None = None) -> None:
     """d2l's training picture: losses left, accuracies right, per epoch; the kept epoch marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fastft.atomic import subplots
 
     x = [e["epoch"] for e in epochs]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, (loss_ax, acc_ax) = subplots(1, 2, figsize=(9, 3.5))
     for ax, kind in ((loss_ax, "loss"), (acc_ax, "acc")):
         for split, style in (("train", "o-"), ("test", "s--"), ("valid", "^:")):
             if f"{split}_{kind}" in epochs[0]:

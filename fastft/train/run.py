@@ -1,8 +1,8 @@
-"""Train one recipe: data -> learner -> schedule -> outputs in the run folder.
+"""Train one recipe: data -> learner -> schedule -> outputs in the run folder (fastft/run_folder.py lists them).
 
-A run folder holds recipe.toml (resolved: `fastft run` on it reproduces the run), metrics.json,
-history.csv, curves.png, the pickle-free bundle (model.safetensors + model.json) and model.pkl
-(fastai's export, for fastai users).
+`prepare` checks everything and builds the RunContext (what the run knows) and the Learner; `train` then resolves
+the learning rate, fits the strategy's phases under Ctrl-C (`fit_under_interruption`), scores the kept model and
+writes the final report (`final_report`), and saves the model (`save_model`).
 """
 from __future__ import annotations
 
@@ -15,23 +15,25 @@ import torch
 from fastai.callback.progress import ProgressCallback
 from fastai.vision.all import Callback, noop, set_seed
 
-from fastft.atomic import remove_partial_files, replacing, save_figure, write_json, write_text
+from fastft.atomic import remove_partial_files, replacing, save_figure, subplots, write_text
 from fastft.data.augment import parse_aug
 from fastft.data.download import fetch_dataset
-from fastft.data.folders import new_run_folder
+from fastft.data.images import large_images_allowed
 from fastft.data.inspect import leakage_warning
-from fastft.data.loaders import build_dataloaders, imbalance_note, label_counts, load_split
+from fastft.data.loaders import build_dataloaders, imbalance_note, label_counts, load_split, validation_loader
 from fastft.deploy.bundle import mirror_averaged, probabilities_of, write_bundle
 from fastft.errors import UsageError
-from fastft.fastai_internals import release_last_batch
+from fastft.fastai_internals import finder_saves_under, release_last_batch
 from fastft.recipe import Recipe
+from fastft.run_folder import RunFolder, new_run_folder
+from fastft.train.context import Resolved, RunContext
 from fastft.train.devices import resolve_device, resolve_precision, set_number_format, training_only_callbacks
 from fastft.train.distributed import Distributed, world_size
-from fastft.train.model import check_arch, create_learner, normalization
+from fastft.train.model import StartingWeights, check_arch, create_learner, head_config, normalization, starting_weights
 from fastft.train import checkpoint
 from fastft.train.epochs import EpochLog, unwrapped
 from fastft.train.report import summary_line, write_reports
-from fastft.train.strategies import STRATEGIES, Phase, describe_plan
+from fastft.train.strategies import STRATEGIES, Phase, Progress, describe_plan
 
 
 class Interrupted(Exception):
@@ -40,15 +42,9 @@ class Interrupted(Exception):
 
 @dataclass
 class Prepared:
-    """Everything a run needs, built and checked before any training starts."""
-    recipe: Recipe
+    """A run ready to train: what it knows, and its Learner."""
+    context: RunContext
     learn: object
-    run_dir: Path
-    device: torch.device
-    skipped: list
-    mean: tuple
-    std: tuple
-    dist: Distributed
 
 
 def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared:
@@ -57,7 +53,6 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
     stopped run's own folder."""
     device = resolve_device(recipe.device)
     precision = resolve_precision(recipe.precision, device)
-    recipe = recipe.replace(precision=precision)
     check_arch(recipe.arch)
     plan = parse_aug(recipe.aug)
     dist = Distributed(device)
@@ -68,24 +63,28 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
         if recipe.weights:
             print(f"note: --strategy {recipe.strategy} starts from random weights; not loading {recipe.weights}",
                   file=sys.stderr)
-        recipe = recipe.replace(pretrained=False, weights="")
-    run_dir = Path(out) if resuming else dist.from_main(lambda: new_run_folder(out, recipe.name))  # rank 0 names it
+        start = StartingWeights("none")
+    else:
+        start = starting_weights(recipe)
+    folder = RunFolder(Path(out) if resuming else dist.from_main(lambda: new_run_folder(out, recipe.name)))  # rank 0 names it
     if recipe.data:
         root = Path(recipe.data).expanduser()
     else:  # rank 0 downloads while the others wait
         root = dist.main_first(lambda: fetch_dataset(recipe.dataset or recipe.name, recipe.data_url, recipe.data_sha1))
-    recipe = recipe.replace(data=str(root.resolve()))
 
     set_seed(recipe.seed, reproducible=True)
     split = load_split(root, recipe, plan, quiet=not dist.is_main)
+    counts = label_counts(split)
     if dist.is_main:
-        for note in (imbalance_note(label_counts(split)), leakage_warning(split)):
+        for note in (imbalance_note(counts), leakage_warning(split)):
             if note:
                 print(note, file=sys.stderr)
-    recipe = recipe.replace(keep=resolve_keep(recipe, has_validation=bool(split.valid), quiet=not dist.is_main))
+    has_validation = bool(split.valid)
+    keep = resolve_keep(recipe, has_validation, quiet=not dist.is_main)
     mean, std = normalization(recipe.arch)
     dls = build_dataloaders(split, recipe, mean, std, device, plan, processes=dist.size)
-    learn = create_learner(dls, recipe)
+    head = head_config(recipe.strategy, recipe.head_dropout)
+    learn, loaded = create_learner(dls, recipe, start, head=head, class_counts=counts, multi_label=split.multi_label)
     set_number_format(learn, precision, recipe.channels_last, device)
     learn.logger = noop  # EpochLog prints each epoch's figures, the same as history.csv's
     if not (dist.is_main and sys.stdout.isatty()):  # progress bars on rank 0's terminal; a log gets clean lines
@@ -94,10 +93,17 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
         learn.add_cb(dist.callback())
         torch.manual_seed(recipe.seed + dist.rank)  # same initial weights, different augmentation per rank
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        folder.path.mkdir(parents=True, exist_ok=True)
         if split.skipped:
-            write_text(run_dir / "skipped_images.txt", "".join(f"{p}\t{why}\n" for p, why in split.skipped))
-    return Prepared(recipe, learn, run_dir, device, split.skipped, mean, std, dist)
+            write_text(folder.skipped, "".join(f"{p}\t{why}\n" for p, why in split.skipped))
+    resolved = Resolved(data=str(root.resolve()), precision=precision, keep=keep, lr=recipe.lr or
+                        STRATEGIES[recipe.strategy].default_lr, pretrained=start.kind != "none" and recipe.pretrained,
+                        weights=recipe.weights if start.kind != "none" else "")
+    context = RunContext(recipe=recipe, resolved=resolved, folder=folder, device=device, dist=dist,
+                         classes=tuple(split.classes), class_counts=counts, multi_label=split.multi_label,
+                         has_validation=has_validation, head=head, starting_weights=loaded, mean=mean, std=std,
+                         skipped=tuple(split.skipped))
+    return Prepared(context, learn)
 
 
 NO_VALIDATION = (" (no validation split apart from the test split, and picking an epoch on the test split would "
@@ -115,9 +121,9 @@ def resolve_keep(recipe: Recipe, has_validation: bool, quiet: bool) -> str:
     return keep
 
 
-def schedule(learn, recipe: Recipe, lr: float) -> list[Phase]:
-    """The recipe's strategy's phases for this Learner, with the head's peak rate `lr`."""
-    return STRATEGIES[recipe.strategy].plan(learn, lr, recipe.epochs, recipe.freeze_epochs, recipe.unfreeze)
+def schedule(learn, context: RunContext) -> list[Phase]:
+    """The recipe's strategy's phases for this Learner, with the head's peak rate the run resolved."""
+    return STRATEGIES[context.recipe.strategy].plan(learn, context.resolved.lr, context.recipe)
 
 
 class LrFindLog(Callback):
@@ -140,36 +146,49 @@ def lr_find_steps(batches_per_epoch: int) -> int:
     return min(100, max(20, 3 * batches_per_epoch))
 
 
-def find_lr(learn, recipe: Recipe, run_dir: Path) -> float:
+def find_lr(learn, context: RunContext) -> float:
     """fastai's LR finder on the groups the strategy's first phase trains, for a number of steps bounded by the
     data; saves lr_find.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    first = STRATEGIES[recipe.strategy].plan(learn, 1.0, recipe.freeze_epochs + 1, recipe.freeze_epochs,
-                                             recipe.unfreeze)[0]  # which groups the first phase trains
+    recipe, folder = context.recipe, context.folder
+    strategy = STRATEGIES[recipe.strategy]
+    # which groups the first phase trains, in a run of at least 2 epochs: a head-only phase, where the strategy has one
+    first = strategy.plan(learn, 1.0, recipe, epochs=max(recipe.epochs, 2))[0]
     learn.freeze_to(-first.trains) if first.trains else learn.unfreeze()
     steps = lr_find_steps(len(learn.dls.train))
     print(f"lr-find: up to {steps} steps from lr 1e-7 to 10, training {first.describe_groups()}", flush=True)
-    saved_path, learn.path = learn.path, run_dir.resolve()  # fastai's finder keeps a copy of the model under path
     progress = LrFindLog(steps)
     learn.add_cb(progress)
     try:  # every step (stop_div off): bounded by the data they cost little, and on small noisy batches fastai's
         # divergence check (loss > 4x its best) stops the finder after a handful of steps, with no curve to read
-        suggestion = learn.lr_find(num_it=steps, stop_div=False, show_plot=False)
+        with finder_saves_under(learn, folder.path.resolve()):
+            suggestion = learn.lr_find(num_it=steps, stop_div=False, show_plot=False)
     except (IndexError, ValueError):  # fastai's suggestion needs a loss curve with a valley
         raise UsageError(f"the LR finder found no rate where the loss falls in {steps} steps; pass --lr yourself") from None
     finally:
         learn.remove_cb(progress)
-        learn.path = saved_path
-        with contextlib.suppress(OSError):
-            (run_dir / learn.model_dir).rmdir()  # the finder's temporary folder, empty again
-    learn.recorder.plot_lr_find()
-    plt.title(f"{recipe.name}, {recipe.strategy}: suggested lr {suggestion.valley:.2e}")
-    save_figure(plt.gcf(), run_dir / "lr_find.png")
+    plot_lr_find(learn.recorder.lrs, learn.recorder.losses, float(suggestion.valley), folder.lr_find,
+                 f"{recipe.name}, {recipe.strategy}")
     return float(suggestion.valley)
+
+
+def plot_lr_find(lrs, losses, suggestion: float, path: Path, title: str) -> None:
+    """The finder's loss against the rate (log scale, fastai's smoothed loss), the suggestion marked."""
+    fig, ax = subplots(figsize=(6, 4))
+    ax.plot([float(lr) for lr in lrs], [float(loss) for loss in losses])
+    ax.axvline(suggestion, color="tab:red", ls="--", label=f"suggested lr {suggestion:.2e}")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="loss (smoothed)", title=title)
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def resolve_lr(learn, context: RunContext) -> RunContext:
+    """--lr auto: the LR finder's suggestion (the strategy's default and a given rate are resolved by prepare)."""
+    if context.resolved.lr != "auto":
+        return context
+    lr = find_lr(learn, context)
+    print(f"lr finder suggests {lr:.2e} (plot: {context.folder.lr_find})")
+    return context.with_lr(lr)
 
 
 def unaugmented_train_accuracy(learn) -> float:
@@ -180,36 +199,37 @@ def unaugmented_train_accuracy(learn) -> float:
         return float(learn.validate(dl=dl)[1])
 
 
-def split_predictions(learn, dl, tta: bool) -> tuple:
+def split_predictions(learn, dl, context: RunContext) -> tuple:
     """(probabilities (N, C), targets) of the model over one split, as the bundle would predict them: with flip
-    TTA (each image averaged with its mirror image, `fastft predict --tta`) when `tta`."""
+    TTA (each image averaged with its mirror image, `fastft predict --tta`) when the recipe asks for it."""
     import numpy as np
 
-    probabilities = probabilities_of(unwrapped(learn.model).eval(), getattr(learn.dls, "multi_label", False))
+    probabilities = probabilities_of(unwrapped(learn.model).eval(), context.multi_label)
     probs, targets = [], []
     with torch.inference_mode():
         for xb, yb in dl:
-            probs.append((mirror_averaged(probabilities, xb) if tta else probabilities(xb)).float().cpu())
+            probs.append((mirror_averaged(probabilities, xb) if context.recipe.tta else probabilities(xb)).float().cpu())
             targets.append(yb.cpu())
     return (torch.cat(probs).numpy(), torch.cat(targets).numpy()) if probs else (np.zeros((0, 0)), np.zeros(0))
 
 
-def final_scores(learn, tta: bool) -> dict:
+def final_scores(learn, context: RunContext) -> dict:
     """The kept model's scores on the test split (deploy/scores.py): balanced accuracy and macro F1 beside the
     accuracy; a multi-label run's at the threshold with the best micro F1 on the validation split (0.5 without
     one), with mAP."""
     from fastft.deploy import scores
 
-    classes = list(learn.dls.vocab)
-    probs, truth = split_predictions(learn, learn.dls.valid, tta)
-    if not getattr(learn.dls, "multi_label", False):
+    classes = list(context.classes)
+    probs, truth = split_predictions(learn, learn.dls.valid, context)
+    if not context.multi_label:
         return scores.single_label(probs, truth.astype(int), classes)
     threshold = 0.5
-    if len(learn.dls.loaders) > 2:
-        threshold = scores.choose_threshold(*split_predictions(learn, learn.dls.loaders[2], tta))
+    if (validation := validation_loader(learn.dls)) is not None:
+        threshold = scores.choose_threshold(*split_predictions(learn, validation, context))
     return scores.multi_label(probs, truth, classes, threshold)
 
 
+@large_images_allowed()
 def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = False, callbacks=(),
           resume: Path | None = None) -> dict:
     """Run `recipe`, or (`resume`) continue a stopped run from its checkpoint; returns metrics.json's content
@@ -221,101 +241,127 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
         saved = checkpoint.load(resume)
         recipe = recipe_from_checkpoint(saved, resume)
         out = str(resume)
-    run = prepare(recipe, out, resuming=saved is not None)
-    recipe, learn, run_dir, dist = run.recipe, run.learn, run.run_dir, run.dist
+    context, learn = (prepared := prepare(recipe, out, resuming=saved is not None)).context, prepared.learn
+    dist, folder = context.dist, context.folder
     if saved is not None and dist.is_main:
-        remove_partial_files(run_dir)
+        remove_partial_files(folder.path)
     learn.add_cbs(callbacks)
-    if recipe.lr == "auto":
-        recipe = recipe.replace(lr=find_lr(learn, recipe, run_dir))
-        print(f"lr finder suggests {recipe.lr:.2e} (plot: {run_dir / 'lr_find.png'})")
-    elif not recipe.lr:
-        recipe = recipe.replace(lr=STRATEGIES[recipe.strategy].default_lr)
+    context = resolve_lr(learn, context)
     if dist.is_main and saved is None:
-        write_text(run_dir / "recipe.toml", recipe.to_toml())
+        write_text(folder.recipe, context.saved_recipe().to_toml())
 
-    phases = schedule(learn, recipe, recipe.lr)
-    log = EpochLog(run_dir, str(run.device), dist, recipe.epochs, recipe.keep, recipe.monitor, recipe.patience,
-                   recipe.to_toml())
+    log = EpochLog(context, Progress())
+    interrupted = fit_under_interruption(learn, context, log, saved)
+    learn.remove_cbs([log, *callbacks])
+    if not dist.is_main:
+        dist.wait()
+        return {}
+    results, threshold, interrupted = final_report(learn, context, log, interrupted, measure_unaugmented)
+    save_model(learn, context, threshold)
+    dist.wait()
+    if interrupted:
+        raise Interrupted(f"interrupted: kept the outputs of epoch {log.kept_epoch} of {recipe.epochs} in {folder}; "
+                          f"`fastft resume {folder}` continues it")
+    checkpoint.remove(folder)  # finished: the bundle is the result, and nothing is left to resume
+    kept = f" (kept epoch {log.kept_epoch} of {len(log.epochs)})" if log.kept_epoch != len(log.epochs) else ""
+    print(summary_line(results["final"], str(context.device)) + kept)
+    return results
+
+
+def fit_under_interruption(learn, context: RunContext, log: EpochLog, saved: dict | None) -> bool:
+    """Print the plan, fit the strategy's phases (from the checkpoint's next epoch when resuming) and leave the
+    kept epoch's weights in the model. Returns whether Ctrl-C stopped it after an epoch had finished (before
+    one had, it raises Interrupted)."""
+    recipe, dist, folder = context.recipe, context.dist, context.folder
+    phases = schedule(learn, context)
     learn.add_cb(log)
-    extra_logs = [tensorboard_log(run_dir, log, run.mean, run.std)] if recipe.log == "tensorboard" and dist.is_main else []
+    extra_logs = ([tensorboard_log(folder, log, context.mean, context.std)]
+                  if recipe.log == "tensorboard" and dist.is_main else [])
     learn.add_cbs(extra_logs)
     start_epoch, restore = 0, None
     if saved is not None:
         start_epoch, restore = saved["epoch"], resumer(saved, log, dist)
-    processes = (f"{dist.size} processes x batch {learn.dls.bs} (global batch {dist.size * learn.dls.bs}, --bs is per "
-                 f"process)" if dist.size > 1 else f"batch {learn.dls.bs}")
     if dist.is_main:
-        print(f"{recipe.name}: {recipe.epochs} epoch(s) of {recipe.strategy}: {describe_plan(phases)}")
-        validation = f", {len(learn.dls.loaders[2].dataset)} validation" if len(learn.dls.loaders) > 2 else ""
-        print(f"{recipe.arch} from {learn.starting_weights}, {len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} "
-              f"test{validation} images, {learn.dls.c} classes, {processes}, {recipe.precision} on {run.device}, "
-              f"keeping the {recipe.keep} epoch{NO_VALIDATION if len(learn.dls.loaders) < 3 else ''} -> {run_dir}",
-              flush=True)
+        print_plan(learn, context, phases)
         if saved is not None:
-            print(f"resuming after epoch {start_epoch} of {recipe.epochs} from {run_dir / checkpoint.CHECKPOINT}", flush=True)
+            print(f"resuming after epoch {start_epoch} of {recipe.epochs} from {folder.checkpoint}", flush=True)
     interrupted = False
     try:
         if start_epoch < recipe.epochs:
-            STRATEGIES[recipe.strategy].fit(learn, phases, recipe.seed, start_epoch=start_epoch, restore=restore)
+            STRATEGIES[recipe.strategy].fit(learn, phases, context, log.progress, start_epoch=start_epoch,
+                                            restore=restore)
     except KeyboardInterrupt:
         interrupted = True
         if log.snapshot is None:
-            raise Interrupted(f"interrupted before the first epoch finished; {run_dir} holds only recipe.toml") from None
+            raise Interrupted(f"interrupted before the first epoch finished; {folder} holds only recipe.toml") from None
     finally:
         for extra in extra_logs:
             extra.close()
+        learn.remove_cbs(extra_logs)
     learn.model = unwrapped(learn.model)
     learn.model.load_state_dict(log.kept_weights())  # the epoch --keep chose (after Ctrl-C: of those finished)
-    # every finished epoch wrote the reports; again only if Ctrl-C cut them short or no epoch ran here (a resumed
-    # run whose epochs had all finished)
-    if dist.is_main and (interrupted or log.results is None):
-        log.results = write_reports(run_dir, log.epochs, log.examples_per_sec, str(run.device), log.kept_epoch)
-    learn.remove_cbs([log, *extra_logs, *callbacks])
-    if not dist.is_main:
-        dist.wait()
-        return {}
-    final, threshold = log.results["final"], 0.5 if getattr(learn.dls, "multi_label", False) else None
+    return interrupted
+
+
+def print_plan(learn, context: RunContext, phases: list[Phase]) -> None:
+    """The plan line and the set-up line: what will train, on what, where the run goes."""
+    recipe, dist = context.recipe, context.dist
+    processes = (f"{dist.size} processes x batch {learn.dls.bs} (global batch {dist.size * learn.dls.bs}, --bs is per "
+                 f"process)" if dist.size > 1 else f"batch {learn.dls.bs}")
+    validation = validation_loader(learn.dls)
+    counts = f", {len(validation.dataset)} validation" if validation is not None else ""
+    print(f"{recipe.name}: {recipe.epochs} epoch(s) of {recipe.strategy}: {describe_plan(phases)}")
+    print(f"{recipe.arch} from {context.starting_weights}, {len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} "
+          f"test{counts} images, {len(context.classes)} classes, {processes}, {context.resolved.precision} on "
+          f"{context.device}, keeping the {context.resolved.keep} epoch"
+          f"{NO_VALIDATION if not context.has_validation else ''} -> {context.folder}", flush=True)
+
+
+def final_report(learn, context: RunContext, log: EpochLog, interrupted: bool,
+                 measure_unaugmented: bool) -> tuple[dict, float | None, bool]:
+    """Score the kept model on the test split, then write the reports (metrics.json, history.csv, curves.png) for
+    the last time. Returns (metrics.json's content, a multi-label model's threshold, whether Ctrl-C came)."""
+    final, threshold = {}, 0.5 if context.multi_label else None
+    test = None
     try:  # extra passes over the data: a Ctrl-C here skips them, and the trained model is still saved
         # after fit the Learner holds the whole test set again (fastai's DistributedTrainer restores it)
-        test = final_scores(learn, recipe.tta)
-        log.results["test_scores"] = test
+        test = final_scores(learn, context)
         final.update({k: test[k] for k in ("balanced_accuracy", "macro_f1", "micro_f1", "mAP", "threshold") if k in test})
         threshold = test.get("threshold")
-        if recipe.tta:
+        if context.recipe.tta:
             final["test_acc_tta"] = test["accuracy"]
-        if measure_unaugmented and not interrupted and dist.size == 1:
+        if measure_unaugmented and not interrupted and context.dist.size == 1:
             final["train_acc_unaugmented"] = unaugmented_train_accuracy(learn)
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted: skipping the final test-time measurements, saving the trained model", file=sys.stderr)
-    if log.stopped:
-        log.results["stopped_early"] = log.stopped
+    additions = {"final": final, **({"test_scores": test} if test else {}),
+                 **({"stopped_early": log.stopped} if log.stopped else {})}
     # the last epoch's checkpoint, written while the final scores were computed, on disk before any model file (a
     # full disk raises here), so a run that fails from here on can be resumed
     log.saver.wait()
+    results = write_reports(context.folder, log.epochs, log.examples_per_sec, str(context.device), log.kept_epoch,
+                            additions)
+    return results, threshold, interrupted
+
+
+def save_model(learn, context: RunContext, threshold: float | None) -> None:
+    """The pickle-free bundle (model.safetensors + model.json) and fastai's model.pkl, without the callbacks that
+    only training needs."""
+    recipe, folder = context.recipe, context.folder
     try:
-        write_json(run_dir / "metrics.json", log.results)
-        dist.remove_callback(learn)  # training-only callbacks: not needed to load or use the model
+        context.dist.remove_callback(learn)  # training-only callbacks: not needed to load or use the model
         for callback in training_only_callbacks():
             learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, callback)))
         release_last_batch(learn)
-        with replacing(run_dir.resolve() / "model.pkl") as temporary:
+        with replacing(folder.pickle.resolve()) as temporary:
             learn.export(temporary)
-        write_bundle(learn.model, run_dir, arch=recipe.arch, classes=list(learn.dls.vocab), size=recipe.size,
-                     crop_pct=recipe.crop_pct, mean=run.mean, std=run.std, head=learn.head_config, tta=recipe.tta,
+        write_bundle(learn.model, folder, arch=recipe.arch, classes=list(context.classes), size=recipe.size,
+                     crop_pct=recipe.crop_pct, mean=context.mean, std=context.std, head=context.head, tta=recipe.tta,
                      threshold=threshold)
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted while saving the model: the earlier model files in {run_dir} are whole; "
+        raise Interrupted(f"interrupted while saving the model: the earlier model files in {folder} are whole; "
                           "metrics.json and the curves are kept; `fastft resume` finishes it") from None
-    dist.wait()
-    if interrupted:
-        raise Interrupted(f"interrupted: kept the outputs of epoch {log.kept_epoch} of {recipe.epochs} in {run_dir}; "
-                          f"`fastft resume {run_dir}` continues it")
-    checkpoint.remove(run_dir)  # finished: the bundle is the result, and nothing is left to resume
-    kept = f" (kept epoch {log.kept_epoch} of {len(log.epochs)})" if log.kept_epoch != len(log.epochs) else ""
-    print(summary_line(final, str(run.device)) + kept)
-    return log.results
 
 
 def recipe_from_checkpoint(saved: dict, run_dir: Path) -> Recipe:
@@ -324,7 +370,7 @@ def recipe_from_checkpoint(saved: dict, run_dir: Path) -> Recipe:
     from fastft.recipe import recipe_from_values
 
     try:
-        return recipe_from_values(tomllib.loads(saved["recipe"]), f"{run_dir / checkpoint.CHECKPOINT}'s recipe")
+        return recipe_from_values(tomllib.loads(saved["recipe"]), f"{RunFolder(run_dir).checkpoint}'s recipe")
     except UsageError as e:
         raise UsageError(f"{run_dir} cannot resume: its recipe no longer validates ({e})") from None
 
@@ -346,15 +392,16 @@ def resumer(saved: dict, log, dist):
     return restore
 
 
-def tensorboard_log(run_dir: Path, log, mean, std):
+def tensorboard_log(folder: RunFolder, log, mean, std):
     from fastft.train.tensorboard import TensorBoardLog
 
-    return TensorBoardLog(run_dir / "tensorboard", log, mean, std)
+    return TensorBoardLog(folder.tensorboard, log, mean, std)
 
 
+@large_images_allowed()
 def lr_find_only(recipe: Recipe, out: str | None = None) -> float:
     """`fastft lr-find`: the suggestion and lr_find.png, no training."""
     if world_size() > 1:
         raise UsageError("lr-find runs in one process; launch it without torchrun/accelerate")
-    run = prepare(recipe, out)
-    return find_lr(run.learn, run.recipe, run.run_dir)
+    prepared = prepare(recipe, out)
+    return find_lr(prepared.learn, prepared.context)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-from fastai.callback.core import Callback
 from fastai.torch_core import to_detach
 
 from fastft.fastai_internals import BroadcastHookDL, LoaderHookTrainer
@@ -41,8 +40,7 @@ class DistributedTraining(LoaderHookTrainer):
     SyncBatchNorm on GPUs only (it has no CPU kernel)."""
 
     def __init__(self, dist: Distributed):
-        Callback.__init__(self)
-        self.accelerator, self.sync_bn = dist.accelerator, dist.device.type == "cuda"
+        super().__init__(dist.accelerator, sync_bn=dist.device.type == "cuda")
 
     def wrap_loader(self, dl):
         if isinstance(dl, ShardedDL):

@@ -1,10 +1,11 @@
 """Fine-tuning strategies: one record each, in the spirit of Lightning's `BaseFinetuning`.
 
 A `Strategy` holds everything about one schedule: its help text, its default learning rate, whether it
-starts from random weights, its phases (which parameter groups train, for how many epochs, at which rates,
-on which schedule) and any set-up it needs (an optimizer of its own, frozen BatchNorm). Adding a strategy is
-adding one record to STRATEGIES; the recipe checks, the CLI help, the run, `compare` and the LR finder all
-read it from there.
+starts from random weights, the settings it takes (`StrategySetting`s: each becomes a recipe key and a
+command-line option, checked against its minimum), its phases (which parameter groups train, for how many
+epochs, at which rates, on which schedule) and any set-up it needs (an optimizer of its own, frozen
+BatchNorm). Adding a strategy, or a setting of one, is adding one record here; the recipe, its checks, the CLI
+help, the run, `compare` and the LR finder all read it from there.
 
 Parameter groups are the stage groups of `model.stage_splitter`: stem, stage 1 ... stage N, head. `lr` is
 always the head's peak learning rate; a slice(lr / spread, lr) spreads rates geometrically from the stem up
@@ -17,7 +18,7 @@ Light to import (no fastai at module level): the CLI reads the records for --hel
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 
@@ -54,6 +55,27 @@ class Phase:
         return f"{self.describe_groups()}, {'one-cycle to peak' if self.schedule == ONE_CYCLE else 'constant'} lr {rate}"
 
 
+@dataclass(frozen=True)
+class StrategySetting:
+    """A whole-number setting some strategies take: a recipe key (and --flag) of that name. Declared once and
+    listed by every strategy record that reads it; its help names those strategies."""
+    name: str
+    default: int
+    help: str
+    minimum: int = 0
+
+
+FREEZE_EPOCHS = StrategySetting("freeze_epochs", 1, "epochs that train only the head (part of --epochs).")
+UNFREEZE = StrategySetting("unfreeze", 2, "stages unfrozen from the top after the head-only phase.", minimum=1)
+
+
+@dataclass
+class Progress:
+    """What a strategy's fit and the run's epoch log (fastft/train/epochs.py) tell each other while training."""
+    stop: bool = False  # early stopping: the log asks the strategy to skip the phases left
+    probe: dict | None = None  # a probe epoch: the fitted head's figures on the training images, for the log
+
+
 def describe_plan(phases: list[Phase]) -> str:
     """'epoch 1: the head only, ...; epochs 2-5: all stages, ...': what each phase will do, epochs counted 1..N."""
     parts, first = [], 1
@@ -72,13 +94,20 @@ class Strategy:
     default_lr: float  # the head's peak rate when the recipe leaves lr at 0
     random_init: bool = False  # starts from random weights whatever --weights / --pretrained say
     head: str = "fastai"  # the head's shape, a name in fastft/deploy/network.py's HEADS
+    settings: tuple[StrategySetting, ...] = field(default=())  # what it takes beyond lr and epochs
 
-    def phases(self, lr: float, epochs: int, freeze_epochs: int, unfreeze: int, n_groups: int) -> list[Phase]:
+    def phases(self, lr: float, epochs: int, n_groups: int, options: dict) -> list[Phase]:
+        """The schedule: `lr` the head's peak rate, `options` this strategy's settings by name."""
         raise NotImplementedError
 
-    def plan(self, learn, lr: float, epochs: int, freeze_epochs: int = 1, unfreeze: int = 2) -> list[Phase]:
-        """The phases for this Learner, whose splitter says how many parameter groups there are."""
-        return self.phases(lr, epochs, freeze_epochs, unfreeze, n_groups=len(learn.splitter(learn.model)))
+    def options(self, recipe) -> dict:
+        """This strategy's settings, as the recipe gives them."""
+        return {s.name: getattr(recipe, s.name) for s in self.settings}
+
+    def plan(self, learn, lr: float, recipe, epochs: int | None = None) -> list[Phase]:
+        """The phases for this Learner (its splitter says how many parameter groups there are) and the recipe's
+        settings; `epochs` instead of the recipe's, if given."""
+        return self.phases(lr, epochs or recipe.epochs, len(learn.splitter(learn.model)), self.options(recipe))
 
     def setup(self, learn) -> None:
         """Change the Learner before the first phase (optimizer, BatchNorm); undone by `teardown`."""
@@ -86,18 +115,19 @@ class Strategy:
     def teardown(self, learn) -> None:
         pass
 
-    def fit(self, learn, phases: list[Phase], seed: int = 0, start_epoch: int = 0, restore=None) -> None:
-        """Train the phases in turn. A resumed run passes the epochs already done (`start_epoch`) and
-        `restore(learn, optimizer)`, called once just before the first epoch still to run: phases done are
-        skipped, and a phase stopped in its middle continues at its next epoch on the same schedule (fastai's
-        `start_epoch`). Early stopping (`learn.stop_schedule`) skips the phases left."""
+    def fit(self, learn, phases: list[Phase], context, progress: Progress | None = None, start_epoch: int = 0,
+            restore=None) -> None:
+        """Train the phases in turn (`context`: the run's RunContext). A resumed run passes the epochs already done
+        (`start_epoch`) and `restore(learn, optimizer)`, called once just before the first epoch still to run:
+        phases done are skipped, and a phase stopped in its middle continues at its next epoch on the same
+        schedule (fastai's `start_epoch`). Early stopping (`progress.stop`) skips the phases left."""
+        progress = progress or Progress()
         self.setup(learn)
-        learn.stop_schedule = False
         try:
             first = 0  # the phase's first epoch, counted from 0 across phases
             for phase in phases:
                 done_here, first = max(0, min(phase.epochs, start_epoch - first)), first + phase.epochs
-                if done_here == phase.epochs or learn.stop_schedule:
+                if done_here == phase.epochs or progress.stop:
                     continue
                 learn.freeze_to(-phase.trains) if phase.trains else learn.unfreeze()
                 if restore is not None:
@@ -109,30 +139,31 @@ class Strategy:
                 elif phase.schedule == CONSTANT:
                     learn.fit(phase.epochs, lr=phase.lr, wd=phase.wd, start_epoch=done_here)
                 else:
-                    fit_probe_epoch(learn, seed)
+                    fit_probe_epoch(learn, context, progress)
         finally:
             self.teardown(learn)
 
 
-def fit_probe_epoch(learn, seed: int) -> None:
+def fit_probe_epoch(learn, context, progress: Progress) -> None:
     """One epoch that fits the head as a linear probe instead of training it, then measures the test split
-    like any epoch. The epoch's training figures are the probe's, on the training images (`learn.probe_fit`,
+    like any epoch. The epoch's training figures are the probe's, on the training images (`progress.probe`,
     read by the run's EpochLog)."""
     from fastai.callback.core import Callback, CancelTrainException
 
+    from fastft.fastai_internals import AFTER_PROGRESS
     from fastft.train.probe import fit_probe
 
     class ProbeInsteadOfTraining(Callback):
-        order = 65  # after every before_train (fastai's ProgressCallback, 60, opens its bar there), before any batch
+        order = AFTER_PROGRESS  # every other before_train has run (DDP wraps, bars open), no batch has
 
         def before_train(self):
-            self.learn.probe_fit = fit_probe(self.learn, seed)
+            progress.probe = fit_probe(learn, context)
             raise CancelTrainException
 
     try:
         learn.fit(1, lr=0.0, cbs=ProbeInsteadOfTraining())
     finally:
-        learn.__dict__.pop("probe_fit", None)
+        progress.probe = None
 
 
 def head_epochs(epochs: int, freeze_epochs: int) -> int:
@@ -144,8 +175,8 @@ class FineTune(Strategy):
     """fastai's `fine_tune`: the head alone, then every stage with discriminative rates (fastai's lr_mult 100,
     div 5, base rate halved)."""
 
-    def phases(self, lr, epochs, freeze_epochs, unfreeze, n_groups):
-        frozen = head_epochs(epochs, freeze_epochs)
+    def phases(self, lr, epochs, n_groups, options):
+        frozen = head_epochs(epochs, options["freeze_epochs"])
         head = [Phase(frozen, 1, slice(lr), pct_start=0.99)] if frozen else []
         return head + [Phase(epochs - frozen, 0, slice(lr / 200, lr / 2), pct_start=0.3, div=5.0)]
 
@@ -153,7 +184,7 @@ class FineTune(Strategy):
 class D2L(Strategy):
     """d2l 13.2's `train_fine_tuning`: SGD without momentum, L2 weight decay 1e-3, the head at 10x the body."""
 
-    def phases(self, lr, epochs, freeze_epochs, unfreeze, n_groups):
+    def phases(self, lr, epochs, n_groups, options):
         return [Phase(epochs, 0, [lr / 10] * (n_groups - 1) + [lr], CONSTANT, wd=1e-3)]
 
     def setup(self, learn):
@@ -165,10 +196,10 @@ class D2L(Strategy):
 class Keras(Strategy):
     """The Keras transfer-learning guide: frozen backbone (BatchNorm included), then the top stages at lr/100."""
 
-    def phases(self, lr, epochs, freeze_epochs, unfreeze, n_groups):
-        frozen = head_epochs(epochs, freeze_epochs)
+    def phases(self, lr, epochs, n_groups, options):
+        frozen = head_epochs(epochs, options["freeze_epochs"])
         head = [Phase(frozen, 1, lr, CONSTANT)] if frozen else []
-        return head + [Phase(epochs - frozen, min(unfreeze + 1, n_groups), lr / 100, CONSTANT)]  # + 1: the head
+        return head + [Phase(epochs - frozen, min(options["unfreeze"] + 1, n_groups), lr / 100, CONSTANT)]  # + 1: the head
 
     def setup(self, learn):
         from fastai.callback.training import BnFreeze
@@ -185,7 +216,7 @@ class Keras(Strategy):
 class Gradual(Strategy):
     """ULMFiT's gradual unfreezing: one more stage group per epoch, from the top down, then everything."""
 
-    def phases(self, lr, epochs, freeze_epochs, unfreeze, n_groups):
+    def phases(self, lr, epochs, n_groups, options):
         steps = min(epochs, n_groups)
         return [Phase(1, k, slice(lr / 100, lr)) for k in range(1, steps)] + [Phase(epochs - steps + 1, 0, slice(lr / 100, lr))]
 
@@ -193,7 +224,7 @@ class Gradual(Strategy):
 class Probe(Strategy):
     """A linear probe: the backbone stays as loaded, the linear head is fitted on its features. One epoch."""
 
-    def phases(self, lr, epochs, freeze_epochs, unfreeze, n_groups):
+    def phases(self, lr, epochs, n_groups, options):
         return [Phase(1, 1, 0.0, PROBE)]
 
 
@@ -203,7 +234,7 @@ class LinearProbeThenFineTune(Strategy):
     keeps the statistics the probe was fitted with: batch statistics of small, augmented batches would move
     every feature the head was fitted on (its affine weights still train)."""
 
-    def phases(self, lr, epochs, freeze_epochs, unfreeze, n_groups):
+    def phases(self, lr, epochs, n_groups, options):
         probe = [Phase(1, 1, 0.0, PROBE)]
         return probe + ([Phase(epochs - 1, 0, slice(lr / 100, lr), pct_start=0.1)] if epochs > 1 else [])
 
@@ -221,7 +252,7 @@ class LinearProbeThenFineTune(Strategy):
 class Scratch(Strategy):
     """Random initialisation, every layer at one rate."""
 
-    def phases(self, lr, epochs, freeze_epochs, unfreeze, n_groups):
+    def phases(self, lr, epochs, n_groups, options):
         return [Phase(epochs, 0, lr)]
 
 
@@ -229,13 +260,15 @@ STRATEGIES: dict[str, Strategy] = {
     # 1e-2, not fastai's 2e-3: a small dataset gives the new head few steps, and on the hotdog set 2e-3 left
     # it under-trained (bench/strategies.py; README).
     "fine-tune": FineTune("fastai's fine_tune: the head alone for --freeze-epochs, then every stage with "
-                          "discriminative LRs (lr/200 at the stem .. lr/2 at the head); one-cycle, Adam", 1e-2),
+                          "discriminative LRs (lr/200 at the stem .. lr/2 at the head); one-cycle, Adam", 1e-2,
+                          settings=(FREEZE_EPOCHS,)),
     # d2l trains with lr 5e-5 on a loss *summed* over 128 images; fastft's loss is the batch mean, so the same
     # steps take 128 x 5e-5 = 6.4e-3 for the body and 10x that, 0.064, for the head.
     "d2l": D2L("d2l 13.2 as printed: every layer trains from the start, SGD without momentum, weight decay "
                "1e-3, head at 10x the body's LR, constant rate", 0.064),
     "keras": Keras("the Keras guide: freeze the backbone, train the head at lr, then unfreeze the top "
-                   "--unfreeze stages at lr/100; constant-rate Adam, BatchNorm of frozen stages frozen", 1e-3),
+                   "--unfreeze stages at lr/100; constant-rate Adam, BatchNorm of frozen stages frozen", 1e-3,
+                   settings=(FREEZE_EPOCHS, UNFREEZE)),
     "gradual": Gradual("ULMFiT's gradual unfreezing: one more stage group per phase from the top down, "
                        "discriminative LRs (lr/100 .. lr); one-cycle, Adam", 1e-2),
     # on CIFAR-10 (10,000 images, 3 epochs) one-cycle Adam peaking at 1e-2 beat 5e-3 and 2e-3
@@ -249,3 +282,12 @@ STRATEGIES: dict[str, Strategy] = {
     "scratch": Scratch("random initialisation, every layer at one LR; one-cycle, Adam (d2l's baseline)", 1e-2,
                        random_init=True),
 }
+
+
+def strategy_settings() -> dict[str, tuple[StrategySetting, list[str]]]:
+    """Every strategy setting by name, with the strategies that take it: the recipe's keys for them."""
+    found: dict[str, tuple[StrategySetting, list[str]]] = {}
+    for name, strategy in STRATEGIES.items():
+        for setting in strategy.settings:
+            found.setdefault(setting.name, (setting, []))[1].append(name)
+    return found

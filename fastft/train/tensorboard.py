@@ -13,12 +13,13 @@ import torch
 from fastai.callback.core import Callback
 
 from fastft.errors import UsageError
+from fastft.fastai_internals import AFTER_RECORDER
 
 IMAGES_PER_EPOCH = 8
 
 
 class TensorBoardLog(Callback):
-    order = 60  # after EpochLog (55): the epoch's figures are in
+    order = AFTER_RECORDER + 1  # after EpochLog: the epoch's figures are in
 
     def __init__(self, folder: Path, epoch_log, mean, std):
         try:

@@ -1,0 +1,56 @@
+"""What a run knows, in one typed object: `RunContext`, built once by `prepare` (fastft/train/run.py) before any
+training starts, and passed to whatever needs it. Nothing about a run is hung on fastai's objects: a reader sees in
+a signature what a function needs.
+
+The recipe stays what the user asked for; the values the run settled on where the recipe left a choice ("auto",
+0 for the strategy's default, a download, a strategy that starts from random weights) are in `Resolved`, and
+`saved_recipe()` puts the two together for recipe.toml, which reproduces the run.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from fastft.recipe import Recipe
+from fastft.run_folder import RunFolder
+from fastft.train.distributed import Distributed
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The values a run settled on where its recipe left a choice."""
+    data: str  # the data folder, absolute (downloaded when the recipe named none)
+    precision: str  # fp32, bf16 or fp16 (recipe: auto)
+    keep: str  # best or last (recipe: auto)
+    lr: float | str  # the head's peak rate (recipe: 0, the strategy's default); "auto" until the LR finder has run
+    pretrained: bool  # False for a strategy that starts from random weights
+    weights: str  # "" for such a strategy
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Everything a run knows about itself once its data and model are set up."""
+    recipe: Recipe  # as the user asked for it (recipe file + command line)
+    resolved: Resolved
+    folder: RunFolder
+    device: torch.device
+    dist: Distributed
+    classes: tuple[str, ...]
+    class_counts: dict[str, int]  # training images per class (multi-label: per label)
+    multi_label: bool  # a sigmoid per label (several labels per image) instead of a softmax over classes
+    has_validation: bool  # a validation split apart from the test split (valid/ or --holdout)
+    head: dict  # the classifier head's configuration (fastft/deploy/network.py), saved in the bundle
+    starting_weights: str  # what the weights were loaded from, in words
+    mean: tuple[float, float, float]  # the input normalisation the backbone expects
+    std: tuple[float, float, float]
+    skipped: tuple[tuple, ...] = ()  # (file, reason) for each image that did not decode
+
+    def saved_recipe(self) -> Recipe:
+        """The recipe with every resolved value in place: recipe.toml, which `fastft run` reproduces."""
+        return dataclasses.replace(self.recipe, **dataclasses.asdict(self.resolved))
+
+    def with_lr(self, lr: float) -> "RunContext":
+        """This context once the learning rate is known (the LR finder runs on the prepared Learner)."""
+        return dataclasses.replace(self, resolved=dataclasses.replace(self.resolved, lr=lr))
