@@ -21,37 +21,35 @@ from pathlib import Path
 
 from fastft.errors import UsageError
 
-RECIPE = "recipe.toml"
-METRICS = "metrics.json"
-HISTORY = "history.csv"
-CURVES = "curves.png"
-WEIGHTS = "model.safetensors"
-META = "model.json"
-PICKLE = "model.pkl"
-ONNX = "model.onnx"
-CHECKPOINT = "checkpoint.pt"
-SKIPPED = "skipped_images.txt"
-LR_FIND = "lr_find.png"
-TENSORBOARD = "tensorboard"
+# Every file and folder a run folder holds: RunFolder's attribute -> its name there.
+FILES = {
+    "recipe": "recipe.toml",
+    "metrics": "metrics.json",
+    "history": "history.csv",
+    "curves": "curves.png",
+    "weights": "model.safetensors",
+    "meta": "model.json",
+    "pickle": "model.pkl",
+    "onnx": "model.onnx",
+    "checkpoint": "checkpoint.pt",
+    "skipped": "skipped_images.txt",
+    "lr_find": "lr_find.png",
+    "tensorboard": "tensorboard",
+}
+# the names other modules match a path against (a model file given on the command line, say)
+RECIPE, WEIGHTS, META, PICKLE, ONNX, CHECKPOINT = (FILES[k] for k in ("recipe", "weights", "meta", "pickle", "onnx",
+                                                                        "checkpoint"))
 
 
 @dataclass(frozen=True)
 class RunFolder:
-    """A run's folder and the paths of what it holds."""
+    """A run's folder; `folder.metrics`, `folder.weights` ... (every key of FILES) are the paths of what it holds."""
     path: Path
 
-    recipe = property(lambda self: self.path / RECIPE)
-    metrics = property(lambda self: self.path / METRICS)
-    history = property(lambda self: self.path / HISTORY)
-    curves = property(lambda self: self.path / CURVES)
-    weights = property(lambda self: self.path / WEIGHTS)
-    meta = property(lambda self: self.path / META)
-    pickle = property(lambda self: self.path / PICKLE)
-    onnx = property(lambda self: self.path / ONNX)
-    checkpoint = property(lambda self: self.path / CHECKPOINT)
-    skipped = property(lambda self: self.path / SKIPPED)
-    lr_find = property(lambda self: self.path / LR_FIND)
-    tensorboard = property(lambda self: self.path / TENSORBOARD)
+    def __getattr__(self, attribute: str) -> Path:
+        if attribute not in FILES:
+            raise AttributeError(f"a run folder holds no '{attribute}'; it holds {', '.join(FILES)}")
+        return self.path / FILES[attribute]
 
     def __str__(self) -> str:
         return str(self.path)

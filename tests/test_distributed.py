@@ -92,11 +92,13 @@ def test_every_strategy_trains_on_two_processes(strategy, dataset, tmp_path):
 
 
 def test_accelerate_launch_runs_the_default_command(dataset, tmp_path):
-    """`accelerate launch` is the other launcher the README names: the default recipe (`fastft train DIR`, lp-ft)."""
+    """`accelerate launch` is the other launcher the README names: the default recipe (`fastft train DIR`, lp-ft). Its
+    --multi_gpu launcher starts the processes; with --device cpu they train on the CPU over gloo (its --cpu alone
+    starts one process)."""
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = Path(sys.executable).with_name("accelerate")
-    result = subprocess.run([str(launcher), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    result = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fastft", "train", str(dataset),
                              *TINY, "--epochs", "2", "--out", str(out)],
                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
