@@ -54,7 +54,6 @@ class EpochLog(Callback):
         self.multi_label, self.recipe_toml, self.progress = context.multi_label, context.saved_recipe().to_toml(), progress
         self.epochs, self.train_examples, self.train_seconds, self.train_batches = [], 0, 0.0, 0
         self.snapshot, self.best, self.running, self.stopped = None, None, False, ""
-        self.results = None  # metrics.json's content, once an epoch has written the reports
         self.saver = checkpoint.BackgroundSaver()
 
     # ---- figures -------------------------------------------------------------------------------------------
@@ -111,7 +110,7 @@ class EpochLog(Callback):
         self.snapshot = _copy(self.learn.model)
         improved = self.track_best(entry)
         if self.dist.is_main:
-            self.results = write_reports(self.out, self.epochs, self.examples_per_sec, self.device, self.kept_epoch)
+            write_reports(self.out, self.epochs, self.examples_per_sec, self.device, self.kept_epoch)
             print(epoch_line(entry, self.total_epochs) + (" (best so far)" if improved and self.keep == "best" else ""),
                   flush=True)
         self.save_checkpoint()

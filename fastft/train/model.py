@@ -6,7 +6,7 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastft.run_folder import META, WEIGHTS, RunFolder
+from fastft.run_folder import META, WEIGHTS, run_folder_of
 from fastft.errors import UsageError
 from fastft.recipe import Recipe
 
@@ -55,7 +55,7 @@ def starting_weights(recipe: Recipe) -> StartingWeights:
     path = Path(recipe.weights).expanduser()
     if not recipe.pretrained:
         raise UsageError(f"--weights {path} was given with --no-pretrained; drop one of them")
-    bundle = path / META if path.is_dir() else path.with_name(META)
+    bundle = run_folder_of(path).meta
     if path.is_dir() or (bundle.is_file() and path.name in (META, WEIGHTS)):
         if not bundle.is_file():
             raise UsageError(f"--weights {path} is a folder but not a fastft run (no {META}); pass a run folder or a "

@@ -6,10 +6,9 @@ writes the final report (`final_report`), and saves the model (`save_model`).
 """
 from __future__ import annotations
 
-import contextlib
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from fastai.callback.progress import ProgressCallback
@@ -40,8 +39,7 @@ class Interrupted(Exception):
     """Ctrl-C during training; the outputs of the last finished epoch were kept."""
 
 
-@dataclass
-class Prepared:
+class Prepared(NamedTuple):
     """A run ready to train: what it knows, and its Learner."""
     context: RunContext
     learn: object
@@ -241,7 +239,7 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
         saved = checkpoint.load(resume)
         recipe = recipe_from_checkpoint(saved, resume)
         out = str(resume)
-    context, learn = (prepared := prepare(recipe, out, resuming=saved is not None)).context, prepared.learn
+    context, learn = prepare(recipe, out, resuming=saved is not None)
     dist, folder = context.dist, context.folder
     if saved is not None and dist.is_main:
         remove_partial_files(folder.path)
