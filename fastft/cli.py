@@ -375,13 +375,17 @@ def serve(
                                                           "0.0.0.0 opens it to the network."),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     max_upload: float = typer.Option(10.0, "--max-upload", min=0.0, help="Largest upload in MB."),
+    allow_dir: Optional[Path] = typer.Option(None, "--allow-dir", help="Let the page name image files under this "
+                                             "folder (symlinks followed, nothing outside it). Default: uploads only."),
+    allow_host: list[str] = typer.Option([], "--allow-host", help="Another host name clients may use to reach the "
+                                         "server (a reverse proxy's, a LAN name); repeatable."),
 ):
-    """A web page for one model: drop or pick an image (or give a local file's path) and see its top labels with
-    probability bars, and the Grad-CAM picture when the explain extra is there; POST /predict answers as
+    """A web page for one model: drop or pick an image and see its top labels with probability bars, and the
+    Grad-CAM picture when the explain extra is there; POST /predict (with the header X-Fastft: 1) answers as
     `fastft predict --json`. Needs pip install 'fastft[serve]'."""
     from fastft.deploy.serve import serve as serve_model
 
-    serve_model(model, host, port, max_upload)
+    serve_model(model, host, port, max_upload, allow_dir, tuple(allow_host))
 
 
 @app.command()

@@ -1,5 +1,6 @@
 """Explain and serve: Grad-CAM heat maps, the web page and its JSON endpoint, and bundles plain timm loads."""
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -86,54 +87,222 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(square_run):
-    """`fastft serve` on a free port of 127.0.0.1, uploads capped at 20 kB."""
-    port = _free_port()
-    proc = subprocess.Popen([str(FASTFT), "serve", str(square_run[1]), "--port", str(port), "--max-upload", "0.02"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+XSS = "<img src=x onerror=alert(1)>"
+CLIENT = {"X-Fastft": "1"}  # what the page's own script sends
+
+
+def _start_server(model, *options):
+    """`fastft serve` on a free port of 127.0.0.1; waits until it answers. Returns (process, url)."""
     import httpx
 
+    port = _free_port()
+    proc = subprocess.Popen([str(FASTFT), "serve", str(model), "--port", str(port), *map(str, options)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(url + "/", timeout=2).status_code == 200:
-                break
+                return proc, url
         except httpx.HTTPError:
             time.sleep(0.3)
-    else:
-        proc.kill()
-        raise AssertionError(proc.communicate()[1])
-    yield url, port
+    proc.kill()
+    raise AssertionError(proc.communicate()[1])
+
+
+@pytest.fixture(scope="module")
+def served_model(square_run, tmp_path_factory):
+    """The square model with its class "square" renamed to an HTML payload, as a class folder can be named."""
+    model = tmp_path_factory.mktemp("xss") / "run"
+    shutil.copytree(square_run[1], model)
+    meta = json.loads((model / "model.json").read_text())
+    meta["classes"] = [XSS if name == "square" else name for name in meta["classes"]]
+    (model / "model.json").write_text(json.dumps(meta))
+    return model
+
+
+@pytest.fixture(scope="module")
+def server(served_model, square_run):
+    """`fastft serve` on a free port of 127.0.0.1, uploads capped at 20 kB, files readable under the data folder."""
+    proc, url = _start_server(served_model, "--max-upload", "0.02", "--allow-dir", square_run[0])
+    yield url, proc
     proc.terminate()
     proc.wait(timeout=30)
 
 
-def test_the_endpoint_answers_as_predict_json_and_refuses_bad_uploads_with_json(server, square_run, tmp_path):
+def test_the_endpoint_answers_as_predict_json_and_refuses_bad_uploads_with_json(server, served_model, square_run, tmp_path):
     import httpx
 
     url, _ = server
     image = sorted((square_run[0] / "test" / "plain").glob("*.png"))[0]
-    answer = httpx.post(url + "/predict", files={"image": (image.name, image.read_bytes(), "image/png")})
+    answer = httpx.post(url + "/predict", files={"image": (image.name, image.read_bytes(), "image/png")}, headers=CLIENT)
     assert answer.status_code == 200
-    printed = json.loads(invoke("predict", square_run[1], image, "--json").stdout)
+    printed = json.loads(invoke("predict", served_model, image, "--json").stdout)
     assert answer.json()[0]["probabilities"] == pytest.approx(printed[0]["probabilities"], abs=1e-6)
     assert answer.json()[0]["label"] == printed[0]["label"] and answer.json()[0]["top"][0][0] == printed[0]["top"][0][0]
-    explained = httpx.post(url + "/predict", files={"image": (image.name, image.read_bytes())}, data={"gradcam": "true"})
+    explained = httpx.post(url + "/predict", files={"image": (image.name, image.read_bytes())}, data={"gradcam": "true"},
+                           headers=CLIENT)
     assert explained.json()[0]["gradcam_png"]
     bomb = tmp_path / "bomb.png"
     Image.new("L", (9000, 9000)).save(bomb)  # 81 Mpx in about 80 kB
     cases = {"corrupt": (b"\x89PNG\r\n\x1a\n not really", 415), "text": (b"hello", 415),
              "oversized": (b"\0" * 30_000, 413)}
     for name, (payload, status) in cases.items():
-        refused = httpx.post(url + "/predict", files={"image": (f"{name}.png", payload)})
+        refused = httpx.post(url + "/predict", files={"image": (f"{name}.png", payload)}, headers=CLIENT)
         assert refused.status_code == status and refused.json()["error"], name
-    small_bomb = httpx.post(url + "/predict", files={"image": ("bomb.png", bomb.read_bytes())})
+    small_bomb = httpx.post(url + "/predict", files={"image": ("bomb.png", bomb.read_bytes())}, headers=CLIENT)
     assert small_bomb.status_code == 413 and "error" in small_bomb.json()  # over the upload limit already
-    assert httpx.post(url + "/predict", data={"path": str(image)}).json()[0]["label"] == printed[0]["label"]
-    assert httpx.post(url + "/predict", data={"path": str(tmp_path / "missing.png")}).status_code == 404
+    bad_k = httpx.post(url + "/predict", files={"image": (image.name, image.read_bytes())}, data={"top_k": "-1"},
+                       headers=CLIENT)
+    assert bad_k.status_code == 422 and "top_k" in bad_k.json()["error"]
     assert httpx.get(url + "/").status_code == 200  # still up
+
+
+def test_files_are_read_only_under_allow_dir_and_outside_looks_like_missing(server, square_run, tmp_path):
+    import httpx
+
+    url, proc = server
+    data = square_run[0]
+    image = sorted((data / "test" / "plain").glob("*.png"))[0]
+
+    def post_path(path):
+        return httpx.post(url + "/predict", data={"path": str(path)}, headers=CLIENT, timeout=30)
+
+    inside = post_path(image)
+    assert inside.status_code == 200 and inside.json()[0]["label"] == "plain"
+    assert post_path(image.relative_to(data)).status_code == 200  # relative to the allowed folder
+    outside = tmp_path / "private.png"
+    shutil.copy(image, outside)
+    link = data / "test" / "link-out.png"
+    link.symlink_to(outside)  # a symlink inside the folder that leads out of it
+    fifo = data / "test" / "fifo.png"
+    os.mkfifo(fifo)
+    try:
+        answers = {name: post_path(path) for name, path in {
+            "outside": outside, "missing": tmp_path / "missing.png", "shadow": "/etc/shadow", "passwd": "/etc/passwd",
+            "climb": data / ".." / outside.parent.name / outside.name, "link": link, "fifo": fifo, "folder": data,
+            "mem": "/proc/self/mem", "pagemap": "/proc/self/pagemap", "file-url": f"file://{outside}"}.items()}
+    finally:
+        link.unlink()
+        fifo.unlink()
+    for name, answer in answers.items():
+        assert answer.status_code == 404, (name, answer.text)
+        assert answer.json()["error"].endswith("under the allowed folder"), name  # one message: nothing leaks
+    assert "gradcam_png" not in post_path(outside).text
+    assert httpx.get(url + "/").status_code == 200 and proc.poll() is None
+
+
+def test_foreign_host_and_origin_headers_and_plain_form_posts_are_refused(server, square_run):
+    import httpx
+
+    url, _ = server
+    image = sorted((square_run[0] / "test" / "plain").glob("*.png"))[0]
+    upload = {"image": (image.name, image.read_bytes(), "image/png")}
+    rebound = httpx.get(url + "/", headers={"Host": "evil.example.com"})  # DNS rebinding sends its own name
+    assert rebound.status_code == 421 and "evil.example.com" in rebound.json()["error"]
+    assert httpx.post(url + "/predict", files=upload, headers={**CLIENT, "Host": "evil.example.com:80"}).status_code == 421
+    cross_site = httpx.post(url + "/predict", files=upload, headers={**CLIENT, "Origin": "http://evil.example.com"})
+    assert cross_site.status_code == 403 and "evil.example.com" in cross_site.json()["error"]
+    form_post = httpx.post(url + "/predict", files=upload)  # what a <form> on any site can send
+    assert form_post.status_code == 403 and "X-Fastft: 1" in form_post.json()["error"]
+    same_origin = httpx.post(url + "/predict", files=upload, headers={**CLIENT, "Origin": url})
+    assert same_origin.status_code == 200
+    assert httpx.get(url.replace("127.0.0.1", "localhost") + "/").status_code == 200
+
+
+def test_a_chunked_upload_is_cut_off_at_the_limit_while_it_arrives(server, square_run):
+    """Starlette spools a whole multipart body before the endpoint runs: the limit must hold while reading."""
+    import asyncio
+    import http.client
+
+    from fastft.deploy.serve import FORM_OVERHEAD, Guard, Policy
+
+    url, _ = server
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+    chunks = (b"x" * 65536 for _ in range(32))  # 2 MB in chunks, no Content-Length
+    try:
+        connection.request("POST", "/predict", body=chunks, encode_chunked=True,
+                           headers={**CLIENT, "Content-Type": "multipart/form-data; boundary=b"})
+        answer = connection.getresponse()
+        assert answer.status == 413 and b"limit" in answer.read()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server closed the connection mid-body, which is also a refusal
+    finally:
+        connection.close()
+
+    read, sent = [0], []
+
+    async def app(scope, receive, send):  # reads everything, as the multipart parser does
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"read it all"})
+
+    async def receive():
+        read[0] += 65536
+        return {"type": "http.request", "body": b"x" * 65536, "more_body": read[0] < 5_000_000}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "headers": [(b"host", b"127.0.0.1:1"), (b"x-fastft", b"1"),
+                                                           (b"transfer-encoding", b"chunked")]}
+    asyncio.run(Guard(app, Policy(max_upload=20_000, bind_host="127.0.0.1"))(scope, receive, send))
+    assert sent[0]["status"] == 413 and read[0] <= 20_000 + FORM_OVERHEAD + 65536
+
+
+def test_large_images_at_once_stay_within_a_memory_bound_and_the_server_keeps_answering(served_model, square_run,
+                                                                                         tmp_path):
+    """Three 7999x7999 16-bit PNGs at once (128 MB each decoded, 140 kB sent) and then a normal photo. Before the
+    decode was bounded, each cost 1.7-2.8 GB."""
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+
+    big = tmp_path / "big16.png"
+    Image.fromarray(np.zeros((7999, 7999), np.uint16)).save(big, compress_level=1)
+    image = sorted((square_run[0] / "test" / "plain").glob("*.png"))[0]
+    proc, url = _start_server(served_model, "--max-upload", "2")
+
+    def high_water_mb():
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+
+    def post(path):
+        return httpx.post(url + "/predict", files={"image": (path.name, path.read_bytes())}, headers=CLIENT, timeout=120)
+
+    try:
+        assert post(image).status_code == 200
+        before = high_water_mb()
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(post, [big] * 3))
+        assert all(a.status_code in (200, 503) for a in answers) and any(a.status_code == 200 for a in answers)
+        assert answers[0].json()[0]["label"] if answers[0].status_code == 200 else True
+        assert post(image).json()[0]["label"] == "plain"
+        assert high_water_mb() - before < 1024, (before, high_water_mb())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_decode_shrinks_a_large_image_and_refuses_one_over_the_byte_bound():
+    import io
+
+    from fastft.deploy.serve import Refused, decode
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((6000, 3000, 3), 200, np.uint8)).save(buffer, format="JPEG")
+    shrunk = decode(buffer.getvalue(), short_side=73)
+    assert shrunk.mode == "RGB" and 146 <= min(shrunk.size) < 3000 and shrunk.size[1] == 2 * shrunk.size[0]
+    small = io.BytesIO()
+    Image.new("RGB", (100, 80), (10, 20, 30)).save(small, format="PNG")
+    assert decode(small.getvalue(), short_side=73).size == (100, 80)  # small images are decoded as they are
+    huge = io.BytesIO()
+    Image.new("RGB", (7000, 7000)).save(huge, format="PNG", compress_level=1)  # 49 Mpx: 187 MiB decoded
+    with pytest.raises(Refused, match="187 MiB decoded"):
+        decode(huge.getvalue(), short_side=73)
+    huge = io.BytesIO()
+    Image.new("RGB", (7000, 7000)).save(huge, format="JPEG")  # a JPEG decodes at 1/8 scale instead
+    assert min(decode(huge.getvalue(), short_side=73).size) >= 146
 
 
 def test_a_decompression_bomb_is_refused_before_it_is_decoded():
@@ -147,13 +316,17 @@ def test_a_decompression_bomb_is_refused_before_it_is_decoded():
         decode(buffer.getvalue())
 
 
-def test_serve_refuses_a_taken_port_and_a_broken_bundle_in_one_line(square_run, tmp_path):
+def test_serve_refuses_a_taken_port_a_foreign_address_and_a_broken_bundle_in_one_line(square_run, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         busy = run_fastft("serve", square_run[1], "--port", port)
     assert busy.returncode == 2 and f"port {port}" in busy.stderr and len(busy.stderr.strip().splitlines()) == 1
+    foreign = run_fastft("serve", square_run[1], "--host", "8.8.8.8", "--port", _free_port())
+    assert foreign.returncode == 2 and "8.8.8.8 is not an address of this machine" in foreign.stderr
+    no_dir = run_fastft("serve", square_run[1], "--allow-dir", tmp_path / "nowhere", "--port", _free_port())
+    assert no_dir.returncode == 2 and "--allow-dir" in no_dir.stderr and "Traceback" not in no_dir.stderr
     broken = tmp_path / "broken"
     shutil.copytree(square_run[1], broken)
     (broken / "model.json").write_text("{ nope")
@@ -166,17 +339,22 @@ def _chromium():
     for browser, driver in (("/usr/bin/chromium", "/usr/bin/chromedriver"),):
         if Path(browser).exists() and Path(driver).exists():
             return browser, driver
+    if os.environ.get("CI"):  # CI installs both (.ci/run): a missing browser there is a failure, not a skip
+        pytest.fail("CI is set but /usr/bin/chromium or /usr/bin/chromedriver is missing; .ci/run installs them")
     return None
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no Chromium: install Debian's chromium and chromium-driver to run it")
-def test_the_page_in_a_real_headless_chromium_shows_the_label(server, square_run):
+def test_the_page_in_a_real_headless_chromium_shows_the_label_and_class_names_as_text(server, served_model, square_run):
+    browser_and_driver = _chromium()
+    if browser_and_driver is None:
+        pytest.skip("no Chromium: install Debian's chromium and chromium-driver to run it")
     from selenium import webdriver
+    from selenium.common.exceptions import NoAlertPresentException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser, driver = _chromium()
+    browser, driver = browser_and_driver
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
@@ -185,13 +363,19 @@ def test_the_page_in_a_real_headless_chromium_shows_the_label(server, square_run
     page = webdriver.Chrome(service=Service(driver), options=options)
     try:
         page.get(server[0] + "/")
-        image = sorted((square_run[0] / "test" / "plain").glob("*.png"))[0]
+        assert XSS in page.find_element(By.ID, "classes").text  # shown as text ...
+        assert not page.find_elements(By.CSS_SELECTOR, "#classes img, #bars img")  # ... not made an element
+        image = sorted((square_run[0] / "test" / "square").glob("*.png"))[0]
         page.find_element(By.ID, "file").send_keys(str(image))
         label = WebDriverWait(page, 60).until(lambda p: p.find_element(By.ID, "label").text)
         import fastft
 
-        assert label == fastft.load(square_run[1]).predict(image)[0]
-        assert len(page.find_elements(By.CSS_SELECTOR, "#bars .row")) == 2
+        assert label == fastft.load(served_model).predict(image)[0]
+        rows = WebDriverWait(page, 30).until(lambda p: p.find_elements(By.CSS_SELECTOR, "#bars .row"))
+        assert len(rows) == 2 and XSS in [row.find_element(By.CLASS_NAME, "name").text for row in rows]
+        assert not page.find_elements(By.CSS_SELECTOR, "#bars img")
+        with pytest.raises(NoAlertPresentException):
+            page.switch_to.alert.text
     finally:
         page.quit()
 
