@@ -19,6 +19,10 @@ def replacing(path: Path) -> Iterator[Path]:
     try:
         yield temporary
         os.replace(temporary, path)
+    except OSError as e:
+        if not e.filename:  # fsync and write errors carry no name; a full disk's message should name the file
+            e.filename = str(path)
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()

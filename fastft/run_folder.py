@@ -15,6 +15,8 @@ both name them through here, so adding an output file is one line in this module
 """
 from __future__ import annotations
 
+import itertools
+import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -84,3 +86,76 @@ def numbered(path: Path) -> Path:
         n += 1
         candidate = path.with_name(f"{path.name}-{n}")
     return candidate
+
+
+# A new run claims its folder by creating its recipe.toml exclusively, with this line (the run replaces it with the
+# resolved recipe once its data is loaded): of two commands given the same folder, or named in the same second,
+# exactly one gets it. A claim whose process is gone (killed before its recipe was written) can be taken over.
+CLAIM = "# claimed by a fastft run that has not written its recipe yet; process "
+
+
+def claimant(folder: Path) -> int | None:
+    """The process id of a run that claimed `folder` and has not written its recipe yet, else None."""
+    try:
+        text = (Path(folder) / RECIPE).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text[len(CLAIM):].strip()) if text.startswith(CLAIM) and text[len(CLAIM):].strip().isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim(folder: Path) -> bool:
+    try:
+        fd = os.open(folder / RECIPE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{CLAIM}{os.getpid()}\n")
+    return True
+
+
+def check_new_out(out: str | Path | None) -> None:
+    """An error now, before any work, when a run's `--out` is taken (its claim comes last)."""
+    path = Path(out) if out else None
+    if path and path.exists() and (not path.is_dir() or any(p.name != RECIPE for p in path.iterdir())):
+        raise UsageError(f"--out {path} already exists and is not empty; choose a new folder (nothing was overwritten)")
+
+
+def claim_run_folder(out: str | Path | None, name: str, parent: Path = Path("runs")) -> Path:
+    """Create and claim a new run's folder: `out` when it is new or an empty folder (never overwrite), else
+    parent/<name>-<time>, numbered when taken. Two runs never share one: the loser of a race on the same `out`
+    gets a one-line error, and an automatic name moves on to the next number."""
+    if out:
+        path = Path(out)
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:
+            check_new_out(path)
+        if not _claim(path):
+            pid = claimant(path)
+            if pid is None or _alive(pid):
+                raise UsageError(f"--out {path} is being written by another run"
+                                 f"{f' (process {pid})' if pid else ''}; choose a new folder (nothing was overwritten)")
+            (path / RECIPE).unlink(missing_ok=True)  # its run was killed before it wrote anything else
+            if not _claim(path):
+                raise UsageError(f"--out {path} is being written by another run; choose a new folder")
+        return path
+    stem = parent / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    for n in itertools.count(1):
+        candidate = stem if n == 1 else stem.with_name(f"{stem.name}-{n}")
+        try:
+            candidate.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        if _claim(candidate):
+            return candidate
+

@@ -230,3 +230,90 @@ def test_compare_takes_patience_and_shows_the_epoch_each_run_kept(tmp_path):
         metrics = json.loads((out / row["setting"] / "metrics.json").read_text())
         assert row["kept_epoch"] == metrics["kept_epoch"] and row["epochs_run"] == len(metrics["epochs"]) < 8
     assert "kept epoch" in result.stdout.splitlines()[-3]
+
+
+KILLED_IN_FIRST_CHECKPOINT = """
+import os, signal, sys
+from fastft.train import checkpoint
+
+def write_half_and_die(path, data):  # the process is killed -9 half-way through the first checkpoint's write
+    with open(path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}"), "wb") as f:
+        f.write(data[: len(data) // 2])
+    os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint.write_bytes = write_half_and_die
+sys.argv = ["fastft", *sys.argv[1:]]
+from fastft.cli import main
+main()
+"""
+
+
+def test_a_run_killed_while_writing_its_first_checkpoint_resumes_from_its_start(dataset, tmp_path):
+    args = ["train", dataset, *TINY, "--epochs", "2"]
+    cut = tmp_path / "cut"
+    killed = subprocess.run([sys.executable, "-c", KILLED_IN_FIRST_CHECKPOINT, *map(str, args), "--out", str(cut)],
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert len(json.loads((cut / "metrics.json").read_text())["epochs"]) == 1  # epoch 1 ran; its checkpoint did not land
+    assert not (cut / checkpoint.CHECKPOINT).exists() and list(cut.glob(".checkpoint.*.partial.pt"))
+    resumed = fastft("resume", cut)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "stopped before its first checkpoint was written" in resumed.stderr
+    assert not [p for p in cut.iterdir() if p.name.startswith(".")]
+    whole = fastft(*args, "--out", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    assert weights_digest(cut) == weights_digest(tmp_path / "whole")  # the same run as one never stopped
+
+
+def test_a_failed_checkpoint_stops_the_run_before_another_epoch_and_resume_starts_over(dataset, tmp_path, monkeypatch):
+    import errno
+
+    def disk_full(run, state):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run.checkpoint))
+    monkeypatch.setattr(checkpoint, "save", disk_full)
+    out = tmp_path / "run"
+    result = invoke("train", dataset, *TINY, "--epochs", "4", "--out", out)
+    assert result.exit_code == 2 and "no space left" in result.output.lower() and "checkpoint.pt" in result.output
+    assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 1  # not another epoch trained first
+    monkeypatch.undo()
+    resumed = fastft("resume", out)
+    assert resumed.returncode == 0 and "from the start" in resumed.stderr, resumed.stderr
+    assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 4
+
+
+def test_two_runs_started_together_never_share_a_folder(dataset, tmp_path):
+    same = tmp_path / "same"
+    runs = [subprocess.Popen([str(FASTFT), "train", str(dataset), *map(str, TINY), "--epochs", "1", "--out", str(same)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(run.wait(timeout=600), *run.communicate()) for run in runs]
+    assert sorted(code for code, _, _ in results) == [0, 2], results
+    loser = next(err for code, _, err in results if code == 2)
+    assert ("another run" in loser or "not empty" in loser) and "Traceback" not in loser
+    assert tomllib.loads((same / "recipe.toml").read_text())["epochs"] == 1 and (same / "model.json").is_file()
+
+
+def _claim_in_a_process(parent: str):
+    from fastft.run_folder import claim_run_folder
+
+    return str(claim_run_folder(None, "d1", Path(parent)))
+
+
+def test_runs_named_in_the_same_second_get_their_own_folders(tmp_path):
+    from concurrent.futures import ProcessPoolExecutor
+
+    from fastft.run_folder import claimant
+
+    with ProcessPoolExecutor(6) as pool:
+        folders = list(pool.map(_claim_in_a_process, [str(tmp_path)] * 12))
+    assert len(set(folders)) == 12 and all(Path(f).is_dir() for f in folders)
+    assert len({claimant(Path(f)) for f in folders}) >= 2  # claimed by the processes that named them
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "recipe.toml").write_text(f"# claimed by a fastft run that has not written its recipe yet; process {os.getpid()}\n")
+    from fastft.errors import UsageError
+    from fastft.run_folder import claim_run_folder
+
+    with pytest.raises(UsageError, match="being written by another run"):
+        claim_run_folder(taken, "x")
+    (taken / "recipe.toml").write_text("# claimed by a fastft run that has not written its recipe yet; process 999999999\n")
+    assert claim_run_folder(taken, "x") == taken and claimant(taken) == os.getpid()  # a dead run's claim is taken over

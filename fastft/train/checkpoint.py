@@ -19,7 +19,7 @@ import torch
 from fastft.atomic import write_bytes
 from fastft.errors import UsageError
 from fastft.fastai_internals import loader_rng
-from fastft.run_folder import CHECKPOINT, RunFolder
+from fastft.run_folder import CHECKPOINT, RunFolder, claimant
 
 FORMAT = "fastft-checkpoint/1"
 
@@ -87,6 +87,12 @@ class BackgroundSaver:
         self.thread = threading.Thread(target=write, name="fastft-checkpoint")
         self.thread.start()
 
+    def check(self) -> None:
+        """Raise the last save's error if it has failed, without waiting for a save in progress: called before
+        each epoch and batch, a failed checkpoint stops the run within a batch, not after another epoch."""
+        if self.thread is not None and not self.thread.is_alive():
+            self.wait()
+
     def wait(self) -> None:
         """Until the last save is on disk; raise its error, if it had one."""
         if self.thread is not None:
@@ -101,8 +107,10 @@ def remove(run: RunFolder) -> None:
     run.checkpoint.unlink(missing_ok=True)
 
 
-def load(run_dir: Path) -> dict:
-    """The checkpoint of an unfinished run, checked. Anything else is a one-line error; nothing is changed."""
+def load(run_dir: Path) -> dict | None:
+    """The checkpoint of an unfinished run, checked; None for a run that wrote its recipe but no checkpoint yet
+    (killed during its first epoch or its first checkpoint's write), which starts again from its recipe.
+    Anything else is a one-line error; nothing is changed."""
     run_dir = Path(run_dir)
     run = RunFolder(run_dir)
     path = run.checkpoint
@@ -112,8 +120,13 @@ def load(run_dir: Path) -> dict:
         if run.finished:
             raise UsageError(f"{run_dir} finished (its model is saved): there is nothing to resume; start a new run, "
                              f"e.g. `fastft run {run.recipe} --out NEW_FOLDER`")
-        raise UsageError(f"{run_dir} is not a fastft run that can resume (no {CHECKPOINT}: it stopped before its first "
-                         "epoch finished, or is not a run folder); start it again")
+        if claimant(run_dir) is not None:
+            raise UsageError(f"{run_dir} stopped before it wrote its recipe (nothing trained, nothing to resume); start "
+                             f"the run again with --out {run_dir}, which takes the folder over")
+        if run.recipe.is_file():
+            return None
+        raise UsageError(f"{run_dir} is not a fastft run folder (no {CHECKPOINT}, no {run.recipe.name}); pass the "
+                         "folder of a run that stopped before it finished")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupt or not a checkpoint: torch raises many types

@@ -58,6 +58,7 @@ class EpochLog(Callback):
 
     # ---- figures -------------------------------------------------------------------------------------------
     def before_epoch(self):
+        self.saver.check()  # the last epoch's checkpoint failed (a full disk): stop before training another
         self.started = time.perf_counter()
         self.sums = {True: [0, 0.0, 0], False: [0, 0.0, 0]}  # training? -> [examples, loss sum, correct]
 
@@ -66,6 +67,7 @@ class EpochLog(Callback):
         self.epoch_train_seconds, self.running = time.perf_counter() - self.started, True
 
     def after_batch(self):
+        self.saver.check()
         self.train_batches += self.training
         n = find_bs(self.yb)
         sums = self.sums[self.training]

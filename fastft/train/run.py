@@ -24,7 +24,7 @@ from fastft.deploy.bundle import mirror_averaged, probabilities_of, write_bundle
 from fastft.errors import UsageError
 from fastft.fastai_internals import finder_saves_under, release_last_batch
 from fastft.recipe import Recipe
-from fastft.run_folder import RunFolder, new_run_folder
+from fastft.run_folder import RunFolder, check_new_out, claim_run_folder
 from fastft.train.context import Resolved, RunContext
 from fastft.train.devices import resolve_device, resolve_precision, set_number_format, training_only_callbacks
 from fastft.train.distributed import Distributed, world_size
@@ -52,6 +52,8 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
     device = resolve_device(recipe.device)
     precision = resolve_precision(recipe.precision, device)
     check_arch(recipe.arch)
+    if not resuming:
+        check_new_out(out)
     plan = parse_aug(recipe.aug)
     dist = Distributed(device)
     device = dist.device
@@ -64,7 +66,6 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
         start = StartingWeights("none")
     else:
         start = starting_weights(recipe)
-    folder = RunFolder(Path(out) if resuming else dist.from_main(lambda: new_run_folder(out, recipe.name)))  # rank 0 names it
     if recipe.data:
         root = Path(recipe.data).expanduser()
     else:  # rank 0 downloads while the others wait
@@ -90,8 +91,9 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
     if dist.size > 1:
         learn.add_cb(dist.callback())
         torch.manual_seed(recipe.seed + dist.rank)  # same initial weights, different augmentation per rank
+    # rank 0 creates and claims a new folder, last, so that a failed start leaves nothing behind
+    folder = RunFolder(Path(out) if resuming else dist.from_main(lambda: claim_run_folder(out, recipe.name)))
     if dist.is_main:
-        folder.path.mkdir(parents=True, exist_ok=True)
         if split.skipped:
             write_text(folder.skipped, "".join(f"{p}\t{why}\n" for p, why in split.skipped))
     resolved = Resolved(data=str(root.resolve()), precision=precision, keep=keep, lr=recipe.lr or
@@ -237,11 +239,11 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
     saved = None
     if resume is not None:
         saved = checkpoint.load(resume)
-        recipe = recipe_from_checkpoint(saved, resume)
+        recipe = recipe_from_checkpoint(saved, resume) if saved else restart_recipe(resume)
         out = str(resume)
-    context, learn = prepare(recipe, out, resuming=saved is not None)
+    context, learn = prepare(recipe, out, resuming=resume is not None)
     dist, folder = context.dist, context.folder
-    if saved is not None and dist.is_main:
+    if resume is not None and dist.is_main:
         remove_partial_files(folder.path)
     learn.add_cbs(callbacks)
     context = resolve_lr(learn, context)
@@ -371,6 +373,22 @@ def recipe_from_checkpoint(saved: dict, run_dir: Path) -> Recipe:
         return recipe_from_values(tomllib.loads(saved["recipe"]), f"{RunFolder(run_dir).checkpoint}'s recipe")
     except UsageError as e:
         raise UsageError(f"{run_dir} cannot resume: its recipe no longer validates ({e})") from None
+
+
+def restart_recipe(run_dir: Path) -> Recipe:
+    """The recipe of a run that stopped before its first checkpoint was written: it trains again from the start,
+    in its own folder (its seed gives the same run)."""
+    from fastft.recipe import read_recipe_file
+
+    folder = RunFolder(run_dir)
+    try:
+        recipe = read_recipe_file(folder.recipe)
+    except UsageError as e:
+        raise UsageError(f"{run_dir} cannot resume: its recipe does not validate ({e})") from None
+    print(f"note: {run_dir} stopped before its first checkpoint was written (during its first epoch, or while that "
+          f"epoch's {folder.checkpoint.name} was being written); training it again from the start with its "
+          f"{folder.recipe.name}", file=sys.stderr)
+    return recipe
 
 
 def resumer(saved: dict, log, dist):
