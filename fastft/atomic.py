@@ -28,11 +28,28 @@ def replacing(path: Path) -> Iterator[Path]:
             temporary.unlink()
 
 
-def remove_partial_files(folder: Path) -> None:
+def remove_partial_files(folder: Path, only_abandoned: bool = False) -> None:
     """Temporary files a killed process left behind (a SIGKILL skips every cleanup): the finished files beside
-    them are whole, and these are not."""
+    them are whole, and these are not. `only_abandoned`: only those whose writer is gone, in a folder other
+    processes may be writing to at the same time (the decode cache)."""
     for leftover in Path(folder).glob(".*.partial*"):
-        leftover.unlink(missing_ok=True)
+        pid = leftover.name.split(".partial")[0].rsplit(".", 1)[-1]  # .NAME.PID.partial.SUFFIX
+        if not only_abandoned or not (pid.isdigit() and process_alive(int(pid))):
+            leftover.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists (a zombie counts as gone: it runs nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def write_bytes(path: Path, data: bytes) -> None:

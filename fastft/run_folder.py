@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from fastft.atomic import process_alive
 from fastft.errors import UsageError
 
 # Every file and folder a run folder holds: RunFolder's attribute -> its name there.
@@ -103,16 +104,6 @@ def claimant(folder: Path) -> int | None:
     return int(text[len(CLAIM):].strip()) if text.startswith(CLAIM) and text[len(CLAIM):].strip().isdigit() else None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _claim(folder: Path) -> bool:
     try:
         fd = os.open(folder / RECIPE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
@@ -142,7 +133,7 @@ def claim_run_folder(out: str | Path | None, name: str, parent: Path = Path("run
             check_new_out(path)
         if not _claim(path):
             pid = claimant(path)
-            if pid is None or _alive(pid):
+            if pid is None or process_alive(pid):
                 raise UsageError(f"--out {path} is being written by another run"
                                  f"{f' (process {pid})' if pid else ''}; choose a new folder (nothing was overwritten)")
             (path / RECIPE).unlink(missing_ok=True)  # its run was killed before it wrote anything else

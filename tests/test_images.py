@@ -84,3 +84,83 @@ def test_training_reads_photos_over_the_guard_and_puts_it_back(tmp_path, monkeyp
     assert result.exit_code == 0 and "warning" not in result.output.lower(), result.output
     assert "16 train / 8 test" in result.stdout
     assert Image.MAX_IMAGE_PIXELS == 500  # the guard is back once the run is over
+
+
+KILLED_WHILE_DECODING = """
+import sys, time
+from pathlib import Path
+import fastft.data.images as images
+
+real = images.fixed_size_pixels
+def slow(path, size, crop_pct):  # a slow disk: the run is killed while its workers are busy
+    time.sleep(0.05)
+    return real(path, size, crop_pct)
+images.fixed_size_pixels = slow
+images.read_pictures(sorted(Path(sys.argv[1]).glob("*.png")), 16, 1.0)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in __import__("pathlib").Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or (__import__("os").cpu_count() or 1) < 2,
+                    reason="decode processes are forked on Linux with 2 cores or more")
+def test_decode_workers_die_when_their_run_is_killed(tmp_path):
+    import os
+    import signal
+    import time
+
+    from fastft.atomic import process_alive
+    from fastft.data.images import PROCESSES_FROM
+
+    one = tmp_path / "one.png"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(one)
+    (tmp_path / "many").mkdir()
+    for i in range(PROCESSES_FROM):  # enough files for a process pool
+        (tmp_path / "many" / f"{i:05d}.png").symlink_to(one)
+    run = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_DECODING, str(tmp_path / "many")])
+    workers = []
+    for _ in range(600):
+        workers = [pid for pid in _children(run.pid) if process_alive(pid)]
+        if workers or run.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert workers, "the decode never started its workers"
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    for _ in range(300):
+        if not any(process_alive(pid) for pid in workers):
+            break
+        time.sleep(0.1)
+    alive = [pid for pid in workers if process_alive(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)  # leave no orphan behind even when the test fails
+    assert not alive, f"decode workers {alive} outlived their killed run"
+
+
+def test_a_killed_runs_half_written_cache_entry_is_removed_by_the_next_run(tmp_path, monkeypatch):
+    import os
+
+    from fastft.data import cache
+
+    monkeypatch.setenv("FASTFT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    abandoned = tmp_path / "cache" / ".0123abc.999999999.partial.npy"  # its writer was killed -9
+    in_progress = tmp_path / "cache" / f".4567def.{os.getpid()}.partial.npy"  # another live run is writing it
+    abandoned.write_bytes(b"half")
+    in_progress.write_bytes(b"half")
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    good, pixels, bad = cache.decode([image], 8, 1.0)
+    cache.finish_writes()
+    assert good == [image] and tuple(pixels.shape) == (1, 3, 8, 8) and not bad
+    assert not abandoned.exists() and in_progress.exists()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastft.atomic import replacing, write_json
+from fastft.atomic import remove_partial_files, replacing, write_json
 from fastft.data.augment import AugPlan
 from fastft.data.images import read_pictures
 
@@ -54,6 +54,8 @@ def decode(files: list[Path], size: int, crop_pct: float):
     """(readable files, (N, 3, size, size) uint8 tensor of their pictures, [(unreadable file, reason)]),
     from the disk cache when these exact files were decoded before."""
     finish_writes()  # a save still in flight may be of these very files (fastft compare: one run after another)
+    if cache_folder().is_dir():
+        remove_partial_files(cache_folder(), only_abandoned=True)  # a killed run's half-written entry
     key = _key(files, size, crop_pct)
     stored, meta_file = cache_folder() / f"{key}.npy", cache_folder() / f"{key}.json"
     if stored.is_file() and meta_file.is_file():

@@ -129,6 +129,22 @@ def _decode_processes(n_files: int, threads: int | None) -> int:
 FORKS = sys.platform.startswith("linux")
 
 
+def _die_with(parent: int, initializer=None, *initargs) -> None:
+    """A decode worker's first step: on Linux, ask the kernel to kill it when the process that forked it dies (a
+    kill -9 of a run skips every cleanup, and a worker blocked on its task queue would otherwise live on, holding
+    its memory); and if that parent is already gone, exit now."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+    if initializer is not None:
+        initializer(*initargs)
+
+
 def _process_pool(processes: int, initializer=None, initargs=()):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -136,7 +152,8 @@ def _process_pool(processes: int, initializer=None, initargs=()):
     # fork on Linux: the workers start at once and need nothing re-imported; they only run PIL and NumPy.
     # Elsewhere the platform's default (spawn): macOS system libraries are not safe to fork.
     context = multiprocessing.get_context("fork" if FORKS else None)
-    return ProcessPoolExecutor(processes, mp_context=context, initializer=initializer, initargs=initargs)
+    return ProcessPoolExecutor(processes, mp_context=context, initializer=_die_with,
+                               initargs=(os.getpid(), initializer, *initargs))
 
 
 def _chunks(paths: list, processes: int) -> list[tuple[int, list]]:
