@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 import fastft
 from conftest import fastft as run_fastft, invoke
@@ -164,3 +165,46 @@ def test_export_of_an_unexportable_model_is_a_clean_error(tmp_path, monkeypatch)
     with pytest.raises(UsageError, match="cannot be exported to ONNX"):
         export_onnx(tmp_path)
     assert not (tmp_path / "model.onnx").exists()
+
+
+# A hand-edited model.json: each bad value is a one-line error naming its key, before anything is built or fetched.
+BAD_META = [
+    ("arch", "no_such_net"), ("arch", "hf-hub:timm/resnet18.a1_in1k"), ("arch", "local-dir:/etc"), ("arch", 18),
+    ("crop_pct", 0), ("crop_pct", "0.9"), ("head.mystery", 1), ("head.hidden", -5), ("head.dropout", 1.5),
+    ("input_size", 0), ("input_size", -32), ("input_size", "224"), ("input_size", 60000), ("input_size", True),
+    ("mean", "0.5"), ("mean", [0.5]), ("std", [0.2, 0.0, 0.2]), ("std", [0.2, float("nan"), 0.2]),
+    ("threshold", "0.5"), ("threshold", 2), ("classes", "abc"), ("classes", []), ("classes", ["a", "a"]),
+    ("tta", "no"), ("multi_label", 1), ("format", "fastft-bundle/9"), ("calibrate", True),
+]
+
+
+@pytest.mark.parametrize("key,value", BAD_META, ids=[f"{k}={v!r}" for k, v in BAD_META])
+def test_a_hand_edited_model_json_is_checked_on_load(trained_run, tmp_path, key, value, monkeypatch):
+    import shutil
+    import socket
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    meta = json.loads((run / "model.json").read_text())
+    table, name = (meta["head"], key.split(".")[1]) if key.startswith("head.") else (meta, key)
+    table[name] = value
+    (run / "model.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("loading a bundle used the network"))
+    with pytest.raises(UsageError, match=f"'{key}'" if key != "format" else "format") as error:
+        fastft.load(run)
+    assert "\n" not in str(error.value)
+
+
+def test_a_bad_model_json_is_one_line_from_every_command(trained_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    meta = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps({**meta, "std": [0.2, 0, 0.2]}))
+    image = tmp_path / "a.png"
+    Image.new("RGB", (32, 32)).save(image)
+    for command in (["predict", run, image], ["export", run, "--format", "onnx"], ["serve", run, "--port", "1"]):
+        result = run_fastft(*command)
+        assert result.returncode == 2 and "'std'" in result.stderr and "Traceback" not in result.stderr, command
+        assert len(result.stderr.strip().splitlines()) == 1

@@ -8,6 +8,8 @@ and needs no fastai: torch, timm and `fastft.deploy.network` rebuild the network
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -57,15 +59,72 @@ def probabilities_of(network, multi_label: bool = False):
     return lambda batch: network(batch).sigmoid() if multi_label else network(batch).softmax(dim=1)
 
 
+def _whole(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _number(value, low: float, high: float, open_low: bool = False) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and (low < value if open_low else low <= value) and value <= high)
+
+
+def _rgb(value, positive: bool = False) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(_number(v, 0.0, 1e3, open_low=positive) for v in value)
+
+
+# A plain timm name, with or without a pretrained tag ("resnet18", "convnext_tiny.fb_in22k"): never "hf-hub:..."
+# or "local-dir:...", which would make loading a bundle fetch from the network or read files outside it.
+PLAIN_ARCH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")
+# model.json's keys: (is the value good?, what it must be). A hand-edited file is checked against this on load.
+SCHEMA = {
+    "format": (lambda v: v == FORMAT, f'"{FORMAT}"'),
+    "arch": (lambda v: isinstance(v, str) and PLAIN_ARCH.fullmatch(v), 'a plain timm architecture name, e.g. "resnet18"'),
+    "classes": (lambda v: isinstance(v, list) and v and all(isinstance(c, str) and c for c in v) and len(set(v)) == len(v),
+                "a list of distinct, non-empty class names"),
+    "input_size": (lambda v: _whole(v, 8, 4096), "a whole number of pixels from 8 to 4096"),
+    "resize": (lambda v: _whole(v, 8, 8192), "a whole number of pixels from 8 to 8192"),
+    "crop_pct": (lambda v: _number(v, 0.1, 1.0), "a number from 0.1 to 1"),
+    "mean": (_rgb, "a list of three numbers, one per RGB channel"),
+    "std": (lambda v: _rgb(v, positive=True), "a list of three positive numbers, one per RGB channel"),
+    "tta": (lambda v: isinstance(v, bool), "true or false"),
+    "multi_label": (lambda v: isinstance(v, bool), "true or false"),
+    "threshold": (lambda v: _number(v, 0.0, 1.0, open_low=True) and v < 1, "a number between 0 and 1"),
+    "head": (lambda v: isinstance(v, dict), "a table of hidden, dropout and concat_pool"),
+    "versions": (lambda v: isinstance(v, dict), "a table of version strings"),
+}
+HEAD_SCHEMA = {
+    "hidden": (lambda v: _whole(v, 0, 65536), "a whole number from 0 (a linear head) to 65536"),
+    "dropout": (lambda v: _number(v, 0.0, 1.0) and v < 1, "a number from 0 to below 1"),
+    "concat_pool": (lambda v: isinstance(v, bool), "true or false"),
+}
+REQUIRED = ("format", "arch", "classes", "input_size", "crop_pct", "mean", "std")
+
+
+def check_meta(meta, path: Path) -> dict:
+    """`meta` if it is a model.json fastft can use, else a one-line error naming the first bad key."""
+    if not isinstance(meta, dict):
+        raise UsageError(f"{path} is not a fastft model.json (not a JSON object); re-export the model")
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise UsageError(f"{path} is not a {FORMAT} model.json (missing: {', '.join(missing)}); re-export the model")
+    for where, table, schema in (("", meta, SCHEMA), ("head.", meta.get("head", {}), HEAD_SCHEMA)):
+        for key, value in table.items():
+            if key not in schema:
+                raise UsageError(f"{path}: '{where}{key}' is not a key of a fastft model.json (it knows "
+                                 f"{', '.join(schema)}); remove it or re-export the model")
+            good, expected = schema[key]
+            if not good(value):
+                raise UsageError(f"{path}: '{where}{key}' is {json.dumps(value)[:60]}, but must be {expected}; fix it "
+                                 "or re-export the model")
+    return meta
+
+
 def _meta(path: Path) -> dict:
     try:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UsageError(f"{path} is not a readable fastft model.json ({e}); re-export the model") from None
-    missing = [k for k in ("format", "arch", "classes", "input_size", "crop_pct", "mean", "std") if k not in meta]
-    if missing or meta.get("format") != FORMAT:
-        raise UsageError(f"{path} is not a {FORMAT} model.json (missing: {', '.join(missing) or 'format'})")
-    return meta
+    return check_meta(meta, path)
 
 
 class Model:
@@ -143,6 +202,11 @@ class BundleModel(Model):
             state = load_file(str(weights))
         except (SafetensorError, OSError, ValueError) as e:
             raise UsageError(f"{weights} is corrupt or truncated ({str(e)[:100]}); re-export the model") from None
+        import timm
+
+        if not timm.is_model(self.meta["arch"].split(".")[0]):
+            raise UsageError(f"{meta_path}: 'arch' {self.meta['arch']!r} is not an architecture timm {timm.__version__} "
+                             "knows; fix it or re-export the model")
         self.network = build_network(self.meta["arch"], len(self.classes), self.meta.get("head"))
         try:
             self.network.load_state_dict(state, strict=True)
