@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -19,13 +20,13 @@ from fastft.train.strategies import STRATEGIES, strategy_settings
 
 
 def setting(default, help: str, flag: str | None = "", choices: tuple = (), cli_min: int | None = None,
-            minimum: int | None = None):
+            minimum: int | None = None, maximum: int | None = None):
     """A recipe key: its built-in default and what it means. `flag` is its command-line option (derived from
     the name when empty: bs -> --bs, bools -> --tta/--no-tta); None for keys only a recipe file sets. `choices`
-    are the values it takes, if only some; `cli_min` the least a command-line value may be, `minimum` the least
-    any value may be. The CLI builds every training command's options from these."""
+    are the values it takes, if only some; `cli_min` the least a command-line value may be, `minimum` and `maximum`
+    the least and most any value may be. The CLI builds every training command's options from these."""
     return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "cli_min": cli_min,
-                                            "minimum": minimum})
+                                            "minimum": minimum, "maximum": maximum})
 
 
 @dataclass
@@ -59,7 +60,7 @@ class CommonRecipe:
                                "or a fastft run folder (its backbone, and its head when the classes match).")
     head_dropout: float = setting(0.5, "Dropout in fastai's head (its ps): p/2 before the hidden layer, p before the last.")
     # input and augmentation
-    size: int = setting(224, "Input side in pixels (train crops and test centre-crops to it).")
+    size: int = setting(224, "Input side in pixels (train crops and test centre-crops to it).", maximum=4096)
     crop_pct: float = setting(0.875, "test items: resize to round(size / crop_pct), then centre-crop to size", flag=None)
     aug: str = setting("flip", AUG_HELP)
     # training
@@ -89,7 +90,7 @@ class CommonRecipe:
                        choices=("", "tensorboard"))
     # infrastructure
     seed: int = setting(42, "Random seed: the same seed gives the same numbers on the same machine (and the same "
-                            "--workers).")
+                            "--workers).", minimum=0, maximum=2**32 - 1)  # NumPy's seeds are 32-bit
     workers: int | str = setting("auto", "DataLoader worker processes per pass over the data (0: load in the main "
                                          "process), never more than the pass's batches; auto: none on a CPU, on a GPU "
                                          "one per 4 batches, up to the cores (8 at most). Unused when decoded once. "
@@ -153,6 +154,8 @@ def _checked(values: dict, source: str) -> dict:
             value = float(value)
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise UsageError(f"'{key}' in {source} must be a {want.__name__}, got {value!r}")
+        if want is float and not math.isfinite(value):
+            raise UsageError(f"'{key}' in {source} must be a finite number, got {value!r}")
         out[key] = value
     for key in ("epochs", "bs", "size"):
         if key in out and out[key] < 1:
@@ -163,6 +166,8 @@ def _checked(values: dict, source: str) -> dict:
     for key, value in out.items():
         if (least := _FIELDS[key].metadata["minimum"]) is not None and value < least:
             raise UsageError(f"'{key}' in {source} must be at least {least}, got {value}")
+        if (most := _FIELDS[key].metadata["maximum"]) is not None and value > most:
+            raise UsageError(f"'{key}' in {source} must be at most {most}, got {value}")
     if "valid_pct" in out and not 0 < out["valid_pct"] < 1:
         raise UsageError(f"'valid_pct' in {source} must be between 0 and 1, got {out['valid_pct']}")
     if "holdout" in out and not 0 <= out["holdout"] < 1:
@@ -187,7 +192,7 @@ def _learning_rate(value, source: str) -> float | str:
         lr = float(value) if not isinstance(value, bool) else -1.0
     except (TypeError, ValueError):
         lr = -1.0
-    if lr < 0:
+    if not (0 <= lr < math.inf):  # nan and inf too
         raise UsageError(f"'lr' in {source} must be a positive number, 0 (the strategy's default) or auto; got {value!r}")
     return lr
 

@@ -317,3 +317,10 @@ def test_runs_named_in_the_same_second_get_their_own_folders(tmp_path):
         claim_run_folder(taken, "x")
     (taken / "recipe.toml").write_text("# claimed by a fastft run that has not written its recipe yet; process 999999999\n")
     assert claim_run_folder(taken, "x") == taken and claimant(taken) == os.getpid()  # a dead run's claim is taken over
+
+
+def test_a_loss_that_becomes_nan_stops_the_run_with_a_clear_error(dataset, tmp_path):
+    out = tmp_path / "run"
+    result = invoke("train", dataset, *TINY, "--epochs", "3", "--strategy", "fine-tune", "--lr", "1e30", "--out", out)
+    assert result.exit_code == 2 and "training loss became" in result.output and "--lr" in result.output, result.output
+    assert not (out / "model.json").exists()  # no NaN model is saved as if it were trained

@@ -28,7 +28,9 @@ def test_unknown_key_is_an_error_that_names_it(tmp_path):
 
 @pytest.mark.parametrize("line", ['epochs = "five"', "pretrained = 1", "lr = -1.0", "strategy = \"warp\"", "size = 0",
                                   "label_smoothing = 1.0", "head_dropout = -0.1", "wd = -0.01",
-                                  "workers = -1", 'workers = "many"', "workers = 2.5"])
+                                  "workers = -1", 'workers = "many"', "workers = 2.5", "lr = nan", 'lr = "inf"',
+                                  "wd = inf", "label_smoothing = nan", "seed = 99999999999999999999", "seed = -1",
+                                  "size = 60000"])
 def test_bad_values_are_errors(tmp_path, line):
     path = tmp_path / "bad.toml"
     path.write_text(line + "\n")
@@ -73,3 +75,11 @@ def test_broken_recipe_file_is_a_clean_error(tmp_path):
     result = fastft("broken", "--epochs", "1", env={"FASTFT_RECIPE_PATH": str(tmp_path)})
     assert result.returncode == 2
     assert "batch" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "nan"), ("--lr", "inf"), ("--wd", "inf"),
+                                        ("--seed", "99999999999999999999"), ("--size", "60000")])
+def test_bad_values_on_the_command_line_are_one_line_errors(dataset, tmp_path, flag, value):
+    result = fastft("train", dataset, flag, value, "--out", tmp_path / "run")
+    assert result.returncode == 2 and flag.strip("-") in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

@@ -9,6 +9,7 @@ split unless the user insists (and then the run says its test accuracy is optimi
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import torch
@@ -16,6 +17,7 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.torch_core import find_bs
 
 from fastft.data.loaders import validation_loader
+from fastft.errors import UsageError
 from fastft.fastai_internals import AFTER_RECORDER
 from fastft.train import checkpoint
 from fastft.train.report import epoch_line, write_reports
@@ -51,6 +53,7 @@ class EpochLog(Callback):
         recipe = context.recipe
         self.out, self.device, self.dist, self.total_epochs = context.folder, str(context.device), context.dist, recipe.epochs
         self.keep, self.monitor, self.patience = context.resolved.keep, recipe.monitor, recipe.patience
+        self.lr = context.resolved.lr
         self.multi_label, self.recipe_toml, self.progress = context.multi_label, context.saved_recipe().to_toml(), progress
         self.epochs, self.train_examples, self.train_seconds, self.train_batches = [], 0, 0.0, 0
         self.snapshot, self.best, self.running, self.stopped = None, None, False, ""
@@ -71,8 +74,14 @@ class EpochLog(Callback):
         self.train_batches += self.training
         n = find_bs(self.yb)
         sums = self.sums[self.training]
+        loss = self.loss.item()
+        if self.training and not math.isfinite(loss):
+            raise UsageError(f"training stopped: the training loss became {loss} in epoch {len(self.epochs) + 1}; the "
+                             f"learning rate ({self.lr} at its peak) is too high for this data, or the data holds bad "
+                             "values; start again with a lower --lr (the finished epochs' figures are in "
+                             f"{self.out.path})")
         sums[0] += n
-        sums[1] += self.loss.item() * n
+        sums[1] += loss * n
         sums[2] += correct(self.pred, self.yb[0], self.multi_label)
 
     def validation_figures(self) -> dict:
