@@ -5,6 +5,7 @@ never a truncated one; a reader never sees half a file. Files get the user's usu
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +37,28 @@ def remove_partial_files(folder: Path, only_abandoned: bool = False) -> None:
         pid = leftover.name.split(".partial")[0].rsplit(".", 1)[-1]  # .NAME.PID.partial.SUFFIX
         if not only_abandoned or not (pid.isdigit() and process_alive(int(pid))):
             leftover.unlink(missing_ok=True)
+
+
+def disk_full(error: BaseException) -> bool:
+    """A full disk (or quota), however a library reports it: an OSError, or an error of a library's own type whose
+    message carries the OS error (safetensors' writer: "code: 28, kind: StorageFull")."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
+
+
+def disk_full_error(path: Path) -> OSError:
+    """The OSError the CLI reports as a full disk, naming the file that did not fit."""
+    return OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def usual_permissions(path: Path) -> None:
+    """Read and write for the owner, and for others as the umask allows: what `open` gives, for files a library
+    wrote more tightly (safetensors' writer makes them 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def process_alive(pid: int) -> bool:

@@ -244,7 +244,7 @@ def recipe_files() -> dict[str, Path]:
 
 def read_recipe_file(path: Path) -> Recipe:
     try:
-        values = tomllib.loads(path.read_text())
+        values = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark some editors add is no error
     except FileNotFoundError:
         raise UsageError(f"recipe file {path} does not exist; `fastft recipes` lists the shipped ones") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

@@ -208,3 +208,30 @@ def test_a_bad_model_json_is_one_line_from_every_command(trained_run, tmp_path):
         result = run_fastft(*command)
         assert result.returncode == 2 and "'std'" in result.stderr and "Traceback" not in result.stderr, command
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_full_disk_during_export_is_reported_as_one_naming_the_file(trained_run, tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch.onnx, "export", disk_full)
+    onnx = invoke("export", run, "--format", "onnx")
+    assert onnx.exit_code == 2 and "no space left" in onnx.output and "model.onnx" in onnx.output, onnx.output
+    assert "cannot be exported" not in onnx.output and not (run / "model.onnx").exists()
+
+
+def test_non_regular_files_given_to_predict_are_named_as_such(trained_run, tmp_path):
+    import os
+
+    fifo = tmp_path / "photo.png"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero.png"
+    zero.symlink_to("/dev/zero")
+    for path in (fifo, zero):
+        result = run_fastft("predict", trained_run[0], path)
+        assert result.returncode == 2 and "is not a regular file" in result.stderr, result.stderr

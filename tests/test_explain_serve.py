@@ -380,7 +380,7 @@ def test_the_page_in_a_real_headless_chromium_shows_the_label_and_class_names_as
         page.quit()
 
 
-def test_a_hub_export_loads_in_plain_timm_with_the_same_probabilities(tmp_path):
+def test_a_hub_export_loads_in_plain_timm_with_the_same_probabilities(tmp_path, monkeypatch):
     from conftest import make_class_folders
 
     data = make_class_folders(tmp_path / "photos", per_class=8)
@@ -393,6 +393,10 @@ def test_a_hub_export_loads_in_plain_timm_with_the_same_probabilities(tmp_path):
     assert config["architecture"] == "resnet18" and config["num_classes"] == 2 and config["label_names"] == ["blue", "red"]
     assert config["pretrained_cfg"]["crop_pct"] == 0.875 and (hub / "model.safetensors").is_file()
     assert "## Test figures of the run" in (hub / "README.md").read_text()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f.name: f.stat().st_mode & 0o777 for f in hub.iterdir()} == {n: 0o666 & ~umask for n in
+                                                                        ("config.json", "model.safetensors", "README.md")}
     import fastft
 
     bundle = fastft.load(run)
@@ -410,6 +414,14 @@ with torch.no_grad():
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr
     np.testing.assert_allclose(json.loads(shown.stdout), bundle.probabilities(batch), atol=1e-5)
+
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):  # how safetensors' writer reports a full disk: its own error type
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    full = invoke("export", run, "--format", "hub", "--out", tmp_path / "hub2")
+    assert full.exit_code == 2 and "no space left" in full.output and "model.safetensors" in full.output, full.output
 
 
 def test_a_model_with_fastais_head_is_not_exported_to_the_hub(trained_run, tmp_path):

@@ -62,6 +62,20 @@ def test_rows_naming_missing_files_are_skipped_with_a_warning(tmp_path, capsys):
         read_labels(table, None, "", "", "", 0.2, 0)
 
 
+def test_rows_leaving_the_folder_and_repeated_or_conflicting_rows_are_warned_about(tmp_path, capsys):
+    table = csv_dataset(tmp_path / "d", single())
+    outside = tmp_path / "elsewhere" / "red9.png"
+    write_image(outside, COLOURS["red"], seed=99)
+    table.write_text(table.read_text() + f"{outside},red\n../elsewhere/red9.png,red\nblue0.png,blue\nred1.png,blue\n")
+    split = read_labels(table, None, "", "", "", 0.2, 0)
+    assert sum(len(split.items(p)) for p in split.parts) == 21  # the outside file once; the repeats not again
+    warning = capsys.readouterr().err
+    assert "1 file(s) outside its folder" in warning and str(outside) in warning
+    assert "2 file(s) twice with the same label" in warning and "blue0.png (rows 2 and 24)" in warning
+    assert "twice with different labels" in warning and "'red' and 'blue'" in warning
+    assert warning.count("red9.png") == 2  # outside, then its second row (../) as a repeat
+
+
 @pytest.mark.parametrize("case,message", [
     ("no header", "no header row"),
     ("unknown column", r"no column 'pic' \(its columns: image, label\).*--image-col"),

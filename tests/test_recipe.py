@@ -83,3 +83,9 @@ def test_bad_values_on_the_command_line_are_one_line_errors(dataset, tmp_path, f
     result = fastft("train", dataset, flag, value, "--out", tmp_path / "run")
     assert result.returncode == 2 and flag.strip("-") in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_recipe_file_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes("\ufeffepochs = 3\n".encode("utf-8"))
+    assert read_recipe_file(path).epochs == 3

@@ -204,6 +204,9 @@ def collect_images(paths: list[Path]) -> list[Path]:
             found += image_files(path)
         elif path.is_file():
             found.append(path)
+        elif path.exists():
+            raise UsageError(f"{path} is not a regular file (a device, a FIFO or a socket); pass image files or folders "
+                             "of images")
         else:
             raise UsageError(f"{path} does not exist; pass image files or folders of images")
     return found

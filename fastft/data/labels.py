@@ -96,18 +96,35 @@ def read_labels(table: Path, data: Path | None, image_col: str, label_col: str, 
     delim = choose_delimiter([c for _, _, c, _ in cells], delimiter)
 
     parts: dict[str, dict[str, list[Path]]] = {TRAIN: {}, VALID: {}, TEST: {}}
-    missing = []
+    missing, outside, repeated, conflicting = [], [], [], []
+    roots = [b.resolve() for b in bases]
+    first_row: dict[Path, tuple[int, str]] = {}  # a file -> the row that labelled it first, and its label
     for number, name, cell, where in cells:
         path = next((f / name for f in folders if (f / name).is_file()), None)
         if path is None:
             missing.append(name)
             continue
         key = delim.join(sorted({t.strip() for t in cell.split(delim) if t.strip()})) if delim else cell
+        real = path.resolve()
+        if real in first_row:  # the first row wins: an image is trained on once, with one label
+            (repeated if first_row[real][1] == key else conflicting).append(
+                f"{name} (rows {first_row[real][0]} and {number}"
+                + (f": {first_row[real][1]!r} and {key!r})" if first_row[real][1] != key else ")"))
+            continue
+        first_row[real] = (number, key)
+        if not any(real.is_relative_to(root) for root in roots):
+            outside.append(name)
         parts[_split_of(where, split_col, number, table) if split_col else TRAIN].setdefault(key, []).append(path)
-    if missing and not quiet:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        print(f"warning: {table} names {len(missing)} file(s) that do not exist; training on the other rows: {shown}",
-              file=sys.stderr)
+    if not quiet:
+        for problem, names in (("names {} file(s) that do not exist; training on the other rows", missing),
+                               ("names {} file(s) outside its folder and --data (an absolute or ../ path); they are "
+                                "used: check that they are meant", outside),
+                               ("lists {} file(s) twice with the same label; each is used once", repeated),
+                               ("lists {} file(s) twice with different labels; the first row's label is used: fix the "
+                                "others", conflicting)):
+            if names:
+                shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                print(f"warning: {table} {problem.format(len(names))}: {shown}", file=sys.stderr)
     if not any(parts[TRAIN].values()):
         raise UsageError(f"none of the training images {table} names exist (looked beside it"
                          + (f" and in {data}" if data else "") + "); fix the paths, or pass --data with their folder")

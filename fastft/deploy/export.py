@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastft.atomic import replacing
+from fastft.atomic import disk_full, disk_full_error, replacing
 from fastft.errors import UsageError
 from fastft.run_folder import RunFolder, run_folder_of
 
@@ -49,6 +49,8 @@ def export_onnx(model_path: Path, images: list[Path] | None = None) -> tuple[Pat
                               output_names=["probabilities"], dynamo=False,
                               dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}})
     except Exception as e:  # the exporter raises many types for unsupported operators
+        if disk_full(e):
+            raise disk_full_error(target) from None
         raise UsageError(f"{model.meta['arch']} cannot be exported to ONNX ({type(e).__name__}: "
                          f"{str(e).strip().splitlines()[0][:150] if str(e).strip() else ''})") from None
     images = images if images is not None else sample_images(run)

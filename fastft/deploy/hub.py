@@ -22,7 +22,7 @@ def export_hub(model_path: Path, out: str | None) -> Path:
     import torch
     from timm.models import save_for_hf
 
-    from fastft.atomic import write_text
+    from fastft.atomic import disk_full, disk_full_error, usual_permissions, write_text
     from fastft.run_folder import new_run_folder, run_folder_of
     from fastft.deploy.bundle import BundleModel, load
 
@@ -50,8 +50,15 @@ def export_hub(model_path: Path, out: str | None) -> Path:
                                  "input_size": (3, size, size), "crop_pct": model.meta["crop_pct"],
                                  "crop_mode": "center", "interpolation": "bilinear",
                                  "num_classes": len(model.classes)}}
-    with torch.no_grad():
-        save_for_hf(network.eval(), str(folder), model_config=config, safe_serialization=True)
+    try:
+        with torch.no_grad():
+            save_for_hf(network.eval(), str(folder), model_config=config, safe_serialization=True)
+    except Exception as e:  # safetensors reports a full disk with its own error type
+        if disk_full(e):
+            raise disk_full_error(folder / "model.safetensors") from None
+        raise
+    for written in ("model.safetensors", "config.json"):
+        usual_permissions(folder / written)
     write_text(folder / "README.md", model_card(model, model_path, folder))
     return folder
 
