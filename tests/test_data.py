@@ -149,6 +149,28 @@ def test_decoded_pictures_are_reused_from_disk_until_a_file_changes(tmp_path, mo
     assert not torch.equal(again, first) and again[0].float().mean() > 200
 
 
+def test_a_run_that_decodes_and_one_that_reads_the_cache_train_bit_identical_weights(tmp_path, monkeypatch):
+    """Resuming (or any second run) reads the cache; it must give what a cold run gives, to the bit."""
+    from conftest import TINY, invoke
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("FASTFT_CACHE", str(tmp_path / "cache"))
+    root = make_split_dataset(tmp_path / "d")
+    cold = load_split(root, Recipe(size=32, aug="flip")).pixels["train"]
+    assert cold.is_contiguous()  # laid out channels first, as the cache stores and reloads it
+    weights = []
+    for name in ("cold", "warm"):
+        if name == "cold":
+            from fastft.data import cache
+
+            cache.finish_writes()
+            shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+        result = invoke("train", root, *TINY, "--epochs", "2", "--aug", "flip", "--out", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        weights.append(load_file(str(tmp_path / name / "model.safetensors")))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_a_loader_starts_no_more_workers_than_it_has_batches(tmp_path):
     """fastai starts every worker at every pass over the data: a worker with no batch would only cost its start."""
     root = make_split_dataset(tmp_path / "d")

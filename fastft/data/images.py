@@ -186,9 +186,11 @@ def split_readable(paths: list[Path], threads: int | None = None) -> tuple[list[
 
 
 def fixed_size_pixels(path: Path, size: int, crop_pct: float) -> np.ndarray:
-    """(3, size, size) uint8, channels first as batches are: the file as RGB after the test transform
-    (`resize_center_crop`)."""
-    return np.asarray(resize_center_crop(open_rgb(path), size, crop_pct)).transpose(2, 0, 1)
+    """(3, size, size) uint8, channels first as batches are, and laid out so in memory: the file as RGB after the
+    test transform (`resize_center_crop`). A transposed view would make np.stack keep the channels-last layout,
+    and a convolution over channels-last batches rounds differently from one over the same values laid out
+    channels first: a run decoding its pictures would then differ from one reading them from the cache."""
+    return np.ascontiguousarray(np.asarray(resize_center_crop(open_rgb(path), size, crop_pct)).transpose(2, 0, 1))
 
 
 _pictures = None  # a forked worker's view of the shared array read_pictures fills
