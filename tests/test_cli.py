@@ -75,6 +75,26 @@ def test_saved_recipe_reproduces_the_run(trained_run, tmp_path):
     assert strip(first) == strip(second)
 
 
+def test_a_saved_recipe_with_relative_paths_reproduces_from_another_folder(dataset, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    (tmp_path / "w").mkdir()
+    save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(tmp_path / "w" / "resnet18.safetensors"))
+    args = ["--arch", "resnet18", "--size", "32", "--bs", "4", "--workers", "0", "--device", "cpu", "--epochs", "1"]
+    first = fastft("train", dataset, *args, "--weights", "w/resnet18.safetensors", "--out", "first", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    saved = (tmp_path / "first" / "recipe.toml").read_text()
+    assert f'weights = "{tmp_path / "w" / "resnet18.safetensors"}"' in saved
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    again = fastft("run", tmp_path / "first" / "recipe.toml", "--out", "again", cwd=elsewhere)
+    assert again.returncode == 0, again.stderr
+    metrics = [json.loads((run / "metrics.json").read_text())["epochs"] for run in (tmp_path / "first", elsewhere / "again")]
+    assert [{k: v for k, v in e.items() if k != "seconds"} for e in metrics[0]] == \
+           [{k: v for k, v in e.items() if k != "seconds"} for e in metrics[1]]
+
+
 def test_predict_labels_files_and_folders(trained_run, dataset, tmp_path):
     out = trained_run[0]
     bad = tmp_path / "broken.jpg"

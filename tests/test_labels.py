@@ -1,5 +1,6 @@
 """Data beyond class folders: labels from a CSV, multi-label runs, imbalanced classes, `fastft inspect`."""
 import json
+import re
 import shutil
 
 import pytest
@@ -181,7 +182,17 @@ def test_balance_weights_the_loss_or_the_sampling_and_imbalance_is_noted(tmp_pat
             drawn = [dls.train_ds.items[i][1] for i in dls.train.get_idxs()]
             assert 0.35 < drawn.count("blue") / len(drawn) < 0.65
     noted = fastft("cifar", "--data", root, *TINY, "--epochs", "1", "--out", tmp_path / "run")
-    assert noted.returncode == 0 and "imbalanced (training images: red 25, blue 8)" in noted.stderr
+    assert noted.returncode == 0 and "imbalanced (training images: red 25, blue 8); --balance weights or" in noted.stderr
+    run = tmp_path / "weighted"
+    weighted = fastft("cifar", "--data", root, *TINY, "--epochs", "2", "--balance", "weights", "--out", run)
+    assert weighted.returncode == 0, weighted.stderr
+    assert "red 25, blue 8); --balance weights weighs them equally in the loss" in weighted.stderr  # what it did
+    # the accuracy the run prints is its saved model's: `fastft evaluate` gives the same, with and without flip TTA
+    printed, printed_tta = re.search(r"test acc (\d\.\d{3}) \((\d\.\d{3}) with flip TTA\)", weighted.stdout).groups()
+    final = json.loads((run / "metrics.json").read_text())["final"]
+    for tta, figure, key in (("--no-tta", printed, "test_acc"), ("--tta", printed_tta, "test_acc_tta")):
+        report = json.loads(invoke("evaluate", run, root, "--json", tta, "--out", tmp_path / f"eval{tta}").stdout)
+        assert f"{report['accuracy']:.3f}" == figure and report["accuracy"] == pytest.approx(final[key], abs=1e-9)
 
 
 def test_inspect_reports_counts_duplicates_leakage_and_tiny_classes(tmp_path):

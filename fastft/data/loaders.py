@@ -54,13 +54,18 @@ def label_counts(split: Split) -> dict[str, int]:
     return counts
 
 
-def imbalance_note(counts: dict[str, int]) -> str:
-    """One line with the counts when the largest class has more than 3x the smallest's images, else ''."""
+BALANCED_BY = {"weights": "--balance weights weighs them equally in the loss",
+               "sampler": "--balance sampler draws each class equally often"}
+
+
+def imbalance_note(counts: dict[str, int], balance: str = "none") -> str:
+    """One line with the counts when the largest class has more than 3x the smallest's images, else '': what the
+    run does about it (`balance`), or what it could do."""
     if min(counts.values()) * 3 >= max(counts.values()):
         return ""
     shown = ", ".join(f"{label} {n}" for label, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    return (f"note: the classes are imbalanced (training images: {shown}); --balance weights or --balance sampler "
-            "weighs them equally")
+    remedy = BALANCED_BY.get(balance, "--balance weights or --balance sampler weighs them equally")
+    return f"note: the classes are imbalanced (training images: {shown}); {remedy}"
 
 
 def load_split(root: Path, recipe: Recipe, plan: AugPlan | None = None, quiet: bool = False) -> Split:

@@ -46,11 +46,12 @@ def write_bundle(model, run: RunFolder, *, arch: str, classes: list[str], size: 
     write_json(run.meta, meta)
 
 
-def mirror_averaged(probabilities, batch):
+def mirror_averaged(probabilities, batch, plain=None):
     """Flip TTA, the one rule every model uses: `probabilities` of each image of an (N, 3, H, W) batch
-    averaged with those of its mirror image. `batch` is a numpy array or a torch tensor."""
+    averaged with those of its mirror image. `batch` is a numpy array or a torch tensor; `plain`: the batch's
+    own probabilities, when the caller has them already."""
     mirror = batch.flip(-1) if hasattr(batch, "flip") else np.ascontiguousarray(batch[..., ::-1])
-    return (probabilities(batch) + probabilities(mirror)) / 2
+    return ((probabilities(batch) if plain is None else plain) + probabilities(mirror)) / 2
 
 
 def probabilities_of(network, multi_label: bool = False):

@@ -26,7 +26,8 @@ class Resolved:
     keep: str  # best or last (recipe: auto)
     lr: float | str  # the head's peak rate (recipe: 0, the strategy's default); "auto" until the LR finder has run
     pretrained: bool  # False for a strategy that starts from random weights
-    weights: str  # "" for such a strategy
+    weights: str  # absolute, so that recipe.toml reproduces from any folder; "" for such a strategy
+    labels: str  # the labels CSV, absolute; "" for class folders
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
     split = load_split(root, recipe, plan, quiet=not dist.is_main)
     counts = label_counts(split)
     if dist.is_main:
-        for note in (imbalance_note(counts), leakage_warning(split)):
+        for note in (imbalance_note(counts, recipe.balance), leakage_warning(split)):
             if note:
                 print(note, file=sys.stderr)
     has_validation = bool(split.valid)
@@ -98,12 +98,18 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
             write_text(folder.skipped, "".join(f"{p}\t{why}\n" for p, why in split.skipped))
     resolved = Resolved(data=str(root.resolve()), precision=precision, keep=keep, lr=recipe.lr or
                         STRATEGIES[recipe.strategy].default_lr, pretrained=start.kind != "none" and recipe.pretrained,
-                        weights=recipe.weights if start.kind != "none" else "")
+                        weights=absolute(recipe.weights) if start.kind != "none" else "", labels=absolute(recipe.labels))
     context = RunContext(recipe=recipe, resolved=resolved, folder=folder, device=device, dist=dist,
                          classes=tuple(split.classes), class_counts=counts, multi_label=split.multi_label,
                          has_validation=has_validation, head=head, starting_weights=loaded, mean=mean, std=std,
                          skipped=tuple(split.skipped))
     return Prepared(context, learn)
+
+
+def absolute(path: str) -> str:
+    """A path from the recipe or the command line, absolute (the saved recipe runs from any folder); "" stays "".
+    """
+    return str(Path(path).expanduser().resolve()) if path else ""
 
 
 NO_VALIDATION = (" (no validation split apart from the test split, and picking an epoch on the test split would "
@@ -200,33 +206,42 @@ def unaugmented_train_accuracy(learn) -> float:
 
 
 def split_predictions(learn, dl, context: RunContext) -> tuple:
-    """(probabilities (N, C), targets) of the model over one split, as the bundle would predict them: with flip
-    TTA (each image averaged with its mirror image, `fastft predict --tta`) when the recipe asks for it."""
+    """(probabilities (N, C), the same with flip TTA or None, targets) of the model over one split, as its bundle
+    predicts them: in float32, whatever precision trained it; with TTA (each image averaged with its mirror image,
+    `fastft predict --tta`) when the recipe asks for it."""
     import numpy as np
 
     probabilities = probabilities_of(unwrapped(learn.model).eval(), context.multi_label)
-    probs, targets = [], []
+    plain, averaged, targets = [], [], []
     with torch.inference_mode():
         for xb, yb in dl:
-            probs.append((mirror_averaged(probabilities, xb) if context.recipe.tta else probabilities(xb)).float().cpu())
+            p = probabilities(xb)
+            plain.append(p.float().cpu())
+            if context.recipe.tta:
+                averaged.append(mirror_averaged(probabilities, xb, plain=p).float().cpu())
             targets.append(yb.cpu())
-    return (torch.cat(probs).numpy(), torch.cat(targets).numpy()) if probs else (np.zeros((0, 0)), np.zeros(0))
+    if not targets:
+        return np.zeros((0, 0)), None, np.zeros(0)
+    return torch.cat(plain).numpy(), torch.cat(averaged).numpy() if averaged else None, torch.cat(targets).numpy()
 
 
-def final_scores(learn, context: RunContext) -> dict:
-    """The kept model's scores on the test split (deploy/scores.py): balanced accuracy and macro F1 beside the
-    accuracy; a multi-label run's at the threshold with the best micro F1 on the validation split (0.5 without
-    one), with mAP."""
+def final_scores(learn, context: RunContext) -> tuple[dict, dict | None]:
+    """The kept model's scores on the test split as its bundle gives them (deploy/scores.py): accuracy, balanced
+    accuracy and macro F1; a multi-label run's at the threshold with the best micro F1 on the validation split (0.5
+    without one), with mAP. Returns (scores, the same with flip TTA when the recipe asks for it, else None)."""
     from fastft.deploy import scores
 
     classes = list(context.classes)
-    probs, truth = split_predictions(learn, learn.dls.valid, context)
+    plain, averaged, truth = split_predictions(learn, learn.dls.valid, context)
     if not context.multi_label:
-        return scores.single_label(probs, truth.astype(int), classes)
-    threshold = 0.5
-    if (validation := validation_loader(learn.dls)) is not None:
-        threshold = scores.choose_threshold(*split_predictions(learn, validation, context))
-    return scores.multi_label(probs, truth, classes, threshold)
+        score = lambda probs: scores.single_label(probs, truth.astype(int), classes)
+    else:
+        threshold = 0.5
+        if (validation := validation_loader(learn.dls)) is not None:
+            v_plain, v_averaged, v_truth = split_predictions(learn, validation, context)
+            threshold = scores.choose_threshold(v_plain if v_averaged is None else v_averaged, v_truth)
+        score = lambda probs: scores.multi_label(probs, truth, classes, threshold)
+    return score(plain), (score(averaged) if averaged is not None else None)
 
 
 @large_images_allowed()
@@ -325,11 +340,14 @@ def final_report(learn, context: RunContext, log: EpochLog, interrupted: bool,
     test = None
     try:  # extra passes over the data: a Ctrl-C here skips them, and the trained model is still saved
         # after fit the Learner holds the whole test set again (fastai's DistributedTrainer restores it)
-        test = final_scores(learn, context)
+        plain, with_tta = final_scores(learn, context)
+        test = with_tta or plain  # what `fastft evaluate` reports for the saved model (it uses the recipe's tta)
+        # the saved model's test accuracy in float32: the kept epoch's line was measured in the training precision
+        final["test_acc"] = plain["accuracy"]
         final.update({k: test[k] for k in ("balanced_accuracy", "macro_f1", "micro_f1", "mAP", "threshold") if k in test})
         threshold = test.get("threshold")
-        if context.recipe.tta:
-            final["test_acc_tta"] = test["accuracy"]
+        if with_tta:
+            final["test_acc_tta"] = with_tta["accuracy"]
         if measure_unaugmented and not interrupted and context.dist.size == 1:
             final["train_acc_unaugmented"] = unaugmented_train_accuracy(learn)
     except KeyboardInterrupt:
