@@ -231,13 +231,13 @@ def inspect_data(
     valid_pct: float = typer.Option(0.2, "--valid-pct", help=OPTIONS["valid_pct"].metadata["help"]),
     seed: int = typer.Option(42, "--seed", help="The seed the split is drawn with (as training's --seed)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    out: Optional[str] = typer.Option(None, "--out", help="Folder for report.json and samples.png. Default: "
-                                                           "runs/inspect-<data>-<time>."),
+    out: Optional[str] = typer.Option(None, "--out", help="Also write report.json and samples.png (a grid of "
+                                                           "images per class) to this new folder. Default: print only."),
 ):
-    """What a dataset holds, before training: images per class and split, unreadable files, sizes and modes,
-    exact duplicates (within a split, and train/test leakage), tiny classes; report.json and samples.png."""
+    """What a dataset holds, before training: images per class and split, empty class folders, unreadable files,
+    sizes and modes, exact duplicates (within a split, and train/test leakage), tiny classes. Changes nothing in
+    DATA; writes files only with --out."""
     from fastft.data.folders import split_files
-    from fastft.run_folder import new_run_folder
     from fastft.data.inspect import as_text, report, sample_grid
 
     if data.suffix.lower() == ".csv" and labels is None:
@@ -246,15 +246,18 @@ def inspect_data(
                               label_col=label_col, label_delim=label_delim, valid_pct=valid_pct, seed=seed)
     from fastft.atomic import write_json
     from fastft.data.images import large_images_allowed
+    from fastft.run_folder import check_new_out
 
-    split = split_files(data, recipe)
-    folder = new_run_folder(out, f"inspect-{run_name(str(data))}")
+    check_new_out(out)
+    split = split_files(data, recipe, empty_ok=True)
     with large_images_allowed():  # the user's own photos, as a run reads them
         result = report(split, data)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / "report.json", result)
-        sample_grid(split, folder / "samples.png")
-    typer.echo(json.dumps(result, indent=2) if as_json else as_text(result) + f"\nreport.json and samples.png in {folder}")
+        if out:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            write_json(Path(out) / "report.json", result)
+            sample_grid(split, Path(out) / "samples.png")
+    written = f"\nreport.json and samples.png in {out}" if out else ""
+    typer.echo(json.dumps(result, indent=2) if as_json else as_text(result) + written)
 
 
 @app.command(name="recipes")

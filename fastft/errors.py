@@ -3,3 +3,11 @@
 
 class UsageError(Exception):
     """A problem the user can fix: the CLI prints it as one line and exits with status 2, no traceback."""
+
+
+def did_you_mean(given: str, choices) -> str:
+    """' (did you mean X?)' for the choice closest to a mistyped `given`, or '' when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(given, [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]}?)" if close else ""

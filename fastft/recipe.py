@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from fastft.data.augment import AUG_HELP
-from fastft.errors import UsageError
+from fastft.errors import UsageError, did_you_mean
 from fastft.train.strategies import STRATEGIES, strategy_settings
 
 
@@ -142,7 +142,7 @@ def _checked(values: dict, source: str) -> dict:
     for key, value in values.items():
         if key not in _FIELD_TYPES:
             known = ", ".join(_FIELD_TYPES)
-            raise UsageError(f"unknown key '{key}' in {source}; known keys: {known}")
+            raise UsageError(f"unknown key '{key}' in {source}{did_you_mean(key, _FIELD_TYPES)}; known keys: {known}")
         if key == "lr":
             out[key] = _learning_rate(value, source)
             continue

@@ -213,3 +213,28 @@ def test_inspect_reports_counts_duplicates_leakage_and_tiny_classes(tmp_path):
     assert as_json["duplicates"] == report["duplicates"]
     warned = fastft("cifar", "--data", root, *TINY, "--epochs", "1", "--out", tmp_path / "run")
     assert warned.returncode == 0 and "1 test/validation image(s) are exact copies of training images" in warned.stderr
+
+
+def test_inspect_reports_an_empty_class_and_writes_nothing_without_out(tmp_path):
+    from conftest import make_class_folders
+
+    def listing(folder):
+        return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+    flat = make_class_folders(tmp_path / "flat", per_class=6)
+    split = make_split_dataset(tmp_path / "split", per_class=6)
+    (flat / "green").mkdir()
+    (split / "train" / "green").mkdir()
+    (split / "test" / "green").mkdir()
+    here = tmp_path / "here"
+    here.mkdir()
+    for data in (flat, split):
+        before = listing(data)
+        shown = fastft("inspect", data, cwd=here)
+        assert shown.returncode == 0, shown.stderr
+        assert "empty class folders (no images; training refuses them): green" in shown.stdout
+        assert json.loads(fastft("inspect", data, "--json", cwd=here).stdout)["empty_classes"] == ["green"]
+        assert listing(data) == before and not list(here.iterdir())  # nothing written: not beside it, not in DATA
+    refused = fastft("train", flat, *TINY, "--out", tmp_path / "run")
+    assert refused.returncode == 2 and "class folder 'green' has no images" in refused.stderr
+    assert "--valid-pct" not in refused.stderr

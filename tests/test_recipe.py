@@ -89,3 +89,14 @@ def test_a_recipe_file_with_a_byte_order_mark_loads(tmp_path):
     path = tmp_path / "bom.toml"
     path.write_bytes("\ufeffepochs = 3\n".encode("utf-8"))
     assert read_recipe_file(path).epochs == 3
+
+
+def test_a_typo_gets_a_suggestion_and_no_advice_that_cannot_help(dataset, tmp_path):
+    path = tmp_path / "typo.toml"
+    path.write_text("epohcs = 3\n")
+    with pytest.raises(UsageError, match=r"unknown key 'epohcs'.*\(did you mean epochs\?\)"):
+        read_recipe_file(path)
+    typo = dataset.with_name(dataset.name[:-1])  # the data folder's name with its last letter missing
+    result = fastft("train", typo, "--out", tmp_path / "run")
+    assert result.returncode == 2 and f"(did you mean {dataset}?)" in result.stderr, result.stderr
+    assert "--data" not in result.stderr  # `train` takes the folder as its argument

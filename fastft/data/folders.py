@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastft.data.images import image_extensions, split_readable, warn_skipped
-from fastft.errors import UsageError
+from fastft.errors import UsageError, did_you_mean
 
 TRAIN_SPLIT = "train"
 TEST_SPLIT_NAMES = ("test", "valid", "val")  # the first that exists beside train/ is the test split
@@ -87,11 +87,13 @@ def test_folder(root: Path) -> Path | None:
     return next((root / name for name in TEST_SPLIT_NAMES if (root / name).is_dir()), None)
 
 
-def find_images(root: Path, valid_pct: float, seed: int) -> Split:
-    """Find the train/test class folders under `root` (or split one set of class folders by seed)."""
+def find_images(root: Path, valid_pct: float, seed: int, empty_ok: bool = False) -> Split:
+    """Find the train/test class folders under `root` (or split one set of class folders by seed). `empty_ok`: an
+    empty class folder is kept with no images (`fastft inspect` reports it) instead of being an error."""
     if not root.is_dir():
-        raise UsageError(f"data folder {root} does not exist; pass a folder of class folders (or of train/ and test/ "
-                         "class folders) with --data")
+        folders = [p for p in root.parent.iterdir() if p.is_dir()] if root.parent.is_dir() else []
+        raise UsageError(f"data folder {root} does not exist{did_you_mean(str(root), folders)}; give a folder of class "
+                         "folders, or of train/ and test/ class folders")
     test_dir = test_folder(root)
     if (root / TRAIN_SPLIT).is_dir() and test_dir is None:
         raise UsageError(f"{root} has train/ but no test/ (or valid/) beside it; add one, "
@@ -112,7 +114,7 @@ def find_images(root: Path, valid_pct: float, seed: int) -> Split:
             raise UsageError(f"{root} has no train/ and test/ folders of class folders, nor class folders of images; "
                              f"expected {root}/<class>/*.jpg{csv_hint(root)}")
         at_least_two_classes(root, root, by_class)
-        train, test = seeded_split(by_class, valid_pct, seed)
+        train, test = seeded_split(by_class, valid_pct, seed, empty_ok=empty_ok)
     return Split(sorted(train), train, test)
 
 
@@ -139,7 +141,7 @@ def at_least_two_classes(root: Path, folder: Path, by_class: dict[str, list[Path
 
 
 def seeded_split(by_class: dict[str, list[Path]], valid_pct: float, seed: int, what: str = "testing",
-                 strict: bool = True) -> tuple[dict, dict]:
+                 strict: bool = True, empty_ok: bool = False) -> tuple[dict, dict]:
     """(train, test) per class: each class shuffled by `seed`, round(n * valid_pct) of it held out. The same
     files, seed and share always give the same split (a run's evaluation re-creates it). `strict`: a class
     too small to hold any out is an error; otherwise (multi-label label sets, many of them rare) it trains."""
@@ -149,6 +151,11 @@ def seeded_split(by_class: dict[str, list[Path]], valid_pct: float, seed: int, w
         files = files[:]
         rng.shuffle(files)
         n_test = round(len(files) * valid_pct)
+        if not files and (empty_ok or not strict):
+            test[name], train[name] = [], []
+            continue
+        if not files:
+            raise UsageError(f"class folder '{name}' has no images; add images to it, or remove the empty folder")
         if not strict and not 0 < n_test < len(files):
             n_test = 0
         elif not 0 < n_test < len(files):
@@ -161,7 +168,7 @@ def seeded_split(by_class: dict[str, list[Path]], valid_pct: float, seed: int, w
     return train, test
 
 
-def split_files(root: Path, recipe) -> Split:
+def split_files(root: Path, recipe, empty_ok: bool = False) -> Split:
     """The files a run trains, tests and validates on: found in class folders or a labels CSV (split by seed when
     the data has no split), a validation split carved from the training files when --holdout asks, then sampled
     to --limit. Training and `fastft evaluate` of the run's own data both call this, so they see the same split."""
@@ -172,7 +179,7 @@ def split_files(root: Path, recipe) -> Split:
         split = read_labels(Path(recipe.labels).expanduser(), root, recipe.image_col, recipe.label_col,
                             recipe.label_delim, valid_pct, seed)
     else:
-        split = find_images(root, valid_pct, seed)
+        split = find_images(root, valid_pct, seed, empty_ok)
     if holdout:
         if split.valid:
             raise UsageError(f"{root} has a validation split (valid/ beside train/ and test/) already; drop --holdout")

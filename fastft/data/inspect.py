@@ -76,12 +76,13 @@ def report(split: Split, data: Path) -> dict:
     sizes = {"width": {"min": min(widths), "median": statistics.median(widths), "max": max(widths)},
              "height": {"min": min(heights), "median": statistics.median(heights), "max": max(heights)},
              "most_common": [[f"{w}x{h}", n] for (w, h), n in Counter(s for s, _ in shapes).most_common(5)]} if shapes else {}
-    tiny = sorted(c for c, n in counts["train"].items() if n < TINY_CLASS)
+    empty = sorted(c for c in split.classes if not any(counts[part][c] for part in split.parts))
+    tiny = sorted(c for c, n in counts["train"].items() if n < TINY_CLASS and c not in empty)
     return {"data": str(data), "classes": split.classes, "multi_label": split.multi_label, "images": counts,
             "totals": {part: len(split.items(part)) for part in split.parts},
             "unreadable": [[str(p), why] for p, why in unreadable], "sizes": sizes,
             "modes": dict(Counter(m for _, m in shapes).most_common()), "duplicates": duplicates(split),
-            "tiny_classes": tiny}
+            "tiny_classes": tiny, "empty_classes": empty}
 
 
 def as_text(r: dict) -> str:
@@ -101,6 +102,8 @@ def as_text(r: dict) -> str:
     lines.append("duplicates within a split: " + (", ".join(f"{n} group(s) in {p}" for p, n in within.items()) or "none"))
     lines.append(f"train/test duplicates (leakage): {len(dup['across'])}"
                  + "".join(f"\n  {a} = {b}" for a, b in dup["across"][:10]))
+    if r["empty_classes"]:
+        lines.append(f"warning: empty class folders (no images; training refuses them): {', '.join(r['empty_classes'])}")
     if r["tiny_classes"]:
         lines.append(f"warning: fewer than {TINY_CLASS} training images in: {', '.join(r['tiny_classes'])}")
     return "\n".join(lines)
