@@ -257,3 +257,16 @@ def test_fused_adam_takes_the_steps_of_fastais_adam(learner):
     assert [h["lr"] for h in fused.opt.hypers] == pytest.approx([h["lr"] for h in reference.opt.hypers])
     for (name, ours), theirs in zip(fused.model.named_parameters(), reference.model.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_curves_and_the_comparison_tick_whole_epochs_only(tmp_path):
+    from fastft.train.compare import plot_comparison
+    from fastft.train.report import plot_curves
+
+    epochs = [{"epoch": e, "train_loss": 1 / e, "train_acc": 0.5, "test_loss": 1 / e, "test_acc": 0.6} for e in (1, 2, 3)]
+    figures = [plot_curves(epochs, tmp_path / "curves.png"),
+               plot_comparison([{"setting": s, "epochs": epochs} for s in ("a", "b")], tmp_path / "compare.png")]
+    for figure in figures:
+        for ax in figure.axes:
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks

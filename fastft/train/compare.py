@@ -47,8 +47,9 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([header, *lines])
 
 
-def plot_comparison(rows: list[dict], path: Path) -> None:
+def plot_comparison(rows: list[dict], path: Path):
     from fastft.atomic import subplots
+    from fastft.train.report import epoch_axis
 
     fig, (loss_ax, acc_ax) = subplots(1, 2, figsize=(10, 4))
     for row in rows:
@@ -60,11 +61,12 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
     loss_ax.set_title("train loss")
     acc_ax.set_title("test acc (solid), train acc (dotted)")
     for ax in (loss_ax, acc_ax):
-        ax.set_xlabel("epoch")
+        epoch_axis(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
+    return fig
 
 
 def compare(recipe: Recipe, settings: list[tuple[str, dict]], out: str | None) -> list[dict]:

@@ -53,7 +53,15 @@ def write_reports(out: RunFolder, epochs: list[dict], examples_per_sec: float, d
     return metrics
 
 
-def plot_curves(epochs: list[dict], path: Path, kept_epoch: int | None = None) -> None:
+def epoch_axis(ax) -> None:
+    """An x-axis of epochs: whole numbers only (matplotlib would otherwise tick 1.25, 1.5 ...)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plot_curves(epochs: list[dict], path: Path, kept_epoch: int | None = None):
     """d2l's training picture: losses left, accuracies right, per epoch; the kept epoch marked."""
     from fastft.atomic import subplots
 
@@ -67,10 +75,10 @@ def plot_curves(epochs: list[dict], path: Path, kept_epoch: int | None = None) -
             ax.axvline(kept_epoch, color="grey", lw=1, label="kept epoch")
     acc_ax.set_ylim(0, 1)
     for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy")):
-        ax.set_xlabel("epoch")
+        epoch_axis(ax)
         ax.set_title(title)
-        ax.set_xticks(x)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
     save_figure(fig, path)
+    return fig
