@@ -62,6 +62,7 @@ def test_first_run_downloads_checks_unpacks_trains_and_the_second_run_reuses_it(
     first = fastft_as(env, "first", "--out", tmp_path / "run1", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert requests == {f"/{name}": 1}
+    assert "\u2588" not in first.stdout + first.stderr  # a log (not a terminal) gets no progress-bar glyph
     unpacked = data_home(env) / dataset
     assert sorted(p.name for p in (unpacked / "train").iterdir()) == ["blue", "red"]
     assert sorted(p.name for p in data_home(env).iterdir()) == [dataset]  # no archive, .part or .partial left
@@ -129,6 +130,7 @@ def test_a_failed_first_download_is_one_line_exit_2_and_leaves_nothing(file_serv
     result = fastft_as(env, "first", "--out", tmp_path / "run", cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+    assert "\u2588" not in result.stdout + result.stderr  # no progress-bar glyph in output that is not a terminal
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: ") and fix in errors[0] and "--data" in errors[0], result.stderr
     home = data_home(env)

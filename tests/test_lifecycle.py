@@ -4,6 +4,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -324,3 +325,37 @@ def test_a_loss_that_becomes_nan_stops_the_run_with_a_clear_error(dataset, tmp_p
     result = invoke("train", dataset, *TINY, "--epochs", "3", "--strategy", "fine-tune", "--lr", "1e30", "--out", out)
     assert result.exit_code == 2 and "training loss became" in result.output and "--lr" in result.output, result.output
     assert not (out / "model.json").exists()  # no NaN model is saved as if it were trained
+
+
+def _on_a_terminal(args, cwd=None) -> tuple[int, str]:
+    """Run the installed `fastft` with its output on a pseudo-terminal, as a user at a terminal sees it."""
+    import pty
+    import select
+
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([str(FASTFT), *map(str, args)], stdout=terminal, stderr=terminal, cwd=cwd)
+    os.close(terminal)
+    shown = b""
+    while True:
+        ready, _, _ = select.select([controller], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # the terminal closed: the process has ended
+                break
+            if not chunk:
+                break
+            shown += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(controller)
+    return proc.wait(), shown.decode(errors="replace")
+
+
+def test_a_terminal_shows_bars_counting_the_runs_epochs_and_the_probe_moving(dataset, tmp_path):
+    code, shown = _on_a_terminal(["train", dataset, *TINY, "--epochs", "3", "--out", tmp_path / "run"])
+    assert code == 0, shown
+    assert "epoch 2/3 train" in shown and "epoch 3/3 test" in shown  # lp-ft: a probe epoch, then a phase of 2
+    assert "Epoch " not in shown  # fastai's bar, which counts a phase's epochs apart ("Epoch 1/2")
+    assert "epoch 1/3 train" not in shown  # the probe epoch trains no batch, so opens no training bar ...
+    assert re.search(r"\[(\d+)/\1 [^\]]*probe: features", shown)  # ... and its own bar runs to its end

@@ -79,7 +79,13 @@ def download(url: str, archive: Path, local_copy: str) -> None:
 
     partial = archive.with_name(archive.name + ".part")
     try:
-        download_url(url, archive, timeout=60, show_progress=os.isatty(1))
+        if os.isatty(1):
+            download_url(url, archive, timeout=60, show_progress=True)
+        else:  # fastdownload's download_url prints a bar glyph even with show_progress=False: a log would hold it
+            from fastcore.net import urlsave
+
+            urlsave(url, partial, timeout=60)
+            partial.replace(archive)
     except urllib.error.HTTPError as e:
         raise UsageError(f"could not download {url}: the server answered HTTP {e.code} "
                          f"{str(e.reason).splitlines()[0] if e.reason else ''}".rstrip() + f"; {local_copy}") from None

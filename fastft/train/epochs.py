@@ -18,7 +18,7 @@ from fastai.torch_core import find_bs
 
 from fastft.data.loaders import validation_loader
 from fastft.errors import UsageError
-from fastft.fastai_internals import AFTER_RECORDER
+from fastft.fastai_internals import AFTER_PROGRESS, AFTER_RECORDER
 from fastft.train import checkpoint
 from fastft.train.report import epoch_line, write_reports
 
@@ -185,3 +185,45 @@ class EpochLog(Callback):
             self.saver.save(self.out, {"epoch": len(self.epochs), "recipe": self.recipe_toml, "model": self.snapshot,
                                        "optimizer": copy.deepcopy(opt.state_dict()) if opt is not None else None,
                                        "random": randomness, "log": self.state()})
+
+
+class RunProgress(Callback):
+    """On a terminal: a bar over each pass through the data, named with the run's epoch count ("epoch 3/5 train",
+    counted 1..N across phases as the epoch lines are). fastai's own bar, which counts each phase's epochs apart
+    ("Epoch 2/3"), is not used. A probe epoch opens no training bar (no batch trains; the probe shows its own)."""
+
+    order = AFTER_PROGRESS + 1  # after a probe epoch's ProbeInsteadOfTraining, which skips the training pass
+
+    def __init__(self, log: EpochLog):
+        self.log, self.bar = log, None
+
+    def _open(self, what: str) -> None:
+        from fastprogress.fastprogress import progress_bar
+
+        self.label = f"epoch {len(self.log.epochs) + 1}/{self.log.total_epochs} {what}"
+        self.bar = progress_bar(self.dl, leave=False)
+        self.bar.comment = self.label
+        self.bar.update(0)
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.on_iter_end()
+            self.bar = None
+
+    def before_train(self):
+        self._open("train")
+
+    def before_validate(self):
+        self._open("test")
+
+    def after_batch(self):
+        if self.bar is not None:
+            self.bar.update(self.iter + 1)
+            if self.training:
+                self.bar.comment = f"{self.label} loss {self.loss.item():.4f}"
+
+    def after_train(self):
+        self._close()
+
+    def after_validate(self):
+        self._close()

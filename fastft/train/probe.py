@@ -15,6 +15,7 @@ rank 0's head, so all end with the same weights.
 from __future__ import annotations
 
 import random
+import sys
 
 import torch
 from fastai.callback.core import Callback
@@ -26,9 +27,10 @@ PENALTIES = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # L2 per example on standar
 VALID_SHARE = 0.2  # of each class's training images, to choose the penalty
 
 
-def pooled_features(learn, items) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pooled_features(learn, items, show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(features (N, D), mirror images' features (N, D), labels (N,)) of `items`, through the frozen backbone and
-    the head's pooling layers, with the test transform. Runs on the Learner's device, in eval mode."""
+    the head's pooling layers, with the test transform. Runs on the Learner's device, in eval mode.
+    `show_progress`: a bar over the batches (a terminal's)."""
     network = unwrapped(learn.model)  # DistributedDataParallel wraps it during a fit of several processes
     body, head = network[0], network[1]
     pool = torch.nn.Sequential(*[m for m in head if isinstance(m, (torch.nn.AdaptiveAvgPool2d, torch.nn.Flatten))])
@@ -37,6 +39,11 @@ def pooled_features(learn, items) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     was_training = network.training
     network.eval()
     with torch.inference_mode():
+        if show_progress:
+            from fastprogress.fastprogress import progress_bar
+
+            dl = progress_bar(dl, leave=False)
+            dl.comment = "probe: features of the training images"
         for xb, yb in dl:
             xb, yb = xb.as_subclass(torch.Tensor), yb.as_subclass(torch.Tensor)  # plain tensors, not fastai's types
             originals.append(pool(body(xb)).float().cpu())
@@ -50,7 +57,8 @@ def all_features(learn, dist) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (2N, D), labels (2N,)) of every training image, then of every one's mirror image (row i + N is
     row i's mirror). Each process computes its shard (every size-th image from its rank) and all get everything."""
     items = learn.dls.train_ds.items
-    shards = dist.gather(pooled_features(learn, items[dist.rank::dist.size]))
+    on_terminal = dist.is_main and sys.stdout.isatty()
+    shards = dist.gather(pooled_features(learn, items[dist.rank::dist.size], show_progress=on_terminal))
 
     def whole(part: int) -> torch.Tensor:  # item i is row i // size of rank i % size's shard
         pieces = [shard[part] for shard in shards]

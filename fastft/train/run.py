@@ -30,7 +30,7 @@ from fastft.train.devices import resolve_device, resolve_precision, set_number_f
 from fastft.train.distributed import Distributed, world_size
 from fastft.train.model import StartingWeights, check_arch, create_learner, head_config, normalization, starting_weights
 from fastft.train import checkpoint
-from fastft.train.epochs import EpochLog, unwrapped
+from fastft.train.epochs import EpochLog, RunProgress, unwrapped
 from fastft.train.report import summary_line, write_reports
 from fastft.train.strategies import STRATEGIES, Phase, Progress, describe_plan
 
@@ -86,8 +86,7 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
     learn, loaded = create_learner(dls, recipe, start, head=head, class_counts=counts, multi_label=split.multi_label)
     set_number_format(learn, precision, recipe.channels_last, device)
     learn.logger = noop  # EpochLog prints each epoch's figures, the same as history.csv's
-    if not (dist.is_main and sys.stdout.isatty()):  # progress bars on rank 0's terminal; a log gets clean lines
-        learn.remove_cb(ProgressCallback)
+    learn.remove_cb(ProgressCallback)  # fastft's RunProgress draws the bars, counting the run's epochs
     if dist.size > 1:
         learn.add_cb(dist.callback())
         torch.manual_seed(recipe.seed + dist.rank)  # same initial weights, different augmentation per rank
@@ -266,8 +265,10 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
         write_text(folder.recipe, context.saved_recipe().to_toml())
 
     log = EpochLog(context, Progress())
+    if dist.is_main and sys.stdout.isatty():  # progress bars on rank 0's terminal; a log gets clean lines
+        learn.add_cb(RunProgress(log))
     interrupted = fit_under_interruption(learn, context, log, saved)
-    learn.remove_cbs([log, *callbacks])
+    learn.remove_cbs([log, *callbacks, *learn.cbs.filter(lambda cb: isinstance(cb, RunProgress))])
     if not dist.is_main:
         dist.wait()
         return {}
