@@ -57,6 +57,8 @@ def test_grad_cam_looks_at_the_corner_that_decides(square_run, tmp_path):
     assert shown.returncode == 0, shown.stderr
     pictures = sorted((tmp_path / "why").glob("*.png"))
     assert len(pictures) == 2 and all(Image.open(p).size[0] >= 300 for p in pictures)
+    width, height = Image.open(pictures[0]).size
+    assert width > 1.5 * height  # the photo beside its overlay
     listed = json.loads((tmp_path / "why" / "explain.json").read_text())
     assert [r["class"] for r in listed] == [model.predict(f)[0] for f in files[:2]] and len(listed[0]["top"]) == 2
     other = run_fastft("explain", run, files[0], "--class", "plain", "--out", tmp_path / "other")

@@ -81,17 +81,37 @@ def picture_of(model, batch_row: np.ndarray) -> np.ndarray:
     return np.clip(batch_row * std + mean, 0, 1).transpose(1, 2, 0)
 
 
+OVERLAY_ALPHA = 0.3  # light enough that the photo under the heat map stays recognisable
+
+
 def draw(ax, picture: np.ndarray, heat: np.ndarray, title: str) -> None:
     ax.imshow(picture)
-    ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    ax.imshow(heat, cmap="jet", alpha=OVERLAY_ALPHA, vmin=0, vmax=1)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
 
 
+def draw_beside(axes, original, picture: np.ndarray, heat: np.ndarray, title: str) -> None:
+    """The photo as it is (left) beside the picture the model saw with the heat map over it (right)."""
+    axes[0].imshow(original)
+    axes[0].set_title("the photo", fontsize=8)
+    axes[0].axis("off")
+    draw(axes[1], picture, heat, title)
+
+
+def shown_photo(image, longest: int = 512):
+    """A photo (a path or a PIL image) as RGB, at most `longest` pixels on its longer side: for showing."""
+    from fastft.data.images import open_rgb
+
+    im = open_rgb(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+    im.thumbnail((longest, longest))
+    return im
+
+
 def explain(model_path: Path, images: list[Path], out: str | None, class_name: str | None = None,
             layer: str | None = None, top_k: int = 3, trust_pickle: bool = False) -> tuple[Path, list[dict]]:
-    """One PNG per image in a new folder: the picture with the heat map of the predicted class (or
-    `class_name`) over it, and the top-k probabilities. Returns (folder, [{path, class, png, top}])."""
+    """One PNG per image in a new folder: the photo beside the picture the model saw with the heat map of the
+    predicted class (or `class_name`) over it, and the top-k probabilities. Returns (folder, [{path, class, png, top}])."""
     from fastft.atomic import subplots
 
     from fastft.atomic import save_figure, write_json
@@ -111,9 +131,10 @@ def explain(model_path: Path, images: list[Path], out: str | None, class_name: s
         target = explainer.class_index(class_name, probs)
         heat = explainer.heat_maps(batch, [target])[0]
         top = sorted(zip(model.classes, map(float, probs)), key=lambda cp: -cp[1])[:top_k]
-        fig, ax = subplots(figsize=(4, 4.4))
-        draw(ax, picture_of(model, batch[0]), heat,
-             f"Grad-CAM: {model.classes[target]}\n" + ", ".join(f"{c} {p:.2f}" for c, p in top))
+        fig, axes = subplots(1, 2, figsize=(7.6, 4.2))
+        draw_beside(axes, shown_photo(path), picture_of(model, batch[0]), heat,
+                    f"Grad-CAM: {model.classes[target]}\n" + ", ".join(f"{c} {p:.2f}" for c, p in top))
+        fig.tight_layout()
         png = folder / f"{number:03d}-{path.stem}.png"
         save_figure(fig, png)
         results.append({"path": str(path), "class": model.classes[target], "png": str(png), "top": top})

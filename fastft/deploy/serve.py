@@ -239,16 +239,17 @@ def decode(data: bytes, short_side: int | None = None):
     return to_rgb(im)
 
 
-def gradcam_png(explainer, model, batch, probs) -> str:
-    """The Grad-CAM picture of the top class, as a base64 PNG."""
+def gradcam_png(explainer, model, picture, batch, probs) -> str:
+    """The photo beside the Grad-CAM picture of the top class, as a base64 PNG."""
     from fastft.atomic import subplots
 
-    from fastft.deploy.explain import draw, picture_of
+    from fastft.deploy.explain import draw_beside, picture_of, shown_photo
 
     target = int(probs.argmax())
     heat = explainer.heat_maps(batch, [target])[0]
-    fig, ax = subplots(figsize=(3.2, 3.4))
-    draw(ax, picture_of(model, batch[0]), heat, f"Grad-CAM: {model.classes[target]}")
+    fig, axes = subplots(1, 2, figsize=(6.4, 3.4))
+    draw_beside(axes, shown_photo(picture), picture_of(model, batch[0]), heat, f"Grad-CAM: {model.classes[target]}")
+    fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     return base64.b64encode(buffer.getvalue()).decode()
@@ -294,7 +295,8 @@ def create_app(model, policy: Policy):
         if not decode_slots.acquire(timeout=BUSY_WAIT_S):
             raise Refused(503, "the server is busy decoding other images; try again in a moment")
         try:
-            batch = model.preprocess(decode(data, short_side))[None]
+            picture = decode(data, short_side)
+            batch = model.preprocess(picture)[None]
         finally:
             decode_slots.release()
         probs = model.predict_arrays(batch)[0]
@@ -302,7 +304,7 @@ def create_app(model, policy: Policy):
         result["top"] = shown_labels(result, top_k)
         if gradcam and explainer is not None:
             with gradcam_lock:
-                result["gradcam_png"] = gradcam_png(explainer, model, batch, probs)
+                result["gradcam_png"] = gradcam_png(explainer, model, picture, batch, probs)
         return JSONResponse([result])
 
     return Guard(app, policy)
