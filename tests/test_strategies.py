@@ -224,6 +224,7 @@ def test_lr_finder_alone_and_inside_a_run(dataset, tmp_path):
     found = invoke("lr-find", "cifar", "--data", dataset, *TINY, "--out", tmp_path / "find")
     assert found.exit_code == 0, found.output
     assert "suggested lr" in found.stdout and (tmp_path / "find" / "lr_find.png").exists()
+    assert "up to 100 steps" in found.stdout and "step 100/100" in found.stdout  # 4 batches a pass: it loops
     run = invoke("cifar", "--data", dataset, *TINY, "--epochs", "1", "--lr", "auto", "--out", tmp_path / "run")
     assert run.exit_code == 0, run.output
     from fastft.recipe import read_recipe_file

@@ -145,21 +145,19 @@ class LrFindLog(Callback):
                       f"loss {self.smooth_loss.item():.3f}", flush=True)
 
 
-def lr_find_steps(batches_per_epoch: int) -> int:
-    """fastai's 100 steps, but at most 3 epochs of the data (at least 20 steps, for a curve to read): 100 steps
-    over a few hundred images is a dozen epochs, most of it spent past the divergence point anyway."""
-    return min(100, max(20, 3 * batches_per_epoch))
+LR_FIND_STEPS = 100  # fastai's: on a small set the finder loops over the data as often as it takes (20 steps, the
+# old bound for small sets, drew a curve of noise with the suggestion on a hump)
 
 
 def find_lr(learn, context: RunContext) -> float:
-    """fastai's LR finder on the groups the strategy's first phase trains, for a number of steps bounded by the
-    data; saves lr_find.png."""
+    """fastai's LR finder on the groups the strategy's first phase trains, over LR_FIND_STEPS batches (looping over a
+    small set); saves lr_find.png."""
     recipe, folder = context.recipe, context.folder
     strategy = STRATEGIES[recipe.strategy]
     # which groups the first phase trains, in a run of at least 2 epochs: a head-only phase, where the strategy has one
     first = strategy.plan(learn, 1.0, recipe, epochs=max(recipe.epochs, 2))[0]
     learn.freeze_to(-first.trains) if first.trains else learn.unfreeze()
-    steps = lr_find_steps(len(learn.dls.train))
+    steps = LR_FIND_STEPS
     print(f"lr-find: up to {steps} steps from lr 1e-7 to 10, training {first.describe_groups()}", flush=True)
     progress = LrFindLog(steps)
     learn.add_cb(progress)
@@ -178,9 +176,14 @@ def find_lr(learn, context: RunContext) -> float:
 
 def plot_lr_find(lrs, losses, suggestion: float, path: Path, title: str) -> None:
     """The finder's loss against the rate (log scale, fastai's smoothed loss), the suggestion marked."""
+    import numpy as np
+
+    lrs, losses = np.array([float(lr) for lr in lrs]), np.array([float(loss) for loss in losses])
     fig, ax = subplots(figsize=(6, 4))
-    ax.plot([float(lr) for lr in lrs], [float(loss) for loss in losses])
+    ax.plot(lrs, losses)
     ax.axvline(suggestion, color="tab:red", ls="--", label=f"suggested lr {suggestion:.2e}")
+    at = int(np.abs(np.log(lrs) - np.log(suggestion)).argmin())  # the suggestion's point on the curve
+    ax.plot(lrs[at], losses[at], "o", color="tab:red", ms=8)
     ax.set(xscale="log", xlabel="learning rate", ylabel="loss (smoothed)", title=title)
     ax.legend()
     fig.tight_layout()
