@@ -138,3 +138,34 @@ def test_a_failed_first_download_is_one_line_exit_2_and_leaves_nothing(file_serv
     assert not list(tmp_path.rglob("evil.txt")) and not (tmp_path / "run").exists()
     if case != "offline":
         assert requests.get(f"/{path}") == 1
+
+
+def test_offline_hub_weights_fail_in_one_line_naming_the_weights_and_the_data(tmp_path):
+    """A hub that never answers (a socket that accepts and stays silent), and HF_HUB_OFFLINE: a new user's first
+    command stops at once with one line, before any download, instead of a minute of retries."""
+    import threading
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # connections are accepted by the kernel; nothing is ever read or answered
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(silent.accept()), daemon=True).start()
+    env = new_user(tmp_path, "http://127.0.0.1:9/never.zip", "never")
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    env.pop("HF_HUB_OFFLINE", None)  # a new user's machine does not say it is offline
+    (Path(env["FASTFT_RECIPE_PATH"]) / "first.toml").write_text(
+        'dataset = "never"\ndata_url = "http://127.0.0.1:9/never.zip"\narch = "resnet18"\nsize = 32\nepochs = 1\n')
+    try:
+        for extra_env in ({}, {"HF_HUB_OFFLINE": "1"}):
+            result = fastft_as({**env, **extra_env}, "first", "--out", tmp_path / "run", cwd=tmp_path)
+            errors = [line for line in result.stderr.splitlines() if line.strip()]
+            assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+            assert "--weights FILE" in errors[0] and "--data DIR" in errors[0] and "never" in errors[0], errors[0]
+            assert ("did not answer" if not extra_env else "HF_HUB_OFFLINE") in errors[0]
+            assert "downloading" not in result.stdout and not (tmp_path / "run").exists()
+        photos = make_split_dataset(tmp_path / "photos")
+        given_data = fastft_as(env, "train", photos, "--size", "32", "--epochs", "1", "--out", tmp_path / "run",
+                               cwd=tmp_path)
+        assert given_data.returncode == 2 and "--weights FILE" in given_data.stderr and "--data" not in given_data.stderr
+    finally:
+        silent.close()

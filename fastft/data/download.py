@@ -47,11 +47,17 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:120] if text else type(e).__name__
 
 
+def downloaded(name: str, home: Path | None = None) -> Path | None:
+    """The dataset's folder in the data home when an earlier run unpacked it there, else None."""
+    target = (home or data_home()) / name
+    return target if target.is_dir() and any(target.iterdir()) else None
+
+
 def fetch_dataset(name: str, url: str, sha1: str = "", home: Path | None = None) -> Path:
     """The unpacked dataset folder home/name, downloading, checking and unpacking `url` first if it is missing."""
     home = home or data_home()
     target = home / name
-    if target.is_dir() and any(target.iterdir()):
+    if downloaded(name, home):
         return target
     local_copy = f"pass --data DIR with a local copy ({name}/train/<class>/*, {name}/test/<class>/*)"
     if not url:

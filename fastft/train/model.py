@@ -67,6 +67,37 @@ def starting_weights(recipe: Recipe) -> StartingWeights:
     return StartingWeights("file", path)
 
 
+HUB_TIMEOUT_S = 5  # offline, the hub client retries for about a minute and prints a dozen lines first
+NO_HUB_WEIGHTS = "pass --weights FILE (a timm state dict of {arch}, .safetensors or .pth) or --no-pretrained"
+
+
+def hub_weights_problem(arch: str) -> str | None:
+    """None when `arch`'s ImageNet weights are in the hub cache or the hub answers within HUB_TIMEOUT_S; else why
+    not, in a few words. Checked once before anything slow, so that offline a run fails in seconds."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch)
+    repo = cfg.hf_hub_id if cfg is not None else None
+    if repo and any(isinstance(try_to_load_from_cache(repo, name), str)
+                    for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")):
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return f"HF_HUB_OFFLINE is set and the ImageNet weights of {arch} are not in the hub's cache"
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=HUB_TIMEOUT_S)
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        return (f"the Hugging Face hub ({constants.ENDPOINT}) did not answer within {HUB_TIMEOUT_S} s ({reason}), and "
+                f"the ImageNet weights of {arch} are not in its cache (offline?)")
+    return None
+
+
 def _load_tensors(path: Path, arch: str) -> dict:
     from timm.models import load_state_dict
 
@@ -163,7 +194,7 @@ def create_learner(dls, recipe: Recipe, start: StartingWeights | None = None, he
         if start.kind != "hub":
             raise
         raise UsageError(f"could not fetch ImageNet weights for {recipe.arch} from the Hugging Face hub "
-                         f"({first_sentence(e)}); pass --weights FILE (a local timm state dict) or --no-pretrained") from None
+                         f"({first_sentence(e)}); {NO_HUB_WEIGHTS.format(arch=recipe.arch)}") from None
     if STRATEGIES[recipe.strategy].head != "fastai":  # fastai builds its own head: put the strategy's in its place
         body = learn.model[0]
         learn.model[1] = build_head(body.model.num_features, dls.c, pool=body.needs_pool, **head).to(

@@ -16,7 +16,7 @@ from fastai.vision.all import Callback, noop, set_seed
 
 from fastft.atomic import remove_partial_files, replacing, save_figure, subplots, write_text
 from fastft.data.augment import parse_aug
-from fastft.data.download import fetch_dataset
+from fastft.data.download import downloaded, fetch_dataset
 from fastft.data.images import large_images_allowed
 from fastft.data.inspect import leakage_warning
 from fastft.data.loaders import build_dataloaders, imbalance_note, label_counts, load_split, validation_loader
@@ -28,7 +28,8 @@ from fastft.run_folder import RunFolder, check_new_out, claim_run_folder
 from fastft.train.context import Resolved, RunContext
 from fastft.train.devices import resolve_device, resolve_precision, set_number_format, training_only_callbacks
 from fastft.train.distributed import Distributed, world_size
-from fastft.train.model import StartingWeights, check_arch, create_learner, head_config, normalization, starting_weights
+from fastft.train.model import (NO_HUB_WEIGHTS, StartingWeights, check_arch, create_learner, head_config,
+                                hub_weights_problem, normalization, starting_weights)
 from fastft.train import checkpoint
 from fastft.train.epochs import EpochLog, RunProgress, unwrapped
 from fastft.train.report import summary_line, write_reports
@@ -66,6 +67,12 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
         start = StartingWeights("none")
     else:
         start = starting_weights(recipe)
+    if start.kind == "hub" and (problem := hub_weights_problem(recipe.arch)):
+        # before the data: offline, both are missing, and the first message should name both
+        dataset = recipe.dataset or recipe.name
+        data_too = ("" if recipe.data or downloaded(dataset)
+                    else f", and --data DIR (a local copy of {dataset}: it is not downloaded yet either)")
+        raise UsageError(f"{problem}; {NO_HUB_WEIGHTS.format(arch=recipe.arch)}{data_too}")
     if recipe.data:
         root = Path(recipe.data).expanduser()
     else:  # rank 0 downloads while the others wait
