@@ -235,3 +235,30 @@ def test_non_regular_files_given_to_predict_are_named_as_such(trained_run, tmp_p
     for path in (fifo, zero):
         result = run_fastft("predict", trained_run[0], path)
         assert result.returncode == 2 and "is not a regular file" in result.stderr, result.stderr
+
+
+ONNX_PREDICT_IMPORTS = """
+import sys
+sys.argv = ["fastft", "predict", sys.argv[1], sys.argv[2]]
+from fastft.cli import main
+try:
+    main()
+except SystemExit as e:
+    assert not e.code, e.code
+print(sorted(m for m in ("torch", "timm", "fastai", "torchvision") if m in sys.modules))
+"""
+
+
+def test_predicting_with_the_onnx_model_imports_no_torch_timm_or_fastai(trained_run, dataset, tmp_path):
+    """ONNX Runtime alone: a one-photo predict starts in a fraction of PyTorch's import time (bench/startup.py)."""
+    import shutil
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    assert run_fastft("export", run, "--format", "onnx").returncode == 0
+    shown = subprocess.run([sys.executable, "-c", ONNX_PREDICT_IMPORTS, str(run / "model.onnx"), str(_images(dataset)[0])],
+                           capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip().splitlines()[-1] == "[]"
