@@ -120,7 +120,7 @@ def _one_line_error(result, *needles):
 
 def test_bad_input_is_one_line_and_exit_2(dataset, tmp_path):
     args = [*TINY, "--epochs", "1"]
-    _one_line_error(fastft("cifar", "--data", tmp_path / "nowhere", *args), "does not exist", "--data")
+    _one_line_error(fastft("cifar", "--data", tmp_path / "nowhere", *args), "does not exist", "class folders")
     _one_line_error(fastft("cifar", "--data", dataset, *args, "--arch", "resnet19"), "resnet19", "resnet18")
     _one_line_error(fastft("cifar", "--data", dataset, *args, "--aug", "flip+spin"), "spin", "vflip")
     _one_line_error(fastft("cifar", "--data", dataset, *args, "--device", "cuda:99"), "--device cpu")  # no GPU, or not that one
