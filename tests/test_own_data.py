@@ -77,12 +77,12 @@ def test_a_class_too_small_to_hold_out_a_test_image_is_named(tmp_path):
         find_images(root, 0.2, 0)
 
 
-def test_lr_find_takes_steps_bounded_by_the_data_and_refuses_options_that_do_nothing(photos, tmp_path):
+def test_lr_find_loops_over_a_small_set_and_refuses_options_that_do_nothing(photos, tmp_path):
     found = invoke("lr-find", "train", "--data", photos, *TINY, "--out", tmp_path / "find")
     assert found.exit_code == 0, found.output
-    assert "up to 20 steps" in found.stdout  # 12 images, batch 4: 3 batches an epoch, not fastai's 100 steps
-    steps = [int(m) for m in re.findall(r"lr-find: step (\d+)/20", found.stdout)]
-    assert steps and max(steps) <= 20 and (tmp_path / "find" / "lr_find.png").is_file()
+    assert "up to 100 steps" in found.stdout  # 12 images, batch 4: 3 batches a pass, looped over for a usable curve
+    steps = [int(m) for m in re.findall(r"lr-find: step (\d+)/100", found.stdout)]
+    assert steps and max(steps) == 100 and (tmp_path / "find" / "lr_find.png").is_file()
     assert not (tmp_path / "find" / "models").exists()
     refused = fastft("lr-find", "train", "--data", photos, *TINY, "--epochs", "3", "--out", tmp_path / "again")
     assert refused.returncode == 2 and "--epochs" in refused.stderr and "Traceback" not in refused.stderr

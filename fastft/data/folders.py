@@ -87,13 +87,18 @@ def test_folder(root: Path) -> Path | None:
     return next((root / name for name in TEST_SPLIT_NAMES if (root / name).is_dir()), None)
 
 
-def find_images(root: Path, valid_pct: float, seed: int, empty_ok: bool = False) -> Split:
-    """Find the train/test class folders under `root` (or split one set of class folders by seed). `empty_ok`: an
-    empty class folder is kept with no images (`fastft inspect` reports it) instead of being an error."""
+def check_data_folder(root: Path) -> None:
+    """A one-line error, with the nearest folder's name, when the data folder does not exist."""
     if not root.is_dir():
         folders = [p for p in root.parent.iterdir() if p.is_dir()] if root.parent.is_dir() else []
         raise UsageError(f"data folder {root} does not exist{did_you_mean(str(root), folders)}; give a folder of class "
                          "folders, or of train/ and test/ class folders")
+
+
+def find_images(root: Path, valid_pct: float, seed: int, empty_ok: bool = False) -> Split:
+    """Find the train/test class folders under `root` (or split one set of class folders by seed). `empty_ok`: an
+    empty class folder is kept with no images (`fastft inspect` reports it) instead of being an error."""
+    check_data_folder(root)
     test_dir = test_folder(root)
     if (root / TRAIN_SPLIT).is_dir() and test_dir is None:
         raise UsageError(f"{root} has train/ but no test/ (or valid/) beside it; add one, "

@@ -19,6 +19,7 @@ from fastft.data.augment import parse_aug
 from fastft.data.download import downloaded, fetch_dataset
 from fastft.data.images import large_images_allowed
 from fastft.data.inspect import leakage_warning
+from fastft.data.folders import check_data_folder
 from fastft.data.loaders import build_dataloaders, imbalance_note, label_counts, load_split, validation_loader
 from fastft.deploy.bundle import mirror_averaged, probabilities_of, write_bundle
 from fastft.errors import UsageError
@@ -67,6 +68,8 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
         start = StartingWeights("none")
     else:
         start = starting_weights(recipe)
+    if recipe.data and not recipe.labels:
+        check_data_folder(Path(recipe.data).expanduser())  # a mistyped folder first: it needs no network to tell
     if start.kind == "hub" and (problem := hub_weights_problem(recipe.arch)):
         # before the data: offline, both are missing, and the first message should name both
         dataset = recipe.dataset or recipe.name
