@@ -286,6 +286,9 @@ def predict(
     bs: int = typer.Option(64, "--bs", min=1, help="Images per batch."),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Average each prediction with its mirror image's. Default: as the model's run did (its recipe's tta)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a fastai model.pkl (a pickle runs code)."),
+    min_confidence: Optional[float] = typer.Option(None, "--min-confidence", min=0.0, max=1.0,
+                                                   help="Report a prediction whose (calibrated) top probability is "
+                                                        "below this as 'uncertain'. Default: off."),
 ):
     """Label images: path, label and probability per line, as results come."""
     import csv
@@ -294,7 +297,8 @@ def predict(
 
     if as_json and as_csv:
         raise UsageError("--json and --csv are exclusive; pick one")
-    results = predict_images(model, paths, bs=bs, tta=tta, trust_pickle=trust_pickle, progress=sys.stderr.isatty())
+    results = predict_images(model, paths, bs=bs, tta=tta, trust_pickle=trust_pickle, progress=sys.stderr.isatty(),
+                             min_confidence=min_confidence)
     if as_json:
         typer.echo(json.dumps([{**r, "top": shown_labels(r, top)} for r in results], indent=2))
         return

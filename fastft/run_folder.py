@@ -11,6 +11,7 @@ both name them through here, so adding an output file is one line in this module
     checkpoint.pt        what a stopped run resumes from; removed when it finishes
     skipped_images.txt   files that did not decode
     lr_find.png          the LR finder's curve (--lr auto, fastft lr-find)
+    reliability.png      confidence against accuracy on the test split, before and after calibration
     tensorboard/         --log tensorboard
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ FILES = {
     "checkpoint": "checkpoint.pt",
     "skipped": "skipped_images.txt",
     "lr_find": "lr_find.png",
+    "reliability": "reliability.png",
     "tensorboard": "tensorboard",
 }
 # the names other modules match a path against (a model file given on the command line, say)

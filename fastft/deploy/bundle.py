@@ -24,9 +24,12 @@ FORMAT = "fastft-bundle/1"
 
 
 def write_bundle(model, run: RunFolder, *, arch: str, classes: list[str], size: int, crop_pct: float,
-                 mean, std, head: dict, tta: bool = False, threshold: float | None = None) -> None:
+                 mean, std, head: dict, tta: bool = False, threshold: float | None = None,
+                 temperature: float | list[float] | None = None) -> None:
     """Save the trained network's weights and what inference needs to use them. `threshold`: a multi-label
-    model's (a label is predicted when its probability reaches it); None for single-label."""
+    model's (a label is predicted when its probability reaches it); None for single-label. `temperature`: what its
+    logits are divided by for calibrated probabilities (deploy/calibration.py; one per label for a multi-label
+    model); None for an uncalibrated model."""
     import timm
     import torch
     from safetensors.torch import save
@@ -41,6 +44,7 @@ def write_bundle(model, run: RunFolder, *, arch: str, classes: list[str], size: 
         "input_size": size, "resize": round(size / crop_pct), "crop_pct": crop_pct,
         "mean": list(mean), "std": list(std), "tta": tta,
         **({"multi_label": True, "threshold": threshold} if threshold is not None else {}),
+        **({"temperature": temperature} if temperature is not None else {}),
         "versions": {"fastft": __version__, "timm": timm.__version__, "torch": torch.__version__},
     }
     write_json(run.meta, meta)
@@ -54,10 +58,18 @@ def mirror_averaged(probabilities, batch, plain=None):
     return ((probabilities(batch) if plain is None else plain) + probabilities(mirror)) / 2
 
 
-def probabilities_of(network, multi_label: bool = False):
-    """A torch network's probabilities, as a function of a batch (for mirror_averaged): softmax over the classes,
-    or for a multi-label model a sigmoid per label."""
-    return lambda batch: network(batch).sigmoid() if multi_label else network(batch).softmax(dim=1)
+def activation(logits, multi_label: bool = False, temperature=None):
+    """Probabilities from a torch network's logits: softmax over the classes, or for a multi-label model a sigmoid
+    per label; of the logits divided by `temperature` (calibrated) when one is given."""
+    if temperature is not None:
+        logits = logits / logits.new_tensor(temperature)
+    return logits.sigmoid() if multi_label else logits.softmax(dim=1)
+
+
+def probabilities_of(network, multi_label: bool = False, temperature=None):
+    """A torch network's probabilities (`activation` of its logits), as a function of a batch (for
+    mirror_averaged)."""
+    return lambda batch: activation(network(batch), multi_label, temperature)
 
 
 def _whole(value, low: int, high: int) -> bool:
@@ -90,6 +102,8 @@ SCHEMA = {
     "tta": (lambda v: isinstance(v, bool), "true or false"),
     "multi_label": (lambda v: isinstance(v, bool), "true or false"),
     "threshold": (lambda v: _number(v, 0.0, 1.0, open_low=True) and v < 1, "a number between 0 and 1"),
+    "temperature": (lambda v: _number(v, 0.0, 1e3, open_low=True) or (isinstance(v, list) and v and all(
+        _number(t, 0.0, 1e3, open_low=True) for t in v)), "a positive number (a list of them, one per label)"),
     "head": (lambda v: isinstance(v, dict), "a table of hidden, dropout and concat_pool"),
     "versions": (lambda v: isinstance(v, dict), "a table of version strings"),
 }
@@ -108,6 +122,10 @@ def check_meta(meta, path: Path) -> dict:
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
         raise UsageError(f"{path} is not a {FORMAT} model.json (missing: {', '.join(missing)}); re-export the model")
+    if isinstance(meta.get("temperature"), list) and isinstance(meta.get("classes"), list) and (
+            len(meta["temperature"]) != len(meta["classes"]) or not meta.get("multi_label")):
+        raise UsageError(f"{path}: 'temperature' is a list, which only a multi-label model has, one per label; fix it "
+                         "or re-export the model")
     for where, table, schema in (("", meta, SCHEMA), ("head.", meta.get("head", {}), HEAD_SCHEMA)):
         for key, value in table.items():
             if key not in schema:
@@ -144,6 +162,11 @@ class Model:
     def threshold(self) -> float:
         return float(self.meta.get("threshold", 0.5))
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether its probabilities are calibrated: its run fitted a temperature on held-out predictions."""
+        return "temperature" in self.meta
+
     def preprocess(self, image) -> np.ndarray:
         """The run's test transform: RGB, resize + centre crop, scale to [0, 1], normalise. (3, H, W)."""
         im = open_rgb(image) if isinstance(image, (str, Path)) else image.convert("RGB")
@@ -178,7 +201,7 @@ class Model:
     def result(self, image, row: np.ndarray) -> dict:
         best = int(row.argmax())
         result = {"path": str(image), "label": self.classes[best], "probability": float(row[best]),
-                  "probabilities": dict(zip(self.classes, map(float, row)))}
+                  "probabilities": dict(zip(self.classes, map(float, row))), "calibrated": self.calibrated}
         if self.multi_label:
             result["labels"] = [c for c, p in sorted(zip(self.classes, row), key=lambda cp: -cp[1]) if p >= self.threshold]
         return result
@@ -220,7 +243,8 @@ class BundleModel(Model):
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
-            return probabilities_of(self.network, self.multi_label)(self._torch.from_numpy(batch)).numpy()
+            return probabilities_of(self.network, self.multi_label, self.meta.get("temperature"))(
+                self._torch.from_numpy(batch)).numpy()
 
 
 class OnnxModel(Model):
@@ -258,6 +282,7 @@ class PickleModel(Model):
             raise UsageError(f"could not load {pkl_path} ({type(e).__name__}: {str(e)[:120]}); is it a fastai model.pkl?") from None
         self.classes = list(self.learn.dls.vocab)
         beside = pkl_path.with_name(META)  # in a run folder: predict as the run's bundle does (tta, threshold)
+        # fastai's Learner gives its own (uncalibrated) probabilities: the bundle's temperature is not applied here
         self.meta = {k: v for k, v in _meta(beside).items() if k in ("tta", "multi_label", "threshold")} if beside.is_file() else {}
 
     def predict_batch(self, images: Iterable, bs: int = 64, tta: bool | None = None) -> Iterator[dict]:

@@ -104,7 +104,8 @@ def evaluate(model_path: Path, data: Path, out: str | None = None, bs: int = 64,
         losses = -np.log(np.clip(probs[np.arange(len(truth)), truth], 1e-12, 1.0))
         shown = [r["label"] for r in results]
     report = {"model": str(model_path), "data": str(data), "images": len(pairs), "scored": scored,
-              "tta": bool(model.flip_tta(tta)), **figures}
+              "tta": bool(model.flip_tta(tta)), **figures,
+              "calibration": calibration_report(model, probs, truth)}
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "evaluation.json", report)
     if not model.multi_label:
@@ -119,6 +120,23 @@ def evaluate(model_path: Path, data: Path, out: str | None = None, bs: int = 64,
     write_json(folder / "evaluation.json", report)
     report["folder"] = str(folder)
     return report
+
+
+def calibration_report(model, probs: np.ndarray, truth: np.ndarray) -> dict:
+    """ECE, NLL and Brier score of the model's probabilities as it gives them, and, for a calibrated model, of the
+    probabilities it would give uncalibrated: its temperature undone (T x log p is the logits up to a constant per
+    image: exact for one prediction, close for a flip-TTA average)."""
+    from fastft.deploy import calibration
+
+    given = calibration.figures(probs, truth, model.multi_label)
+    if not model.calibrated:
+        return {"calibrated": False, "figures": given}
+    temperature = np.asarray(model.meta["temperature"], dtype=np.float64)
+    clipped = np.clip(probs, 1e-12, 1 - 1e-12)
+    logits = np.log(clipped / (1 - clipped)) if model.multi_label else np.log(clipped)
+    before = calibration.scaled(logits * temperature, 1.0, model.multi_label)
+    return {"calibrated": True, "temperature": model.meta["temperature"],
+            "before": calibration.figures(before, truth, model.multi_label), "after": given}
 
 
 def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:

@@ -41,7 +41,10 @@ def export_onnx(model_path: Path, images: list[Path] | None = None) -> tuple[Pat
         raise UsageError(f"export starts from a bundle (a run folder or model.json), not {model_path}")
     run = run_folder_of(model_path)
     target = run.onnx
-    network = torch.nn.Sequential(model.network, torch.nn.Sigmoid() if model.multi_label else torch.nn.Softmax(dim=1)).eval()
+    from fastft.deploy.calibration import folded
+
+    activation = torch.nn.Sigmoid() if model.multi_label else torch.nn.Softmax(dim=1)
+    network = torch.nn.Sequential(folded(model.network, model.meta.get("temperature")), activation).eval()
     size = model.meta["input_size"]
     try:
         with replacing(target) as temporary:

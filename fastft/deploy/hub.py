@@ -37,7 +37,9 @@ def export_hub(model_path: Path, out: str | None) -> Path:
     arch = model.meta["arch"]
     network = timm.create_model(arch.partition(".")[0], pretrained=False, num_classes=len(model.classes))
     body = model.network[0].model.state_dict()
-    linear = model.network[1][-1]
+    from fastft.deploy.calibration import folded
+
+    linear = folded(model.network, model.meta.get("temperature"))[1][-1]  # calibrated: softmax(Wx / T + b / T)
     classifier = network.pretrained_cfg.get("classifier") or "fc"
     state = {**body, f"{classifier}.weight": linear.weight.detach(), f"{classifier}.bias": linear.bias.detach()}
     missing, unexpected = network.load_state_dict(state, strict=False)

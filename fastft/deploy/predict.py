@@ -17,9 +17,13 @@ def readable_images(paths: list[Path]) -> list[Path]:
     return files
 
 
+UNCERTAIN = "uncertain"
+
+
 def predict(model_path: Path, paths: list[Path], bs: int = 64, tta: bool | None = None, trust_pickle: bool = False,
-            progress: bool = False) -> Iterator[dict]:
-    """Yields {'path', 'label', 'probability', 'probabilities'} per readable image, batch by batch."""
+            progress: bool = False, min_confidence: float | None = None) -> Iterator[dict]:
+    """Yields {'path', 'label', 'probability', 'probabilities', 'calibrated'} per readable image, batch by batch. A
+    single-label prediction whose top probability is below `min_confidence` gets the label 'uncertain'."""
     from fastft.deploy.bundle import load
 
     model = load(model_path, trust_pickle=trust_pickle)
@@ -27,6 +31,8 @@ def predict(model_path: Path, paths: list[Path], bs: int = 64, tta: bool | None 
     for done, result in enumerate(model.predict_batch(files, bs=bs, tta=tta), 1):
         if progress and (done % bs == 0 or done == len(files)):
             print(f"\rlabelled {done}/{len(files)}", end="\n" if done == len(files) else "", file=sys.stderr, flush=True)
+        if min_confidence is not None and "labels" not in result and result["probability"] < min_confidence:
+            result["label"] = UNCERTAIN
         yield result
 
 
@@ -39,4 +45,6 @@ def shown_labels(result: dict, k: int | None) -> list[tuple[str, float]]:
     model every label at or above its threshold."""
     if k is None and "labels" in result:
         return [(label, result["probabilities"][label]) for label in result["labels"]]
+    if k is None and result.get("label") == UNCERTAIN:
+        return [(UNCERTAIN, result["probability"])]
     return top_k(result, k or 1)

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+
 import torch
 from fastai.callback.progress import ProgressCallback
 from fastai.vision.all import Callback, noop, set_seed
@@ -21,7 +23,7 @@ from fastft.data.images import large_images_allowed
 from fastft.data.inspect import leakage_warning
 from fastft.data.folders import check_data_folder
 from fastft.data.loaders import build_dataloaders, imbalance_note, label_counts, load_split, validation_loader
-from fastft.deploy.bundle import mirror_averaged, probabilities_of, write_bundle
+from fastft.deploy.bundle import activation, mirror_averaged, probabilities_of, write_bundle
 from fastft.errors import UsageError
 from fastft.fastai_internals import finder_saves_under, release_last_batch
 from fastft.recipe import Recipe
@@ -186,8 +188,6 @@ def find_lr(learn, context: RunContext) -> float:
 
 def plot_lr_find(lrs, losses, suggestion: float, path: Path, title: str) -> None:
     """The finder's loss against the rate (log scale, fastai's smoothed loss), the suggestion marked."""
-    import numpy as np
-
     lrs, losses = np.array([float(lr) for lr in lrs]), np.array([float(loss) for loss in losses])
     fig, ax = subplots(figsize=(6, 4))
     ax.plot(lrs, losses)
@@ -217,43 +217,81 @@ def unaugmented_train_accuracy(learn) -> float:
         return float(learn.validate(dl=dl)[1])
 
 
-def split_predictions(learn, dl, context: RunContext) -> tuple:
-    """(probabilities (N, C), the same with flip TTA or None, targets) of the model over one split, as its bundle
-    predicts them: in float32, whatever precision trained it; with TTA (each image averaged with its mirror image,
-    `fastft predict --tta`) when the recipe asks for it."""
-    import numpy as np
+class Predictions(NamedTuple):
+    """A model's predictions over one split, as its bundle makes them (float32, whatever precision trained it)."""
+    logits: np.ndarray  # (N, C), before any temperature
+    probabilities: np.ndarray  # (N, C), with the temperature given
+    with_tta: np.ndarray | None  # the same averaged with the mirror images' (flip TTA), when the recipe asks for it
+    targets: np.ndarray
 
-    probabilities = probabilities_of(unwrapped(learn.model).eval(), context.multi_label)
-    plain, averaged, targets = [], [], []
+
+def split_predictions(learn, dl, context: RunContext, temperature=None) -> Predictions:
+    """The model's predictions over one split: logits, and probabilities with `temperature` (None: uncalibrated),
+    plain and, when the recipe's tta asks for it, averaged with each image's mirror image (`fastft predict --tta`)."""
+
+    network = unwrapped(learn.model).eval()
+    probabilities = probabilities_of(network, context.multi_label, temperature)
+    logits, plain, averaged, targets = [], [], [], []
     with torch.inference_mode():
         for xb, yb in dl:
-            p = probabilities(xb)
+            z = network(xb)
+            p = activation(z, context.multi_label, temperature)
+            logits.append(z.float().cpu())
             plain.append(p.float().cpu())
             if context.recipe.tta:
                 averaged.append(mirror_averaged(probabilities, xb, plain=p).float().cpu())
             targets.append(yb.cpu())
     if not targets:
-        return np.zeros((0, 0)), None, np.zeros(0)
-    return torch.cat(plain).numpy(), torch.cat(averaged).numpy() if averaged else None, torch.cat(targets).numpy()
+        empty = np.zeros((0, len(context.classes)), np.float32)
+        return Predictions(empty, empty, empty if context.recipe.tta else None, np.zeros(0))
+    return Predictions(torch.cat(logits).numpy(), torch.cat(plain).numpy(),
+                       torch.cat(averaged).numpy() if averaged else None, torch.cat(targets).numpy())
 
 
-def final_scores(learn, context: RunContext) -> tuple[dict, dict | None]:
+def calibrate(learn, context: RunContext) -> dict:
+    """Fit a temperature (deploy/calibration.py) on the validation split's predictions; the test split's ECE, NLL
+    and Brier score before and after, and reliability.png. A run without a validation split of at least
+    calibration.MIN_HELD_OUT images stays uncalibrated, and says so: the test split is never used to fit anything."""
+    from fastft.deploy import calibration
+
+    validation = validation_loader(learn.dls)
+    held_out = len(validation.dataset) if validation is not None else 0
+    if held_out < calibration.MIN_HELD_OUT:
+        why = (f"its validation split has only {held_out} images" if held_out else
+               "it has no validation split apart from the test split (--holdout 0.1 carves one from the training images)")
+        print(f"note: the model's probabilities are not calibrated: {why}", file=sys.stderr)
+        return {"calibrated": False, "why": why}
+    fitted_on = split_predictions(learn, validation, context)
+    temperature = calibration.fit_temperature(fitted_on.logits, fitted_on.targets, context.multi_label)
+    test = split_predictions(learn, learn.dls.valid, context)
+    before = calibration.scaled(test.logits, 1.0, context.multi_label)
+    after = calibration.scaled(test.logits, temperature, context.multi_label)
+    calibration.reliability_diagram(before, after, test.targets, context.multi_label, context.folder.reliability,
+                                    f"{context.recipe.name}: the test split ({len(test.targets)} images)")
+    return {"calibrated": True, "temperature": temperature, "fitted_on": f"the validation split ({held_out} images)",
+            "test": {"before": calibration.figures(before, test.targets, context.multi_label),
+                     "after": calibration.figures(after, test.targets, context.multi_label)}}
+
+
+def final_scores(learn, context: RunContext, temperature=None) -> tuple[dict, dict | None]:
     """The kept model's scores on the test split as its bundle gives them (deploy/scores.py): accuracy, balanced
     accuracy and macro F1; a multi-label run's at the threshold with the best micro F1 on the validation split (0.5
-    without one), with mAP. Returns (scores, the same with flip TTA when the recipe asks for it, else None)."""
+    without one), chosen on calibrated probabilities, with mAP. Returns (scores, the same with flip TTA when the
+    recipe asks for it, else None)."""
     from fastft.deploy import scores
 
     classes = list(context.classes)
-    plain, averaged, truth = split_predictions(learn, learn.dls.valid, context)
+    test = split_predictions(learn, learn.dls.valid, context, temperature)
     if not context.multi_label:
-        score = lambda probs: scores.single_label(probs, truth.astype(int), classes)
+        score = lambda probs: scores.single_label(probs, test.targets.astype(int), classes)
     else:
         threshold = 0.5
         if (validation := validation_loader(learn.dls)) is not None:
-            v_plain, v_averaged, v_truth = split_predictions(learn, validation, context)
-            threshold = scores.choose_threshold(v_plain if v_averaged is None else v_averaged, v_truth)
-        score = lambda probs: scores.multi_label(probs, truth, classes, threshold)
-    return score(plain), (score(averaged) if averaged is not None else None)
+            held_out = split_predictions(learn, validation, context, temperature)
+            threshold = scores.choose_threshold(held_out.probabilities if held_out.with_tta is None
+                                                else held_out.with_tta, held_out.targets)
+        score = lambda probs: scores.multi_label(probs, test.targets, classes, threshold)
+    return score(test.probabilities), (score(test.with_tta) if test.with_tta is not None else None)
 
 
 @large_images_allowed()
@@ -286,7 +324,7 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
         dist.wait()
         return {}
     results, threshold, interrupted = final_report(learn, context, log, interrupted, measure_unaugmented)
-    save_model(learn, context, threshold)
+    save_model(learn, context, threshold, results["calibration"].get("temperature"))
     dist.wait()
     if interrupted:
         raise Interrupted(f"interrupted: kept the outputs of epoch {log.kept_epoch} of {recipe.epochs} in {folder}; "
@@ -294,6 +332,12 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
     checkpoint.remove(folder)  # finished: the bundle is the result, and nothing is left to resume
     kept = f" (kept epoch {log.kept_epoch} of {len(log.epochs)})" if log.kept_epoch != len(log.epochs) else ""
     print(summary_line(results["final"], str(context.device)) + kept)
+    if (calibration := results["calibration"]).get("calibrated"):
+        before, after = calibration["test"]["before"]["ece"], calibration["test"]["after"]["ece"]
+        temperature = calibration["temperature"]
+        shown = f"{temperature:.2f}" if isinstance(temperature, float) else f"{min(temperature):.2f}-{max(temperature):.2f}"
+        print(f"calibrated: temperature {shown} fitted on {calibration['fitted_on']}; test ECE {before:.3f} -> "
+              f"{after:.3f} ({folder.reliability.name})")
     return results
 
 
@@ -351,10 +395,11 @@ def final_report(learn, context: RunContext, log: EpochLog, interrupted: bool,
     """Score the kept model on the test split, then write the reports (metrics.json, history.csv, curves.png) for
     the last time. Returns (metrics.json's content, a multi-label model's threshold, whether Ctrl-C came)."""
     final, threshold = {}, 0.5 if context.multi_label else None
-    test = None
+    test, calibration = None, {"calibrated": False, "why": "the final measurements were skipped"}
     try:  # extra passes over the data: a Ctrl-C here skips them, and the trained model is still saved
         # after fit the Learner holds the whole test set again (fastai's DistributedTrainer restores it)
-        plain, with_tta = final_scores(learn, context)
+        calibration = calibrate(learn, context)
+        plain, with_tta = final_scores(learn, context, calibration.get("temperature"))
         test = with_tta or plain  # what `fastft evaluate` reports for the saved model (it uses the recipe's tta)
         # the saved model's test accuracy in float32: the kept epoch's line was measured in the training precision
         final["test_acc"] = plain["accuracy"]
@@ -367,7 +412,7 @@ def final_report(learn, context: RunContext, log: EpochLog, interrupted: bool,
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted: skipping the final test-time measurements, saving the trained model", file=sys.stderr)
-    additions = {"final": final, **({"test_scores": test} if test else {}),
+    additions = {"final": final, "calibration": calibration, **({"test_scores": test} if test else {}),
                  **({"stopped_early": log.stopped} if log.stopped else {})}
     # the last epoch's checkpoint, written while the final scores were computed, on disk before any model file (a
     # full disk raises here), so a run that fails from here on can be resumed
@@ -377,7 +422,7 @@ def final_report(learn, context: RunContext, log: EpochLog, interrupted: bool,
     return results, threshold, interrupted
 
 
-def save_model(learn, context: RunContext, threshold: float | None) -> None:
+def save_model(learn, context: RunContext, threshold: float | None, temperature=None) -> None:
     """The pickle-free bundle (model.safetensors + model.json) and fastai's model.pkl, without the callbacks that
     only training needs."""
     recipe, folder = context.recipe, context.folder
@@ -390,7 +435,7 @@ def save_model(learn, context: RunContext, threshold: float | None) -> None:
             learn.export(temporary)
         write_bundle(learn.model, folder, arch=recipe.arch, classes=list(context.classes), size=recipe.size,
                      crop_pct=recipe.crop_pct, mean=context.mean, std=context.std, head=context.head, tta=recipe.tta,
-                     threshold=threshold)
+                     threshold=threshold, temperature=temperature)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted while saving the model: the earlier model files in {folder} are whole; "
                           "metrics.json and the curves are kept; `fastft resume` finishes it") from None

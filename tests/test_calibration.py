@@ -1,0 +1,133 @@
+"""Calibrated probabilities: the temperature fitted on held-out predictions, carried by the bundle into every way of
+predicting (bundle, ONNX, the hub's plain timm model), and reported before and after."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import TINY, invoke
+from conftest import fastft as run_fastft
+from fastft.deploy import calibration
+
+
+def _over_confident(n: int, seed: int):
+    """Labels drawn from softmax(z), and a model that reports 4 z: right as often, far too sure."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 1.5, (n, 3))
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    labels = np.array([rng.choice(3, p=row) for row in p])
+    return 4 * z, labels
+
+
+def test_an_over_confident_model_gets_a_temperature_above_one_and_a_lower_held_out_nll():
+    fit_logits, fit_labels = _over_confident(400, 0)
+    temperature = calibration.fit_temperature(fit_logits, fit_labels)
+    assert 2.5 < temperature < 6  # about the 4 the logits were inflated by
+    logits, labels = _over_confident(400, 1)  # held out: not what the temperature was fitted on
+    before, after = (calibration.figures(calibration.scaled(logits, t), labels) for t in (1.0, temperature))
+    assert after["nll"] < before["nll"] and after["ece"] < before["ece"] / 2 and after["brier"] < before["brier"]
+    assert (calibration.scaled(logits, temperature).argmax(1) == logits.argmax(1)).all()  # no prediction changes
+    rng = np.random.default_rng(2)
+    multi = rng.normal(0, 1, (300, 2))
+    truth = (rng.random((300, 2)) < 1 / (1 + np.exp(-multi))).astype(float)
+    per_label = calibration.fit_temperature(3 * multi, truth, multi_label=True)
+    assert len(per_label) == 2 and all(2 < t < 4.5 for t in per_label)
+
+
+def test_held_out_predictions_that_are_all_right_leave_the_temperature_at_one():
+    logits = np.array([[4.0, -4.0], [-3.0, 3.0], [5.0, 0.0]])
+    assert calibration.fit_temperature(logits, np.array([0, 1, 0])) == 1.0  # not sharpened to certainty
+    per_label = calibration.fit_temperature(logits, np.array([[1, 0], [0, 1], [1, 1]]), multi_label=True)
+    assert per_label[0] == 1.0 and per_label[1] != 1.0  # label 0 all right; label 1 wrong once, so fitted
+
+
+def noisy_classes(root, per_class: int = 24):
+    """Two classes of noise whose means differ a little: a model is right often, not always, and unsure."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label, mean in (("darker", 118), ("lighter", 138)):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.clip(rng.normal(mean, 50, (32, 32, 3)), 0, 255).astype(np.uint8)).save(root / label / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(tmp_path_factory):
+    """A lp-ft run (a linear head: exportable to the hub) with a validation split to calibrate on."""
+    root = tmp_path_factory.mktemp("calibrated")
+    data = noisy_classes(root / "photos", per_class=100)  # 56 validation images: calibration.MIN_HELD_OUT or more
+    run = root / "run"
+    result = invoke("train", data, *TINY, "--epochs", "2", "--holdout", "0.35", "--bs", "16", "--out", run)
+    assert result.exit_code == 0, result.output
+    return data, run, result
+
+
+def test_a_run_with_a_validation_split_is_calibrated_and_reports_it(calibrated_run, tmp_path):
+    data, run, result = calibrated_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    calibrated = metrics["calibration"]
+    assert calibrated["calibrated"] and calibrated["temperature"] > 0 and "validation split" in calibrated["fitted_on"]
+    assert {"ece", "nll", "brier"} <= set(calibrated["test"]["before"]) == set(calibrated["test"]["after"])
+    assert "calibrated: temperature" in result.stdout and (run / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((run / "model.json").read_text())["temperature"] == calibrated["temperature"]
+    image = sorted(data.rglob("*.png"))[0]
+    rows = json.loads(invoke("predict", run, image, "--json").stdout)
+    assert rows[0]["calibrated"] is True
+    report = json.loads(invoke("evaluate", run, data, "--json", "--out", tmp_path / "eval").stdout)
+    assert report["calibration"]["calibrated"] and {"before", "after"} <= set(report["calibration"])
+    every = json.loads(invoke("predict", run, data, "--json").stdout)
+    least = min(every, key=lambda r: r["probability"])  # the least sure prediction
+    assert least["probability"] < 1
+    bar = str(min(1.0, least["probability"] + 1e-4))
+    uncertain = json.loads(invoke("predict", run, least["path"], "--json", "--min-confidence", bar).stdout)[0]
+    assert uncertain["label"] == "uncertain" and uncertain["probabilities"] == pytest.approx(least["probabilities"], abs=1e-5)
+    assert "\tuncertain\t" in invoke("predict", run, least["path"], "--min-confidence", bar).stdout
+    sure = json.loads(invoke("predict", run, least["path"], "--json", "--min-confidence", "0.01").stdout)[0]
+    assert sure["label"] == least["label"]
+
+
+def test_the_bundle_onnx_and_hub_give_the_same_calibrated_probabilities(calibrated_run, tmp_path):
+    import fastft
+    import torch
+
+    data, source, _ = calibrated_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    assert run_fastft("export", run, "--format", "onnx").returncode == 0
+    hub = tmp_path / "hub"
+    assert run_fastft("export", run, "--format", "hub", "--out", hub).returncode == 0
+    bundle, onnx = fastft.load(run), fastft.load(run / "model.onnx")
+    images = sorted(data.rglob("*.png"))[:6]
+    batch = np.stack([bundle.preprocess(p) for p in images])
+    calibrated = bundle.probabilities(batch)
+    temperature = json.loads((run / "model.json").read_text())["temperature"]
+    with torch.no_grad():
+        raw = bundle.network(torch.from_numpy(batch)).softmax(1).numpy()  # the network's own, uncalibrated
+    assert not np.allclose(calibrated, raw, atol=1e-4) or abs(temperature - 1) < 1e-3  # the temperature is applied
+    np.testing.assert_allclose(onnx.probabilities(batch), calibrated, atol=1e-5)
+    np.save(tmp_path / "batch.npy", batch)
+    code = f"""
+import sys
+sys.modules["fastft"] = None  # plain timm, no fastft
+import numpy, timm, torch
+model = timm.create_model("local-dir:{hub}", pretrained=True).eval()
+with torch.no_grad():
+    print(model(torch.from_numpy(numpy.load("{tmp_path / 'batch.npy'}"))).softmax(1).tolist())
+"""
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    np.testing.assert_allclose(json.loads(shown.stdout), calibrated, atol=1e-5)
+
+
+def test_a_run_without_held_out_images_says_it_is_uncalibrated(trained_run, dataset):
+    out, result = trained_run  # the cifar recipe: train and test splits only
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["calibration"]["calibrated"] is False and "no validation split" in metrics["calibration"]["why"]
+    assert "temperature" not in json.loads((out / "model.json").read_text())
+    image = sorted((dataset / "test").rglob("*.*"))[0]
+    assert json.loads(invoke("predict", out, image, "--json").stdout)[0]["calibrated"] is False
