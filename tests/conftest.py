@@ -115,3 +115,39 @@ def file_server(tmp_path):
     yield f"http://127.0.0.1:{httpd.server_address[1]}", served, httpd.requests
     httpd.shutdown()
     httpd.server_close()
+
+
+PLAIN_TIMM = """
+import sys
+sys.modules["fastft"] = None  # plain timm, no fastft
+import json, numpy, timm, torch
+model = timm.create_model("local-dir:" + sys.argv[1], pretrained=True).eval()
+with torch.no_grad():
+    print(json.dumps(model(torch.from_numpy(numpy.load(sys.argv[2]))).softmax(1).tolist()))
+"""
+
+
+def plain_timm_probabilities(hub: Path, batch, tmp_path: Path):
+    """What plain timm, in a process without fastft, gives for `batch` from a hub export: its softmax."""
+    import json
+
+    import numpy as np
+
+    np.save(tmp_path / "batch.npy", batch)
+    shown = subprocess.run([sys.executable, "-c", PLAIN_TIMM, str(hub), str(tmp_path / "batch.npy")],
+                           capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    return json.loads(shown.stdout)
+
+
+def noisy_classes(root: Path, per_class: int = 24) -> Path:
+    """Two classes of noise whose means differ a little: a model is right often, not always, and unsure."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label, mean in (("darker", 118), ("lighter", 138)):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.clip(rng.normal(mean, 50, (32, 32, 3)), 0, 255).astype(np.uint8)).save(root / label / f"{i}.png")
+    return root

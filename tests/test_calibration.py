@@ -2,13 +2,11 @@
 predicting (bundle, ONNX, the hub's plain timm model), and reported before and after."""
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import TINY, invoke
+from conftest import TINY, invoke, noisy_classes, plain_timm_probabilities
 from conftest import fastft as run_fastft
 from fastft.deploy import calibration
 
@@ -42,18 +40,6 @@ def test_held_out_predictions_that_are_all_right_leave_the_temperature_at_one():
     assert calibration.fit_temperature(logits, np.array([0, 1, 0])) == 1.0  # not sharpened to certainty
     per_label = calibration.fit_temperature(logits, np.array([[1, 0], [0, 1], [1, 1]]), multi_label=True)
     assert per_label[0] == 1.0 and per_label[1] != 1.0  # label 0 all right; label 1 wrong once, so fitted
-
-
-def noisy_classes(root, per_class: int = 24):
-    """Two classes of noise whose means differ a little: a model is right often, not always, and unsure."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for label, mean in (("darker", 118), ("lighter", 138)):
-        (root / label).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(np.clip(rng.normal(mean, 50, (32, 32, 3)), 0, 255).astype(np.uint8)).save(root / label / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -110,18 +96,7 @@ def test_the_bundle_onnx_and_hub_give_the_same_calibrated_probabilities(calibrat
         raw = bundle.network(torch.from_numpy(batch)).softmax(1).numpy()  # the network's own, uncalibrated
     assert not np.allclose(calibrated, raw, atol=1e-4) or abs(temperature - 1) < 1e-3  # the temperature is applied
     np.testing.assert_allclose(onnx.probabilities(batch), calibrated, atol=1e-5)
-    np.save(tmp_path / "batch.npy", batch)
-    code = f"""
-import sys
-sys.modules["fastft"] = None  # plain timm, no fastft
-import numpy, timm, torch
-model = timm.create_model("local-dir:{hub}", pretrained=True).eval()
-with torch.no_grad():
-    print(model(torch.from_numpy(numpy.load("{tmp_path / 'batch.npy'}"))).softmax(1).tolist())
-"""
-    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert shown.returncode == 0, shown.stderr
-    np.testing.assert_allclose(json.loads(shown.stdout), calibrated, atol=1e-5)
+    np.testing.assert_allclose(plain_timm_probabilities(hub, batch, tmp_path), calibrated, atol=1e-5)
 
 
 def test_a_run_without_held_out_images_says_it_is_uncalibrated(trained_run, dataset):

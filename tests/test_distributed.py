@@ -159,3 +159,25 @@ def test_channels_last_changes_the_layout_not_the_numbers(dataset, tmp_path):
     result = invoke("cifar", "--data", dataset, *TINY, "--epochs", "1", "--channels-last", "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
     assert "channels_last = true" in (tmp_path / "run" / "recipe.toml").read_text()
+
+
+def test_a_calibrated_run_on_two_processes_fits_the_temperature_one_process_fits(tmp_path):
+    """The temperature is fitted on rank 0 after training, on the whole validation split: a probe (the same head
+    whatever the number of processes) gets the same temperature and the same calibrated bundle as one process."""
+    import fastft
+    from conftest import noisy_classes
+
+    data = noisy_classes(tmp_path / "photos", per_class=100)
+    args = ["train", data, *TINY, "--epochs", "1", "--strategy", "probe", "--holdout", "0.35"]
+    two = torchrun("-m", "fastft", *args, "--out", tmp_path / "two", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("calibrated: temperature") == 1  # rank 0 speaks for all
+    one = invoke(*args, "--out", tmp_path / "one")
+    assert one.exit_code == 0, one.output
+    fitted = [json.loads((tmp_path / run / "metrics.json").read_text())["calibration"] for run in ("two", "one")]
+    assert fitted[0]["calibrated"] and fitted[0]["temperature"] == pytest.approx(fitted[1]["temperature"], rel=1e-3)
+    assert (tmp_path / "two" / "reliability.png").is_file()
+    images = sorted(data.rglob("*.png"))[:8]
+    batch = np.stack([fastft.load(tmp_path / "one").preprocess(p) for p in images])
+    np.testing.assert_allclose(fastft.load(tmp_path / "two").probabilities(batch),
+                               fastft.load(tmp_path / "one").probabilities(batch), atol=1e-4)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY, invoke
+from conftest import TINY, invoke, plain_timm_probabilities
 from conftest import fastft as run_fastft
 from fastft.errors import UsageError
 
@@ -404,18 +404,7 @@ def test_a_hub_export_loads_in_plain_timm_with_the_same_probabilities(tmp_path, 
     bundle = fastft.load(run)
     images = sorted(data.rglob("*.png"))[:4]
     batch = np.stack([bundle.preprocess(p) for p in images])
-    np.save(tmp_path / "batch.npy", batch)
-    code = f"""
-import sys
-sys.modules["fastft"] = None  # plain timm, no fastft
-import numpy, timm, torch
-model = timm.create_model("local-dir:{hub}", pretrained=True).eval()
-with torch.no_grad():
-    print(model(torch.from_numpy(numpy.load("{tmp_path / 'batch.npy'}"))).softmax(1).tolist())
-"""
-    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert shown.returncode == 0, shown.stderr
-    np.testing.assert_allclose(json.loads(shown.stdout), bundle.probabilities(batch), atol=1e-5)
+    np.testing.assert_allclose(plain_timm_probabilities(hub, batch, tmp_path), bundle.probabilities(batch), atol=1e-5)
 
     import safetensors.torch
 

@@ -1,0 +1,72 @@
+"""Calibration on real photos: the test split's expected calibration error (15 bins), NLL and Brier score of the
+default recipe's model before and after its temperature, and its accuracy, per dataset and seed.
+
+    python bench/calibration.py [--size 224] [--epochs 5] [--seeds 0,1,2] [--datasets cat_breeds,flowers,hotdog]
+
+`fastft train DIR --holdout 0.2` as shipped (the `train` recipe) on bench/transfer.py's splits of the shared sets,
+with tf_efficientnet_lite0's real ImageNet weights: the validation split the temperature is fitted on is carved
+from the training images, and the test split is only measured. Prints medians with every seed's figure.
+"""
+import argparse
+import contextlib
+import io
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, write_results
+from transfer import WEIGHTS, prepare
+
+
+def one_run(data: Path, seed: int, args, out: Path) -> dict:
+    from fastft.recipe import load_recipe
+    from fastft.train.run import train
+
+    recipe = load_recipe("train").replace(data=str(data), arch="tf_efficientnet_lite0", weights=str(WEIGHTS),
+                                          size=args.size, epochs=args.epochs, seed=seed, holdout=0.2)
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        metrics = train(recipe, str(out))
+    calibration = metrics["calibration"]
+    return {"seed": seed, "seconds": round(time.perf_counter() - started, 1), "test_acc": metrics["final"]["test_acc"],
+            "calibrated": calibration["calibrated"], "temperature": calibration.get("temperature"),
+            **{f"{k}_{when}": calibration["test"][when][k] for when in ("before", "after") for k in ("ece", "nll", "brier")
+               if calibration["calibrated"]}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--datasets", default="cat_breeds,flowers,hotdog")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "calibration.json")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.datasets.split(","):
+            data = prepare(name, Path(tmp) / "data")
+            for seed in map(int, args.seeds.split(",")):
+                rows.append({"dataset": name, **one_run(data, seed, args, Path(tmp) / f"{name}-{seed}")})
+                print(rows[-1], flush=True)
+    print(f"\nCalibration of `fastft train DIR --holdout 0.2` (lite0, {args.size} px, {args.epochs} epochs, seeds "
+          f"{args.seeds}; {time.strftime('%Y-%m-%d')}): median, then each seed")
+    print("| dataset | test acc | temperature | ECE before | ECE after | NLL before | NLL after | Brier before | Brier after |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.datasets.split(","):
+        runs = [r for r in rows if r["dataset"] == name and r["calibrated"]]
+        if not runs:
+            print(f"| {name} | not calibrated | | | | | | | |")
+            continue
+
+        def cell(key, digits=3):
+            values = [r[key] for r in runs]
+            return f"{statistics.median(values):.{digits}f} ({', '.join(f'{v:.{digits}f}' for v in values)})"
+        print(f"| {name} | {cell('test_acc')} | {cell('temperature', 2)} | {cell('ece_before')} | {cell('ece_after')} | "
+              f"{cell('nll_before')} | {cell('nll_after')} | {cell('brier_before')} | {cell('brier_after')} |")
+    write_results(args.json, vars(args), rows)
+
+
+if __name__ == "__main__":
+    main()
