@@ -64,11 +64,15 @@ def _confidence_and_outcome(probs: np.ndarray, targets: np.ndarray, multi_label:
     return probs.max(axis=1), (probs.argmax(axis=1) == np.asarray(targets)).astype(float)
 
 
+def _bin_of(confidence: np.ndarray, bins: int = BINS) -> np.ndarray:
+    """Each confidence's bin among `bins` equal-width bins of [0, 1] (a bin holds its upper edge)."""
+    return np.clip(np.digitize(confidence, np.linspace(0, 1, bins + 1)[1:-1], right=True), 0, bins - 1)
+
+
 def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, multi_label: bool = False,
                                bins: int = BINS) -> float:
     confidence, outcome = _confidence_and_outcome(probs, targets, multi_label)
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    which = _bin_of(confidence, bins)
     error = 0.0
     for b in range(bins):
         members = which == b
@@ -100,10 +104,9 @@ def reliability_diagram(before: np.ndarray, after: np.ndarray, targets: np.ndarr
 
     fig, ax = subplots(figsize=(5, 4.6))
     ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfectly calibrated")
-    edges = np.linspace(0, 1, BINS + 1)
     for probs, name, style in ((before, "before", "o-"), (after, "after", "s-")):
         confidence, outcome = _confidence_and_outcome(np.asarray(probs), targets, multi_label)
-        which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, BINS - 1)
+        which = _bin_of(confidence)
         shown = [b for b in range(BINS) if (which == b).any()]
         ece = expected_calibration_error(np.asarray(probs), targets, multi_label)
         ax.plot([confidence[which == b].mean() for b in shown], [outcome[which == b].mean() for b in shown], style,
