@@ -232,11 +232,23 @@ def inspect_data(
     seed: int = typer.Option(42, "--seed", help="The seed the split is drawn with (as training's --seed)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     out: Optional[str] = typer.Option(None, "--out", help="Also write report.json and samples.png (a grid of "
-                                                           "images per class) to this new folder. Default: print only."),
+                                                           "images per class) to this new folder. Default: print only "
+                                                           "(--labels-check: runs/labels-check-<time>)."),
+    labels_check: bool = typer.Option(False, "--labels-check", help="Also list the training images whose given label "
+                                      "looks wrong (confident learning, cleanlab, on out-of-fold predictions of linear "
+                                      "probes on the frozen backbone's features): label_issues.csv and "
+                                      "label_issues.png."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="--labels-check: the backbone (default: the train "
+                                                            "recipe's). " + OPTIONS["arch"].metadata["help"]),
+    weights: Optional[str] = typer.Option(None, "--weights", help="--labels-check: " + OPTIONS["weights"].metadata["help"]),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="--labels-check: "
+                                    + OPTIONS["pretrained"].metadata["help"]),
+    size: Optional[int] = typer.Option(None, "--size", min=1, help="--labels-check: " + OPTIONS["size"].metadata["help"]),
 ):
     """What a dataset holds, before training: images per class and split, empty class folders, unreadable files,
-    sizes and modes, exact duplicates (within a split, and train/test leakage), tiny classes. Changes nothing in
-    DATA; writes files only with --out."""
+    sizes and modes, exact duplicates (within a split, and train/test leakage), tiny classes; with --labels-check,
+    the training images whose labels look wrong. Changes nothing in DATA; writes files only with --out (or
+    --labels-check)."""
     from fastft.data.folders import split_files
     from fastft.data.inspect import as_text, report, sample_grid
 
@@ -246,18 +258,39 @@ def inspect_data(
                               label_col=label_col, label_delim=label_delim, valid_pct=valid_pct, seed=seed)
     from fastft.atomic import write_json
     from fastft.data.images import large_images_allowed
-    from fastft.run_folder import check_new_out
+    from fastft.run_folder import RunFolder, check_new_out, new_run_folder
 
     check_new_out(out)
+    if labels_check:  # the recipe `fastft train DATA` would run, with these options
+        recipe = load_recipe("train").replace(
+            source="command-line options", data=str(data), labels=labels, image_col=image_col, label_col=label_col,
+            label_delim=label_delim, valid_pct=valid_pct, seed=seed, pretrained=pretrained,
+            **{k: v for k, v in {"arch": arch, "weights": weights, "size": size}.items() if v is not None})
     split = split_files(data, recipe, empty_ok=True)
     with large_images_allowed():  # the user's own photos, as a run reads them
         result = report(split, data)
+        check = None
+        if labels_check:
+            from fastft.train import label_issues
+
+            check = label_issues.check_folder(recipe)
+            result["label_issues"] = [{"file": str(s.file), "given_label": s.given, "suggested_label": s.suggested,
+                                       "score": round(s.score, 4)} for s in check.suspects]
+            out = out or str(new_run_folder(None, "labels-check"))
         if out:
             Path(out).mkdir(parents=True, exist_ok=True)
             write_json(Path(out) / "report.json", result)
             sample_grid(split, Path(out) / "samples.png")
-    written = f"\nreport.json and samples.png in {out}" if out else ""
-    typer.echo(json.dumps(result, indent=2) if as_json else as_text(result) + written)
+            if check is not None:
+                folder = RunFolder(Path(out))
+                label_issues.write_report(check, folder.label_issues, folder.suspects)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    shown = as_text(result) + ("\n" + label_issues.as_text(check) if check is not None else "")
+    written = (f"\nreport.json, samples.png{', label_issues.csv and label_issues.png' if check else ''} in {out} "
+               f"(nothing in {data} was changed)" if out else "")
+    typer.echo(shown + written)
 
 
 @app.command(name="recipes")

@@ -49,6 +49,10 @@ class CommonRecipe:
                                    "single-label.")
     balance: str = setting("none", "Imbalanced classes: weights (class-weighted loss), sampler (fastai's WeightedDL: "
                                    "each class drawn equally often) or none.", choices=("none", "weights", "sampler"))
+    exclude_suspects: int = setting(0, "Train without the N training images whose labels look most wrong (the label "
+                                       "check of `fastft inspect --labels-check`, on the starting weights; the run's "
+                                       "label_issues.csv lists them). The files are not touched. 0: train on all.",
+                                    cli_min=0, minimum=0)
     valid_pct: float = setting(0.2, "Held-out (test) share when the data folder has no train/test split.")
     limit: int = setting(0, "A seeded, class-stratified sample of at most N train and N test images (quick runs); "
                             "0: all.")

@@ -12,6 +12,7 @@ both name them through here, so adding an output file is one line in this module
     skipped_images.txt   files that did not decode
     lr_find.png          the LR finder's curve (--lr auto, fastft lr-find)
     reliability.png      confidence against accuracy on the test split, before and after calibration
+    label_issues.csv     --exclude-suspects: the training images whose labels look wrong (label_issues.png: them)
     tensorboard/         --log tensorboard
 """
 from __future__ import annotations
@@ -39,6 +40,8 @@ FILES = {
     "skipped": "skipped_images.txt",
     "lr_find": "lr_find.png",
     "reliability": "reliability.png",
+    "label_issues": "label_issues.csv",
+    "suspects": "label_issues.png",
     "tensorboard": "tensorboard",
 }
 # the names other modules match a path against (a model file given on the command line, say)

@@ -104,6 +104,29 @@ def _save(stored: Path, meta_file: Path, pixels: np.ndarray, bad) -> None:
         pass  # a read-only or full disk only costs the next run a decode
 
 
+def features(files: list[Path], size: int, crop_pct: float, backbone: str, compute) -> dict:
+    """`compute()`, a dict of tensors (a frozen backbone's features of `files`), remembered in the cache folder
+    under the files' key, the picture size and `backbone` (a digest of its weights): the label check and the probes
+    after it read them back in a fraction of a second instead of running the backbone over every image again."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha1(f"{_key(files, size, crop_pct)} {backbone}".encode()).hexdigest()
+    stored = cache_folder() / f"{key}.features.safetensors"
+    try:
+        return load_file(stored)
+    except (OSError, SafetensorError):
+        pass  # none yet, or damaged: computed again and rewritten
+    tensors = compute()
+    try:
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(stored) as temporary:
+            save_file({name: t.contiguous() for name, t in tensors.items()}, str(temporary))
+    except OSError:
+        pass  # a read-only or full disk only costs the next check the backbone's pass
+    return tensors
+
+
 def content_hashes(files: list[Path], digest) -> list[str]:
     """`digest(file)` of every file (the duplicate check's content hashes), remembered in the cache folder under
     the files' key: a run over unchanged files reads them back instead of hashing every file again."""

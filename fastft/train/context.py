@@ -47,6 +47,7 @@ class RunContext:
     mean: tuple[float, float, float]  # the input normalisation the backbone expects
     std: tuple[float, float, float]
     skipped: tuple[tuple, ...] = ()  # (file, reason) for each image that did not decode
+    excluded: tuple = ()  # the training images --exclude-suspects left out (label_issues.Suspect)
 
     def saved_recipe(self) -> Recipe:
         """The recipe with every resolved value in place: recipe.toml, which `fastft run` reproduces."""

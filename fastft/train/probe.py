@@ -83,7 +83,7 @@ def head_accuracy(logits: torch.Tensor, y: torch.Tensor, multi_label: bool) -> f
     return (logits.argmax(1) == y).float().mean().item()
 
 
-def _logistic_regression(x: torch.Tensor, y: torch.Tensor, n_classes: int, penalty: float,
+def logistic_regression(x: torch.Tensor, y: torch.Tensor, n_classes: int, penalty: float,
                          multi_label: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight (C, D), bias (C,)) minimising the mean loss + penalty/2 * |weight|^2, by full-batch L-BFGS: a
     multinomial logistic regression, or one binary logistic regression per label for multi-label targets."""
@@ -116,22 +116,36 @@ def _split_by_class(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torc
     return as_rows(fit), as_rows(valid)
 
 
-def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, n_classes: int, seed: int,
-                    multi_label: bool = False) -> dict:
-    """Fit the probe: choose the penalty on a validation split of the training images, refit on all of them.
-    Returns {"weight", "bias"} for a Linear on the raw features, and its figures on the training images."""
+def standardised(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(features with zero mean and unit deviation per column, the mean, the deviation)."""
     mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
-    x = (features - mean) / std
+    return (features - mean) / std, mean, std
+
+
+def choose_penalty(x: torch.Tensor, labels: torch.Tensor, n_classes: int, seed: int, multi_label: bool,
+                   quiet: bool = False) -> float:
+    """The L2 penalty (of PENALTIES) with the least loss on VALID_SHARE of each class held out of `x` (standardised
+    features of N images, then of their N mirror images); says which unless `quiet`."""
     fit, valid = _split_by_class(labels, seed)
     scores = {}
     if len(valid):
         for penalty in PENALTIES:
-            weight, bias = _logistic_regression(x[fit], labels[fit], n_classes, penalty, multi_label)
+            weight, bias = logistic_regression(x[fit], labels[fit], n_classes, penalty, multi_label)
             scores[penalty] = head_loss(x[valid] @ weight.T + bias, labels[valid], multi_label).item()
     penalty = min(scores, key=scores.get) if scores else PENALTIES[-1]
-    print(f"linear probe: L2 penalty {penalty:g}, chosen on {len(valid) // 2} held-out training images "
-          f"(their loss: {', '.join(f'{p:g} {v:.3f}' for p, v in scores.items())})", flush=True)
-    weight, bias = _logistic_regression(x, labels, n_classes, penalty, multi_label)
+    if not quiet:
+        print(f"linear probe: L2 penalty {penalty:g}, chosen on {len(valid) // 2} held-out training images "
+              f"(their loss: {', '.join(f'{p:g} {v:.3f}' for p, v in scores.items())})", flush=True)
+    return penalty
+
+
+def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, n_classes: int, seed: int,
+                    multi_label: bool = False) -> dict:
+    """Fit the probe: choose the penalty on a validation split of the training images, refit on all of them.
+    Returns {"weight", "bias"} for a Linear on the raw features, and its figures on the training images."""
+    x, mean, std = standardised(features)
+    penalty = choose_penalty(x, labels, n_classes, seed, multi_label)
+    weight, bias = logistic_regression(x, labels, n_classes, penalty, multi_label)
     logits = x @ weight.T + bias
     # fold the standardisation into the layer: W((f - m) / s) + b = (W / s) f + (b - (W / s) m)
     raw_weight = weight / std

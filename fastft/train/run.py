@@ -85,6 +85,13 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
 
     set_seed(recipe.seed, reproducible=True)
     split = load_split(root, recipe, plan, quiet=not dist.is_main)
+    label_check = None
+    if recipe.exclude_suspects:
+        from fastft.train.label_issues import check_labels, without_suspects
+
+        label_check = dist.from_main(lambda: check_labels(split, recipe, start, device))
+        split = without_suspects(split, label_check.suspects[:recipe.exclude_suspects])
+        set_seed(recipe.seed, reproducible=True)  # the run draws what it would without the check
     counts = label_counts(split)
     if dist.is_main:
         for note in (imbalance_note(counts, recipe.balance), leakage_warning(split)):
@@ -107,13 +114,18 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
     if dist.is_main:
         if split.skipped:
             write_text(folder.skipped, "".join(f"{p}\t{why}\n" for p, why in split.skipped))
+        if label_check is not None:
+            from fastft.train.label_issues import write_report
+
+            write_report(label_check, folder.label_issues, folder.suspects)
     resolved = Resolved(data=str(root.resolve()), precision=precision, keep=keep, lr=recipe.lr or
                         STRATEGIES[recipe.strategy].default_lr, pretrained=start.kind != "none" and recipe.pretrained,
                         weights=absolute(recipe.weights) if start.kind != "none" else "", labels=absolute(recipe.labels))
     context = RunContext(recipe=recipe, resolved=resolved, folder=folder, device=device, dist=dist,
                          classes=tuple(split.classes), class_counts=counts, multi_label=split.multi_label,
                          has_validation=has_validation, head=head, starting_weights=loaded, mean=mean, std=std,
-                         skipped=tuple(split.skipped))
+                         skipped=tuple(split.skipped),
+                         excluded=tuple(label_check.suspects[:recipe.exclude_suspects]) if label_check else ())
     return Prepared(context, learn)
 
 
@@ -383,9 +395,14 @@ def print_plan(learn, context: RunContext, phases: list[Phase]) -> None:
                  f"process)" if dist.size > 1 else f"batch {learn.dls.bs}")
     validation = validation_loader(learn.dls)
     counts = f", {len(validation.dataset)} validation" if validation is not None else ""
+    left_out = ""
+    if recipe.exclude_suspects:
+        left_out = (f" (left out: the {len(context.excluded)} whose labels look most wrong, --exclude-suspects "
+                    f"{recipe.exclude_suspects}{'' if len(context.excluded) == recipe.exclude_suspects else ', no more look wrong'}"
+                    f"; {context.folder.label_issues.name})")
     print(f"{recipe.name}: {recipe.epochs} epoch(s) of {recipe.strategy}: {describe_plan(phases)}")
-    print(f"{recipe.arch} from {context.starting_weights}, {len(learn.dls.train_ds)} train / {len(learn.dls.valid_ds)} "
-          f"test{counts} images, {len(context.classes)} classes, {processes}, {context.resolved.precision} on "
+    print(f"{recipe.arch} from {context.starting_weights}, {len(learn.dls.train_ds)} train{left_out} / "
+          f"{len(learn.dls.valid_ds)} test{counts} images, {len(context.classes)} classes, {processes}, {context.resolved.precision} on "
           f"{context.device}, keeping the {context.resolved.keep} epoch"
           f"{NO_VALIDATION if not context.has_validation else ''} -> {context.folder}", flush=True)
 
