@@ -161,3 +161,37 @@ def test_exclude_suspects_on_two_processes_leaves_out_what_one_process_does(tmp_
 
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["final"]["test_acc"] == 1.0
+
+
+def test_relabelling_an_image_keeps_its_cached_features(tmp_path, monkeypatch):
+    """The check's features are cached by file, not by label: fixing a label in the CSV and checking again reads
+    them back, each row still the features of its own file."""
+    import fastft.train.probe as probe
+    from fastft.data.augment import parse_aug
+    from fastft.data.loaders import load_split
+    from fastft.recipe import load_recipe
+    from fastft.train import label_issues
+    from fastft.train.model import starting_weights
+
+    data = mislabelled(tmp_path / "colours")
+    rows = [(str(p.relative_to(data)), p.parent.name, p.parts[-3]) for p in sorted(data.rglob("*.*"))]
+    table = data / "labels.csv"
+
+    def features(labels):
+        with open(table, "w", newline="") as f:
+            csv.writer(f).writerows([("image", "label", "split"), *labels])
+        recipe = load_recipe("train").replace(data=str(data), labels=str(table), arch="resnet18", pretrained=False, size=32)
+        split = load_split(data, recipe, parse_aug(recipe.aug))
+        torch.manual_seed(0)  # the same random backbone both times
+        learn = label_issues.frozen_learner(split, recipe, starting_weights(recipe), torch.device("cpu"))
+        items = [[p, key] for p, key in split.items("train")]
+        return {p.name: row for p, row in zip([p for p, _ in items], label_issues.frozen_features(learn, items, recipe)[0])}
+    first = features(rows)
+    fixed = [(image, "red" if image.endswith("wrong_red.png") else label, part) for image, label, part in rows]
+
+    def no_backbone_pass(*args, **kwargs):
+        raise AssertionError("the features should have come from the cache")
+    monkeypatch.setattr(probe, "pooled_features", no_backbone_pass)
+    again = features(fixed)
+    assert again.keys() == first.keys()
+    assert all(torch.equal(again[name], first[name]) for name in first)

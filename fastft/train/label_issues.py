@@ -144,14 +144,19 @@ def frozen_features(learn, items: list, recipe) -> tuple[torch.Tensor, torch.Ten
     from fastft.data import cache
     from fastft.train.probe import pooled_features
 
+    # stored in file order, not item order (items are grouped by label): a changed label, the point of checking
+    # them, leaves the key and the rows as they were
+    order = sorted(range(len(items)), key=lambda i: str(items[i][0]))
+
     def compute() -> dict:
-        originals, mirrors, _ = pooled_features(learn, items, show_progress=sys.stdout.isatty())
+        originals, mirrors, _ = pooled_features(learn, [items[i] for i in order], show_progress=sys.stdout.isatty())
         return {"features": originals, "mirrors": mirrors}
-    if recipe.cache:
-        stored = cache.features([Path(p) for p, _ in items], recipe.size, recipe.crop_pct, backbone_digest(learn), compute)
-    else:
-        stored = compute()
-    return stored["features"], stored["mirrors"]
+    files = [Path(items[i][0]) for i in order]
+    stored = (cache.features(files, recipe.size, recipe.crop_pct, backbone_digest(learn), compute) if recipe.cache
+              else compute())
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))  # row of item i in file order
+    return stored["features"][back], stored["mirrors"][back]
 
 
 def frozen_learner(split, recipe, start, device):
@@ -160,10 +165,10 @@ def frozen_learner(split, recipe, start, device):
     from fastft.data.loaders import build_dataloaders
     from fastft.train.model import create_learner, head_config, normalization
 
-    mean, std = normalization(recipe.arch)
-    dls = build_dataloaders(split, recipe, mean, std, device, parse_aug(recipe.aug))
     # the batch size only matters to training: no note about it here
     probe = recipe.replace(strategy="probe", bs=max(1, min(recipe.bs, len(split.items("train")))))
+    mean, std = normalization(recipe.arch)
+    dls = build_dataloaders(split, probe, mean, std, device, parse_aug(recipe.aug))
     learn, _ = create_learner(dls, probe, start, head=head_config("probe", 0.0), multi_label=split.multi_label)
     return learn
 
