@@ -59,9 +59,15 @@ class CommonRecipe:
     # model
     arch: str = setting("resnet18", "Any timm model name, with or without weights tag: resnet18, resnet18.tv_in1k, "
                                     "tf_efficientnet_lite0.")
+    select: bool = setting(False, "Choose the backbone on the training images: among --arch a,b,c (a list implies "
+                                  "it), or the recipe's shortlist (--arch auto; offline, the architectures of a "
+                                  "--weights folder of ARCH.*.safetensors), by the cross-validated accuracy of a linear "
+                                  "probe on each one's frozen features; the best trains. The test split is not read.")
+    shortlist: str = setting("", "the backbones --arch auto tries, comma-separated", flag=None)
     pretrained: bool = setting(True, "Start from ImageNet weights (the hub's, or --weights), or from random init.")
     weights: str = setting("", "Start from local weights instead of the hub's: a timm state dict (.safetensors or .pth), "
-                               "or a fastft run folder (its backbone, and its head when the classes match).")
+                               "or a fastft run folder (its backbone, and its head when the classes match). Choosing among several "
+                               "backbones: ARCH=FILE,ARCH=FILE, or a folder of ARCH.*.safetensors.")
     head_dropout: float = setting(0.5, "Dropout in fastai's head (its ps): p/2 before the hidden layer, p before the last.")
     # input and augmentation
     size: int = setting(224, "Input side in pixels (train crops and test centre-crops to it).", maximum=4096)

@@ -12,7 +12,8 @@ both name them through here, so adding an output file is one line in this module
     skipped_images.txt   files that did not decode
     lr_find.png          the LR finder's curve (--lr auto, fastft lr-find)
     reliability.png      confidence against accuracy on the test split, before and after calibration
-    label_issues.csv     --exclude-suspects: the training images whose labels look wrong (label_issues.png: them)
+    label_issues.csv     --exclude-suspects or a backbone chosen: the training images whose labels look wrong (and .png)
+    selection.csv        a backbone chosen (--arch a,b,c / auto): every candidate's cross-validated score (and .png)
     tensorboard/         --log tensorboard
 """
 from __future__ import annotations
@@ -42,6 +43,8 @@ FILES = {
     "reliability": "reliability.png",
     "label_issues": "label_issues.csv",
     "suspects": "label_issues.png",
+    "selection": "selection.csv",
+    "selection_chart": "selection.png",
     "tensorboard": "tensorboard",
 }
 # the names other modules match a path against (a model file given on the command line, say)

@@ -183,15 +183,27 @@ def check_labels(split, recipe, start, device) -> LabelCheck:
         print(note, file=sys.stderr)
     learn = frozen_learner(split, recipe, start, device)
     features, mirrors = frozen_features(learn, items, recipe)
-    if split.multi_label:
-        labels = torch.zeros(len(keys), len(split.classes))
-        for row, key in enumerate(keys):
-            labels[row, [split.classes.index(label) for label in split.labels_of(key)]] = 1.0
-    else:
-        labels = torch.tensor([split.classes.index(key) for key in keys])
+    labels = training_labels(split, keys)
     folds = stratified_folds(keys, k, recipe.seed)
     probabilities = out_of_fold_probabilities(features, mirrors, labels, len(split.classes), folds, recipe.seed,
                                               split.multi_label)
+    return label_check_of(split, items, probabilities, labels, k, notes)
+
+
+def training_labels(split, keys: list[str]) -> torch.Tensor:
+    """Class indices (N,), or for multi-label data 0/1 per label (N, C), of images with these label keys."""
+    if not split.multi_label:
+        return torch.tensor([split.classes.index(key) for key in keys])
+    labels = torch.zeros(len(keys), len(split.classes))
+    for row, key in enumerate(keys):
+        labels[row, [split.classes.index(label) for label in split.labels_of(key)]] = 1.0
+    return labels
+
+
+def label_check_of(split, items: list, probabilities: torch.Tensor, labels: torch.Tensor, folds: int,
+                   notes: list[str]) -> LabelCheck:
+    """The suspects among the training `items`, from their out-of-fold `probabilities`."""
+    keys = [key for _, key in items]
     flagged, scores = ranked_issues(probabilities, labels, split.multi_label)
     delimiter = split.delimiter or " "
 
@@ -200,7 +212,7 @@ def check_labels(split, recipe, start, device) -> LabelCheck:
             return delimiter.join(c for c, p in zip(split.classes, probabilities[row].tolist()) if p >= 0.5)
         return split.classes[int(probabilities[row].argmax())]
     suspects = [Suspect(Path(items[i][0]), keys[i], suggested(i), scores[i]) for i in flagged]
-    return LabelCheck(suspects, len(items), k, notes)
+    return LabelCheck(suspects, len(items), folds, notes)
 
 
 def without_suspects(split, suspects: list[Suspect]):

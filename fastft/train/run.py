@@ -36,6 +36,7 @@ from fastft.train.model import (NO_HUB_WEIGHTS, StartingWeights, check_arch, cre
 from fastft.train import checkpoint
 from fastft.train.epochs import EpochLog, RunProgress, unwrapped
 from fastft.train.report import summary_line, write_reports
+from fastft.train import select
 from fastft.train.strategies import STRATEGIES, Phase, Progress, describe_plan
 
 
@@ -55,7 +56,18 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
     stopped run's own folder."""
     device = resolve_device(recipe.device)
     precision = resolve_precision(recipe.precision, device)
-    check_arch(recipe.arch)
+    found = []  # the backbones to choose among, when the run chooses
+    if select.selecting(recipe):
+        if STRATEGIES[recipe.strategy].random_init:
+            raise UsageError(f"--strategy {recipe.strategy} starts from random weights, so there is no backbone to "
+                             "choose; drop --select and the --arch list")
+        if not recipe.pretrained:
+            raise UsageError("choosing a backbone compares pretrained weights; drop --no-pretrained (or --select and "
+                             "the --arch list)")
+        found = select.candidates(recipe)
+        select.check_candidates(recipe, found)
+    else:
+        check_arch(recipe.arch)
     if not resuming:
         check_new_out(out)
     plan = parse_aug(recipe.aug)
@@ -68,11 +80,13 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
             print(f"note: --strategy {recipe.strategy} starts from random weights; not loading {recipe.weights}",
                   file=sys.stderr)
         start = StartingWeights("none")
-    else:
+    elif not found:
         start = starting_weights(recipe)
+    else:  # chosen below, once the training images are known
+        start = None
     if recipe.data and not recipe.labels:
         check_data_folder(Path(recipe.data).expanduser())  # a mistyped folder first: it needs no network to tell
-    if start.kind == "hub" and (problem := hub_weights_problem(recipe.arch)):
+    if start and start.kind == "hub" and (problem := hub_weights_problem(recipe.arch)):
         # before the data: offline, both are missing, and the first message should name both
         dataset = recipe.dataset or recipe.name
         data_too = ("" if recipe.data or downloaded(dataset)
@@ -85,12 +99,22 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
 
     set_seed(recipe.seed, reproducible=True)
     split = load_split(root, recipe, plan, quiet=not dist.is_main)
-    label_check = None
+    selection = label_check = None
+    if found:
+        selection = dist.from_main(lambda: select.choose(split, recipe, found, device))
+        # recipe.toml names the backbone chosen: `fastft run` on it trains that one (selection.csv keeps the rest)
+        recipe = recipe.replace(arch=selection.chosen.arch, weights=selection.chosen.weights, select=False)
+        start = starting_weights(recipe)
+        label_check = dist.from_main(lambda: free_label_check(split, selection))
+        if dist.is_main:
+            print(select.describe(selection), flush=True)
     if recipe.exclude_suspects:
         from fastft.train.label_issues import check_labels, without_suspects
 
-        label_check = dist.from_main(lambda: check_labels(split, recipe, start, device))
+        if label_check is None:
+            label_check = dist.from_main(lambda: check_labels(split, recipe, start, device))
         split = without_suspects(split, label_check.suspects[:recipe.exclude_suspects])
+    if found or recipe.exclude_suspects:
         set_seed(recipe.seed, reproducible=True)  # the run draws what it would without the check
     counts = label_counts(split)
     if dist.is_main:
@@ -118,6 +142,8 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
             from fastft.train.label_issues import write_report
 
             write_report(label_check, folder.label_issues, folder.suspects)
+        if selection is not None:
+            select.write_report(selection, folder.selection, folder.selection_chart)
     resolved = Resolved(data=str(root.resolve()), precision=precision, keep=keep, lr=recipe.lr or
                         STRATEGIES[recipe.strategy].default_lr, pretrained=start.kind != "none" and recipe.pretrained,
                         weights=absolute(recipe.weights) if start.kind != "none" else "", labels=absolute(recipe.labels))
@@ -127,6 +153,19 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
                          skipped=tuple(split.skipped),
                          excluded=tuple(label_check.suspects[:recipe.exclude_suspects]) if label_check else ())
     return Prepared(context, learn)
+
+
+def free_label_check(split, selection):
+    """The label check from the chosen backbone's out-of-fold predictions, which the choice computed anyway; None
+    without cleanlab (an optional extra)."""
+    from fastft.train import label_issues
+
+    try:
+        label_issues.require_cleanlab()
+    except UsageError:
+        return None
+    items = [[p, key] for p, key in split.items("train")]
+    return label_issues.label_check_of(split, items, selection.probabilities, selection.labels, selection.folds, [])
 
 
 def absolute(path: str) -> str:

@@ -1,0 +1,190 @@
+"""Choosing the backbone on the user's own training images (`--arch a,b,c`, `--arch auto`, `--select`).
+
+Which ImageNet backbone transfers best depends on the data (Kornblith et al., CVPR 2019: the choice of backbone
+matters more than most of what is done after it), and a linear probe on its frozen features measures that cheaply:
+each candidate runs once over the training images and their mirror images (features cached with the decoded
+pictures), the images are dealt into the same k stratified, seeded folds for every candidate, and a probe fitted on
+k-1 folds predicts the k-th. The candidate with the best out-of-fold accuracy trains; candidates within
+TIE_IMAGES images of the best are a tie, settled by the lower out-of-fold log-loss. The test split is never read.
+
+What is not here yet (issue 28): strategies as candidates (probe against lp-ft on the folds), weight averaging,
+a time budget and Mixup/CutMix.
+"""
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from fastft.errors import UsageError
+
+TIE_IMAGES = 2  # out-of-fold accuracies this many images apart are a tie: a gap of one or two images is noise
+
+
+class Candidate(NamedTuple):
+    arch: str
+    weights: str  # a file, or "" for the hub's ImageNet weights
+
+
+class Score(NamedTuple):
+    candidate: Candidate
+    accuracy: float  # out-of-fold accuracy of the probe (multi-label: per label, at 0.5)
+    log_loss: float  # out-of-fold negative log-likelihood per image
+    seconds: float  # features (or reading them back) and the k probes
+
+
+class Selection(NamedTuple):
+    scores: list[Score]  # in the order tried
+    chosen: Candidate
+    folds: int
+    images: int
+    probabilities: torch.Tensor  # the chosen backbone's out-of-fold probabilities (the label check reads them)
+    labels: torch.Tensor
+
+
+def selecting(recipe) -> bool:
+    """Whether the run chooses its backbone: --select, a list of architectures, or auto."""
+    return recipe.select or "," in recipe.arch or recipe.arch == "auto"
+
+
+def weights_by_arch(weights: str) -> dict[str, str]:
+    """--weights for a selection: 'a=FILE,b=FILE', or a folder of ARCH.*.safetensors (ARCH.TAG.safetensors), or ''."""
+    if not weights:
+        return {}
+    path = Path(weights).expanduser()
+    if "=" not in weights and path.is_dir():
+        found = {f.name.split(".")[0]: str(f) for f in sorted(path.glob("*.safetensors"))}
+        if not found:
+            raise UsageError(f"--weights {path} holds no ARCH.*.safetensors files; name each one after its timm "
+                             "architecture, or pass --weights a=FILE,b=FILE")
+        return found
+    pairs = {}
+    for part in filter(None, (p.strip() for p in weights.split(","))):
+        arch, equals, file = part.partition("=")
+        if not equals or not arch.strip() or not file.strip():
+            raise UsageError(f"--weights '{part}' names no architecture; with several backbones pass --weights "
+                             "ARCH=FILE,ARCH=FILE (or a folder of ARCH.*.safetensors)")
+        pairs[arch.strip()] = file.strip()
+    return pairs
+
+
+def candidates(recipe) -> list[Candidate]:
+    """The backbones a selecting recipe tries, each with its weights; every name and file checked."""
+    from fastft.train.model import check_arch
+
+    files = weights_by_arch(recipe.weights)
+    if "," in recipe.arch:
+        names = [a.strip() for a in recipe.arch.split(",") if a.strip()]
+    elif files and "=" not in recipe.weights:  # auto, offline: what the weights folder holds
+        names = list(files)
+    else:
+        names = [a.strip() for a in recipe.shortlist.split(",") if a.strip()]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--arch lists an architecture twice ({recipe.arch}); name each once")
+    for name in names:
+        check_arch(name)
+    unlisted = [a for a in files if a not in names and a not in {n.split(".")[0] for n in names}]
+    if unlisted and "=" in recipe.weights:
+        raise UsageError(f"--weights names {', '.join(unlisted)}, which --arch does not list ({', '.join(names)}); "
+                         "add it to --arch or drop its weights")
+    return [Candidate(name, files.get(name, files.get(name.split(".")[0], ""))) for name in names]
+
+
+def check_candidates(recipe, found: list[Candidate]) -> None:
+    """Every candidate's weights exist (or the hub has them), before any data is read."""
+    from fastft.train.model import NO_HUB_WEIGHTS, hub_weights_problem, starting_weights
+
+    if len(found) < 2:
+        raise UsageError(f"choosing a backbone needs at least two candidates, and there is {len(found)} "
+                         f"({', '.join(c.arch for c in found) or 'none'}); list them with --arch a,b,c")
+    for c in found:
+        start = starting_weights(recipe.replace(arch=c.arch, weights=c.weights, pretrained=True))
+        if start.kind == "hub" and (problem := hub_weights_problem(c.arch)):
+            raise UsageError(f"{problem}; for {c.arch}, {NO_HUB_WEIGHTS.format(arch=c.arch)} (several: --weights "
+                             "a=FILE,b=FILE, or a folder of ARCH.*.safetensors)")
+
+
+def out_of_fold_scores(probabilities: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> tuple[float, float]:
+    """(accuracy, negative log-likelihood per image) of out-of-fold probabilities."""
+    p = probabilities.clamp(1e-7, 1 - 1e-7)
+    if multi_label:
+        y = labels.bool()
+        accuracy = ((p > 0.5) == y).float().mean().item()
+        nll = -(torch.where(y, p.log(), (1 - p).log())).sum(1).mean().item()
+    else:
+        accuracy = (p.argmax(1) == labels).float().mean().item()
+        nll = -p.gather(1, labels[:, None]).log().mean().item()
+    return accuracy, nll
+
+
+def choose(split, recipe, found: list[Candidate], device) -> Selection:
+    """Score every candidate by k-fold probes on its frozen features of the training images; the best wins."""
+    from fastft.train.label_issues import (fold_count, frozen_features, frozen_learner, out_of_fold_probabilities,
+                                           stratified_folds, training_labels)
+    from fastft.train.model import starting_weights
+
+    items = [[p, key] for p, key in split.items("train")]
+    keys = [key for _, key in items]
+    k, notes = fold_count(keys, split.multi_label)
+    for note in notes:
+        print(note, file=sys.stderr)
+    folds, labels = stratified_folds(keys, k, recipe.seed), training_labels(split, keys)
+    print(f"choosing the backbone among {len(found)} ({', '.join(c.arch for c in found)}): a linear probe on each "
+          f"one's frozen features of the {len(items)} training images, {k}-fold cross-validated (one pass of each "
+          f"backbone over the images; a few seconds for a cached one)", flush=True)
+    scores, probabilities = [], {}
+    for number, c in enumerate(found, start=1):
+        started = time.perf_counter()
+        candidate_recipe = recipe.replace(arch=c.arch, weights=c.weights, pretrained=True)
+        torch.manual_seed(recipe.seed)
+        learn = frozen_learner(split, candidate_recipe, starting_weights(candidate_recipe), device)
+        features, mirrors = frozen_features(learn, items, candidate_recipe)
+        del learn
+        probabilities[c] = out_of_fold_probabilities(features, mirrors, labels, len(split.classes), folds,
+                                                     recipe.seed, split.multi_label)
+        accuracy, nll = out_of_fold_scores(probabilities[c], labels, split.multi_label)
+        scores.append(Score(c, accuracy, nll, time.perf_counter() - started))
+        spent = sum(s.seconds for s in scores)
+        left = f"; about {spent / number * (len(found) - number):.0f} s left" if number < len(found) else ""
+        print(f"  {c.arch}: cross-validated accuracy {accuracy:.3f}, log-loss {nll:.3f} "
+              f"({scores[-1].seconds:.1f} s{left})", flush=True)
+    best = max(s.accuracy for s in scores)
+    tied = [s for s in scores if s.accuracy >= best - TIE_IMAGES / len(items) - 1e-9]
+    chosen = min(tied, key=lambda s: s.log_loss).candidate
+    return Selection(scores, chosen, k, len(items), probabilities[chosen], labels)
+
+
+def describe(selection: Selection) -> str:
+    score = next(s for s in selection.scores if s.candidate == selection.chosen)
+    best = max(selection.scores, key=lambda s: s.accuracy)
+    tie = (f"; tied with {best.candidate.arch}'s {best.accuracy:.3f} (within {TIE_IMAGES} images), and the lower "
+           f"log-loss" if best.accuracy > score.accuracy else "")
+    return (f"chose {selection.chosen.arch} (cross-validated accuracy {score.accuracy:.3f} on {selection.images} "
+            f"training images, {selection.folds} folds{tie}; selection.csv)")
+
+
+def write_report(selection: Selection, csv_path: Path, chart_path: Path) -> None:
+    """selection.csv (every candidate, its weights, scores and seconds; which was chosen) and a bar chart PNG."""
+    from fastft.atomic import replacing, save_figure, subplots
+
+    with replacing(csv_path) as temporary, open(temporary, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["arch", "weights", "cv_accuracy", "cv_log_loss", "seconds", "chosen"])
+        writer.writerows([s.candidate.arch, s.candidate.weights or "hub", f"{s.accuracy:.4f}", f"{s.log_loss:.4f}",
+                          f"{s.seconds:.1f}", str(s.candidate == selection.chosen).lower()] for s in selection.scores)
+    fig, ax = subplots(figsize=(6.4, 0.6 * len(selection.scores) + 1.4))
+    names = [s.candidate.arch for s in selection.scores]
+    ax.barh(names, [s.accuracy for s in selection.scores],
+            color=["tab:orange" if s.candidate == selection.chosen else "tab:blue" for s in selection.scores])
+    for y, s in enumerate(selection.scores):
+        ax.text(s.accuracy, y, f" {s.accuracy:.3f}", va="center", fontsize=8)
+    ax.set_xlim(0, 1.1)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"out-of-fold accuracy of a linear probe ({selection.folds} folds, {selection.images} training images)")
+    ax.set_title(describe(selection), fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, chart_path)

@@ -1,0 +1,111 @@
+"""Choosing the backbone on the training images: `fastft train DIR --arch a,b` (tiny random-init backbones saved as
+local weight files, so nothing needs the hub)."""
+import builtins
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, invoke, make_split_dataset
+from test_distributed import torchrun
+
+ARCHS = ("resnet18", "mobilenetv3_small_050")
+SMALL = ["--size", "32", "--bs", "4", "--workers", "0", "--device", "cpu", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def weights_folder(tmp_path_factory) -> Path:
+    """ARCH.rand.safetensors for each of ARCHS: what a folder of downloaded weights looks like."""
+    import timm
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("weights")
+    for arch in ARCHS:
+        torch.manual_seed(0)
+        state = timm.create_model(arch, pretrained=False).state_dict()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / f"{arch}.rand.safetensors"))
+    return folder
+
+
+def selection_of(run: Path) -> list[dict]:
+    with open(run / "selection.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_list_of_backbones_is_scored_on_the_training_images_and_the_best_one_trains(weights_folder, tmp_path):
+    data = make_split_dataset(tmp_path / "colours", classes=("blue", "red", "green"), per_class=10)
+    args = ["train", data, "--arch", ",".join(ARCHS), "--weights", weights_folder, *SMALL, "--seed", "3"]
+    first = invoke(*args, "--out", tmp_path / "first")
+    assert first.exit_code == 0, first.output
+    rows = selection_of(tmp_path / "first")
+    assert [r["arch"] for r in rows] == list(ARCHS)  # every candidate, in the order given
+    assert sum(r["chosen"] == "true" for r in rows) == 1 and all(0 <= float(r["cv_accuracy"]) <= 1 for r in rows)
+    chosen = next(r for r in rows if r["chosen"] == "true")
+    assert f"chose {chosen['arch']}" in first.stdout
+    recipe = (tmp_path / "first" / "recipe.toml").read_text()
+    assert f'arch = "{chosen["arch"]}"' in recipe and "select = false" in recipe  # `fastft run` trains the chosen one
+    assert json.loads((tmp_path / "first" / "model.json").read_text())["arch"] == chosen["arch"]
+    assert (tmp_path / "first" / "selection.png").read_bytes()[:4] == b"\x89PNG"
+    again = invoke(*args, "--out", tmp_path / "again")
+    assert again.exit_code == 0, again.output
+    same = lambda rows: [(r["arch"], r["cv_accuracy"], r["cv_log_loss"], r["chosen"]) for r in rows]
+    assert same(selection_of(tmp_path / "again")) == same(rows)  # a seeded run reproduces its choice
+    predicted = invoke("predict", tmp_path / "first", data / "test" / "red", "--json")  # the chosen model deploys
+    assert predicted.exit_code == 0, predicted.output
+
+
+def test_choosing_never_opens_a_test_image(weights_folder, tmp_path):
+    from fastft.data.augment import parse_aug
+    from fastft.data.loaders import load_split
+    from fastft.recipe import load_recipe
+    from fastft.train import select
+
+    data = make_split_dataset(tmp_path / "colours", per_class=8)
+    recipe = load_recipe("train").replace(data=str(data), arch=",".join(ARCHS), weights=str(weights_folder), size=32)
+    split = load_split(data, recipe, parse_aug(recipe.aug))
+    opened, real_open = [], builtins.open
+
+    def recording_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+    builtins.open = recording_open
+    try:
+        chosen = select.choose(split, recipe, select.candidates(recipe), torch.device("cpu"))
+    finally:
+        builtins.open = real_open
+    assert chosen.chosen.arch in ARCHS
+    assert any("/train/" in f for f in opened)  # the spy sees image reads
+    assert not [f for f in opened if "/test/" in f]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--arch", "resnet18,resnet_eighteen"], "unknown architecture 'resnet_eighteen'"),
+    (["--arch", "resnet18,mobilenetv3_small_050", "--weights", "resnet18=R,efficientnet_b0=E"],
+     "--weights names efficientnet_b0, which --arch does not list"),
+    (["--arch", "resnet18,mobilenetv3_small_050", "--no-pretrained"], "drop --no-pretrained"),
+    (["--arch", "resnet18,mobilenetv3_small_050", "--weights", "resnet18=/no/such/file.safetensors"],
+     "/no/such/file.safetensors does not exist"),
+    (["--arch", "resnet18,", "--weights", "resnet18=R"], "at least two candidates"),
+])
+def test_bad_candidate_lists_are_one_line_errors_before_any_work(options, message, tmp_path):
+    data = make_split_dataset(tmp_path / "colours", per_class=4)
+    result = invoke("train", data, *options, *SMALL, "--out", tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_choosing_on_two_processes_chooses_what_one_process_chooses(weights_folder, tmp_path):
+    data = make_split_dataset(tmp_path / "colours", classes=("blue", "red", "green"), per_class=10)
+    args = ["train", data, "--arch", ",".join(ARCHS), "--weights", weights_folder, *SMALL, "--strategy", "probe"]
+    two = torchrun("-m", "fastft", *args, "--out", tmp_path / "two", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("chose ") == 1  # rank 0 chooses and speaks for all
+    one = invoke(*args, "--out", tmp_path / "one")
+    assert one.exit_code == 0, one.output
+    scores = lambda run: [(r["arch"], r["cv_accuracy"], r["chosen"]) for r in selection_of(tmp_path / run)]
+    assert scores("two") == scores("one")
+    assert json.loads((tmp_path / "two" / "model.json").read_text())["arch"] == \
+        json.loads((tmp_path / "one" / "model.json").read_text())["arch"]
