@@ -60,7 +60,7 @@ def test_choosing_never_opens_a_test_image(weights_folder, tmp_path):
     from fastft.data.augment import parse_aug
     from fastft.data.loaders import load_split
     from fastft.recipe import load_recipe
-    from fastft.train import select
+    from fastft.train import backbone_choice
 
     data = make_split_dataset(tmp_path / "colours", per_class=8)
     recipe = load_recipe("train").replace(data=str(data), arch=",".join(ARCHS), weights=str(weights_folder), size=32)
@@ -72,7 +72,7 @@ def test_choosing_never_opens_a_test_image(weights_folder, tmp_path):
         return real_open(file, *args, **kwargs)
     builtins.open = recording_open
     try:
-        chosen = select.choose(split, recipe, select.candidates(recipe), torch.device("cpu"))
+        chosen = backbone_choice.choose(split, recipe, backbone_choice.candidates(recipe), torch.device("cpu"))
     finally:
         builtins.open = real_open
     assert chosen.chosen.arch in ARCHS

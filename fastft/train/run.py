@@ -36,7 +36,7 @@ from fastft.train.model import (NO_HUB_WEIGHTS, StartingWeights, check_arch, cre
 from fastft.train import checkpoint
 from fastft.train.epochs import EpochLog, RunProgress, unwrapped
 from fastft.train.report import summary_line, write_reports
-from fastft.train import select
+from fastft.train import backbone_choice
 from fastft.train.strategies import STRATEGIES, Phase, Progress, describe_plan
 
 
@@ -57,15 +57,15 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
     device = resolve_device(recipe.device)
     precision = resolve_precision(recipe.precision, device)
     found = []  # the backbones to choose among, when the run chooses
-    if select.selecting(recipe):
+    if backbone_choice.selecting(recipe):
         if STRATEGIES[recipe.strategy].random_init:
             raise UsageError(f"--strategy {recipe.strategy} starts from random weights, so there is no backbone to "
                              "choose; drop --select and the --arch list")
         if not recipe.pretrained:
             raise UsageError("choosing a backbone compares pretrained weights; drop --no-pretrained (or --select and "
                              "the --arch list)")
-        found = select.candidates(recipe)
-        select.check_candidates(recipe, found)
+        found = backbone_choice.candidates(recipe)
+        backbone_choice.check_candidates(recipe, found)
     else:
         check_arch(recipe.arch)
     if not resuming:
@@ -101,13 +101,13 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
     split = load_split(root, recipe, plan, quiet=not dist.is_main)
     selection = label_check = None
     if found:
-        selection = dist.from_main(lambda: select.choose(split, recipe, found, device))
+        selection = dist.from_main(lambda: backbone_choice.choose(split, recipe, found, device))
         # recipe.toml names the backbone chosen: `fastft run` on it trains that one (selection.csv keeps the rest)
         recipe = recipe.replace(arch=selection.chosen.arch, weights=selection.chosen.weights, select=False)
         start = starting_weights(recipe)
         label_check = dist.from_main(lambda: free_label_check(split, selection))
         if dist.is_main:
-            print(select.describe(selection), flush=True)
+            print(backbone_choice.describe(selection), flush=True)
     if recipe.exclude_suspects:
         from fastft.train.label_issues import check_labels, without_suspects
 
@@ -143,7 +143,7 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
 
             write_report(label_check, folder.label_issues, folder.suspects)
         if selection is not None:
-            select.write_report(selection, folder.selection, folder.selection_chart)
+            backbone_choice.write_report(selection, folder.selection, folder.selection_chart)
     resolved = Resolved(data=str(root.resolve()), precision=precision, keep=keep, lr=recipe.lr or
                         STRATEGIES[recipe.strategy].default_lr, pretrained=start.kind != "none" and recipe.pretrained,
                         weights=absolute(recipe.weights) if start.kind != "none" else "", labels=absolute(recipe.labels))
