@@ -233,3 +233,19 @@ def test_many_files_decode_in_processes_with_the_same_results_as_threads(tmp_pat
     every_file_readable = [f for f in files if f.name not in ("broken.jpg", "empty.png")]
     good, pictures, bad = images.read_pictures(every_file_readable, 16, 1.0)
     assert good == every_file_readable and not bad and (pictures == pictures_by_processes[1]).all()
+
+
+def test_a_class_without_test_images_is_trained_on_and_left_out_of_the_test_figures(tmp_path, capsys):
+    """Few-shot sets often have a class with no test image: a warning, not an error; a class without training
+    images is still an error, and so is a test split with no image at all."""
+    root = make_split_dataset(tmp_path / "d", classes=("blue", "red", "green"))
+    shutil.rmtree(root / "test" / "green")
+    (root / "test" / "green").mkdir()
+    split = load_split(root, Recipe())
+    assert "class 'green' has no images in the test split" in capsys.readouterr().err
+    assert split.classes == ["blue", "green", "red"] and len(split.train["green"]) == 8 and "green" not in split.test
+    for name in ("blue", "red"):
+        shutil.rmtree(root / "test" / name)
+        (root / "test" / name).mkdir()
+    with pytest.raises(UsageError, match="the test split has no readable images"):
+        load_split(root, Recipe())

@@ -40,8 +40,18 @@ def drop_unreadable(split: Split, recipe: Recipe, plan: AugPlan, quiet: bool = F
             if split.multi_label:  # a label set with no readable image: its labels still come in other sets
                 del by_key[name]
                 continue
+            if part != "train":  # few-shot sets often lack test images of some class: measured without it
+                del by_key[name]
+                if not quiet:
+                    print(f"warning: class '{name}' has no images in the {part} split; it is trained on, and the "
+                          f"{part} figures leave it out", file=sys.stderr)
+                continue
             raise UsageError(f"class '{name}' in the {part} split has no readable images; add images to it or "
                              "remove it")
+    for part in ("test", "valid"):
+        if part in split.parts and not getattr(split, part):
+            raise UsageError(f"the {part} split has no readable images; add some, or put the class folders directly "
+                             "in the data folder to split them by --valid-pct")
     return split
 
 
