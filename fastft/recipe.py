@@ -82,6 +82,9 @@ class CommonRecipe:
     wd: float = setting(0.01, "Decoupled weight decay (fastai's default 0.01; the d2l strategy keeps its own 1e-3).")
     label_smoothing: float = setting(0.0, "Label smoothing eps: 0 plain cross-entropy, 0.1 a common choice against "
                                           "overconfidence.")
+    wise: float | str = setting("off", "WiSE-FT for lp-ft: keep (1 - W) x the probe's weights + W x the fine-tuned "
+                                       "ones, one network; auto: W chosen on the validation split (0.5 without one); "
+                                       "off: the fine-tuned weights.")
     tta: bool = setting(False, "Flip TTA: the final test accuracy, and predictions, average each image with its mirror.")
     # which epoch to keep, when to stop, where to log
     holdout: float = setting(0.0, "Share of each class's training images held out as a validation split, to pick the "
@@ -159,6 +162,9 @@ def _checked(values: dict, source: str) -> dict:
         if key == "workers":
             out[key] = _workers(value, source)
             continue
+        if key == "wise":
+            out[key] = _wise(value, source)
+            continue
         want = _TYPE_NAMES[_FIELD_TYPES[key]]
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
@@ -205,6 +211,20 @@ def _learning_rate(value, source: str) -> float | str:
     if not (0 <= lr < math.inf):  # nan and inf too
         raise UsageError(f"'lr' in {source} must be a positive number, 0 (the strategy's default) or auto; got {value!r}")
     return lr
+
+
+def _wise(value, source: str) -> float | str:
+    """off, auto, or a mixing weight from 0 (the probe) to 1 (the fine-tuned network)."""
+    if value in ("off", "auto"):
+        return value
+    try:
+        weight = float(value) if not isinstance(value, bool) else -1.0
+    except (TypeError, ValueError):
+        weight = -1.0
+    if not 0 <= weight <= 1:  # nan too
+        raise UsageError(f"'wise' in {source} must be off, auto, or a weight from 0 (the probe) to 1 (the fine-tuned "
+                         f"network); got {value!r}")
+    return weight
 
 
 def _workers(value, source: str) -> int | str:

@@ -57,6 +57,8 @@ class EpochLog(Callback):
         self.multi_label, self.recipe_toml, self.progress = context.multi_label, context.saved_recipe().to_toml(), progress
         self.epochs, self.train_examples, self.train_seconds, self.train_batches = [], 0, 0.0, 0
         self.snapshot, self.best, self.running, self.stopped = None, None, False, ""
+        # --wise: the weights the probe epoch ended with, which the fine-tuned ones are averaged with at the end
+        self.keeps_probe, self.probe_weights = recipe.wise != "off", None
         self.saver = checkpoint.BackgroundSaver()
 
     # ---- figures -------------------------------------------------------------------------------------------
@@ -119,6 +121,8 @@ class EpochLog(Callback):
         entry["seconds"] = time.perf_counter() - self.started
         self.epochs.append(entry)
         self.snapshot = _copy(self.learn.model)
+        if probe and self.keeps_probe:
+            self.probe_weights = self.snapshot
         improved = self.track_best(entry)
         if self.dist.is_main:
             write_reports(self.out, self.epochs, self.examples_per_sec, self.device, self.kept_epoch)
@@ -169,12 +173,14 @@ class EpochLog(Callback):
         """What the log needs to continue a resumed run exactly where it stopped (copies: the next epoch appends
         to the list while a checkpoint of this one is written)."""
         return {"epochs": list(self.epochs), "train_examples": self.train_examples, "train_seconds": self.train_seconds,
-                "train_batches": self.train_batches, "best": dict(self.best) if self.best else None}
+                "train_batches": self.train_batches, "best": dict(self.best) if self.best else None,
+                "probe_weights": self.probe_weights}
 
     def restore(self, state: dict) -> None:
         self.epochs, self.best = state["epochs"], state["best"]
         self.train_examples, self.train_seconds = state["train_examples"], state["train_seconds"]
         self.train_batches = state["train_batches"]
+        self.probe_weights = state.get("probe_weights")  # a checkpoint of an earlier fastft has none
 
     def save_checkpoint(self) -> None:
         randomness = self.dist.gather(checkpoint.random_state(self.dls))  # every process's own generators

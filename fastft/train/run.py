@@ -36,7 +36,7 @@ from fastft.train.model import (NO_HUB_WEIGHTS, StartingWeights, check_arch, cre
 from fastft.train import checkpoint
 from fastft.train.epochs import EpochLog, RunProgress, unwrapped
 from fastft.train.report import summary_line, write_reports
-from fastft.train import backbone_choice
+from fastft.train import backbone_choice, wise
 from fastft.train.strategies import STRATEGIES, Phase, Progress, describe_plan
 
 
@@ -73,6 +73,7 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
     plan = parse_aug(recipe.aug)
     dist = Distributed(device)
     device = dist.device
+    wise.check(recipe)
     if dist.size > 1 and recipe.lr == "auto":
         raise UsageError("--lr auto runs in one process; run `fastft lr-find` first and pass its --lr")
     if STRATEGIES[recipe.strategy].random_init:  # by definition, e.g. `compare --strategy fine-tune,scratch`
@@ -374,7 +375,9 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
     if not dist.is_main:
         dist.wait()
         return {}
-    results, threshold, interrupted = final_report(learn, context, log, interrupted, measure_unaugmented)
+    averaged = wise.apply(learn, context, log.probe_weights)  # before calibration: it calibrates these weights
+    results, threshold, interrupted = final_report(learn, context, log, interrupted, measure_unaugmented,
+                                                   {"wise": averaged} if averaged else {})
     save_model(learn, context, threshold, results["calibration"].get("temperature"))
     dist.wait()
     if interrupted:
@@ -446,10 +449,11 @@ def print_plan(learn, context: RunContext, phases: list[Phase]) -> None:
           f"{NO_VALIDATION if not context.has_validation else ''} -> {context.folder}", flush=True)
 
 
-def final_report(learn, context: RunContext, log: EpochLog, interrupted: bool,
-                 measure_unaugmented: bool) -> tuple[dict, float | None, bool]:
+def final_report(learn, context: RunContext, log: EpochLog, interrupted: bool, measure_unaugmented: bool,
+                 extra: dict | None = None) -> tuple[dict, float | None, bool]:
     """Score the kept model on the test split, then write the reports (metrics.json, history.csv, curves.png) for
-    the last time. Returns (metrics.json's content, a multi-label model's threshold, whether Ctrl-C came)."""
+    the last time; `extra`: more keys for metrics.json. Returns (metrics.json's content, a multi-label model's
+    threshold, whether Ctrl-C came)."""
     final, threshold = {}, 0.5 if context.multi_label else None
     test, calibration = None, {"calibrated": False, "why": "the final measurements were skipped"}
     try:  # extra passes over the data: a Ctrl-C here skips them, and the trained model is still saved
@@ -468,7 +472,7 @@ def final_report(learn, context: RunContext, log: EpochLog, interrupted: bool,
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted: skipping the final test-time measurements, saving the trained model", file=sys.stderr)
-    additions = {"final": final, "calibration": calibration, **({"test_scores": test} if test else {}),
+    additions = {"final": final, "calibration": calibration, **(extra or {}), **({"test_scores": test} if test else {}),
                  **({"stopped_early": log.stopped} if log.stopped else {})}
     # the last epoch's checkpoint, written while the final scores were computed, on disk before any model file (a
     # full disk raises here), so a run that fails from here on can be resumed

@@ -1,0 +1,79 @@
+"""WiSE-FT (Wortsman et al., CVPR 2022): the kept network's weights averaged with the probe's, for `lp-ft`.
+
+Fine-tuning moves a network away from the pretrained features, which helps on the training images and can hurt on
+photos unlike them. The probe epoch of `lp-ft` ends with the pretrained backbone and a fitted linear head, the
+fine-tuning epochs with other weights of the same shape; every weight interpolated between the two,
+(1 - w) x probe + w x fine-tuned, is one network again (the bundle, ONNX and hub exports are unchanged), and
+somewhere between them often beats both ends. BatchNorm statistics stay as loaded during `lp-ft`, so both ends share
+them. `--wise auto` chooses w on the validation split (--holdout, or valid/), else takes the paper's 0.5 and says so;
+`--wise W` fixes it; `off` keeps the fine-tuned weights.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastft.errors import UsageError
+
+WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))  # the mixing weights `auto` compares
+NO_VALIDATION_WEIGHT = 0.5  # the paper's choice when nothing held out can choose
+TIE_IMAGES = 2  # validation accuracies this many images apart are a tie, settled by the lower loss
+
+
+def check(recipe) -> None:
+    if recipe.wise != "off" and recipe.strategy != "lp-ft":
+        raise UsageError(f"--wise averages the probe's weights with the fine-tuned ones, which only --strategy lp-ft "
+                         f"has (this run: {recipe.strategy}); drop --wise or use lp-ft")
+
+
+def mixed(probe: dict, tuned: dict, weight: float) -> dict:
+    """(1 - weight) x probe + weight x tuned, tensor by tensor (integer buffers, BatchNorm's counters: tuned's)."""
+    return {k: torch.lerp(probe[k].to(v), v, weight) if v.is_floating_point() else v for k, v in tuned.items()}
+
+
+def validation_scores(learn, dl, multi_label: bool) -> tuple[float, float]:
+    """(accuracy, mean loss) of the Learner's network on a labelled loader, in float32 and eval mode."""
+    from fastft.train.epochs import correct, unwrapped
+
+    model, losses, right, total = unwrapped(learn.model), 0.0, 0, 0
+    model.eval()
+    with torch.inference_mode():
+        for xb, yb in dl:
+            out = model(xb).float()
+            losses += learn.loss_func(out, yb).item() * len(yb)
+            right += correct(out, yb, multi_label)
+            total += len(yb)
+    return right / max(total, 1), losses / max(total, 1)
+
+
+def apply(learn, context, probe: dict | None) -> dict:
+    """Put the mixed weights in the Learner's network (it holds the kept fine-tuned ones); returns what metrics.json
+    records under `wise`. `probe`: the weights after the probe epoch."""
+    from fastft.data.loaders import validation_loader
+    from fastft.train.epochs import unwrapped
+
+    setting = context.recipe.wise
+    if setting == "off":
+        return {}
+    if probe is None:
+        return {"weight": 1.0, "why": "the run ended before its probe epoch finished"}
+    network = unwrapped(learn.model)
+    tuned = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    validation = validation_loader(learn.dls)
+    if setting != "auto":
+        weight, chosen_on, scores = float(setting), "given with --wise", {}
+    elif validation is None:
+        weight, chosen_on, scores = NO_VALIDATION_WEIGHT, "no validation split to choose on: WiSE-FT's usual 0.5", {}
+    else:
+        scores = {}
+        for w in WEIGHTS:
+            network.load_state_dict(mixed(probe, tuned, w))
+            scores[w] = validation_scores(learn, validation, context.multi_label)
+        best = max(accuracy for accuracy, _ in scores.values())
+        tied = [w for w, (accuracy, _) in scores.items() if accuracy >= best - TIE_IMAGES / len(validation.dataset) - 1e-9]
+        weight = min(tied, key=lambda w: scores[w][1])
+        chosen_on = f"chosen on the validation split ({len(validation.dataset)} images)"
+    network.load_state_dict(mixed(probe, tuned, weight))
+    print(f"WiSE-FT: weights {1 - weight:.1f} x the probe's + {weight:.1f} x the fine-tuned ({chosen_on})",
+          flush=True)
+    return {"weight": weight, "chosen_on": chosen_on,
+            **({"valid_acc_by_weight": {str(w): round(a, 4) for w, (a, _) in scores.items()}} if scores else {})}
