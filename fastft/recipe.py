@@ -82,6 +82,10 @@ class CommonRecipe:
     wd: float = setting(0.01, "Decoupled weight decay (fastai's default 0.01; the d2l strategy keeps its own 1e-3).")
     label_smoothing: float = setting(0.0, "Label smoothing eps: 0 plain cross-entropy, 0.1 a common choice against "
                                           "overconfidence.")
+    mixup: float = setting(0.0, "MixUp (fastai's callback): every training batch blends pairs of images and their "
+                                "labels by a Beta(A, A) share; A: 0.4 is fastai's usual value; 0: off.")
+    cutmix: float = setting(0.0, "CutMix (fastai's callback): a patch of one training image pasted into another, the "
+                                 "labels mixed by area; Beta(A, A), 1.0 the paper's; 0: off. Not with --mixup.")
     wise: float | str = setting("off", "WiSE-FT for lp-ft: keep (1 - W) x the probe's weights + W x the fine-tuned "
                                        "ones, one network; auto: W chosen on the validation split (0.5 without one); "
                                        "off: the fine-tuned weights.")
@@ -176,7 +180,7 @@ def _checked(values: dict, source: str) -> dict:
     for key in ("epochs", "bs", "size"):
         if key in out and out[key] < 1:
             raise UsageError(f"'{key}' in {source} must be at least 1, got {out[key]}")
-    for key in ("limit", "wd", "patience"):
+    for key in ("limit", "wd", "patience", "mixup", "cutmix"):
         if key in out and out[key] < 0:
             raise UsageError(f"'{key}' in {source} must not be negative, got {out[key]}")
     for key, value in out.items():

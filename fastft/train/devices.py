@@ -120,5 +120,6 @@ def set_number_format(learn, precision: str, channels_last: bool, device: torch.
 def training_only_callbacks() -> tuple[type, ...]:
     """Callback types that only matter while training: removed before a Learner is exported."""
     from fastai.callback.fp16 import MixedPrecision
+    from fastai.callback.mixup import MixHandler
 
-    return Autocast, ChannelsLast, MixedPrecision
+    return Autocast, ChannelsLast, MixedPrecision, MixHandler

@@ -74,6 +74,8 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
     dist = Distributed(device)
     device = dist.device
     wise.check(recipe)
+    if recipe.mixup and recipe.cutmix:
+        raise UsageError("--mixup and --cutmix each replace the training loss; choose one")
     if dist.size > 1 and recipe.lr == "auto":
         raise UsageError("--lr auto runs in one process; run `fastft lr-find` first and pass its --lr")
     if STRATEGIES[recipe.strategy].random_init:  # by definition, e.g. `compare --strategy fine-tune,scratch`
@@ -129,6 +131,7 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
     head = head_config(recipe.strategy, recipe.head_dropout)
     learn, loaded = create_learner(dls, recipe, start, head=head, class_counts=counts, multi_label=split.multi_label)
     set_number_format(learn, precision, recipe.channels_last, device)
+    learn.add_cbs(batch_mixing(recipe))
     learn.logger = noop  # EpochLog prints each epoch's figures, the same as history.csv's
     learn.remove_cb(ProgressCallback)  # fastft's RunProgress draws the bars, counting the run's epochs
     if dist.size > 1:
@@ -154,6 +157,13 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
                          skipped=tuple(split.skipped),
                          excluded=tuple(label_check.suspects[:recipe.exclude_suspects]) if label_check else ())
     return Prepared(context, learn)
+
+
+def batch_mixing(recipe: Recipe) -> list:
+    """fastai's MixUp or CutMix callback, when the recipe asks for one (they act on training batches only)."""
+    from fastai.callback.mixup import CutMix, MixUp
+
+    return [MixUp(recipe.mixup)] if recipe.mixup else [CutMix(recipe.cutmix)] if recipe.cutmix else []
 
 
 def free_label_check(split, selection):
@@ -442,7 +452,9 @@ def print_plan(learn, context: RunContext, phases: list[Phase]) -> None:
         left_out = (f" (left out: the {len(context.excluded)} whose labels look most wrong, --exclude-suspects "
                     f"{recipe.exclude_suspects}{'' if len(context.excluded) == recipe.exclude_suspects else ', no more look wrong'}"
                     f"; {context.folder.label_issues.name})")
-    print(f"{recipe.name}: {recipe.epochs} epoch(s) of {recipe.strategy}: {describe_plan(phases)}")
+    mixing = (f"; training batches mixed by MixUp (Beta({recipe.mixup:g}, {recipe.mixup:g}))" if recipe.mixup else
+              f"; training batches mixed by CutMix (Beta({recipe.cutmix:g}, {recipe.cutmix:g}))" if recipe.cutmix else "")
+    print(f"{recipe.name}: {recipe.epochs} epoch(s) of {recipe.strategy}: {describe_plan(phases)}{mixing}")
     print(f"{recipe.arch} from {context.starting_weights}, {len(learn.dls.train_ds)} train{left_out} / "
           f"{len(learn.dls.valid_ds)} test{counts} images, {len(context.classes)} classes, {processes}, {context.resolved.precision} on "
           f"{context.device}, keeping the {context.resolved.keep} epoch"
