@@ -10,12 +10,11 @@ from the training images, and the test split is only measured. Prints medians wi
 import argparse
 import contextlib
 import io
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, write_results
+from common import ROOT, median_cell, write_results
 from transfer import WEIGHTS, prepare
 
 
@@ -61,8 +60,7 @@ def main() -> None:
             continue
 
         def cell(key, digits=3):
-            values = [r[key] for r in runs]
-            return f"{statistics.median(values):.{digits}f} ({', '.join(f'{v:.{digits}f}' for v in values)})"
+            return median_cell([r[key] for r in runs], digits)
         print(f"| {name} | {cell('test_acc')} | {cell('temperature', 2)} | {cell('ece_before')} | {cell('ece_after')} | "
               f"{cell('nll_before')} | {cell('nll_after')} | {cell('brier_before')} | {cell('brier_after')} |")
     write_results(args.json, vars(args), rows)

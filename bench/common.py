@@ -17,6 +17,16 @@ def write_results(path: Path, settings: dict, rows: list[dict]) -> None:
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def median_cell(values, digits: int = 3) -> str:
+    """A table cell: the median, then every figure it is the median of ('-' when there are none)."""
+    import statistics
+
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.{digits}f} ({', '.join(f'{v:.{digits}f}' for v in values)})"
+
+
 # fastft.data.loaders since the package was grouped into folders; fastft.data before (a --baseline checkout).
 # torch is imported before the clock starts, as it is in every fastft run by the time the data is read (the
 # decoders import it lazily; until 2026-11-25 the figures included that import, about 1.3 s on 2 cores).

@@ -24,12 +24,11 @@ import contextlib
 import csv
 import io
 import random
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, write_results
+from common import ROOT, median_cell, write_results
 from transfer import WEIGHTS, prepare
 
 
@@ -89,13 +88,6 @@ def train_accuracy(table: Path, seed: int, args, out: Path, exclude: int = 0) ->
     return metrics["final"]["test_acc"]
 
 
-def cell(values, digits=3) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    return f"{statistics.median(values):.{digits}f} ({', '.join(f'{v:.{digits}f}' for v in values)})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="cat_breeds,flowers,hotdog")
@@ -139,10 +131,10 @@ def main() -> None:
     for name in args.datasets.split(","):
         for share in map(float, args.noise.split(",")):
             runs = [r for r in rows if r["dataset"] == name and r["noise"] == share and "training" not in r]
-            print(f"| {name} | {share:.0%} | {cell([r['flipped'] for r in runs], 0)} | {cell([r['flagged'] for r in runs], 0)} "
-                  f"| {cell([r['precision'] for r in runs])} | {cell([r['recall'] for r in runs])} "
-                  f"| {cell([r['precision_at_flipped'] for r in runs])} "
-                  f"| {cell([r['seconds'] for r in runs], 1)} |")
+            print(f"| {name} | {share:.0%} | {median_cell([r['flipped'] for r in runs], 0)} | {median_cell([r['flagged'] for r in runs], 0)} "
+                  f"| {median_cell([r['precision'] for r in runs])} | {median_cell([r['recall'] for r in runs])} "
+                  f"| {median_cell([r['precision_at_flipped'] for r in runs])} "
+                  f"| {median_cell([r['seconds'] for r in runs], 1)} |")
     if args.train:
         print(f"\nTest accuracy of `fastft train` ({args.epochs} epochs) with {args.train_noise:.0%} of the training labels "
               "flipped: median, then each seed")
@@ -150,8 +142,8 @@ def main() -> None:
         print("|---|---|---|---|---|")
         for name in args.datasets.split(","):
             runs = [r for r in rows if r["dataset"] == name and r.get("training")]
-            print(f"| {name} | {cell([r['clean'] for r in runs])} | {cell([r['noisy'] for r in runs])} | "
-                  f"{cell([r['without_suspects'] for r in runs])} | {cell([r['excluded'] for r in runs], 0)} |")
+            print(f"| {name} | {median_cell([r['clean'] for r in runs])} | {median_cell([r['noisy'] for r in runs])} | "
+                  f"{median_cell([r['without_suspects'] for r in runs])} | {median_cell([r['excluded'] for r in runs], 0)} |")
     write_results(args.json, vars(args), rows)
 
 
