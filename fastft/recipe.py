@@ -58,7 +58,7 @@ class CommonRecipe:
                             "0: all.")
     # model
     arch: str = setting("resnet18", "Any timm model name, with or without weights tag: resnet18, resnet18.tv_in1k, "
-                                    "tf_efficientnet_lite0.")
+                                    "tf_efficientnet_lite0; several, comma-separated, or auto: choose among them on the training images (--select).")
     select: bool = setting(False, "Choose the backbone on the training images: among --arch a,b,c (a list implies "
                                   "it), or the recipe's shortlist (--arch auto; offline, the architectures of a "
                                   "--weights folder of ARCH.*.safetensors), by the cross-validated accuracy of a linear "
