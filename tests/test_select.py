@@ -109,3 +109,52 @@ def test_choosing_on_two_processes_chooses_what_one_process_chooses(weights_fold
     assert scores("two") == scores("one")
     assert json.loads((tmp_path / "two" / "model.json").read_text())["arch"] == \
         json.loads((tmp_path / "one" / "model.json").read_text())["arch"]
+
+
+class TenSecondClock:
+    """A clock that advances 10 s every time it is read: budgets tested without waiting or timing anything."""
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 10.0
+        return self.now
+
+
+def test_the_budget_stops_the_search_and_keeps_the_best_so_far(weights_folder, tmp_path):
+    from fastft.data.augment import parse_aug
+    from fastft.data.loaders import load_split
+    from fastft.recipe import load_recipe
+    from fastft.train import backbone_choice
+    from fastft.train.run import RunFolder
+
+    data = make_split_dataset(tmp_path / "colours", per_class=8)
+    recipe = load_recipe("train").replace(data=str(data), arch=",".join(ARCHS), weights=str(weights_folder), size=32)
+    split = load_split(data, recipe, parse_aug(recipe.aug))
+    found = backbone_choice.candidates(recipe)
+    with pytest.raises(Exception, match=r"too small to score even one backbone: resnet18 .* give at least 1m"):
+        backbone_choice.choose(split, recipe.replace(budget="5s"), found, torch.device("cpu"), clock=TenSecondClock())
+    backbone_choice.choose(split, recipe, found, torch.device("cpu"))  # both backbones' features now cached
+    # read at the start (10), candidate 1 from 20 to 30; at 40, 30 s spent + 30 s a candidate > 35 s: stop
+    short = backbone_choice.choose(split, recipe.replace(budget="35s"), found, torch.device("cpu"),
+                                   clock=TenSecondClock())
+    assert [s.candidate.arch for s in short.scores] == ["resnet18"] and short.chosen.arch == "resnet18"
+    assert [c.arch for c in short.dropped] == ["mobilenetv3_small_050"]
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    backbone_choice.write_report(short, folder.selection, folder.selection_chart)
+    assert [(r["arch"], r["chosen"]) for r in selection_of(folder.path)] == [
+        ("resnet18", "true"), ("mobilenetv3_small_050", "not scored: --budget")]  # the table lists every candidate
+    whole = backbone_choice.choose(split, recipe.replace(budget="2m"), found, torch.device("cpu"), clock=TenSecondClock())
+    assert len(whole.scores) == 2 and not whole.dropped
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--budget", "ten minutes", "--arch", "resnet18,mobilenetv3_small_050"], "--budget 'ten minutes' is not a time"),
+    (["--budget", "10m"], "this run chooses none"),
+])
+def test_bad_budgets_are_one_line_errors(options, message, tmp_path):
+    data = make_split_dataset(tmp_path / "colours", per_class=4)
+    result = invoke("train", data, *options, *SMALL, "--out", tmp_path / "run")
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "run").exists()

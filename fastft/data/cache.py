@@ -104,6 +104,12 @@ def _save(stored: Path, meta_file: Path, pixels: np.ndarray, bad) -> None:
         pass  # a read-only or full disk only costs the next run a decode
 
 
+def features_file(files: list[Path], size: int, crop_pct: float, backbone: str) -> Path:
+    """Where `features` keeps a backbone's features of these files."""
+    key = hashlib.sha1(f"{_key(files, size, crop_pct)} {backbone}".encode()).hexdigest()
+    return cache_folder() / f"{key}.features.safetensors"
+
+
 def features(files: list[Path], size: int, crop_pct: float, backbone: str, compute) -> dict:
     """`compute()`, a dict of tensors (a frozen backbone's features of `files`), remembered in the cache folder
     under the files' key, the picture size and `backbone` (a digest of its weights): the label check and the probes
@@ -111,8 +117,7 @@ def features(files: list[Path], size: int, crop_pct: float, backbone: str, compu
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
-    key = hashlib.sha1(f"{_key(files, size, crop_pct)} {backbone}".encode()).hexdigest()
-    stored = cache_folder() / f"{key}.features.safetensors"
+    stored = features_file(files, size, crop_pct, backbone)
     try:
         return load_file(stored)
     except (OSError, SafetensorError):

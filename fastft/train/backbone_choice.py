@@ -7,12 +7,15 @@ pictures), the images are dealt into the same k stratified, seeded folds for eve
 k-1 folds predicts the k-th. The candidate with the best out-of-fold accuracy trains; candidates within
 TIE_IMAGES images of the best are a tie, settled by the lower out-of-fold log-loss. The test split is never read.
 
-What is not here yet (issue 28): strategies as candidates (probe against lp-ft on the folds), weight averaging,
-a time budget and Mixup/CutMix.
+`--budget 10m` bounds the choice: a candidate is not started when the time spent plus a candidate's average would
+pass it (the best so far trains), and a budget too small for even the first candidate's pass over the images is an
+error naming the least that would do. What is not here yet (issue 28): strategies as candidates on the folds.
 """
 from __future__ import annotations
 
 import csv
+import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -39,6 +42,7 @@ class Score(NamedTuple):
 
 class Selection(NamedTuple):
     scores: list[Score]  # in the order tried
+    dropped: list[Candidate]  # not scored: the --budget ran out first
     chosen: Candidate
     folds: int
     images: int
@@ -98,6 +102,7 @@ def check_candidates(recipe, found: list[Candidate]) -> None:
     """Every candidate's weights exist (or the hub has them), before any data is read."""
     from fastft.train.model import NO_HUB_WEIGHTS, hub_weights_problem, starting_weights
 
+    budget_seconds(recipe.budget)  # a malformed budget fails before any work
     if len(found) < 2:
         raise UsageError(f"choosing a backbone needs at least two candidates, and there is {len(found)} "
                          f"({', '.join(c.arch for c in found) or 'none'}); list them with --arch a,b,c")
@@ -106,6 +111,29 @@ def check_candidates(recipe, found: list[Candidate]) -> None:
         if start.kind == "hub" and (problem := hub_weights_problem(c.arch)):
             raise UsageError(f"{problem}; for {c.arch}, {NO_HUB_WEIGHTS.format(arch=c.arch)} (several: --weights "
                              "a=FILE,b=FILE, or a folder of ARCH.*.safetensors)")
+
+
+def budget_seconds(text: str) -> float | None:
+    """--budget as seconds: '90', '90s', '10m', '1.5h'; None for no budget."""
+    if not text:
+        return None
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not found or float(found[1]) <= 0:
+        raise UsageError(f"--budget '{text}' is not a time; give seconds, minutes or hours, e.g. 90s, 10m, 1h")
+    return float(found[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[found[2]]
+
+
+def first_pass_seconds(learn, items: list, recipe, clock=time.perf_counter) -> float:
+    """About how long one backbone's features of `items` take here: one batch timed (0 when they are cached)."""
+    from fastft.train.label_issues import features_cached
+    from fastft.train.probe import pooled_features
+
+    if features_cached(learn, items, recipe):
+        return 0.0
+    batch = items[: min(len(items), 16)]
+    started = clock()
+    pooled_features(learn, batch)
+    return (clock() - started) / len(batch) * len(items)
 
 
 def out_of_fold_scores(probabilities: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> tuple[float, float]:
@@ -121,8 +149,9 @@ def out_of_fold_scores(probabilities: torch.Tensor, labels: torch.Tensor, multi_
     return accuracy, nll
 
 
-def choose(split, recipe, found: list[Candidate], device) -> Selection:
-    """Score every candidate by k-fold probes on its frozen features of the training images; the best wins."""
+def choose(split, recipe, found: list[Candidate], device, clock=time.perf_counter) -> Selection:
+    """Score every candidate by k-fold probes on its frozen features of the training images; the best wins.
+    `clock`: seconds, for the budget and the figures (a test passes its own)."""
     from fastft.train.label_issues import (fold_count, frozen_features, frozen_learner, out_of_fold_probabilities,
                                            stratified_folds, training_labels)
     from fastft.train.model import starting_weights
@@ -136,18 +165,31 @@ def choose(split, recipe, found: list[Candidate], device) -> Selection:
     print(f"choosing the backbone among {len(found)} ({', '.join(c.arch for c in found)}): a linear probe on each "
           f"one's frozen features of the {len(items)} training images, {k}-fold cross-validated (one pass of each "
           f"backbone over the images; a few seconds for a cached one)", flush=True)
-    scores, probabilities = [], {}
+    scores, probabilities, dropped = [], {}, []
+    budget, began = budget_seconds(recipe.budget), clock()
     for number, c in enumerate(found, start=1):
-        started = time.perf_counter()
+        started = clock()
+        if budget is not None and scores:
+            spent = started - began
+            each = spent / len(scores)
+            if spent + each > budget:  # the next one would likely overrun: keep what was scored
+                dropped = found[number - 1:]
+                print(f"  --budget {recipe.budget}: {spent:.0f} s spent, about {each:.0f} s a backbone; not scoring "
+                      f"{', '.join(d.arch for d in dropped)}: the best so far trains", flush=True)
+                break
         candidate_recipe = recipe.replace(arch=c.arch, weights=c.weights, pretrained=True)
         torch.manual_seed(recipe.seed)
         learn = frozen_learner(split, candidate_recipe, starting_weights(candidate_recipe), device)
+        if budget is not None and not scores and (needed := first_pass_seconds(learn, items, candidate_recipe, clock)) > budget:
+            raise UsageError(f"--budget {recipe.budget} is too small to score even one backbone: {c.arch} over the "
+                             f"{len(items)} training images takes about {needed:.0f} s here; give at least "
+                             f"{math.ceil(needed * 1.2 / 60)}m (or drop --budget)")
         features, mirrors = frozen_features(learn, items, candidate_recipe)
         del learn
         probabilities[c] = out_of_fold_probabilities(features, mirrors, labels, len(split.classes), folds,
                                                      recipe.seed, split.multi_label)
         accuracy, nll = out_of_fold_scores(probabilities[c], labels, split.multi_label)
-        scores.append(Score(c, accuracy, nll, time.perf_counter() - started))
+        scores.append(Score(c, accuracy, nll, clock() - started))
         spent = sum(s.seconds for s in scores)
         left = f"; about {spent / number * (len(found) - number):.0f} s left" if number < len(found) else ""
         print(f"  {c.arch}: cross-validated accuracy {accuracy:.3f}, log-loss {nll:.3f} "
@@ -155,7 +197,7 @@ def choose(split, recipe, found: list[Candidate], device) -> Selection:
     best = max(s.accuracy for s in scores)
     tied = [s for s in scores if s.accuracy >= best - TIE_IMAGES / len(items) - 1e-9]
     chosen = min(tied, key=lambda s: s.log_loss).candidate
-    return Selection(scores, chosen, k, len(items), probabilities[chosen], labels)
+    return Selection(scores, dropped, chosen, k, len(items), probabilities[chosen], labels)
 
 
 def describe(selection: Selection) -> str:
@@ -176,6 +218,7 @@ def write_report(selection: Selection, csv_path: Path, chart_path: Path) -> None
         writer.writerow(["arch", "weights", "cv_accuracy", "cv_log_loss", "seconds", "chosen"])
         writer.writerows([s.candidate.arch, s.candidate.weights or "hub", f"{s.accuracy:.4f}", f"{s.log_loss:.4f}",
                           f"{s.seconds:.1f}", str(s.candidate == selection.chosen).lower()] for s in selection.scores)
+        writer.writerows([c.arch, c.weights or "hub", "", "", "", "not scored: --budget"] for c in selection.dropped)
     fig, ax = subplots(figsize=(6.4, 0.6 * len(selection.scores) + 1.4))
     names = [s.candidate.arch for s in selection.scores]
     ax.barh(names, [s.accuracy for s in selection.scores],

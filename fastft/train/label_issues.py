@@ -138,15 +138,27 @@ def backbone_digest(learn) -> str:
     return digest.hexdigest()
 
 
+def file_order(items: list) -> list[int]:
+    """The items' indices in file order. Features are stored that way, not in item order (items are grouped by
+    label): a changed label, the point of checking them, leaves the cache's key and rows as they were."""
+    return sorted(range(len(items)), key=lambda i: str(items[i][0]))
+
+
+def features_cached(learn, items: list, recipe) -> bool:
+    """Whether `frozen_features` will read these items' features back rather than run the backbone."""
+    from fastft.data import cache
+
+    files = [Path(items[i][0]) for i in file_order(items)]
+    return recipe.cache and cache.features_file(files, recipe.size, recipe.crop_pct, backbone_digest(learn)).is_file()
+
+
 def frozen_features(learn, items: list, recipe) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, D), mirror images' features (N, D)) of the training `items` through the frozen backbone, from
     the cache when this network saw these files at this size before (--no-cache: computed, not stored)."""
     from fastft.data import cache
     from fastft.train.probe import pooled_features
 
-    # stored in file order, not item order (items are grouped by label): a changed label, the point of checking
-    # them, leaves the key and the rows as they were
-    order = sorted(range(len(items)), key=lambda i: str(items[i][0]))
+    order = file_order(items)
 
     def compute() -> dict:
         originals, mirrors, _ = pooled_features(learn, [items[i] for i in order], show_progress=sys.stdout.isatty())

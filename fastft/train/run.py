@@ -68,6 +68,9 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
         backbone_choice.check_candidates(recipe, found)
     else:
         check_arch(recipe.arch)
+        if recipe.budget:
+            raise UsageError("--budget bounds choosing a backbone, and this run chooses none; give --arch a,b,c (or "
+                             "auto), or drop --budget")
     if not resuming:
         check_new_out(out)
     plan = parse_aug(recipe.aug)
