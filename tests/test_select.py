@@ -158,3 +158,10 @@ def test_bad_budgets_are_one_line_errors(options, message, tmp_path):
     result = invoke("train", data, *options, *SMALL, "--out", tmp_path / "run")
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_auto_offline_without_weights_names_how_to_give_them(tmp_path):
+    data = make_split_dataset(tmp_path / "colours", per_class=4)
+    result = invoke("train", data, "--arch", "auto", *SMALL, "--out", tmp_path / "run")  # conftest: HF_HUB_OFFLINE=1
+    assert result.exit_code == 2 and "--weights ARCH=FILE,ARCH=FILE" in result.output and "--weights DIR" in result.output
+    assert "--no-pretrained" not in result.output and not (tmp_path / "run").exists()

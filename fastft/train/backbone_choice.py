@@ -100,7 +100,7 @@ def candidates(recipe) -> list[Candidate]:
 
 def check_candidates(recipe, found: list[Candidate]) -> None:
     """Every candidate's weights exist (or the hub has them), before any data is read."""
-    from fastft.train.model import NO_HUB_WEIGHTS, hub_weights_problem, starting_weights
+    from fastft.train.model import hub_weights_problem, starting_weights
 
     budget_seconds(recipe.budget)  # a malformed budget fails before any work
     if len(found) < 2:
@@ -109,8 +109,9 @@ def check_candidates(recipe, found: list[Candidate]) -> None:
     for c in found:
         start = starting_weights(recipe.replace(arch=c.arch, weights=c.weights, pretrained=True))
         if start.kind == "hub" and (problem := hub_weights_problem(c.arch)):
-            raise UsageError(f"{problem}; for {c.arch}, {NO_HUB_WEIGHTS.format(arch=c.arch)} (several: --weights "
-                             "a=FILE,b=FILE, or a folder of ARCH.*.safetensors)")
+            raise UsageError(f"{problem}; pass the candidates' weights as --weights ARCH=FILE,ARCH=FILE (timm state "
+                             "dicts, .safetensors or .pth) or --weights DIR (a folder of ARCH.*.safetensors), or list "
+                             "only backbones whose weights you have with --arch a,b")
 
 
 def budget_seconds(text: str) -> float | None:
