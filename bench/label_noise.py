@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--train", action="store_true", help="also train on clean, noisy, and noisy without suspects")
     parser.add_argument("--train-noise", type=float, default=0.1)
     parser.add_argument("--train-seeds", default="0", help="the seeds --train trains at (3 runs each)")
+    parser.add_argument("--train-datasets", default="", help="the sets --train trains on (default: all of --datasets)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "label_noise.json")
     args = parser.parse_args()
@@ -112,7 +113,8 @@ def main() -> None:
                     table = write_csv(folder / f"noise{share}-seed{seed}.csv", noisy)
                     rows.append({"dataset": name, "noise": share, "seed": seed, **check(table, seed, flipped, args)})
                     print(rows[-1], flush=True)
-                if args.train and seed in map(int, args.train_seeds.split(",")):
+                trains_here = name in (args.train_datasets or args.datasets).split(",")
+                if args.train and trains_here and seed in map(int, args.train_seeds.split(",")):
                     noisy, flipped = noisy_labels(images, args.train_noise, seed)
                     table = write_csv(folder / f"train-seed{seed}.csv", noisy)
                     flagged = check(table, seed, flipped, args)["flagged"]
@@ -140,7 +142,7 @@ def main() -> None:
               "flipped: median, then each seed")
         print("| dataset | clean labels | noisy labels | noisy, --exclude-suspects N | N |")
         print("|---|---|---|---|---|")
-        for name in args.datasets.split(","):
+        for name in (args.train_datasets or args.datasets).split(","):
             runs = [r for r in rows if r["dataset"] == name and r.get("training")]
             print(f"| {name} | {median_cell([r['clean'] for r in runs])} | {median_cell([r['noisy'] for r in runs])} | "
                   f"{median_cell([r['without_suspects'] for r in runs])} | {median_cell([r['excluded'] for r in runs], 0)} |")

@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=160)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="which rows, by their names above")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "lpft_drop.json")
     args = parser.parse_args()
     from fastft.recipe import load_recipe
@@ -45,7 +46,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.datasets.split(","):
             data = prepare(name, Path(tmp) / "data")
-            for label, change in VARIANTS.items():
+            for label in args.variants.split(","):
+                change = VARIANTS[label]
                 recipe = load_recipe("train").replace(data=str(data), arch="tf_efficientnet_lite0", weights=str(WEIGHTS),
                                                       size=args.size, epochs=args.epochs, seed=args.seed,
                                                       strategy="lp-ft", keep="last", **change)
