@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import COLOURS, TINY, fastft, invoke, make_class_folders, make_split_dataset, write_image
+from conftest import COLOURS, TINY, fastft, invoke, make_split_dataset, write_image
 
 BACKBONE = ["--arch", "resnet18", "--no-pretrained", "--size", "32"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, invoke, make_split_dataset
+from conftest import invoke, make_split_dataset
 from test_distributed import torchrun
 
 ARCHS = ("resnet18", "mobilenetv3_small_050")
