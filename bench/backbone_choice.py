@@ -29,7 +29,7 @@ ARCHS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite
 
 def test_accuracies(split, recipe, found, seed: int) -> dict[str, float]:
     """Each candidate's probe, fitted on every training image, scored on the test split."""
-    from fastft.train.label_issues import frozen_features, frozen_learner, training_labels
+    from fastft.train.out_of_fold import frozen_features, frozen_learner, training_labels
     from fastft.train.model import starting_weights
     from fastft.train.probe import fit_linear_head
 

@@ -77,7 +77,7 @@ def test_labels_check_on_a_folder_without_labels_is_a_one_line_error(tmp_path):
 
 
 def test_a_class_smaller_than_the_folds_gets_fewer_folds_with_a_note(tmp_path):
-    from fastft.train.label_issues import FOLDS, fold_count, stratified_folds
+    from fastft.train.out_of_fold import FOLDS, fold_count, stratified_folds
 
     keys = ["blue"] * 3 + ["red"] * 12
     k, notes = fold_count(keys, multi_label=False)
@@ -170,7 +170,7 @@ def test_relabelling_an_image_keeps_its_cached_features(tmp_path, monkeypatch):
     from fastft.data.augment import parse_aug
     from fastft.data.loaders import load_split
     from fastft.recipe import load_recipe
-    from fastft.train import label_issues
+    from fastft.train import out_of_fold
     from fastft.train.model import starting_weights
 
     data = mislabelled(tmp_path / "colours")
@@ -183,9 +183,9 @@ def test_relabelling_an_image_keeps_its_cached_features(tmp_path, monkeypatch):
         recipe = load_recipe("train").replace(data=str(data), labels=str(table), arch="resnet18", pretrained=False, size=32)
         split = load_split(data, recipe, parse_aug(recipe.aug))
         torch.manual_seed(0)  # the same random backbone both times
-        learn = label_issues.frozen_learner(split, recipe, starting_weights(recipe), torch.device("cpu"))
+        learn = out_of_fold.frozen_learner(split, recipe, starting_weights(recipe), torch.device("cpu"))
         items = [[p, key] for p, key in split.items("train")]
-        return {p.name: row for p, row in zip([p for p, _ in items], label_issues.frozen_features(learn, items, recipe)[0])}
+        return {p.name: row for p, row in zip([p for p, _ in items], out_of_fold.frozen_features(learn, items, recipe)[0])}
     first = features(rows)
     fixed = [(image, "red" if image.endswith("wrong_red.png") else label, part) for image, label, part in rows]
 

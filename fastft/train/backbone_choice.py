@@ -126,7 +126,7 @@ def budget_seconds(text: str) -> float | None:
 
 def first_pass_seconds(learn, items: list, recipe, clock=time.perf_counter) -> float:
     """About how long one backbone's features of `items` take here: one batch timed (0 when they are cached)."""
-    from fastft.train.label_issues import features_cached
+    from fastft.train.out_of_fold import features_cached
     from fastft.train.probe import pooled_features
 
     if features_cached(learn, items, recipe):
@@ -153,8 +153,8 @@ def out_of_fold_scores(probabilities: torch.Tensor, labels: torch.Tensor, multi_
 def choose(split, recipe, found: list[Candidate], device, clock=time.perf_counter) -> Selection:
     """Score every candidate by k-fold probes on its frozen features of the training images; the best wins.
     `clock`: seconds, for the budget and the figures (a test passes its own)."""
-    from fastft.train.label_issues import (fold_count, frozen_features, frozen_learner, out_of_fold_probabilities,
-                                           stratified_folds, training_labels)
+    from fastft.train.out_of_fold import (fold_count, frozen_features, frozen_learner, out_of_fold_probabilities,
+                                          stratified_folds, training_labels)
     from fastft.train.model import starting_weights
 
     items = [[p, key] for p, key in split.items("train")]

@@ -1,0 +1,139 @@
+"""Out-of-fold predictions on the training images: what the label check and the backbone choice both stand on.
+
+A frozen backbone turns every training image, and its mirror image, into pooled features once; they are cached with
+the decoded pictures (fastft/data/cache.py), by file, so a changed label or a second look costs no backbone pass. The
+images are dealt into k stratified, seeded folds, and a linear probe (the logistic regression of
+fastft/train/probe.py) fitted on the other folds predicts each fold: every image is judged by a model that never saw
+its label. Only the training images are read.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from fastft.errors import UsageError
+
+FOLDS = 5  # fewer when the smallest class has fewer training images
+
+
+def fold_count(keys: list[str], multi_label: bool) -> tuple[int, list[str]]:
+    """(k, notes): FOLDS, or fewer when a class has fewer training images (every fold's probe must see every class).
+    An error when a class has a single image: no probe that held it out would know its class."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    if multi_label:  # label sets are often unique: deal them out unstratified
+        return min(FOLDS, len(keys)), []
+    smallest = min(counts, key=counts.get)
+    if counts[smallest] < 2:
+        raise UsageError(f"out-of-fold predictions need at least 2 training images per class, and '{smallest}' has 1; add "
+                         f"images to it (or leave it out of the data)")
+    if counts[smallest] < FOLDS:
+        return counts[smallest], [f"note: {counts[smallest]} folds instead of {FOLDS}: class '{smallest}' has only "
+                                  f"{counts[smallest]} training images"]
+    return FOLDS, []
+
+
+def stratified_folds(keys: list[str], k: int, seed: int) -> torch.Tensor:
+    """Each image's fold (N,): every class (label set) shuffled with `seed` and dealt out in turn."""
+    rng, fold = random.Random(seed), torch.empty(len(keys), dtype=torch.long)
+    turn = 0
+    for key in sorted(set(keys)):
+        members = [i for i, other in enumerate(keys) if other == key]
+        rng.shuffle(members)
+        for member in members:
+            fold[member] = turn % k
+            turn += 1
+    return fold
+
+
+def out_of_fold_probabilities(features: torch.Tensor, mirrors: torch.Tensor, labels: torch.Tensor, n_classes: int,
+                              folds: torch.Tensor, seed: int, multi_label: bool) -> torch.Tensor:
+    """(N, C) probabilities of every image, each from a probe fitted on the folds it is not in (images and their
+    mirror images), averaging the image's and its mirror's. The L2 penalty is chosen once, as the probe chooses
+    it, on all the images: one number, which barely leaks, where choosing it per fold would cost k times as long."""
+    from fastft.train.probe import choose_penalty, logistic_regression, standardised
+
+    x, _, _ = standardised(torch.cat([features, mirrors]))
+    originals, flipped = x[: len(features)], x[len(features):]
+    both = torch.cat([labels, labels])
+    penalty = choose_penalty(x, both, n_classes, seed, multi_label, quiet=True)
+    activation = torch.sigmoid if multi_label else (lambda logits: logits.softmax(1))
+    probabilities = torch.empty(len(features), n_classes)
+    for k in range(int(folds.max()) + 1):
+        held = folds == k
+        rows = torch.cat([~held, ~held])
+        weight, bias = logistic_regression(x[rows], both[rows], n_classes, penalty, multi_label)
+        probabilities[held] = (activation(originals[held] @ weight.T + bias)
+                               + activation(flipped[held] @ weight.T + bias)) / 2
+    return probabilities
+
+
+def backbone_digest(learn) -> str:
+    """A digest of the backbone's weights and buffers: the features cache's key for this network."""
+    digest = hashlib.sha1()
+    for name, tensor in learn.model[0].state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def file_order(items: list) -> list[int]:
+    """The items' indices in file order. Features are stored that way, not in item order (items are grouped by
+    label): a changed label, the point of checking them, leaves the cache's key and rows as they were."""
+    return sorted(range(len(items)), key=lambda i: str(items[i][0]))
+
+
+def features_cached(learn, items: list, recipe) -> bool:
+    """Whether `frozen_features` will read these items' features back rather than run the backbone."""
+    from fastft.data import cache
+
+    files = [Path(items[i][0]) for i in file_order(items)]
+    return recipe.cache and cache.features_file(files, recipe.size, recipe.crop_pct, backbone_digest(learn)).is_file()
+
+
+def frozen_features(learn, items: list, recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, D), mirror images' features (N, D)) of the training `items` through the frozen backbone, from
+    the cache when this network saw these files at this size before (--no-cache: computed, not stored)."""
+    from fastft.data import cache
+    from fastft.train.probe import pooled_features
+
+    order = file_order(items)
+
+    def compute() -> dict:
+        originals, mirrors, _ = pooled_features(learn, [items[i] for i in order], show_progress=sys.stdout.isatty())
+        return {"features": originals, "mirrors": mirrors}
+    files = [Path(items[i][0]) for i in order]
+    stored = (cache.features(files, recipe.size, recipe.crop_pct, backbone_digest(learn), compute) if recipe.cache
+              else compute())
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))  # row of item i in file order
+    return stored["features"][back], stored["mirrors"][back]
+
+
+def frozen_learner(split, recipe, start, device):
+    """A Learner whose backbone holds the recipe's starting weights, and a probe's head (pooled features)."""
+    from fastft.data.augment import parse_aug
+    from fastft.data.loaders import build_dataloaders
+    from fastft.train.model import create_learner, head_config, normalization
+
+    # the batch size only matters to training: no note about it here
+    probe = recipe.replace(strategy="probe", bs=max(1, min(recipe.bs, len(split.items("train")))))
+    mean, std = normalization(recipe.arch)
+    dls = build_dataloaders(split, probe, mean, std, device, parse_aug(recipe.aug))
+    learn, _ = create_learner(dls, probe, start, head=head_config("probe", 0.0), multi_label=split.multi_label)
+    return learn
+
+
+def training_labels(split, keys: list[str]) -> torch.Tensor:
+    """Class indices (N,), or for multi-label data 0/1 per label (N, C), of images with these label keys."""
+    if not split.multi_label:
+        return torch.tensor([split.classes.index(key) for key in keys])
+    labels = torch.zeros(len(keys), len(split.classes))
+    for row, key in enumerate(keys):
+        labels[row, [split.classes.index(label) for label in split.labels_of(key)]] = 1.0
+    return labels
