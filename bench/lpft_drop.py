@@ -21,12 +21,12 @@ from pathlib import Path
 from common import ROOT, write_results
 from transfer import WEIGHTS, prepare
 
-VARIANTS = {
-    "default (lr 1e-3, crop+flip)": {},
+VARIANTS = {  # name (no commas: --variants lists them) -> the recipe's changes
+    "default: lr 1e-3 crop+flip": {},
     "lr 1e-4": {"lr": 1e-4},
     "lr 3e-5": {"lr": 3e-5},
-    "flip only (lr 1e-3)": {"aug": "flip"},
-    "lr 1e-4, flip only": {"lr": 1e-4, "aug": "flip"},
+    "flip only": {"aug": "flip"},
+    "lr 1e-4 flip only": {"lr": 1e-4, "aug": "flip"},
 }
 
 
