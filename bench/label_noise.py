@@ -97,6 +97,9 @@ def main() -> None:
     parser.add_argument("--train", action="store_true", help="also train on clean, noisy, and noisy without suspects")
     parser.add_argument("--train-noise", type=float, default=0.1)
     parser.add_argument("--train-seeds", default="0", help="the seeds --train trains at (3 runs each)")
+    parser.add_argument("--train-exclude", default="flagged",
+                        help="the N values of --exclude-suspects N, comma-separated: numbers, or flagged (as many as the "
+                             "check flags)")
     parser.add_argument("--train-datasets", default="", help="the sets --train trains on (default: all of --datasets)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "label_noise.json")
@@ -120,12 +123,14 @@ def main() -> None:
                     flagged = check(table, seed, flipped, args)["flagged"]
                     clean = write_csv(folder / f"clean-seed{seed}.csv", images)
                     runs = Path(tmp) / "runs" / f"{name}-{seed}"
-                    rows.append({"dataset": name, "noise": args.train_noise, "seed": seed, "training": True,
-                                 "excluded": flagged,
-                                 "clean": train_accuracy(clean, seed, args, runs / "clean"),
-                                 "noisy": train_accuracy(table, seed, args, runs / "noisy"),
-                                 "without_suspects": train_accuracy(table, seed, args, runs / "excluded", flagged)})
-                    print(rows[-1], flush=True)
+                    clean_acc = train_accuracy(clean, seed, args, runs / "clean")
+                    noisy_acc = train_accuracy(table, seed, args, runs / "noisy")
+                    for n in args.train_exclude.split(","):
+                        n = flagged if n == "flagged" else int(n)
+                        rows.append({"dataset": name, "noise": args.train_noise, "seed": seed, "training": True,
+                                     "excluded": n, "flagged": flagged, "clean": clean_acc, "noisy": noisy_acc,
+                                     "without_suspects": train_accuracy(table, seed, args, runs / f"excluded{n}", n)})
+                        print(rows[-1], flush=True)
     print(f"\nThe label check (`fastft inspect --labels-check`, lite0, {args.size} px, default threshold; seeds "
           f"{args.seeds}; {time.strftime('%Y-%m-%d')}): median, then each seed")
     print("| dataset | noise | flipped | flagged | precision | recall | precision of the top N=flipped | seconds |")
@@ -140,12 +145,14 @@ def main() -> None:
     if args.train:
         print(f"\nTest accuracy of `fastft train` ({args.epochs} epochs) with {args.train_noise:.0%} of the training labels "
               "flipped: median, then each seed")
-        print("| dataset | clean labels | noisy labels | noisy, --exclude-suspects N | N |")
-        print("|---|---|---|---|---|")
+        print("| dataset | N (--exclude-suspects) | flagged | clean labels | noisy labels | noisy, without the N |")
+        print("|---|---|---|---|---|---|")
         for name in (args.train_datasets or args.datasets).split(","):
-            runs = [r for r in rows if r["dataset"] == name and r.get("training")]
-            print(f"| {name} | {median_cell([r['clean'] for r in runs])} | {median_cell([r['noisy'] for r in runs])} | "
-                  f"{median_cell([r['without_suspects'] for r in runs])} | {median_cell([r['excluded'] for r in runs], 0)} |")
+            for n in sorted({r["excluded"] for r in rows if r["dataset"] == name and r.get("training")}):
+                runs = [r for r in rows if r["dataset"] == name and r.get("training") and r["excluded"] == n]
+                print(f"| {name} | {n} | {median_cell([r['flagged'] for r in runs], 0)} | "
+                      f"{median_cell([r['clean'] for r in runs])} | {median_cell([r['noisy'] for r in runs])} | "
+                      f"{median_cell([r['without_suspects'] for r in runs])} |")
     write_results(args.json, vars(args), rows)
 
 
