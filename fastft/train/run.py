@@ -105,23 +105,7 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
 
     set_seed(recipe.seed, reproducible=True)
     split = load_split(root, recipe, plan, quiet=not dist.is_main)
-    selection = label_check = None
-    if found:
-        selection = dist.from_main(lambda: backbone_choice.choose(split, recipe, found, device))
-        # recipe.toml names the backbone chosen: `fastft run` on it trains that one (selection.csv keeps the rest)
-        recipe = recipe.replace(arch=selection.chosen.arch, weights=selection.chosen.weights, select=False)
-        start = starting_weights(recipe)
-        label_check = dist.from_main(lambda: free_label_check(split, selection))
-        if dist.is_main:
-            print(backbone_choice.describe(selection), flush=True)
-    if recipe.exclude_suspects:
-        from fastft.train.label_issues import check_labels, without_suspects
-
-        if label_check is None:
-            label_check = dist.from_main(lambda: check_labels(split, recipe, start, device))
-        split = without_suspects(split, label_check.suspects[:recipe.exclude_suspects])
-    if found or recipe.exclude_suspects:
-        set_seed(recipe.seed, reproducible=True)  # the run draws what it would without the check
+    split, recipe, start, selection, label_check = choose_on_training_images(split, recipe, found, start, device, dist)
     counts = label_counts(split)
     if dist.is_main:
         for note in (imbalance_note(counts, recipe.balance), leakage_warning(split)):
@@ -160,6 +144,38 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
                          skipped=tuple(split.skipped),
                          excluded=tuple(label_check.suspects[:recipe.exclude_suspects]) if label_check else ())
     return Prepared(context, learn)
+
+
+class Chosen(NamedTuple):
+    """What the training images decided before training: the backbone, and the images to leave out."""
+    split: object  # the Split, without --exclude-suspects' images
+    recipe: Recipe  # naming the backbone chosen, when the run chose one
+    start: StartingWeights
+    selection: object  # backbone_choice.Selection, or None
+    label_check: object  # label_issues.LabelCheck, or None
+
+
+def choose_on_training_images(split, recipe: Recipe, found: list, start, device, dist) -> Chosen:
+    """The backbone among `found` (when the run chooses one), then the training images --exclude-suspects leaves
+    out; rank 0 decides and every rank gets its decision. The test split is not read."""
+    selection = label_check = None
+    if found:
+        selection = dist.from_main(lambda: backbone_choice.choose(split, recipe, found, device))
+        # recipe.toml names the backbone chosen: `fastft run` on it trains that one (selection.csv keeps the rest)
+        recipe = recipe.replace(arch=selection.chosen.arch, weights=selection.chosen.weights, select=False)
+        start = starting_weights(recipe)
+        label_check = dist.from_main(lambda: free_label_check(split, selection))
+        if dist.is_main:
+            print(backbone_choice.describe(selection), flush=True)
+    if recipe.exclude_suspects:
+        from fastft.train.label_issues import check_labels, without_suspects
+
+        if label_check is None:
+            label_check = dist.from_main(lambda: check_labels(split, recipe, start, device))
+        split = without_suspects(split, label_check.suspects[:recipe.exclude_suspects])
+    if found or recipe.exclude_suspects:
+        set_seed(recipe.seed, reproducible=True)  # the run draws what it would without the checks
+    return Chosen(split, recipe, start, selection, label_check)
 
 
 def batch_mixing(recipe: Recipe) -> list:
