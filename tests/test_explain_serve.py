@@ -221,7 +221,10 @@ def test_a_chunked_upload_is_cut_off_at_the_limit_while_it_arrives(server, squar
 
     url, _ = server
     connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
-    chunks = (b"x" * 65536 for _ in range(32))  # 2 MB in chunks, no Content-Length
+    # 2 MB of one file's bytes in chunks, no Content-Length; a well-formed multipart start, so that the only refusal
+    # is the size (a body that is not multipart at all may be refused as malformed first, with 400)
+    head = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\nContent-Type: image/png\r\n\r\n')
+    chunks = (part for part in [head, *(b"x" * 65536 for _ in range(32))])
     try:
         connection.request("POST", "/predict", body=chunks, encode_chunked=True,
                            headers={**CLIENT, "Content-Type": "multipart/form-data; boundary=b"})
