@@ -37,6 +37,22 @@ def correct(logits, targets, multi_label: bool) -> float:
     return (logits.argmax(dim=-1) == targets).sum().item()
 
 
+def loss_and_correct(learn, dl, multi_label: bool) -> tuple[float, float, int]:
+    """(summed loss, correct predictions, examples) of the Learner's network over a labelled loader, in eval mode
+    (the network's training mode is restored after)."""
+    model, losses, right, total = unwrapped(learn.model), 0.0, 0, 0
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for xb, yb in dl:
+            out = model(xb)
+            losses += learn.loss_func(out, yb).item() * len(yb)
+            right += correct(out, yb, multi_label)
+            total += len(yb)
+    model.train(was_training)
+    return losses, right, total
+
+
 def _copy(model) -> dict:
     return {k: v.detach().clone() for k, v in unwrapped(model).state_dict().items()}
 
@@ -90,17 +106,8 @@ class EpochLog(Callback):
         """valid_loss and valid_acc on the validation split, when there is one."""
         if (validation := validation_loader(self.dls)) is None:
             return {}
-        model, losses, right, total = unwrapped(self.learn.model), 0.0, 0, 0
-        was_training = model.training
-        model.eval()
-        with torch.inference_mode():
-            for xb, yb in validation:
-                out = model(xb)
-                losses += self.learn.loss_func(out, yb).item() * len(yb)
-                right += correct(out, yb, self.multi_label)
-                total += len(yb)
-        model.train(was_training)
-        losses, right, total = self.dist.sum([losses, right, total])  # many processes: each scored all of it (sums keep the means)
+        sums = loss_and_correct(self.learn, validation, self.multi_label)
+        losses, right, total = self.dist.sum(list(sums))  # many processes: each scored all of it (sums keep the means)
         return {"valid_loss": losses / max(total, 1), "valid_acc": right / max(total, 1)}
 
     def after_epoch(self):

@@ -31,17 +31,10 @@ def mixed(probe: dict, tuned: dict, weight: float) -> dict:
 
 
 def validation_scores(learn, dl, multi_label: bool) -> tuple[float, float]:
-    """(accuracy, mean loss) of the Learner's network on a labelled loader, in float32 and eval mode."""
-    from fastft.train.epochs import correct, unwrapped
+    """(accuracy, mean loss) of the Learner's network on a labelled loader."""
+    from fastft.train.epochs import loss_and_correct
 
-    model, losses, right, total = unwrapped(learn.model), 0.0, 0, 0
-    model.eval()
-    with torch.inference_mode():
-        for xb, yb in dl:
-            out = model(xb).float()
-            losses += learn.loss_func(out, yb).item() * len(yb)
-            right += correct(out, yb, multi_label)
-            total += len(yb)
+    losses, right, total = loss_and_correct(learn, dl, multi_label)
     return right / max(total, 1), losses / max(total, 1)
 
 
