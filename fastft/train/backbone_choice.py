@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import math
 import re
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -153,16 +152,11 @@ def out_of_fold_scores(probabilities: torch.Tensor, labels: torch.Tensor, multi_
 def choose(split, recipe, found: list[Candidate], device, clock=time.perf_counter) -> Selection:
     """Score every candidate by k-fold probes on its frozen features of the training images; the best wins.
     `clock`: seconds, for the budget and the figures (a test passes its own)."""
-    from fastft.train.out_of_fold import (fold_count, frozen_features, frozen_learner, out_of_fold_probabilities,
-                                          stratified_folds, training_labels)
     from fastft.train.model import starting_weights
+    from fastft.train.out_of_fold import frozen_learner, probabilities_of, training_folds
 
-    items = [[p, key] for p, key in split.items("train")]
-    keys = [key for _, key in items]
-    k, notes = fold_count(keys, split.multi_label)
-    for note in notes:
-        print(note, file=sys.stderr)
-    folds, labels = stratified_folds(keys, k, recipe.seed), training_labels(split, keys)
+    folds = training_folds(split, recipe.seed)
+    items, labels, k = folds.items, folds.labels, folds.k
     print(f"choosing the backbone among {len(found)} ({', '.join(c.arch for c in found)}): a linear probe on each "
           f"one's frozen features of the {len(items)} training images, {k}-fold cross-validated (one pass of each "
           f"backbone over the images; a few seconds for a cached one)", flush=True)
@@ -185,10 +179,8 @@ def choose(split, recipe, found: list[Candidate], device, clock=time.perf_counte
             raise UsageError(f"--budget {recipe.budget} is too small to score even one backbone: {c.arch} over the "
                              f"{len(items)} training images takes about {needed:.0f} s here; give at least "
                              f"{math.ceil(needed * 1.2 / 60)}m (or drop --budget)")
-        features, mirrors = frozen_features(learn, items, candidate_recipe)
+        probabilities[c] = probabilities_of(learn, candidate_recipe, split, folds)
         del learn
-        probabilities[c] = out_of_fold_probabilities(features, mirrors, labels, len(split.classes), folds,
-                                                     recipe.seed, split.multi_label)
         accuracy, nll = out_of_fold_scores(probabilities[c], labels, split.multi_label)
         scores.append(Score(c, accuracy, nll, clock() - started))
         spent = sum(s.seconds for s in scores)

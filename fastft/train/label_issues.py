@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from fastft.errors import UsageError
-from fastft.train.out_of_fold import (fold_count, frozen_features, frozen_learner, out_of_fold_probabilities,
-                                      stratified_folds, training_labels)
+from fastft.train.out_of_fold import frozen_learner, probabilities_of, training_folds
 
 SHEET_SIZE = 24  # suspects shown on the contact sheet
 INSTALL = "pip install 'fastft[labels]' (cleanlab, AGPL-3.0, an optional extra of fastft)"
@@ -76,18 +74,9 @@ def ranked_issues(probabilities, labels, multi_label: bool) -> tuple[list[int], 
 def check_labels(split, recipe, start, device) -> LabelCheck:
     """The label check of `split`'s training images with `recipe`'s backbone from `start` (StartingWeights)."""
     require_cleanlab()
-    items = [[p, key] for p, key in split.items("train")]
-    keys = [key for _, key in items]
-    k, notes = fold_count(keys, split.multi_label)
-    for note in notes:
-        print(note, file=sys.stderr)
-    learn = frozen_learner(split, recipe, start, device)
-    features, mirrors = frozen_features(learn, items, recipe)
-    labels = training_labels(split, keys)
-    folds = stratified_folds(keys, k, recipe.seed)
-    probabilities = out_of_fold_probabilities(features, mirrors, labels, len(split.classes), folds, recipe.seed,
-                                              split.multi_label)
-    return label_check_of(split, items, probabilities, labels, k, notes)
+    folds = training_folds(split, recipe.seed)
+    probabilities = probabilities_of(frozen_learner(split, recipe, start, device), recipe, split, folds)
+    return label_check_of(split, folds.items, probabilities, folds.labels, folds.k, folds.notes)
 
 
 def label_check_of(split, items: list, probabilities: torch.Tensor, labels: torch.Tensor, folds: int,

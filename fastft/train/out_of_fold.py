@@ -12,6 +12,7 @@ import hashlib
 import random
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -71,6 +72,33 @@ def out_of_fold_probabilities(features: torch.Tensor, mirrors: torch.Tensor, lab
         probabilities[held] = (activation(originals[held] @ weight.T + bias)
                                + activation(flipped[held] @ weight.T + bias)) / 2
     return probabilities
+
+
+class TrainingFolds(NamedTuple):
+    """The training images dealt into folds: what every backbone's out-of-fold predictions are made on."""
+    items: list  # [file, label key] in the split's item order
+    labels: torch.Tensor  # class indices (N,), multi-label 0/1 (N, C)
+    folds: torch.Tensor  # each image's fold (N,)
+    k: int
+    notes: list[str]  # fewer folds than FOLDS, and why (printed once)
+
+
+def training_folds(split, seed: int) -> TrainingFolds:
+    """`split`'s training images in k stratified, seeded folds (the notes said on stderr)."""
+    items = [[p, key] for p, key in split.items("train")]
+    keys = [key for _, key in items]
+    k, notes = fold_count(keys, split.multi_label)
+    for note in notes:
+        print(note, file=sys.stderr)
+    return TrainingFolds(items, training_labels(split, keys), stratified_folds(keys, k, seed), k, notes)
+
+
+def probabilities_of(learn, recipe, split, folds: TrainingFolds) -> torch.Tensor:
+    """The out-of-fold probabilities (N, C) of the training images from `learn`'s frozen backbone (its features
+    cached) and k linear probes."""
+    features, mirrors = frozen_features(learn, folds.items, recipe)
+    return out_of_fold_probabilities(features, mirrors, folds.labels, len(split.classes), folds.folds, recipe.seed,
+                                     split.multi_label)
 
 
 def backbone_digest(learn) -> str:
