@@ -93,9 +93,10 @@ class CommonRecipe:
                                        "off: the fine-tuned weights.")
     tta: bool = setting(False, "Flip TTA: the final test accuracy, and predictions, average each image with its mirror.")
     # which epoch to keep, when to stop, where to log
-    holdout: float = setting(0.0, "Share of each class's training images held out as a validation split, to pick the "
-                                  "best epoch (--keep) and stop early (--patience); 0: none. A data folder with "
-                                  "valid/ beside train/ and test/ has one already.")
+    holdout: float | str = setting(0.0, "Share of each class's training images held out as a validation split, to "
+                                        "calibrate the probabilities, pick the best epoch (--keep) and stop early "
+                                        "(--patience); 0: none; auto: 10% when that is 50 images or more. A data "
+                                        "folder with valid/ beside train/ and test/ has one already.")
     keep: str = setting("auto", "Which epoch's weights the run keeps (bundle, model.pkl): best (by --monitor), last, or "
                                 "auto: best when the run has a validation split apart from the test split, else last "
                                 "(picking on the test split would overstate its accuracy).",
@@ -169,7 +170,12 @@ def _checked(values: dict, source: str) -> dict:
             out[key] = _workers(value, source)
             continue
         if key == "wise":
-            out[key] = _wise(value, source)
+            out[key] = _auto_or_number(key, value, source, 0, 1, words=("off", "auto"),
+                                       meaning="off, auto, or a weight from 0 (the probe) to 1 (the fine-tuned network)")
+            continue
+        if key == "holdout":
+            out[key] = _auto_or_number(key, value, source, 0, 1, words=("auto",), below_high=True,
+                                       meaning="auto, or a share of the training images at least 0 and below 1")
             continue
         want = _TYPE_NAMES[_FIELD_TYPES[key]]
         if want is float and isinstance(value, int) and not isinstance(value, bool):
@@ -192,8 +198,6 @@ def _checked(values: dict, source: str) -> dict:
             raise UsageError(f"'{key}' in {source} must be at most {most}, got {value}")
     if "valid_pct" in out and not 0 < out["valid_pct"] < 1:
         raise UsageError(f"'valid_pct' in {source} must be between 0 and 1, got {out['valid_pct']}")
-    if "holdout" in out and not 0 <= out["holdout"] < 1:
-        raise UsageError(f"'holdout' in {source} must be at least 0 and below 1, got {out['holdout']}")
     for key, value in out.items():
         if (choices := _FIELDS[key].metadata["choices"]) and value not in choices:
             shown = ", ".join(c or '""' for c in choices)
@@ -219,18 +223,19 @@ def _learning_rate(value, source: str) -> float | str:
     return lr
 
 
-def _wise(value, source: str) -> float | str:
-    """off, auto, or a mixing weight from 0 (the probe) to 1 (the fine-tuned network)."""
-    if value in ("off", "auto"):
+def _auto_or_number(key: str, value, source: str, low: float, high: float, words: tuple, meaning: str,
+                    below_high: bool = False) -> float | str:
+    """One of `words`, or a number from `low` to `high` (below it with `below_high`; the command line gives it as
+    text)."""
+    if value in words:
         return value
     try:
-        weight = float(value) if not isinstance(value, bool) else -1.0
+        number = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):
-        weight = -1.0
-    if not 0 <= weight <= 1:  # nan too
-        raise UsageError(f"'wise' in {source} must be off, auto, or a weight from 0 (the probe) to 1 (the fine-tuned "
-                         f"network); got {value!r}")
-    return weight
+        number = math.nan
+    if not (low <= number < high if below_high else low <= number <= high):  # nan too
+        raise UsageError(f"'{key}' in {source} must be {meaning}; got {value!r}")
+    return number
 
 
 def _workers(value, source: str) -> int | str:

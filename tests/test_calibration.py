@@ -35,6 +35,37 @@ def test_an_over_confident_model_gets_a_temperature_above_one_and_a_lower_held_o
     assert len(per_label) == 2 and all(2 < t < 4.5 for t in per_label)
 
 
+def test_a_fitted_temperature_is_kept_only_when_it_lowers_the_held_out_nll_by_more_than_its_noise():
+    rng = np.random.default_rng(3)
+    z = rng.normal(0, 1.5, (80, 3))  # a calibrated model: labels drawn from softmax(z), the model reports z
+    labels = np.array([rng.choice(3, p=row) for row in np.exp(z) / np.exp(z).sum(1, keepdims=True)])
+    calibrated = calibration.choose_temperature(z, labels)
+    assert calibrated.fitted != 1.0 and calibrated.value == 1.0 and calibrated.kept_at_one
+    assert calibrated.gain <= calibration.NOISE * calibrated.noise  # what the fit saved is within its noise
+    over = calibration.choose_temperature(4 * z, labels)  # the same predictions, far too sure
+    assert over.value == over.fitted > 2 and not over.kept_at_one and over.gain > calibration.NOISE * over.noise
+    multi = rng.normal(0, 1, (200, 2))
+    truth = (rng.random((200, 2)) < 1 / (1 + np.exp(-multi))).astype(float)
+    per_label = calibration.choose_temperature(np.stack([multi[:, 0], 4 * multi[:, 1]], 1), truth, multi_label=True)
+    assert per_label.value[0] == 1.0 and per_label.value[1] == per_label.fitted[1] > 2  # decided label by label
+
+
+def test_the_train_recipe_holds_out_a_tenth_of_the_training_images_to_calibrate_from_500_up(tmp_path):
+    big = noisy_classes(tmp_path / "big", per_class=350)  # 560 training images after the 20% test split: 56 held out
+    result = invoke("train", big, *TINY, "--epochs", "1", "--strategy", "probe", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert ", 56 validation images" in result.stdout and "504 train" in result.stdout
+    calibrated = json.loads((tmp_path / "run" / "metrics.json").read_text())["calibration"]
+    assert calibrated["calibrated"] and "--holdout auto" in calibrated["fitted_on"]
+    assert "holdout = 0.1\n" in (tmp_path / "run" / "recipe.toml").read_text()  # resolved: the run reproduces
+    small = noisy_classes(tmp_path / "small", per_class=100)  # 160 training images: every one trains
+    result = invoke("train", small, *TINY, "--epochs", "1", "--strategy", "probe", "--out", tmp_path / "small-run")
+    assert result.exit_code == 0 and "160 train" in result.stdout and "validation images" not in result.stdout
+    uncalibrated = json.loads((tmp_path / "small-run" / "metrics.json").read_text())["calibration"]
+    assert uncalibrated["calibrated"] is False and "from 500 up, and this run trains on 160" in uncalibrated["why"]
+    assert "not calibrated" in result.stderr
+
+
 def test_held_out_predictions_that_are_all_right_leave_the_temperature_at_one():
     logits = np.array([[4.0, -4.0], [-3.0, 3.0], [5.0, 0.0]])
     assert calibration.fit_temperature(logits, np.array([0, 1, 0])) == 1.0  # not sharpened to certainty
@@ -59,6 +90,10 @@ def test_a_run_with_a_validation_split_is_calibrated_and_reports_it(calibrated_r
     calibrated = metrics["calibration"]
     assert calibrated["calibrated"] and calibrated["temperature"] > 0 and "validation split" in calibrated["fitted_on"]
     assert {"ece", "nll", "brier"} <= set(calibrated["test"]["before"]) == set(calibrated["test"]["after"])
+    # the fitted temperature is kept only when it beat its noise on the validation split; the record says which
+    kept = calibrated["temperature"] == calibrated["fitted_temperature"]
+    assert kept == (calibrated["validation_nll_saved"] > 2 * calibrated["validation_nll_noise"]) or calibrated["temperature"] == 1.0
+    assert ("if_fitted" in calibrated["test"]) == (not kept)
     assert "calibrated: temperature" in result.stdout and (run / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((run / "model.json").read_text())["temperature"] == calibrated["temperature"]
     image = sorted(data.rglob("*.png"))[0]
@@ -84,6 +119,9 @@ def test_the_bundle_onnx_and_hub_give_the_same_calibrated_probabilities(calibrat
     data, source, _ = calibrated_run
     run = tmp_path / "run"
     shutil.copytree(source, run)
+    meta = json.loads((run / "model.json").read_text())
+    meta["temperature"] = temperature = 2.5  # whatever this tiny run fitted (1 when it beat no noise): one to see
+    (run / "model.json").write_text(json.dumps(meta))
     assert run_fastft("export", run, "--format", "onnx").returncode == 0
     hub = tmp_path / "hub"
     assert run_fastft("export", run, "--format", "hub", "--out", hub).returncode == 0
@@ -91,10 +129,9 @@ def test_the_bundle_onnx_and_hub_give_the_same_calibrated_probabilities(calibrat
     images = sorted(data.rglob("*.png"))[:6]
     batch = np.stack([bundle.preprocess(p) for p in images])
     calibrated = bundle.probabilities(batch)
-    temperature = json.loads((run / "model.json").read_text())["temperature"]
     with torch.no_grad():
-        raw = bundle.network(torch.from_numpy(batch)).softmax(1).numpy()  # the network's own, uncalibrated
-    assert not np.allclose(calibrated, raw, atol=1e-4) or abs(temperature - 1) < 1e-3  # the temperature is applied
+        logits = bundle.network(torch.from_numpy(batch))
+    np.testing.assert_allclose(calibrated, (logits / temperature).softmax(1).numpy(), atol=1e-5)  # applied
     np.testing.assert_allclose(onnx.probabilities(batch), calibrated, atol=1e-5)
     np.testing.assert_allclose(plain_timm_probabilities(hub, batch, tmp_path), calibrated, atol=1e-5)
 

@@ -38,6 +38,7 @@ class Split:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     pixels: dict = field(default_factory=dict)  # part -> (N, 3, H, W) uint8, in item order, when cached
     delimiter: str = ""  # multi-label (a labels CSV): keys are label sets joined by it; "" for single-label
+    holdout: float = 0.0  # the share of each class's training images held out as `valid` (--holdout, auto resolved)
 
     @property
     def multi_label(self) -> bool:
@@ -185,14 +186,31 @@ def split_files(root: Path, recipe, empty_ok: bool = False) -> Split:
                             recipe.label_delim, valid_pct, seed)
     else:
         split = find_images(root, valid_pct, seed, empty_ok)
-    if holdout:
+    split.holdout = holdout_share(holdout, split, limit)
+    if split.holdout:
         if split.valid:
             raise UsageError(f"{root} has a validation split (valid/ beside train/ and test/) already; drop --holdout")
-        split.train, split.valid = seeded_split(split.train, holdout, seed + 2, "validation", strict=not split.multi_label)
+        split.train, split.valid = seeded_split(split.train, split.holdout, seed + 2, "validation",
+                                                strict=not split.multi_label and holdout != "auto")
     split.train = stratified_sample(split.train, limit, seed)
     split.test = stratified_sample(split.test, limit, seed + 1)
     split.valid = stratified_sample(split.valid, limit, seed + 2)
     return split
+
+
+AUTO_HOLDOUT = 0.1  # --holdout auto: a tenth of the training images (calibration.MIN_HELD_OUT of them from 500 up)
+
+
+def holdout_share(holdout: float | str, split: Split, limit: int = 0) -> float:
+    """The share of the training images to hold out: --holdout as given, or for auto AUTO_HOLDOUT where that is
+    calibration.MIN_HELD_OUT images or more and the data has no validation split of its own, else none (on a smaller
+    folder every image is worth more in training than in a noisy temperature)."""
+    if holdout != "auto":
+        return holdout
+    from fastft.deploy.calibration import MIN_HELD_OUT
+
+    training = sum(map(len, split.train.values()))
+    return AUTO_HOLDOUT if not split.valid and min(training, limit or training) * AUTO_HOLDOUT >= MIN_HELD_OUT else 0.0
 
 
 def stratified_sample(by_class: dict[str, list[Path]], limit: int, seed: int) -> dict[str, list[Path]]:

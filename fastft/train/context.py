@@ -28,6 +28,7 @@ class Resolved:
     pretrained: bool  # False for a strategy that starts from random weights
     weights: str  # absolute, so that recipe.toml reproduces from any folder; "" for such a strategy
     labels: str  # the labels CSV, absolute; "" for class folders
+    holdout: float  # the share of the training images held out as the validation split (recipe: auto)
 
 
 @dataclass(frozen=True)

@@ -137,7 +137,8 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
             backbone_choice.write_report(selection, folder.selection, folder.selection_chart)
     resolved = Resolved(data=str(root.resolve()), precision=precision, keep=keep, lr=recipe.lr or
                         STRATEGIES[recipe.strategy].default_lr, pretrained=start.kind != "none" and recipe.pretrained,
-                        weights=absolute(recipe.weights) if start.kind != "none" else "", labels=absolute(recipe.labels))
+                        weights=absolute(recipe.weights) if start.kind != "none" else "", labels=absolute(recipe.labels),
+                        holdout=split.holdout)
     context = RunContext(recipe=recipe, resolved=resolved, folder=folder, device=device, dist=dist,
                          classes=tuple(split.classes), class_counts=counts, multi_label=split.multi_label,
                          has_validation=has_validation, head=head, starting_weights=loaded, mean=mean, std=std,
@@ -330,28 +331,56 @@ def split_predictions(learn, dl, context: RunContext, temperature=None) -> Predi
 
 
 def calibrate(learn, context: RunContext) -> dict:
-    """Fit a temperature (deploy/calibration.py) on the validation split's predictions; the test split's ECE, NLL
-    and Brier score before and after, and reliability.png. A run without a validation split of at least
-    calibration.MIN_HELD_OUT images stays uncalibrated, and says so: the test split is never used to fit anything."""
+    """Fit a temperature (deploy/calibration.py) on the validation split's predictions, kept where it beats its
+    noise; the test split's ECE, NLL and Brier score before and after (and with the fitted temperature, where it was
+    not kept), and reliability.png. A run without a validation split of at least calibration.MIN_HELD_OUT images
+    stays uncalibrated, and says so: the test split is never used to fit anything."""
     from fastft.deploy import calibration
 
     validation = validation_loader(learn.dls)
     held_out = len(validation.dataset) if validation is not None else 0
     if held_out < calibration.MIN_HELD_OUT:
-        why = (f"its validation split has only {held_out} images" if held_out else
-               "it has no validation split apart from the test split (--holdout 0.1 carves one from the training images)")
+        why = (f"its validation split has only {held_out} images (at least {calibration.MIN_HELD_OUT} are needed)"
+               if held_out else "it has no validation split apart from the test split "
+                                f"({no_holdout_why(context, len(learn.dls.train_ds))})")
         print(f"note: the model's probabilities are not calibrated: {why}", file=sys.stderr)
         return {"calibrated": False, "why": why}
     fitted_on = split_predictions(learn, validation, context)
-    temperature = calibration.fit_temperature(fitted_on.logits, fitted_on.targets, context.multi_label)
+    temperature = calibration.choose_temperature(fitted_on.logits, fitted_on.targets, context.multi_label)
     test = split_predictions(learn, learn.dls.valid, context)
     before = calibration.scaled(test.logits, 1.0, context.multi_label)
-    after = calibration.scaled(test.logits, temperature, context.multi_label)
+    after = calibration.scaled(test.logits, temperature.value, context.multi_label)
     calibration.reliability_diagram(before, after, test.targets, context.multi_label, context.folder.reliability,
                                     f"{context.recipe.name}: the test split ({len(test.targets)} images)")
-    return {"calibrated": True, "temperature": temperature, "fitted_on": f"the validation split ({held_out} images)",
-            "test": {"before": calibration.figures(before, test.targets, context.multi_label),
-                     "after": calibration.figures(after, test.targets, context.multi_label)}}
+    figures = {"before": calibration.figures(before, test.targets, context.multi_label),
+               "after": calibration.figures(after, test.targets, context.multi_label)}
+    if temperature.kept_at_one:  # what the fitted temperature would have done, for the record: it was not used
+        figures["if_fitted"] = calibration.figures(calibration.scaled(test.logits, temperature.fitted,
+                                                                      context.multi_label), test.targets, context.multi_label)
+    return {"calibrated": True, "temperature": temperature.value, "fitted_temperature": temperature.fitted,
+            "validation_nll_saved": temperature.gain, "validation_nll_noise": temperature.noise,
+            "fitted_on": validation_words(context, held_out), "test": figures}
+
+
+def validation_words(context: RunContext, images: int) -> str:
+    """What the validation split is, in words: the data's own, or held out from the training images."""
+    if not context.resolved.holdout:
+        return f"the validation split ({images} images)"
+    how = "auto: " if context.recipe.holdout == "auto" else ""
+    return (f"a validation split of {images} training images held out for it (--holdout {how}"
+            f"{context.resolved.holdout:.0%} of each class)")
+
+
+def no_holdout_why(context: RunContext, training_images: int) -> str:
+    """Why a run has no validation split, and how to give it one."""
+    if context.recipe.holdout == "auto":
+        from fastft.data.folders import AUTO_HOLDOUT
+        from fastft.deploy.calibration import MIN_HELD_OUT
+
+        return (f"--holdout auto holds out {AUTO_HOLDOUT:.0%} of the training images from "
+                f"{round(MIN_HELD_OUT / AUTO_HOLDOUT)} up, and this run trains on {training_images}; --holdout 0.2 "
+                "holds out a larger share")
+    return "--holdout 0.1 carves one from the training images"
 
 
 def final_scores(learn, context: RunContext, temperature=None) -> tuple[dict, dict | None]:
@@ -416,12 +445,20 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
     kept = f" (kept epoch {log.kept_epoch} of {len(log.epochs)})" if log.kept_epoch != len(log.epochs) else ""
     print(summary_line(results["final"], str(context.device)) + kept)
     if (calibration := results["calibration"]).get("calibrated"):
-        before, after = calibration["test"]["before"]["ece"], calibration["test"]["after"]["ece"]
-        temperature = calibration["temperature"]
-        shown = f"{temperature:.2f}" if isinstance(temperature, float) else f"{min(temperature):.2f}-{max(temperature):.2f}"
-        print(f"calibrated: temperature {shown} fitted on {calibration['fitted_on']}; test ECE {before:.3f} -> "
-              f"{after:.3f} ({folder.reliability.name})")
+        print(calibration_line(calibration, folder))
     return results
+
+
+def calibration_line(calibration: dict, folder: RunFolder) -> str:
+    """The run's last line about its probabilities: the temperature, what it was fitted on, and the test ECE."""
+    def shown(t):
+        return f"{t:.2f}" if isinstance(t, float) else f"{min(t):.2f}-{max(t):.2f}"
+    before, after = calibration["test"]["before"]["ece"], calibration["test"]["after"]["ece"]
+    applied, fitted, where = calibration["temperature"], calibration["fitted_temperature"], calibration["fitted_on"]
+    kept = (f"temperature {shown(applied)} fitted on {where}" if applied == fitted else
+            f"temperature {shown(applied)} (the {shown(fitted)} fitted on {where} lowered their NLL by less than its "
+            f"noise{' for some labels, which keep 1' if isinstance(applied, list) else ', so 1 is kept'})")
+    return f"calibrated: {kept}; test ECE {before:.3f} -> {after:.3f} ({folder.reliability.name})"
 
 
 def fit_under_interruption(learn, context: RunContext, log: EpochLog, saved: dict | None) -> bool:
