@@ -367,8 +367,7 @@ def validation_words(context: RunContext, images: int) -> str:
     if not context.resolved.holdout:
         return f"the validation split ({images} images)"
     how = "auto: " if context.recipe.holdout == "auto" else ""
-    return (f"a validation split of {images} training images held out for it (--holdout {how}"
-            f"{context.resolved.holdout:.0%} of each class)")
+    return f"{images} training images held out as a validation split (--holdout {how}{context.resolved.holdout:.0%} of each class)"
 
 
 def no_holdout_why(context: RunContext, training_images: int) -> str:
@@ -456,8 +455,8 @@ def calibration_line(calibration: dict, folder: RunFolder) -> str:
     before, after = calibration["test"]["before"]["ece"], calibration["test"]["after"]["ece"]
     applied, fitted, where = calibration["temperature"], calibration["fitted_temperature"], calibration["fitted_on"]
     kept = (f"temperature {shown(applied)} fitted on {where}" if applied == fitted else
-            f"temperature {shown(applied)} (the {shown(fitted)} fitted on {where} lowered their NLL by less than its "
-            f"noise{' for some labels, which keep 1' if isinstance(applied, list) else ', so 1 is kept'})")
+            f"temperature {shown(applied)}, as the {shown(fitted)} fitted on {where} lowered their NLL by less than "
+            f"its noise{' for some labels, which keep 1' if isinstance(applied, list) else ''}")
     return f"calibrated: {kept}; test ECE {before:.3f} -> {after:.3f} ({folder.reliability.name})"
 
 
