@@ -91,6 +91,9 @@ class CommonRecipe:
     wise: float | str = setting("off", "WiSE-FT for lp-ft: keep (1 - W) x the probe's weights + W x the fine-tuned "
                                        "ones, one network; auto: W chosen on the validation split (0.5 without one); "
                                        "off: the fine-tuned weights.")
+    ema: float = setting(0.0, "An exponential moving average of the weights while they train (timm's ModelEmaV3, "
+                              "its warm-up making a short run average its last steps): its decay per step at most D "
+                              "(0.999 is usual); the average is what each epoch measures and the run keeps; 0: off.")
     tta: bool = setting(False, "Flip TTA: the final test accuracy, and predictions, average each image with its mirror.")
     # which epoch to keep, when to stop, where to log
     holdout: float | str = setting(0.0, "Share of each class's training images held out as a validation split, to "
@@ -202,7 +205,7 @@ def _checked(values: dict, source: str) -> dict:
         if (choices := _FIELDS[key].metadata["choices"]) and value not in choices:
             shown = ", ".join(c or '""' for c in choices)
             raise UsageError(f"'{key}' in {source} must be one of {shown}; got {value!r}")
-    for key in ("label_smoothing", "head_dropout"):
+    for key in ("label_smoothing", "head_dropout", "ema"):
         if key in out and not 0 <= out[key] < 1:
             raise UsageError(f"'{key}' in {source} must be in [0, 1), got {out[key]}")
     if "crop_pct" in out and not 0 < out["crop_pct"] <= 1:

@@ -101,10 +101,11 @@ def slow_data(tmp_path_factory):
     return make_split_dataset(tmp_path_factory.mktemp("slow") / "photos", per_class=24)
 
 
-@pytest.mark.parametrize("extra", [[], ["--wise", "0.5"]], ids=["lp-ft", "wise"])
+@pytest.mark.parametrize("extra", [[], ["--wise", "0.5"], ["--ema", "0.9"]], ids=["lp-ft", "wise", "ema"])
 def test_a_run_killed_in_epoch_3_of_4_resumes_to_the_same_weights(extra, slow_data, tmp_path):
     # lp-ft: epoch 1 is the probe, epochs 2-4 one fine-tuning phase; random crops draw from Python's generator.
     # --wise: the probe epoch's weights, averaged in at the end, come back from the checkpoint
+    # --ema: the average and the weights training goes on from are both in it, and differ
     args = ["train", slow_data, *TINY, "--size", "48", "--epochs", "4", *extra]
     whole = fastft(*args, "--out", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr

@@ -65,8 +65,9 @@ class EpochLog(Callback):
 
     order = AFTER_RECORDER
 
-    def __init__(self, context, progress):
+    def __init__(self, context, progress, averaging=None):
         recipe = context.recipe
+        self.averaging = averaging  # --ema: ema.AveragedWeights, whose average each epoch measures and keeps
         self.out, self.device, self.dist, self.total_epochs = context.folder, str(context.device), context.dist, recipe.epochs
         self.keep, self.monitor, self.patience = context.resolved.keep, recipe.monitor, recipe.patience
         self.lr = context.resolved.lr
@@ -181,13 +182,15 @@ class EpochLog(Callback):
         to the list while a checkpoint of this one is written)."""
         return {"epochs": list(self.epochs), "train_examples": self.train_examples, "train_seconds": self.train_seconds,
                 "train_batches": self.train_batches, "best": dict(self.best) if self.best else None,
-                "probe_weights": self.probe_weights}
+                "probe_weights": self.probe_weights, "ema": self.averaging.state() if self.averaging else None}
 
     def restore(self, state: dict) -> None:
         self.epochs, self.best = state["epochs"], state["best"]
         self.train_examples, self.train_seconds = state["train_examples"], state["train_seconds"]
         self.train_batches = state["train_batches"]
         self.probe_weights = state.get("probe_weights")  # a checkpoint of an earlier fastft has none
+        if self.averaging and state.get("ema"):
+            self.averaging.restore(state["ema"])
 
     def save_checkpoint(self) -> None:
         randomness = self.dist.gather(checkpoint.random_state(self.dls))  # every process's own generators
@@ -195,7 +198,9 @@ class EpochLog(Callback):
             opt = self.learn.opt
             # written in the background (checkpoint.BackgroundSaver) while training goes on: everything the next
             # epoch changes in place is copied first (the snapshot already is a copy)
-            self.saver.save(self.out, {"epoch": len(self.epochs), "recipe": self.recipe_toml, "model": self.snapshot,
+            # --ema: the snapshot is the average; training goes on from the network's own weights
+            training = self.averaging.training_weights(self.snapshot) if self.averaging else self.snapshot
+            self.saver.save(self.out, {"epoch": len(self.epochs), "recipe": self.recipe_toml, "model": training,
                                        "optimizer": copy.deepcopy(opt.state_dict()) if opt is not None else None,
                                        "random": randomness, "log": self.state()})
 

@@ -36,7 +36,7 @@ from fastft.train.model import (NO_HUB_WEIGHTS, StartingWeights, check_arch, cre
 from fastft.train import checkpoint
 from fastft.train.epochs import EpochLog, RunProgress, unwrapped
 from fastft.train.report import summary_line, write_reports
-from fastft.train import backbone_choice, wise
+from fastft.train import backbone_choice, ema, wise
 from fastft.train.strategies import STRATEGIES, Phase, Progress, describe_plan
 
 
@@ -77,6 +77,9 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
     dist = Distributed(device)
     device = dist.device
     wise.check(recipe)
+    if recipe.ema and recipe.strategy == "probe":
+        raise UsageError("--ema averages the weights over the training steps, and --strategy probe fits its head in "
+                         "one solve, with none; drop --ema or choose a strategy that fine-tunes")
     if recipe.mixup and recipe.cutmix:
         raise UsageError("--mixup and --cutmix each replace the training loss; choose one")
     if dist.size > 1 and recipe.lr == "auto":
@@ -424,11 +427,12 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
     if dist.is_main and saved is None:
         write_text(folder.recipe, context.saved_recipe().to_toml())
 
-    log = EpochLog(context, Progress())
+    log = EpochLog(context, Progress(), averaging=ema.AveragedWeights(recipe.ema) if recipe.ema else None)
     if dist.is_main and sys.stdout.isatty():  # progress bars on rank 0's terminal; a log gets clean lines
         learn.add_cb(RunProgress(log))
     interrupted = fit_under_interruption(learn, context, log, saved)
-    learn.remove_cbs([log, *callbacks, *learn.cbs.filter(lambda cb: isinstance(cb, RunProgress))])
+    learn.remove_cbs([log, *([log.averaging] if log.averaging else []), *callbacks,
+                      *learn.cbs.filter(lambda cb: isinstance(cb, RunProgress))])
     if not dist.is_main:
         dist.wait()
         return {}
@@ -466,7 +470,7 @@ def fit_under_interruption(learn, context: RunContext, log: EpochLog, saved: dic
     one had, it raises Interrupted)."""
     recipe, dist, folder = context.recipe, context.dist, context.folder
     phases = schedule(learn, context)
-    learn.add_cb(log)
+    learn.add_cbs([log, *([log.averaging] if log.averaging else [])])
     extra_logs = ([tensorboard_log(folder, log, context.mean, context.std)]
                   if recipe.log == "tensorboard" and dist.is_main else [])
     learn.add_cbs(extra_logs)
@@ -509,6 +513,8 @@ def print_plan(learn, context: RunContext, phases: list[Phase]) -> None:
                     f"; {context.folder.label_issues.name})")
     mixing = (f"; training batches mixed by MixUp (Beta({recipe.mixup:g}, {recipe.mixup:g}))" if recipe.mixup else
               f"; training batches mixed by CutMix (Beta({recipe.cutmix:g}, {recipe.cutmix:g}))" if recipe.cutmix else "")
+    if recipe.ema:
+        mixing += f"; each epoch measures and keeps an EMA of the weights (decay up to {recipe.ema:g}, --ema)"
     print(f"{recipe.name}: {recipe.epochs} epoch(s) of {recipe.strategy}: {describe_plan(phases)}{mixing}")
     print(f"{recipe.arch} from {context.starting_weights}, {len(learn.dls.train_ds)} train{left_out} / "
           f"{len(learn.dls.valid_ds)} test{counts} images, {len(context.classes)} classes, {processes}, {context.resolved.precision} on "
@@ -601,7 +607,9 @@ def resumer(saved: dict, log, dist):
     with a fresh optimizer state, as it did in the first run); every random generator last, so the next draw
     is the one the first run made."""
     log.restore(saved["log"])
-    log.snapshot = saved["model"]
+    # the stopped run's last measured weights: --ema's average once it has taken a step, else the network's
+    averaged = log.averaging is not None and log.averaging.steps > 0
+    log.snapshot = saved["log"]["ema"]["weights"] if averaged else saved["model"]
 
     def restore(learn, optimizer: bool) -> None:
         unwrapped(learn.model).load_state_dict(saved["model"])
