@@ -52,12 +52,15 @@ def test_a_fitted_temperature_is_kept_only_when_it_lowers_the_held_out_nll_by_mo
 
 def test_the_train_recipe_holds_out_a_tenth_of_the_training_images_to_calibrate_from_500_up(tmp_path):
     big = noisy_classes(tmp_path / "big", per_class=350)  # 560 training images after the 20% test split: 56 held out
-    result = invoke("train", big, *TINY, "--epochs", "1", "--strategy", "probe", "--out", tmp_path / "run")
+    shutil.copytree(big / "darker", big / "rare", ignore=lambda folder, names: sorted(names)[5:])  # 4 train, 1 test:
+    result = invoke("train", big, *TINY, "--epochs", "1", "--strategy", "probe", "--out", tmp_path / "run")  # none out
     assert result.exit_code == 0, result.output
-    assert ", 56 validation images" in result.stdout and "504 train" in result.stdout
+    assert ", 56 validation images" in result.stdout and "508 train" in result.stdout
     calibrated = json.loads((tmp_path / "run" / "metrics.json").read_text())["calibration"]
     assert calibrated["calibrated"] and "--holdout auto" in calibrated["fitted_on"]
-    assert "holdout = 0.1\n" in (tmp_path / "run" / "recipe.toml").read_text()  # resolved: the run reproduces
+    assert 'holdout = "auto"\n' in (tmp_path / "run" / "recipe.toml").read_text()  # the same share on the same files
+    again = invoke("evaluate", tmp_path / "run", big, "--json", "--out", tmp_path / "eval")  # its own data, split as it was
+    assert again.exit_code == 0 and json.loads(again.stdout)["images"] == 141, again.output
     small = noisy_classes(tmp_path / "small", per_class=100)  # 160 training images: every one trains
     result = invoke("train", small, *TINY, "--epochs", "1", "--strategy", "probe", "--out", tmp_path / "small-run")
     assert result.exit_code == 0 and "160 train" in result.stdout and "validation images" not in result.stdout

@@ -28,7 +28,6 @@ class Resolved:
     pretrained: bool  # False for a strategy that starts from random weights
     weights: str  # absolute, so that recipe.toml reproduces from any folder; "" for such a strategy
     labels: str  # the labels CSV, absolute; "" for class folders
-    holdout: float  # the share of the training images held out as the validation split (recipe: auto)
 
 
 @dataclass(frozen=True)
@@ -43,6 +42,10 @@ class RunContext:
     class_counts: dict[str, int]  # training images per class (multi-label: per label)
     multi_label: bool  # a sigmoid per label (several labels per image) instead of a softmax over classes
     has_validation: bool  # a validation split apart from the test split (valid/ or --holdout)
+    # the share of each class's training images held out as it: --holdout, or what `auto` came to. recipe.toml keeps
+    # `auto`, which comes to the same share on the same files, and holds out only from classes large enough to spare
+    # images (a number given instead would make a small class an error)
+    holdout: float
     head: dict  # the classifier head's configuration (fastft/deploy/network.py), saved in the bundle
     starting_weights: str  # what the weights were loaded from, in words
     mean: tuple[float, float, float]  # the input normalisation the backbone expects

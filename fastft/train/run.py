@@ -140,11 +140,10 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
             backbone_choice.write_report(selection, folder.selection, folder.selection_chart)
     resolved = Resolved(data=str(root.resolve()), precision=precision, keep=keep, lr=recipe.lr or
                         STRATEGIES[recipe.strategy].default_lr, pretrained=start.kind != "none" and recipe.pretrained,
-                        weights=absolute(recipe.weights) if start.kind != "none" else "", labels=absolute(recipe.labels),
-                        holdout=split.holdout)
+                        weights=absolute(recipe.weights) if start.kind != "none" else "", labels=absolute(recipe.labels))
     context = RunContext(recipe=recipe, resolved=resolved, folder=folder, device=device, dist=dist,
                          classes=tuple(split.classes), class_counts=counts, multi_label=split.multi_label,
-                         has_validation=has_validation, head=head, starting_weights=loaded, mean=mean, std=std,
+                         has_validation=has_validation, holdout=split.holdout, head=head, starting_weights=loaded, mean=mean, std=std,
                          skipped=tuple(split.skipped),
                          excluded=tuple(label_check.suspects[:recipe.exclude_suspects]) if label_check else ())
     return Prepared(context, learn)
@@ -367,10 +366,10 @@ def calibrate(learn, context: RunContext) -> dict:
 
 def validation_words(context: RunContext, images: int) -> str:
     """What the validation split is, in words: the data's own, or held out from the training images."""
-    if not context.resolved.holdout:
+    if not context.holdout:
         return f"the validation split ({images} images)"
     how = "auto: " if context.recipe.holdout == "auto" else ""
-    return f"{images} training images held out as a validation split (--holdout {how}{context.resolved.holdout:.0%} of each class)"
+    return f"{images} training images held out as a validation split (--holdout {how}{context.holdout:.0%} of each class)"
 
 
 def no_holdout_why(context: RunContext, training_images: int) -> str:
