@@ -143,8 +143,8 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
                         weights=absolute(recipe.weights) if start.kind != "none" else "", labels=absolute(recipe.labels))
     context = RunContext(recipe=recipe, resolved=resolved, folder=folder, device=device, dist=dist,
                          classes=tuple(split.classes), class_counts=counts, multi_label=split.multi_label,
-                         has_validation=has_validation, holdout=split.holdout, head=head, starting_weights=loaded, mean=mean, std=std,
-                         skipped=tuple(split.skipped),
+                         has_validation=has_validation, holdout=split.holdout, head=head, starting_weights=loaded,
+                         mean=mean, std=std, skipped=tuple(split.skipped),
                          excluded=tuple(label_check.suspects[:recipe.exclude_suspects]) if label_check else ())
     return Prepared(context, learn)
 
