@@ -121,7 +121,7 @@ class TenSecondClock:
         return self.now
 
 
-def test_the_budget_stops_the_search_and_keeps_the_best_so_far(weights_folder, tmp_path):
+def test_the_budget_stops_the_search_and_keeps_the_best_so_far(weights_folder, tmp_path, capsys):
     from fastft.data.augment import parse_aug
     from fastft.data.loaders import load_split
     from fastft.recipe import load_recipe
@@ -135,6 +135,7 @@ def test_the_budget_stops_the_search_and_keeps_the_best_so_far(weights_folder, t
     with pytest.raises(Exception, match=r"too small to score even one backbone: resnet18 .* give at least 1m"):
         backbone_choice.choose(split, recipe.replace(budget="5s"), found, torch.device("cpu"), clock=TenSecondClock())
     backbone_choice.choose(split, recipe, found, torch.device("cpu"))  # both backbones' features now cached
+    assert "s a backbone here (resnet18's pass timed on one batch" in capsys.readouterr().out  # the estimate, upfront
     # read at the start (10), candidate 1 from 20 to 30; at 40, 30 s spent + 30 s a candidate > 35 s: stop
     short = backbone_choice.choose(split, recipe.replace(budget="35s"), found, torch.device("cpu"),
                                    clock=TenSecondClock())

@@ -175,10 +175,13 @@ def choose(split, recipe, found: list[Candidate], device, clock=time.perf_counte
         candidate_recipe = recipe.replace(arch=c.arch, weights=c.weights, pretrained=True)
         torch.manual_seed(recipe.seed)
         learn = frozen_learner(split, candidate_recipe, starting_weights(candidate_recipe), device)
-        if budget is not None and not scores and (needed := first_pass_seconds(learn, items, candidate_recipe, clock)) > budget:
-            raise UsageError(f"--budget {recipe.budget} is too small to score even one backbone: {c.arch} over the "
-                             f"{len(items)} training images takes about {needed:.0f} s here; give at least "
-                             f"{math.ceil(needed * 1.2 / 60)}m (or drop --budget)")
+        if not scores and (needed := first_pass_seconds(learn, items, candidate_recipe, clock)):  # not cached
+            if budget is not None and needed > budget:
+                raise UsageError(f"--budget {recipe.budget} is too small to score even one backbone: {c.arch} over the "
+                                 f"{len(items)} training images takes about {needed:.0f} s here; give at least "
+                                 f"{math.ceil(needed * 1.2 / 60)}m (or drop --budget)")
+            print(f"  about {needed:.0f} s a backbone here ({c.arch}'s pass timed on one batch; larger backbones take "
+                  f"longer): about {needed * len(found):.0f} s for the {len(found)}", flush=True)
         probabilities[c] = probabilities_of(learn, candidate_recipe, split, folds)
         del learn
         accuracy, nll = out_of_fold_scores(probabilities[c], labels, split.multi_label)
