@@ -50,10 +50,14 @@ def test_a_fitted_temperature_is_kept_only_when_it_lowers_the_held_out_nll_by_mo
     assert per_label.value[0] == 1.0 and per_label.value[1] == per_label.fitted[1] > 2  # decided label by label
 
 
-def test_the_train_recipe_holds_out_a_tenth_of_the_training_images_to_calibrate_from_500_up(tmp_path):
+def test_holdout_auto_holds_out_a_tenth_of_the_training_images_to_calibrate_from_500_up(tmp_path):
     big = noisy_classes(tmp_path / "big", per_class=350)  # 560 training images after the 20% test split: 56 held out
     shutil.copytree(big / "darker", big / "rare", ignore=lambda folder, names: sorted(names)[5:])  # 4 train, 1 test:
-    result = invoke("train", big, *TINY, "--epochs", "1", "--strategy", "probe", "--out", tmp_path / "run")  # none out
+    tiny = [*TINY, "--epochs", "1", "--strategy", "probe"]  # none held out of that class
+    default = invoke("train", big, *tiny, "--out", tmp_path / "default")  # the train recipe: every image trains
+    assert default.exit_code == 0 and "564 train" in default.stdout, default.output
+    assert "not calibrated" in default.stderr and "--holdout auto sets a tenth" in default.stderr
+    result = invoke("train", big, *tiny, "--holdout", "auto", "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
     assert ", 56 validation images" in result.stdout and "508 train" in result.stdout
     calibrated = json.loads((tmp_path / "run" / "metrics.json").read_text())["calibration"]
@@ -62,7 +66,7 @@ def test_the_train_recipe_holds_out_a_tenth_of_the_training_images_to_calibrate_
     again = invoke("evaluate", tmp_path / "run", big, "--json", "--out", tmp_path / "eval")  # its own data, split as it was
     assert again.exit_code == 0 and json.loads(again.stdout)["images"] == 141, again.output
     small = noisy_classes(tmp_path / "small", per_class=100)  # 160 training images: every one trains
-    result = invoke("train", small, *TINY, "--epochs", "1", "--strategy", "probe", "--out", tmp_path / "small-run")
+    result = invoke("train", small, *tiny, "--holdout", "auto", "--out", tmp_path / "small-run")
     assert result.exit_code == 0 and "160 train" in result.stdout and "validation images" not in result.stdout
     uncalibrated = json.loads((tmp_path / "small-run" / "metrics.json").read_text())["calibration"]
     assert uncalibrated["calibrated"] is False and "from 500 up, and this run trains on 160" in uncalibrated["why"]

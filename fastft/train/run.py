@@ -381,7 +381,7 @@ def no_holdout_why(context: RunContext, training_images: int) -> str:
         return (f"--holdout auto holds out {AUTO_HOLDOUT:.0%} of the training images from "
                 f"{round(MIN_HELD_OUT / AUTO_HOLDOUT)} up, and this run trains on {training_images}; --holdout 0.2 "
                 "holds out a larger share")
-    return "--holdout 0.1 carves one from the training images"
+    return "--holdout auto sets a tenth of the training images aside for it, from 500 up"
 
 
 def final_scores(learn, context: RunContext, temperature=None) -> tuple[dict, dict | None]:
