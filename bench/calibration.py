@@ -3,7 +3,7 @@ default recipe's model before and after its temperature, and its accuracy, per d
 
     python bench/calibration.py [--size 224] [--epochs 5] [--seeds 0,1,2] [--datasets cat_breeds,flowers,hotdog]
 
-`fastft train DIR` as shipped (the `train` recipe: --holdout auto) on bench/transfer.py's splits of the shared sets,
+`fastft train DIR --holdout auto` (the `train` recipe otherwise) on bench/transfer.py's splits of the shared sets,
 with tf_efficientnet_lite0's real ImageNet weights: the validation split the temperature is fitted on is a tenth of
 the training images, and the test split is only measured. The temperature is kept only where it lowered the
 validation NLL by more than its noise; "fitted T" columns show what the fitted one, kept or not, does on the test
@@ -48,7 +48,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--datasets", default="cat_breeds,flowers,hotdog")
-    parser.add_argument("--holdout", default="auto", help="the share held out to fit the temperature on (auto: the recipe's)")
+    parser.add_argument("--holdout", default="auto", help="the share held out to fit the temperature on (0: the train recipe's default, "
+                        "uncalibrated: accuracy only)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "calibration.json")
     args = parser.parse_args()
     rows = []
