@@ -15,8 +15,10 @@ checkpoint keeps too, so a resumed run continues both exactly.
 from __future__ import annotations
 
 from fastai.callback.core import Callback
+from timm.utils import ModelEmaV3
 
 from fastft.fastai_internals import AFTER_RECORDER
+from fastft.train.epochs import _copy, unwrapped
 
 
 class AveragedWeights(Callback):
@@ -29,31 +31,21 @@ class AveragedWeights(Callback):
         self.decay, self.average, self.steps, self.trained, self.restored = decay, None, 0, None, None
 
     def before_fit(self):  # every phase of a strategy is a fit; one average runs through them all
-        from timm.utils import ModelEmaV3
-
-        from fastft.train.epochs import unwrapped
-
         if self.average is None:
             self.average = ModelEmaV3(unwrapped(self.learn.model), decay=self.decay, use_warmup=True)
             if self.restored is not None:  # a resumed run: the average as the stopped run left it
                 self.average.module.load_state_dict(self.restored)
 
     def after_step(self):
-        from fastft.train.epochs import unwrapped
-
         self.steps += 1
         self.average.update(unwrapped(self.learn.model), step=self.steps)
 
     def before_validate(self):
-        from fastft.train.epochs import _copy, unwrapped
-
         if self.steps:  # before the first step (a probe epoch) the network's own weights are the average
             self.trained = _copy(self.learn.model)
             unwrapped(self.learn.model).load_state_dict(self.average.module.state_dict())
 
     def after_epoch(self):
-        from fastft.train.epochs import unwrapped
-
         if self.trained is not None:
             unwrapped(self.learn.model).load_state_dict(self.trained)
             self.trained = None
