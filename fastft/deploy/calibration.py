@@ -61,12 +61,8 @@ class Temperature(NamedTuple):
     noise: float | list[float]  # the standard error of that saving
 
     @property
-    def kept_at_one(self) -> bool:
-        return any(v != f for v, f in zip(_listed(self.value), _listed(self.fitted)))
-
-
-def _listed(value) -> list[float]:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+    def kept_at_one(self) -> bool:  # anywhere: one label's T is enough
+        return self.value != self.fitted  # floats, or lists of them
 
 
 def choose_temperature(logits: np.ndarray, targets: np.ndarray, multi_label: bool = False) -> Temperature:

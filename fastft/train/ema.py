@@ -55,8 +55,7 @@ class AveragedWeights(Callback):
         return self.trained if self.trained is not None else snapshot
 
     def state(self) -> dict:
-        return {"steps": self.steps, "weights": {k: v.detach().clone() for k, v in
-                                                 self.average.module.state_dict().items()} if self.average else None}
+        return {"steps": self.steps, "weights": _copy(self.average.module) if self.average else None}
 
     def restore(self, state: dict) -> None:
         self.steps, self.restored = state["steps"], state["weights"]
