@@ -73,7 +73,8 @@ def shown_value(recipe: Recipe, name: str) -> str:
     if isinstance(value, bool):
         return f"--{name.replace('_', '-')}" if value else f"--no-{name.replace('_', '-')}"
     if name == "lr" and not value:
-        return f"{STRATEGIES[recipe.strategy].default_lr:g} ({recipe.strategy}'s default)"
+        strategy = "lp-ft" if recipe.strategy == "auto" else recipe.strategy  # auto fine-tunes with lp-ft, if at all
+        return f"{STRATEGIES[strategy].default_lr:g} ({strategy}'s default)"
     if name == "data" and not value:
         return f"download {recipe.dataset or recipe.name}" if recipe.data_url else "none"
     return str(value) if value != "" else "none"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fastft.data.augment import AUG_HELP
 from fastft.errors import UsageError, did_you_mean
-from fastft.train.strategies import STRATEGIES, strategy_settings
+from fastft.train.strategies import AUTO, AUTO_HELP, STRATEGIES, strategy_settings
 
 
 def setting(default, help: str, flag: str | None = "", choices: tuple = (), cli_min: int | None = None,
@@ -76,8 +76,8 @@ class CommonRecipe:
     crop_pct: float = setting(0.875, "test items: resize to round(size / crop_pct), then centre-crop to size", flag=None)
     aug: str = setting("flip", AUG_HELP)
     # training
-    strategy: str = setting("fine-tune", "Training schedule: " + "; ".join(f"{k}: {v.help}" for k, v in STRATEGIES.items()),
-                            choices=tuple(STRATEGIES))
+    strategy: str = setting("fine-tune", "Training schedule: " + "; ".join(f"{k}: {v.help}" for k, v in STRATEGIES.items())
+                            + f"; {AUTO}: {AUTO_HELP}", choices=(*STRATEGIES, AUTO))
     epochs: int = setting(5, "Total epochs, frozen phases included.")
     lr: float | str = setting(0.0, "The head's peak learning rate; 0: the strategy's default; auto: run fastai's LR finder first.")
     bs: int = setting(64, "Batch size (per process).")

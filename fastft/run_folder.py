@@ -14,6 +14,7 @@ both name them through here, so adding an output file is one line in this module
     reliability.png      confidence against accuracy on the test split, before and after calibration
     label_issues.csv     --exclude-suspects or a backbone chosen: the training images whose labels look wrong (and .png)
     selection.csv        a backbone chosen (--arch a,b,c / auto): every candidate's cross-validated score (and .png)
+    strategy.csv         --strategy auto: the probe, lp-ft and WiSE-FT's mixes scored on held-out images (and .png)
     tensorboard/         --log tensorboard
 """
 from __future__ import annotations
@@ -45,6 +46,8 @@ FILES = {
     "suspects": "label_issues.png",
     "selection": "selection.csv",
     "selection_chart": "selection.png",
+    "strategy": "strategy.csv",
+    "strategy_chart": "strategy.png",
     "tensorboard": "tensorboard",
 }
 # the names other modules match a path against (a model file given on the command line, say)

@@ -174,10 +174,12 @@ def seeded_split(by_class: dict[str, list[Path]], valid_pct: float, seed: int, w
     return train, test
 
 
-def split_files(root: Path, recipe, empty_ok: bool = False) -> Split:
+def split_files(root: Path, recipe, empty_ok: bool = False, trial: bool = False) -> Split:
     """The files a run trains, tests and validates on: found in class folders or a labels CSV (split by seed when
     the data has no split), a validation split carved from the training files when --holdout asks, then sampled
-    to --limit. Training and `fastft evaluate` of the run's own data both call this, so they see the same split."""
+    to --limit. Training and `fastft evaluate` of the run's own data both call this, so they see the same split.
+    `trial`: --strategy auto's trial run, which never sees the test split: TRIAL_SHARE of each class's training
+    images is its test and validation split, the rest its training images."""
     valid_pct, seed, limit, holdout = recipe.valid_pct, recipe.seed, recipe.limit, recipe.holdout
     if recipe.labels:
         from fastft.data.labels import read_labels
@@ -195,7 +197,13 @@ def split_files(root: Path, recipe, empty_ok: bool = False) -> Split:
     split.train = stratified_sample(split.train, limit, seed)
     split.test = stratified_sample(split.test, limit, seed + 1)
     split.valid = stratified_sample(split.valid, limit, seed + 2)
+    if trial:  # classes too small to spare an image train on all theirs
+        split.train, held_out = seeded_split(split.train, TRIAL_SHARE, seed + 3, "the strategy trial", strict=False)
+        split.test, split.valid = held_out, dict(held_out)
     return split
+
+
+TRIAL_SHARE = 0.2  # --strategy auto's trial holds out one fold of five, as the backbone choice's k-fold probes do
 
 
 AUTO_HOLDOUT = 0.1  # --holdout auto: a tenth of the training images (calibration.MIN_HELD_OUT of them from 500 up)

@@ -78,9 +78,11 @@ def imbalance_note(counts: dict[str, int], balance: str = "none") -> str:
     return f"note: the classes are imbalanced (training images: {shown}); {remedy}"
 
 
-def load_split(root: Path, recipe: Recipe, plan: AugPlan | None = None, quiet: bool = False) -> Split:
-    """The recipe's images under `root`: found, sampled (--limit) and checked (decoded, when cached)."""
-    split = split_files(root, recipe)
+def load_split(root: Path, recipe: Recipe, plan: AugPlan | None = None, quiet: bool = False,
+               trial: bool = False) -> Split:
+    """The recipe's images under `root`: found, sampled (--limit) and checked (decoded, when cached); `trial`: see
+    split_files."""
+    split = split_files(root, recipe, trial=trial)
     return drop_unreadable(split, recipe, plan or parse_aug(recipe.aug), quiet)
 
 

@@ -52,6 +52,9 @@ class RunContext:
     std: tuple[float, float, float]
     skipped: tuple[tuple, ...] = ()  # (file, reason) for each image that did not decode
     excluded: tuple = ()  # the training images --exclude-suspects left out (label_issues.Suspect)
+    # --strategy auto's trial run (fastft/train/strategy_choice.py): its test and validation splits are both a fold
+    # held out from the training images (the test split is never read), and it fits no temperature
+    trial: bool = False
 
     def saved_recipe(self) -> Recipe:
         """The recipe with every resolved value in place: recipe.toml, which `fastft run` reproduces."""

@@ -36,7 +36,7 @@ from fastft.train.model import (NO_HUB_WEIGHTS, StartingWeights, check_arch, cre
 from fastft.train import checkpoint
 from fastft.train.epochs import EpochLog, RunProgress, unwrapped
 from fastft.train.report import summary_line, write_reports
-from fastft.train import backbone_choice, ema, wise
+from fastft.train import backbone_choice, ema, strategy_choice, wise
 from fastft.train.strategies import STRATEGIES, Phase, Progress, describe_plan
 
 
@@ -50,10 +50,10 @@ class Prepared(NamedTuple):
     learn: object
 
 
-def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared:
+def prepare(recipe: Recipe, out: str | None, resuming: bool = False, trial: bool = False) -> Prepared:
     """Check the recipe, find the data, build DataLoaders and Learner. Every user error surfaces here,
     before the run folder is created, so a failed start leaves nothing behind. `resuming`: `out` is the
-    stopped run's own folder."""
+    stopped run's own folder; `trial`: --strategy auto's trial run (fastft/train/strategy_choice.py)."""
     device = resolve_device(recipe.device)
     precision = resolve_precision(recipe.precision, device)
     found = []  # the backbones to choose among, when the run chooses
@@ -107,7 +107,7 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
         root = dist.main_first(lambda: fetch_dataset(recipe.dataset or recipe.name, recipe.data_url, recipe.data_sha1))
 
     set_seed(recipe.seed, reproducible=True)
-    split = load_split(root, recipe, plan, quiet=not dist.is_main)
+    split = load_split(root, recipe, plan, quiet=not dist.is_main, trial=trial)
     split, recipe, start, selection, label_check = choose_on_training_images(split, recipe, found, start, device, dist)
     counts = label_counts(split)
     if dist.is_main:
@@ -145,7 +145,8 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False) -> Prepared
                          classes=tuple(split.classes), class_counts=counts, multi_label=split.multi_label,
                          has_validation=has_validation, holdout=split.holdout, head=head, starting_weights=loaded,
                          mean=mean, std=std, skipped=tuple(split.skipped),
-                         excluded=tuple(label_check.suspects[:recipe.exclude_suspects]) if label_check else ())
+                         excluded=tuple(label_check.suspects[:recipe.exclude_suspects]) if label_check else (),
+                         trial=trial)
     return Prepared(context, learn)
 
 
@@ -407,17 +408,21 @@ def final_scores(learn, context: RunContext, temperature=None) -> tuple[dict, di
 
 @large_images_allowed()
 def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = False, callbacks=(),
-          resume: Path | None = None) -> dict:
+          resume: Path | None = None, trial: bool = False) -> dict:
     """Run `recipe`, or (`resume`) continue a stopped run from its checkpoint; returns metrics.json's content
     (empty on ranks other than 0). Raises Interrupted after saving on Ctrl-C. `measure_unaugmented` adds
     final.train_acc_unaugmented (one more pass over the training images); `callbacks` are extra fastai
-    callbacks for the Learner."""
-    saved = None
+    callbacks for the Learner; `trial`: --strategy auto's trial run, on the training images alone."""
+    saved = choice = None
     if resume is not None:
         saved = checkpoint.load(resume)
         recipe = recipe_from_checkpoint(saved, resume) if saved else restart_recipe(resume)
         out = str(resume)
-    context, learn = prepare(recipe, out, resuming=resume is not None)
+    elif strategy_choice.choosing(recipe):  # a trial run first, when the run has no validation split to choose on
+        check_new_out(out)
+        choice = strategy_choice.choose(recipe, lambda r, o: train(r, o, trial=True), resolve_device(recipe.device))
+        recipe = choice.recipe
+    context, learn = prepare(recipe, out, resuming=resume is not None, trial=trial)
     dist, folder = context.dist, context.folder
     if resume is not None and dist.is_main:
         remove_partial_files(folder.path)
@@ -436,8 +441,10 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
         dist.wait()
         return {}
     averaged = wise.apply(learn, context, log.probe_weights)  # before calibration: it calibrates these weights
-    results, threshold, interrupted = final_report(learn, context, log, interrupted, measure_unaugmented,
-                                                   {"wise": averaged} if averaged else {})
+    extra = {"wise": averaged} if averaged else {}
+    if choice is not None:
+        extra["strategy_choice"] = strategy_choice.report(choice, averaged, folder)
+    results, threshold, interrupted = final_report(learn, context, log, interrupted, measure_unaugmented, extra)
     save_model(learn, context, threshold, results["calibration"].get("temperature"))
     dist.wait()
     if interrupted:
@@ -505,6 +512,8 @@ def print_plan(learn, context: RunContext, phases: list[Phase]) -> None:
                  f"process)" if dist.size > 1 else f"batch {learn.dls.bs}")
     validation = validation_loader(learn.dls)
     counts = f", {len(validation.dataset)} validation" if validation is not None else ""
+    if context.trial:
+        counts += " (both held out from the training images: this trial never reads the test split)"
     left_out = ""
     if recipe.exclude_suspects:
         left_out = (f" (left out: the {len(context.excluded)} whose labels look most wrong, --exclude-suspects "
@@ -530,7 +539,7 @@ def final_report(learn, context: RunContext, log: EpochLog, interrupted: bool, m
     test, calibration = None, {"calibrated": False, "why": "the final measurements were skipped"}
     try:  # extra passes over the data: a Ctrl-C here skips them, and the trained model is still saved
         # after fit the Learner holds the whole test set again (fastai's DistributedTrainer restores it)
-        calibration = calibrate(learn, context)
+        calibration = calibrate(learn, context) if not context.trial else {"calibrated": False, "why": "a trial run"}
         plain, with_tta = final_scores(learn, context, calibration.get("temperature"))
         test = with_tta or plain  # what `fastft evaluate` reports for the saved model (it uses the recipe's tta)
         # the saved model's test accuracy in float32: the kept epoch's line was measured in the training precision
@@ -630,5 +639,7 @@ def lr_find_only(recipe: Recipe, out: str | None = None) -> float:
     """`fastft lr-find`: the suggestion and lr_find.png, no training."""
     if world_size() > 1:
         raise UsageError("lr-find runs in one process; launch it without torchrun/accelerate")
+    if strategy_choice.choosing(recipe):  # the rate lp-ft would fine-tune at, if auto chose it
+        recipe = recipe.replace(strategy="lp-ft")
     prepared = prepare(recipe, out)
     return find_lr(prepared.learn, prepared.context)

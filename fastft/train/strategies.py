@@ -284,6 +284,13 @@ STRATEGIES: dict[str, Strategy] = {
 }
 
 
+# `--strategy auto` is not a schedule but a choice between two of them, made on the training images before the run
+# trains (fastft/train/strategy_choice.py): the run then trains what was chosen, and recipe.toml names it.
+AUTO = "auto"
+AUTO_HELP = ("the probe or lp-ft (mixed with its probe by WiSE-FT), whichever scores best on training images held out "
+             "from a trial run (a validation split, when the run has one); fine-tuning must beat the probe to be chosen")
+
+
 def strategy_settings() -> dict[str, tuple[StrategySetting, list[str]]]:
     """Every strategy setting by name, with the strategies that take it: the recipe's keys for them."""
     found: dict[str, tuple[StrategySetting, list[str]]] = {}

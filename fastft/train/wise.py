@@ -5,8 +5,8 @@ photos unlike them. The probe epoch of `lp-ft` ends with the pretrained backbone
 fine-tuning epochs with other weights of the same shape; every weight interpolated between the two,
 (1 - w) x probe + w x fine-tuned, is one network again (the bundle, ONNX and hub exports are unchanged), and
 somewhere between them often beats both ends. BatchNorm statistics stay as loaded during `lp-ft`, so both ends share
-them. `--wise auto` chooses w on the validation split (--holdout, or valid/), else takes the paper's 0.5 and says so;
-`--wise W` fixes it; `off` keeps the fine-tuned weights.
+them. `--wise auto` chooses w on the validation split (--holdout, or valid/; 0, the probe, unless fine-tuning beats it
+there), else takes the paper's 0.5 and says so; `--wise W` fixes it; `off` keeps the fine-tuned weights.
 """
 from __future__ import annotations
 
@@ -38,6 +38,18 @@ def validation_scores(learn, dl, multi_label: bool) -> tuple[float, float]:
     return right / max(total, 1), losses / max(total, 1)
 
 
+def choose_weight(scores: dict[float, tuple[float, float]], images: int) -> float:
+    """The weight `auto` keeps, from (accuracy, loss) by weight on `images` held-out images: the probe's (0) unless a
+    weight with fine-tuning in it beats the probe by more than TIE_IMAGES images (a fine-tuning that does not beat the
+    probe loses: it cost more and can transfer worse); else the best, weights within TIE_IMAGES of it settled by the
+    lower loss."""
+    tie = TIE_IMAGES / images + 1e-9
+    best = max(accuracy for accuracy, _ in scores.values())
+    if best <= scores[0.0][0] + tie:
+        return 0.0
+    return min((w for w, (accuracy, _) in scores.items() if accuracy >= best - tie), key=lambda w: scores[w][1])
+
+
 def apply(learn, context, probe: dict | None) -> dict:
     """Put the mixed weights in the Learner's network (it holds the kept fine-tuned ones); returns what metrics.json
     records under `wise`. `probe`: the weights after the probe epoch."""
@@ -61,12 +73,12 @@ def apply(learn, context, probe: dict | None) -> dict:
         for w in WEIGHTS:
             network.load_state_dict(mixed(probe, tuned, w))
             scores[w] = validation_scores(learn, validation, context.multi_label)
-        best = max(accuracy for accuracy, _ in scores.values())
-        tied = [w for w, (accuracy, _) in scores.items() if accuracy >= best - TIE_IMAGES / len(validation.dataset) - 1e-9]
-        weight = min(tied, key=lambda w: scores[w][1])
+        weight = choose_weight(scores, len(validation.dataset))
         chosen_on = f"chosen on the validation split ({len(validation.dataset)} images)"
     network.load_state_dict(mixed(probe, tuned, weight))
     print(f"WiSE-FT: weights {1 - weight:.1f} x the probe's + {weight:.1f} x the fine-tuned ({chosen_on})",
           flush=True)
     return {"weight": weight, "chosen_on": chosen_on,
-            **({"valid_acc_by_weight": {str(w): round(a, 4) for w, (a, _) in scores.items()}} if scores else {})}
+            **({"valid_images": len(validation.dataset),
+                "valid_acc_by_weight": {str(w): round(a, 4) for w, (a, _) in scores.items()},
+                "valid_loss_by_weight": {str(w): round(loss, 4) for w, (_, loss) in scores.items()}} if scores else {})}

@@ -1,0 +1,160 @@
+"""Choosing the strategy on the user's own training images (`--strategy auto`).
+
+Whether fine-tuning beats a linear probe on a small set depends on the data (issue 28: on the three sets fastft's
+default was chosen on, lp-ft beat a probe by 0.02-0.03; on three real photo sets it never saw, the probe beat lp-ft
+by 0.01-0.05). So `auto` measures both on images the run did not train on, and lets fine-tuning in only where it wins.
+
+One run of lp-ft with `--wise auto` measures every candidate at once: on its validation split WiSE-FT scores the
+probe's weights (weight 0: the probe epoch), the fine-tuned ones (1: lp-ft) and the mixes between them, and keeps the
+probe unless a weight with fine-tuning in it beats it by more than two images (fastft/train/wise.py). Where does that
+validation split come from?
+- The run has one (valid/, or --holdout): `auto` is that run, lp-ft with --wise auto; the choice is made on it.
+- It has none (the usual folder of photos): a *trial* run first. lp-ft trains on the training images less one fold
+  of five (TRIAL_SHARE, stratified and seeded), the fold is its validation split, and the test split is never read.
+  The run proper then trains the choice on every training image: `--strategy probe` when the probe won (seconds),
+  else `--strategy lp-ft --wise W`. The trial costs about 0.8 of a run's training.
+recipe.toml names what was chosen (`fastft run` reproduces the run without the trial), strategy.csv and strategy.png
+keep every candidate's figures, and metrics.json's `strategy_choice` the trial's. A backbone chosen too (--arch a,b,c)
+is chosen by the trial, on its training images, and selection.csv comes with it.
+"""
+from __future__ import annotations
+
+import csv
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+from fastft.recipe import Recipe
+from fastft.run_folder import FILES
+from fastft.train.strategies import AUTO
+
+
+class StrategyChoice(NamedTuple):
+    """What `--strategy auto` decided, and on what."""
+    recipe: Recipe  # the run's recipe with the choice in place
+    scores: dict  # mixing weight (str) -> (accuracy, loss) on the held-out images; {} when the run itself chooses
+    images: int  # how many held-out images scored them
+    chosen_on: str  # in words
+    trial: dict  # metrics.json's `strategy_choice`: the trial's figures ({} without a trial)
+    selection: dict  # the trial's selection.csv and .png (name -> content), when it chose a backbone too
+
+
+def choosing(recipe: Recipe) -> bool:
+    return recipe.strategy == AUTO
+
+
+def check(recipe: Recipe) -> None:
+    from fastft.errors import UsageError
+
+    if recipe.wise != "off":
+        raise UsageError(f"--strategy auto chooses the WiSE-FT weight itself; drop --wise {recipe.wise} (or give "
+                         "--strategy lp-ft with it)")
+
+
+def has_validation_split(recipe: Recipe) -> bool:
+    """Whether the recipe's data has a validation split of its own, without reading any image."""
+    from fastft.data.folders import holdout_share, split_files
+
+    if recipe.holdout == 0:
+        return bool(recipe.data) and not recipe.labels and (Path(recipe.data).expanduser() / "valid").is_dir()
+    split = split_files(Path(recipe.data).expanduser(), recipe)
+    return bool(split.valid) or bool(holdout_share(recipe.holdout, split, recipe.limit))
+
+
+def choose(recipe: Recipe, run_training, device) -> StrategyChoice:
+    """The recipe with `--strategy auto` resolved. `run_training(recipe, out)` trains the trial run (train() itself:
+    a run like any other, in a folder of its own, distributed when the run is)."""
+    from fastft.train.distributed import Distributed
+
+    check(recipe)
+    lp_ft = recipe.replace(strategy="lp-ft", wise="auto")
+    if recipe.data and has_validation_split(recipe):
+        return StrategyChoice(lp_ft, {}, 0, "the run's validation split", {}, {})
+    dist = Distributed(device)
+    folder = Path(dist.from_main(lambda: tempfile.mkdtemp(prefix="fastft-strategy-trial-"))) / "trial"
+    if dist.is_main:
+        from fastft.data.folders import TRIAL_SHARE
+
+        print(f"choosing the strategy: a trial run of lp-ft on the training images less {TRIAL_SHARE:.0%} of each "
+              f"class, which then score the probe, lp-ft and WiSE-FT's mixes of the two (about {1 - TRIAL_SHARE:.1f} "
+              "of this run's training; the test split is not read)", flush=True)
+    try:
+        results = run_training(lp_ft.replace(keep="last", patience=0, tta=False), str(folder))
+        decided = dist.from_main(lambda: decision(recipe, folder, results))
+    except BaseException:
+        if dist.is_main:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+        raise
+    return decided
+
+
+def decision(recipe: Recipe, folder: Path, results: dict) -> StrategyChoice:
+    """The trial's verdict, from its metrics (rank 0)."""
+    from fastft.recipe import load_recipe
+
+    wise = results["wise"]
+    scores = {w: (a, wise["valid_loss_by_weight"][w]) for w, a in wise["valid_acc_by_weight"].items()}
+    images, weight = wise["valid_images"], wise["weight"]
+    trial_recipe = load_recipe(str(folder / "recipe.toml"))
+    chosen = recipe.replace(arch=trial_recipe.arch, weights=trial_recipe.weights, select=False,
+                            **({"strategy": "probe", "epochs": 1, "ema": 0.0} if weight == 0 else {"strategy": "lp-ft", "wise": weight}))
+    if weight == 0 and recipe.ema:
+        print("note: the probe was chosen, which has no training steps to average; --ema is dropped", file=sys.stderr)
+    history = [{k: row[k] for k in ("epoch", "valid_acc", "valid_loss") if k in row} for row in results["epochs"]]
+    trial = {"held_out_images": images, "chosen": describe(weight), "weight": weight, "epochs": history,
+             "seconds": round(results["epochs"][-1]["seconds"], 1)}
+    # the trial's backbone choice goes with the run; the rest of the trial folder goes
+    selection = {name: (folder / name).read_bytes() for name in (FILES["selection"], FILES["selection_chart"])
+                 if (folder / name).exists()}
+    shutil.rmtree(folder.parent, ignore_errors=True)
+    return StrategyChoice(chosen, scores, images, f"{images} training images held out from a trial run", trial,
+                          selection)
+
+
+def describe(weight: float) -> str:
+    return ("the probe" if weight == 0 else "lp-ft" if weight == 1 else
+            f"lp-ft mixed with its probe by WiSE-FT ({1 - weight:.1f} x the probe's weights + {weight:.1f} x lp-ft's)")
+
+
+def candidate(weight: str) -> str:
+    """A row's name: the probe (weight 0), lp-ft (1), or a WiSE-FT mix."""
+    return {"0.0": "probe", "1.0": "lp-ft"}.get(weight, f"WiSE-FT {weight}")
+
+
+def report(choice: StrategyChoice, wise: dict, folder) -> dict:
+    """Print the candidates' table, write strategy.csv and strategy.png (and the trial's selection.csv/png) in the
+    run folder; returns metrics.json's `strategy_choice`. `wise`: the run's own WiSE-FT record (rank 0)."""
+    from fastft.atomic import replacing, save_figure, subplots
+
+    if choice.scores:  # a trial chose
+        scores, images, weight = choice.scores, choice.images, choice.trial["weight"]
+    else:  # this run's validation split chose, through its WiSE-FT weight
+        scores = {w: (a, wise["valid_loss_by_weight"][w]) for w, a in wise["valid_acc_by_weight"].items()}
+        images, weight = wise["valid_images"], wise["weight"]
+    chosen = f"{float(weight):.1f}"
+    for name, content in choice.selection.items():
+        (folder.path / name).write_bytes(content)
+    print(f"strategy chosen on {choice.chosen_on}: {describe(weight)}", flush=True)
+    for w, (accuracy, loss) in scores.items():
+        print(f"  {candidate(w):<12} held-out accuracy {accuracy:.3f}, loss {loss:.3f}{'  <- chosen' * (w == chosen)}",
+              flush=True)
+    with replacing(folder.strategy) as temporary, open(temporary, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["candidate", "wise_weight", "held_out_accuracy", "held_out_loss", "chosen"])
+        writer.writerows([candidate(w), w, f"{a:.4f}", f"{loss:.4f}", str(w == chosen).lower()]
+                         for w, (a, loss) in scores.items())
+    fig, ax = subplots(figsize=(6.4, 0.35 * len(scores) + 1.4))
+    names = [candidate(w) for w in scores]
+    ax.barh(names, [a for a, _ in scores.values()], color=["tab:orange" if w == chosen else "tab:blue" for w in scores])
+    for y, (a, _) in enumerate(scores.values()):
+        ax.text(a, y, f" {a:.3f}", va="center", fontsize=8)
+    ax.set_xlim(0, 1.1)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"accuracy on {images} held-out training images")
+    ax.set_title(f"--strategy auto: {describe(weight)}", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, folder.strategy_chart)
+    return {"chosen": describe(weight), "weight": float(weight), "chosen_on": choice.chosen_on, "held_out_images": images,
+            **({"trial": choice.trial} if choice.trial else {})}

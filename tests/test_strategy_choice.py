@@ -1,0 +1,110 @@
+"""Choosing the strategy on the training images: `fastft train DIR --strategy auto` (the probe, lp-ft, or WiSE-FT's
+mix of the two, scored on training images a trial run held out)."""
+import builtins
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, invoke, make_split_dataset
+from test_distributed import torchrun
+from test_select import ARCHS, SMALL, weights_folder  # noqa: F401 (a fixture)
+
+
+def strategy_rows(run: Path) -> list[dict]:
+    with open(run / "strategy.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_auto_chooses_backbone_and_strategy_on_the_training_images_and_names_them(weights_folder, tmp_path):
+    data = make_split_dataset(tmp_path / "colours", classes=("blue", "red", "green"), per_class=10)
+    args = ["train", data, "--arch", ",".join(ARCHS), "--weights", weights_folder, *SMALL, "--epochs", "2",
+            "--strategy", "auto", "--seed", "4"]
+    first = invoke(*args, "--out", tmp_path / "first")
+    assert first.exit_code == 0, first.output
+    assert "choosing the strategy: a trial run of lp-ft" in first.stdout
+    rows = strategy_rows(tmp_path / "first")
+    assert [r["candidate"] for r in rows] == ["probe", *(f"WiSE-FT 0.{i}" for i in range(1, 10)), "lp-ft"]
+    assert sum(r["chosen"] == "true" for r in rows) == 1
+    chosen = next(r for r in rows if r["chosen"] == "true")
+    metrics = json.loads((tmp_path / "first" / "metrics.json").read_text())
+    choice = metrics["strategy_choice"]
+    assert choice["weight"] == float(chosen["wise_weight"]) and choice["trial"]["held_out_images"] == 6  # 2 a class
+    recipe = (tmp_path / "first" / "recipe.toml").read_text()
+    # recipe.toml names what was chosen: `fastft run` on it trains that, without a trial
+    assert ('strategy = "probe"' in recipe) == (chosen["candidate"] == "probe")
+    assert f'arch = "{json.loads((tmp_path / "first" / "model.json").read_text())["arch"]}"' in recipe
+    for name in ("strategy.png", "selection.png"):  # the trial's backbone choice comes with the run
+        assert (tmp_path / "first" / name).read_bytes()[:4] == b"\x89PNG"
+    assert [r["arch"] for r in csv.DictReader(open(tmp_path / "first" / "selection.csv"))] == list(ARCHS)
+    trial_folder = re.search(r"-> (\S*fastft-strategy-trial-\S*)", first.stdout)[1]
+    assert not Path(trial_folder).parent.exists()  # the trial's own folder is gone
+    again = invoke(*args, "--out", tmp_path / "again")
+    assert again.exit_code == 0, again.output
+    assert strategy_rows(tmp_path / "again") == rows  # a seeded run reproduces its choice
+    rerun = invoke("run", tmp_path / "first" / "recipe.toml", "--out", tmp_path / "rerun")
+    assert rerun.exit_code == 0, rerun.output
+    assert "choosing the strategy" not in rerun.stdout and "choosing the backbone" not in rerun.stdout
+    predicted = invoke("predict", tmp_path / "first", data / "test" / "red", "--json")  # the chosen model deploys
+    assert predicted.exit_code == 0, predicted.output
+
+
+def test_the_trial_never_opens_a_test_image(tmp_path):
+    from fastft.recipe import load_recipe
+    from fastft.train import strategy_choice
+    from fastft.train.run import train
+
+    data = make_split_dataset(tmp_path / "colours", per_class=10)
+    recipe = load_recipe("train").replace(data=str(data), arch="resnet18", pretrained=False, size=32, bs=4,
+                                          workers=0, device="cpu", epochs=2, strategy="auto")
+    opened, real_open = [], builtins.open
+
+    def recording_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+    builtins.open = recording_open
+    try:
+        choice = strategy_choice.choose(recipe, lambda r, out: train(r, out, trial=True), torch.device("cpu"))
+    finally:
+        builtins.open = real_open
+    assert choice.recipe.strategy in ("probe", "lp-ft") and choice.images == 4
+    assert any("/train/" in f for f in opened)  # the spy sees image reads
+    assert not [f for f in opened if "/test/" in f]
+
+
+def test_fine_tuning_is_chosen_only_where_it_beats_the_probe_by_more_than_two_images():
+    from fastft.train.wise import choose_weight
+
+    def scores(accuracies, losses=None):  # held-out accuracies by weight 0, 0.5, 1 on 100 images
+        return {w: (a, l) for w, a, l in zip((0.0, 0.5, 1.0), accuracies, losses or (0.5, 0.4, 0.3))}
+    assert choose_weight(scores((0.80, 0.82, 0.81)), 100) == 0.0  # two images better: a tie, and the probe wins it
+    assert choose_weight(scores((0.80, 0.83, 0.79)), 100) == 0.5  # three: fine-tuning wins
+    assert choose_weight(scores((0.80, 0.85, 0.84), (0.5, 0.4, 0.3)), 100) == 1.0  # within two of the best: lower loss
+    assert choose_weight(scores((0.90, 0.85, 0.84)), 100) == 0.0
+
+
+def test_a_validation_split_chooses_without_a_trial_and_wise_with_auto_is_an_error(tmp_path):
+    data = make_split_dataset(tmp_path / "colours", classes=("blue", "red", "green"), per_class=10)
+    result = invoke("train", data, *TINY, "--epochs", "2", "--strategy", "auto", "--holdout", "0.3",
+                    "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "choosing the strategy" not in result.stdout and "strategy chosen on the run's validation split" in result.stdout
+    assert len(strategy_rows(tmp_path / "run")) == 11
+    recipe = (tmp_path / "run" / "recipe.toml").read_text()
+    assert 'strategy = "lp-ft"' in recipe and 'wise = "auto"' in recipe  # the same choice, made again, on rerun
+    refused = invoke("train", data, *TINY, "--strategy", "auto", "--wise", "0.5", "--out", tmp_path / "refused")
+    assert refused.exit_code == 2 and "--strategy auto chooses the WiSE-FT weight itself" in refused.output
+    assert not (tmp_path / "refused").exists()
+
+
+def test_auto_on_two_processes(tmp_path):
+    data = make_split_dataset(tmp_path / "colours", classes=("blue", "red"), per_class=12)
+    two = torchrun("-m", "fastft", "train", data, *TINY, "--epochs", "2", "--strategy", "auto",
+                   "--out", tmp_path / "two", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("strategy chosen on") == 1 and two.stdout.count("choosing the strategy") == 1
+    assert len(strategy_rows(tmp_path / "two")) == 11
+    assert 'strategy = "auto"' not in (tmp_path / "two" / "recipe.toml").read_text()
