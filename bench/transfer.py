@@ -11,7 +11,8 @@ Datasets (each split by the bench: seeded, class-stratified, 80/20, the same spl
 
 Methods, all from the same ImageNet weights (../shared/weights/tf_efficientnet_lite0), at --size px for --epochs:
 - default: `fastft train DIR` as shipped (recipes/train.toml), only --arch/--weights/--size/--epochs/--seed set;
-- every --strategy of fastft, on the same recipe;
+- every --strategy of fastft, on the same recipe, and `auto` (the strategy chosen on held-out training images; the
+  JSON records what it chose and each epoch's test accuracy);
 - plain-fastai: ImageDataLoaders.from_folder + Resize + aug_transforms() + vision_learner (timm body, fastai
   head) + fine_tune(epochs - 1, freeze_epochs=1) at fastai's default lr, batch 64;
 - linear-probe: logistic regression (scikit-learn, C chosen by 5-fold CV on the training images) on the
@@ -94,7 +95,10 @@ def run_fastft(data: Path, strategy: str | None, seed: int, args, out: Path) -> 
     (out / "log.txt").write_text(log.getvalue())
     for model_file in ("model.pkl", "model.safetensors"):  # hundreds of runs: keep the figures, not the weights
         (out / model_file).unlink(missing_ok=True)
+    choice = metrics.get("strategy_choice")  # --strategy auto: what it chose, and each epoch's test accuracy
     return {"test_acc": metrics["final"]["test_acc"], "strategy": recipe.strategy,
+            **({"chose": choice["chosen"], "weight": choice["weight"], "held_out": choice["held_out_images"],
+                "epoch_test_acc": [round(e["test_acc"], 4) for e in metrics["epochs"]]} if choice else {}),
             **({"test_acc_tta": metrics["final"]["test_acc_tta"]} if "test_acc_tta" in metrics["final"] else {})}
 
 
@@ -181,7 +185,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="cat_breeds,flowers,hotdog")
-    parser.add_argument("--methods", default=",".join(["default", *STRATEGIES, "plain-fastai", "linear-probe"]))
+    parser.add_argument("--methods", default=",".join(["default", *STRATEGIES, "auto", "plain-fastai", "linear-probe"]))
     parser.add_argument("--arch", default="tf_efficientnet_lite0")
     parser.add_argument("--weights", type=Path, default=WEIGHTS)
     parser.add_argument("--size", type=int, default=224)
