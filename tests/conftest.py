@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import atexit
+import builtins
+import contextlib
 import functools
 import http.server
 import os
@@ -59,6 +61,22 @@ def fastft(*args, env=None, timeout=600, **kwargs) -> subprocess.CompletedProces
     exe = Path(sys.executable).with_name("fastft")
     return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, **kwargs)
+
+
+@contextlib.contextmanager
+def files_opened():
+    """Every path `open` is called with inside the block: a spy on builtins.open, which PIL and fastai read through
+    (a test that a step never reads the test split's images)."""
+    opened, real_open = [], builtins.open
+
+    def recording_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+    builtins.open = recording_open
+    try:
+        yield opened
+    finally:
+        builtins.open = real_open
 
 
 def invoke(*args):
@@ -151,3 +169,21 @@ def noisy_classes(root: Path, per_class: int = 24) -> Path:
         for i in range(per_class):
             Image.fromarray(np.clip(rng.normal(mean, 50, (32, 32, 3)), 0, 255).astype(np.uint8)).save(root / label / f"{i}.png")
     return root
+
+
+SELECTION_ARCHS = ("resnet18", "mobilenetv3_small_050")  # two tiny backbones to choose between
+
+
+@pytest.fixture(scope="session")
+def weights_folder(tmp_path_factory) -> Path:
+    """ARCH.rand.safetensors for each of SELECTION_ARCHS: what a folder of downloaded weights looks like."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("weights")
+    for arch in SELECTION_ARCHS:
+        torch.manual_seed(0)
+        state = timm.create_model(arch, pretrained=False).state_dict()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / f"{arch}.rand.safetensors"))
+    return folder

@@ -1,6 +1,5 @@
 """Choosing the backbone on the training images: `fastft train DIR --arch a,b` (tiny random-init backbones saved as
 local weight files, so nothing needs the hub)."""
-import builtins
 import csv
 import json
 from pathlib import Path
@@ -8,25 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import invoke, make_split_dataset
+from conftest import SELECTION_ARCHS, files_opened, invoke, make_split_dataset
 from test_distributed import torchrun
 
-ARCHS = ("resnet18", "mobilenetv3_small_050")
+ARCHS = SELECTION_ARCHS
 SMALL = ["--size", "32", "--bs", "4", "--workers", "0", "--device", "cpu", "--epochs", "1"]
-
-
-@pytest.fixture(scope="module")
-def weights_folder(tmp_path_factory) -> Path:
-    """ARCH.rand.safetensors for each of ARCHS: what a folder of downloaded weights looks like."""
-    import timm
-    from safetensors.torch import save_file
-
-    folder = tmp_path_factory.mktemp("weights")
-    for arch in ARCHS:
-        torch.manual_seed(0)
-        state = timm.create_model(arch, pretrained=False).state_dict()
-        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / f"{arch}.rand.safetensors"))
-    return folder
 
 
 def selection_of(run: Path) -> list[dict]:
@@ -65,16 +50,8 @@ def test_choosing_never_opens_a_test_image(weights_folder, tmp_path):
     data = make_split_dataset(tmp_path / "colours", per_class=8)
     recipe = load_recipe("train").replace(data=str(data), arch=",".join(ARCHS), weights=str(weights_folder), size=32)
     split = load_split(data, recipe, parse_aug(recipe.aug))
-    opened, real_open = [], builtins.open
-
-    def recording_open(file, *args, **kwargs):
-        opened.append(str(file))
-        return real_open(file, *args, **kwargs)
-    builtins.open = recording_open
-    try:
+    with files_opened() as opened:
         chosen = backbone_choice.choose(split, recipe, backbone_choice.candidates(recipe), torch.device("cpu"))
-    finally:
-        builtins.open = real_open
     assert chosen.chosen.arch in ARCHS
     assert any("/train/" in f for f in opened)  # the spy sees image reads
     assert not [f for f in opened if "/test/" in f]

@@ -1,17 +1,15 @@
 """Choosing the strategy on the training images: `fastft train DIR --strategy auto` (the probe, lp-ft, or WiSE-FT's
 mix of the two, scored on training images a trial run held out)."""
-import builtins
 import csv
 import json
 import re
 from pathlib import Path
 
-import pytest
 import torch
 
-from conftest import TINY, invoke, make_split_dataset
+from conftest import TINY, files_opened, invoke, make_split_dataset
 from test_distributed import torchrun
-from test_select import ARCHS, SMALL, weights_folder  # noqa: F401 (a fixture)
+from test_select import ARCHS, SMALL
 
 
 def strategy_rows(run: Path) -> list[dict]:
@@ -60,16 +58,8 @@ def test_the_trial_never_opens_a_test_image(tmp_path):
     data = make_split_dataset(tmp_path / "colours", per_class=10)
     recipe = load_recipe("train").replace(data=str(data), arch="resnet18", pretrained=False, size=32, bs=4,
                                           workers=0, device="cpu", epochs=2, strategy="auto")
-    opened, real_open = [], builtins.open
-
-    def recording_open(file, *args, **kwargs):
-        opened.append(str(file))
-        return real_open(file, *args, **kwargs)
-    builtins.open = recording_open
-    try:
+    with files_opened() as opened:
         choice = strategy_choice.choose(recipe, lambda r, out: train(r, out, trial=True), torch.device("cpu"))
-    finally:
-        builtins.open = real_open
     assert choice.recipe.strategy in ("probe", "lp-ft") and choice.images == 4
     assert any("/train/" in f for f in opened)  # the spy sees image reads
     assert not [f for f in opened if "/test/" in f]
@@ -95,6 +85,11 @@ def test_a_validation_split_chooses_without_a_trial_and_wise_with_auto_is_an_err
     assert len(strategy_rows(tmp_path / "run")) == 11
     recipe = (tmp_path / "run" / "recipe.toml").read_text()
     assert 'strategy = "lp-ft"' in recipe and 'wise = "auto"' in recipe  # the same choice, made again, on rerun
+    few = make_split_dataset(tmp_path / "few", classes=("blue", "red", "green"), per_class=2)
+    result = invoke("train", few, *TINY, "--epochs", "2", "--strategy", "auto", "--out", tmp_path / "few-run")
+    assert result.exit_code == 0, result.output  # nothing to hold out: the probe, said so
+    assert "too few to score the strategies on" in result.stderr and "choosing the strategy" not in result.stdout
+    assert 'strategy = "probe"' in (tmp_path / "few-run" / "recipe.toml").read_text()
     refused = invoke("train", data, *TINY, "--strategy", "auto", "--wise", "0.5", "--out", tmp_path / "refused")
     assert refused.exit_code == 2 and "--strategy auto chooses the WiSE-FT weight itself" in refused.output
     assert not (tmp_path / "refused").exists()

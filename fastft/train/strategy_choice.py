@@ -63,6 +63,18 @@ def has_validation_split(recipe: Recipe) -> bool:
     return bool(split.valid) or bool(holdout_share(recipe.holdout, split, recipe.limit))
 
 
+def too_few_to_hold_out(recipe: Recipe) -> str:
+    """Why a trial could not score the candidates (its held-out fold would have fewer images than classes), or ""."""
+    from fastft.data.folders import TRIAL_SHARE, split_files
+
+    split = split_files(Path(recipe.data).expanduser(), recipe, trial=True)
+    held_out = sum(map(len, split.valid.values()))
+    if held_out >= len(split.classes):
+        return ""
+    return (f"{TRIAL_SHARE:.0%} of each class's training images is {held_out} image(s) in all, too few to score the "
+            f"strategies on ({len(split.classes)} classes)")
+
+
 def choose(recipe: Recipe, run_training, device) -> StrategyChoice:
     """The recipe with `--strategy auto` resolved. `run_training(recipe, out)` trains the trial run (train() itself:
     a run like any other, in a folder of its own, distributed when the run is)."""
@@ -72,6 +84,10 @@ def choose(recipe: Recipe, run_training, device) -> StrategyChoice:
     lp_ft = recipe.replace(strategy="lp-ft", wise="auto")
     if recipe.data and has_validation_split(recipe):
         return StrategyChoice(lp_ft, {}, 0, "the run's validation split", {}, {})
+    if recipe.data and (too_few := too_few_to_hold_out(recipe)):
+        print(f"note: --strategy auto: {too_few}; the probe trains (fine-tuning is chosen only where it beats the "
+              "probe on held-out images)", file=sys.stderr)
+        return StrategyChoice(recipe.replace(strategy="probe", epochs=1, ema=0.0), {}, 0, too_few, {}, {})
     dist = Distributed(device)
     folder = Path(dist.from_main(lambda: tempfile.mkdtemp(prefix="fastft-strategy-trial-"))) / "trial"
     if dist.is_main:
@@ -130,9 +146,11 @@ def report(choice: StrategyChoice, wise: dict, folder) -> dict:
 
     if choice.scores:  # a trial chose
         scores, images, weight = choice.scores, choice.images, choice.trial["weight"]
-    else:  # this run's validation split chose, through its WiSE-FT weight
+    elif "valid_acc_by_weight" in wise:  # this run's validation split chose, through its WiSE-FT weight
         scores = {w: (a, wise["valid_loss_by_weight"][w]) for w, a in wise["valid_acc_by_weight"].items()}
         images, weight = wise["valid_images"], wise["weight"]
+    else:  # too few images to hold any out: nothing scored
+        return {"chosen": describe(0.0), "weight": 0.0, "chosen_on": "nothing: " + choice.chosen_on}
     chosen = f"{float(weight):.1f}"
     for name, content in choice.selection.items():
         (folder.path / name).write_bytes(content)
