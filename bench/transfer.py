@@ -79,6 +79,18 @@ def prepare(name: str, work: Path) -> Path:
     return _link_split(work / name, _stratified(by_class, train_cap=120, test_cap=60))
 
 
+def few_shot(data: Path, shots: int, work: Path) -> Path:
+    """The same set with at most `shots` training images per class (seeded), the test split as it was."""
+    rng, split = random.Random(0), {"train": {}, "test": {}}
+    for part in split:
+        for folder in sorted(p for p in (data / part).iterdir() if p.is_dir()):
+            files = sorted(f for f in folder.iterdir() if f.is_file() or f.is_symlink())
+            if part == "train":
+                rng.shuffle(files)
+            split[part][folder.name] = files[:shots] if part == "train" else files
+    return _link_split(work, split)
+
+
 def run_fastft(data: Path, strategy: str | None, seed: int, args, out: Path) -> dict:
     from fastft.recipe import load_recipe
     from fastft.train.run import train
@@ -191,6 +203,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--shots", type=int, default=0, help="at most this many training images per class (a few-shot "
+                        "set, seeded; the test split unchanged); 0: all")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for plain fastai (fastft: its recipe's)")
     parser.add_argument("--keep", action="store_true", help="keep the run folders (logs, figures) in the temporary folder")
     parser.add_argument("--extra", default="", help="recipe changes for every fastft method, e.g. 'lr=3e-4,label_smoothing=0.1'")
@@ -202,6 +216,8 @@ def main() -> None:
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="fastft-transfer-"))
     datasets = {name: prepare(name, work / "data") for name in args.datasets.split(",")}
+    if args.shots:
+        datasets = {name: few_shot(data, args.shots, work / "few-shot" / name) for name, data in datasets.items()}
     methods = args.methods.split(",")
     from fastft.recipe import load_recipe
 
