@@ -9,7 +9,7 @@ TIE_IMAGES images of the best are a tie, settled by the lower out-of-fold log-lo
 
 `--budget 10m` bounds the choice: a candidate is not started when the time spent plus a candidate's average would
 pass it (the best so far trains), and a budget too small for even the first candidate's pass over the images is an
-error naming the least that would do. What is not here yet (issue 28): strategies as candidates on the folds.
+error naming the least that would do. The strategy (probe, lp-ft, WiSE-FT) is chosen in fastft/train/strategy_choice.py.
 """
 from __future__ import annotations
 
