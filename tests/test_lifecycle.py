@@ -106,7 +106,7 @@ def test_a_run_killed_in_epoch_3_of_4_resumes_to_the_same_weights(extra, slow_da
     # lp-ft: epoch 1 is the probe, epochs 2-4 one fine-tuning phase; random crops draw from Python's generator.
     # --wise: the probe epoch's weights, averaged in at the end, come back from the checkpoint
     # --ema: the average and the weights training goes on from are both in it, and differ
-    args = ["train", slow_data, *TINY, "--size", "48", "--epochs", "4", *extra]
+    args = ["train", slow_data, *TINY, "--size", "48", "--epochs", "4", "--strategy", "lp-ft", *extra]
     whole = fastft(*args, "--out", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
     cut = tmp_path / "cut"

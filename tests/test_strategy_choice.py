@@ -103,3 +103,24 @@ def test_auto_on_two_processes(tmp_path):
     assert two.stdout.count("strategy chosen on") == 1 and two.stdout.count("choosing the strategy") == 1
     assert len(strategy_rows(tmp_path / "two")) == 11
     assert 'strategy = "auto"' not in (tmp_path / "two" / "recipe.toml").read_text()
+
+
+def test_ctrl_c_in_the_trial_leaves_no_trial_folder_and_offers_no_resume_of_it(tmp_path):
+    import pytest
+
+    from fastft.recipe import load_recipe
+    from fastft.train import strategy_choice
+    from fastft.train.run import Interrupted
+
+    data = make_split_dataset(tmp_path / "colours", per_class=10)
+    recipe = load_recipe("train").replace(data=str(data), strategy="auto")
+    folders = []
+
+    def trial_stopped_by_ctrl_c(trial_recipe, out):  # what train() raises after Ctrl-C, its epoch saved
+        folders.append(Path(out))
+        Path(out).mkdir(parents=True)
+        (Path(out) / "checkpoint.pt").write_bytes(b"saved")
+        raise Interrupted(f"interrupted: kept the outputs of epoch 1 of 5 in {out}; `fastft resume {out}` continues it")
+    with pytest.raises(Interrupted, match="while choosing the strategy") as stopped:
+        strategy_choice.choose(recipe, trial_stopped_by_ctrl_c, torch.device("cpu"))
+    assert "fastft resume" not in str(stopped.value) and not folders[0].parent.exists()

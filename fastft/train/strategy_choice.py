@@ -96,13 +96,17 @@ def choose(recipe: Recipe, run_training, device) -> StrategyChoice:
         print(f"choosing the strategy: a trial run of lp-ft on the training images less {TRIAL_SHARE:.0%} of each "
               f"class, which then score the probe, lp-ft and WiSE-FT's mixes of the two (about {1 - TRIAL_SHARE:.1f} "
               "of this run's training; the test split is not read)", flush=True)
+    from fastft.train.run import Interrupted
+
     try:
         results = run_training(lp_ft.replace(keep="last", patience=0, tta=False), str(folder))
         decided = dist.from_main(lambda: decision(recipe, folder, results))
-    except BaseException:
+    except Interrupted:  # the trial's own message would offer to resume the trial
+        raise Interrupted("interrupted while choosing the strategy (its trial run), before the run began: nothing "
+                          "to keep; start it again, or give --strategy lp-ft (or probe) to skip the trial") from None
+    finally:
         if dist.is_main:
             shutil.rmtree(folder.parent, ignore_errors=True)
-        raise
     return decided
 
 
@@ -124,7 +128,6 @@ def decision(recipe: Recipe, folder: Path, results: dict) -> StrategyChoice:
     # the trial's backbone choice goes with the run; the rest of the trial folder goes
     selection = {name: (folder / name).read_bytes() for name in (FILES["selection"], FILES["selection_chart"])
                  if (folder / name).exists()}
-    shutil.rmtree(folder.parent, ignore_errors=True)
     return StrategyChoice(chosen, scores, images, f"{images} training images held out from a trial run", trial,
                           selection)
 
