@@ -92,9 +92,9 @@ def test_every_strategy_trains_on_two_processes(strategy, dataset, tmp_path):
 
 
 def test_accelerate_launch_runs_the_default_command(dataset, tmp_path):
-    """`accelerate launch` is the other launcher the README names: the default recipe (`fastft train DIR`, lp-ft). Its
-    --multi_gpu launcher starts the processes; with --device cpu they train on the CPU over gloo (its --cpu alone
-    starts one process)."""
+    """`accelerate launch` is the other launcher the README names: the default recipe (`fastft train DIR`: a trial
+    run, then the strategy it chose). Its --multi_gpu launcher starts the processes; with --device cpu they train on
+    the CPU over gloo (its --cpu alone starts one process)."""
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = Path(sys.executable).with_name("accelerate")
@@ -103,8 +103,8 @@ def test_accelerate_launch_runs_the_default_command(dataset, tmp_path):
                              *TINY, "--epochs", "2", "--out", str(out)],
                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 processes x batch 4" in result.stdout
-    assert sorted(p.name for p in out.iterdir()) == RUN_FILES
+    assert "2 processes x batch 4" in result.stdout and result.stdout.count("strategy chosen on") == 1
+    assert sorted(p.name for p in out.iterdir()) == sorted([*RUN_FILES, "strategy.csv", "strategy.png"])
     assert json.loads((out / "metrics.json").read_text())["final"]["test_acc"] >= 0
 
 

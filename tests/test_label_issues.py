@@ -141,7 +141,7 @@ def test_train_exclude_suspects_leaves_the_top_suspect_out_and_says_so(tmp_path)
     result = invoke("train", data, *TINY, "--epochs", "1", "--exclude-suspects", "5", "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
     # the last plan line: the run's (the default's strategy trial, on four fifths of the images, prints one first)
-    plan = [line for line in result.stdout.splitlines() if " train " in line and " test " in line][-1]
+    plan = [line for line in result.stdout.splitlines() if " train " in line and " test " in line and "images," in line][-1]
     assert "30 train (left out: the 1 whose labels look most wrong, --exclude-suspects 5, no more look wrong" in plan
     rows = suspects_of(tmp_path / "run" / "label_issues.csv")
     assert [Path(r["file"]).name for r in rows] == ["wrong_red.png"]

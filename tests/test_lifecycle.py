@@ -149,7 +149,7 @@ def _every_file_is_whole(run: Path) -> None:
 
 def test_files_are_whole_whenever_a_run_is_killed_and_it_resumes_each_time(dataset, tmp_path):
     run = tmp_path / "run"
-    args = ["train", dataset, *TINY, "--epochs", "6", "--log", "tensorboard"]
+    args = ["train", dataset, *TINY, "--epochs", "6", "--strategy", "lp-ft", "--log", "tensorboard"]
     proc = _start([*args, "--out", run], tmp_path / "log")
     for epochs_done, delay in ((1, 0.0), (3, 0.15), (5, 0.3)):
         if epochs_done > 1:
@@ -172,7 +172,7 @@ def test_resume_refuses_what_it_cannot_continue_and_changes_nothing(trained_run,
     assert fastft("resume", empty).returncode == 2
     assert "does not exist" in fastft("resume", tmp_path / "nowhere").stderr
     cut = tmp_path / "cut"
-    proc = _start(["train", slow_data, *TINY, "--epochs", "3", "--out", cut], tmp_path / "log")
+    proc = _start(["train", slow_data, *TINY, "--epochs", "3", "--strategy", "lp-ft", "--out", cut], tmp_path / "log")
     _kill_after_checkpoint(proc, cut, epochs_done=1)
     saved = cut / checkpoint.CHECKPOINT
     good = saved.read_bytes()
@@ -193,7 +193,7 @@ def test_tensorboard_logs_losses_rates_figures_and_images(tmp_path, dataset):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    result = invoke("train", dataset, *TINY, "--epochs", "2", "--log", "tensorboard", "--out", out)
+    result = invoke("train", dataset, *TINY, "--epochs", "2", "--strategy", "lp-ft", "--log", "tensorboard", "--out", out)
     assert result.exit_code == 0, result.output
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
@@ -217,7 +217,7 @@ def test_a_full_disk_while_saving_leaves_the_earlier_files_whole(dataset, tmp_pa
         return flush(fd)
     monkeypatch.setattr(os, "fsync", disk_full_for_the_bundle)
     out = tmp_path / "run"
-    result = invoke("train", dataset, *TINY, "--epochs", "1", "--out", out)
+    result = invoke("train", dataset, *TINY, "--epochs", "1", "--strategy", "lp-ft", "--out", out)
     assert result.exit_code == 2 and "no space left" in result.output.lower(), result.output
     _every_file_is_whole(out)
     assert not (out / "model.safetensors").exists() and (out / checkpoint.CHECKPOINT).exists()  # resumable later
@@ -253,7 +253,7 @@ main()
 
 
 def test_a_run_killed_while_writing_its_first_checkpoint_resumes_from_its_start(dataset, tmp_path):
-    args = ["train", dataset, *TINY, "--epochs", "2"]
+    args = ["train", dataset, *TINY, "--epochs", "2", "--strategy", "lp-ft"]  # one run: --strategy auto's trial is another
     cut = tmp_path / "cut"
     killed = subprocess.run([sys.executable, "-c", KILLED_IN_FIRST_CHECKPOINT, *map(str, args), "--out", str(cut)],
                             capture_output=True, text=True)
@@ -276,7 +276,7 @@ def test_a_failed_checkpoint_stops_the_run_before_another_epoch_and_resume_start
         raise OSError(errno.ENOSPC, "No space left on device", str(run.checkpoint))
     monkeypatch.setattr(checkpoint, "save", disk_full)
     out = tmp_path / "run"
-    result = invoke("train", dataset, *TINY, "--epochs", "4", "--out", out)
+    result = invoke("train", dataset, *TINY, "--epochs", "4", "--strategy", "lp-ft", "--out", out)
     assert result.exit_code == 2 and "no space left" in result.output.lower() and "checkpoint.pt" in result.output
     assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 1  # not another epoch trained first
     monkeypatch.undo()
@@ -356,7 +356,7 @@ def _on_a_terminal(args, cwd=None) -> tuple[int, str]:
 
 
 def test_a_terminal_shows_bars_counting_the_runs_epochs_and_the_probe_moving(dataset, tmp_path):
-    code, shown = _on_a_terminal(["train", dataset, *TINY, "--epochs", "3", "--out", tmp_path / "run"])
+    code, shown = _on_a_terminal(["train", dataset, *TINY, "--epochs", "3", "--strategy", "lp-ft", "--out", tmp_path / "run"])
     assert code == 0, shown
     assert "epoch 2/3 train" in shown and "epoch 3/3 test" in shown  # lp-ft: a probe epoch, then a phase of 2
     assert "Epoch " not in shown  # fastai's bar, which counts a phase's epochs apart ("Epoch 1/2")
