@@ -115,8 +115,7 @@ def decision(recipe: Recipe, folder: Path, results: dict) -> StrategyChoice:
     from fastft.recipe import load_recipe
 
     wise = results["wise"]
-    scores = {w: (a, wise["valid_loss_by_weight"][w]) for w, a in wise["valid_acc_by_weight"].items()}
-    images, weight = wise["valid_images"], wise["weight"]
+    scores, images, weight = held_out_scores(wise), wise["valid_images"], wise["weight"]
     trial_recipe = load_recipe(str(folder / "recipe.toml"))
     chosen = recipe.replace(arch=trial_recipe.arch, weights=trial_recipe.weights, select=False,
                             **({"strategy": "probe", "epochs": 1, "ema": 0.0} if weight == 0 else {"strategy": "lp-ft", "wise": weight}))
@@ -130,6 +129,11 @@ def decision(recipe: Recipe, folder: Path, results: dict) -> StrategyChoice:
                  if (folder / name).exists()}
     return StrategyChoice(chosen, scores, images, f"{images} training images held out from a trial run", trial,
                           selection)
+
+
+def held_out_scores(wise: dict) -> dict:
+    """(accuracy, loss) by mixing weight, from a run's WiSE-FT record in metrics.json."""
+    return {w: (a, wise["valid_loss_by_weight"][w]) for w, a in wise["valid_acc_by_weight"].items()}
 
 
 def describe(weight: float) -> str:
@@ -150,8 +154,7 @@ def report(choice: StrategyChoice, wise: dict, folder) -> dict:
     if choice.scores:  # a trial chose
         scores, images, weight = choice.scores, choice.images, choice.trial["weight"]
     elif "valid_acc_by_weight" in wise:  # this run's validation split chose, through its WiSE-FT weight
-        scores = {w: (a, wise["valid_loss_by_weight"][w]) for w, a in wise["valid_acc_by_weight"].items()}
-        images, weight = wise["valid_images"], wise["weight"]
+        scores, images, weight = held_out_scores(wise), wise["valid_images"], wise["weight"]
     else:  # too few images to hold any out: nothing scored
         return {"chosen": describe(0.0), "weight": 0.0, "chosen_on": "nothing: " + choice.chosen_on}
     chosen = f"{float(weight):.1f}"
