@@ -207,7 +207,8 @@ def describe(selection: Selection) -> str:
 
 def write_report(selection: Selection, csv_path: Path, chart_path: Path) -> None:
     """selection.csv (every candidate, its weights, scores and seconds; which was chosen) and a bar chart PNG."""
-    from fastft.atomic import replacing, save_figure, subplots
+    from fastft.atomic import replacing
+    from fastft.train.report import candidate_chart
 
     with replacing(csv_path) as temporary, open(temporary, "w", newline="") as f:
         writer = csv.writer(f)
@@ -215,15 +216,7 @@ def write_report(selection: Selection, csv_path: Path, chart_path: Path) -> None
         writer.writerows([s.candidate.arch, s.candidate.weights or "hub", f"{s.accuracy:.4f}", f"{s.log_loss:.4f}",
                           f"{s.seconds:.1f}", str(s.candidate == selection.chosen).lower()] for s in selection.scores)
         writer.writerows([c.arch, c.weights or "hub", "", "", "", "not scored: --budget"] for c in selection.dropped)
-    fig, ax = subplots(figsize=(6.4, 0.6 * len(selection.scores) + 1.4))
-    names = [s.candidate.arch for s in selection.scores]
-    ax.barh(names, [s.accuracy for s in selection.scores],
-            color=["tab:orange" if s.candidate == selection.chosen else "tab:blue" for s in selection.scores])
-    for y, s in enumerate(selection.scores):
-        ax.text(s.accuracy, y, f" {s.accuracy:.3f}", va="center", fontsize=8)
-    ax.set_xlim(0, 1.1)
-    ax.invert_yaxis()
-    ax.set_xlabel(f"out-of-fold accuracy of a linear probe ({selection.folds} folds, {selection.images} training images)")
-    ax.set_title(describe(selection), fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, chart_path)
+    chosen = next(i for i, s in enumerate(selection.scores) if s.candidate == selection.chosen)
+    candidate_chart([s.candidate.arch for s in selection.scores], [s.accuracy for s in selection.scores], chosen,
+                    f"out-of-fold accuracy of a linear probe ({selection.folds} folds, {selection.images} training "
+                    "images)", describe(selection), chart_path, row_height=0.6)

@@ -53,6 +53,23 @@ def write_reports(out: RunFolder, epochs: list[dict], examples_per_sec: float, d
     return metrics
 
 
+def candidate_chart(names: list[str], accuracies: list[float], chosen: int, xlabel: str, title: str, path: Path,
+                    row_height: float) -> None:
+    """A bar per candidate of a choice (backbones, strategies), its accuracy written on it, the chosen one orange."""
+    from fastft.atomic import subplots
+
+    fig, ax = subplots(figsize=(6.4, row_height * len(names) + 1.4))
+    ax.barh(names, accuracies, color=["tab:orange" if i == chosen else "tab:blue" for i in range(len(names))])
+    for y, accuracy in enumerate(accuracies):
+        ax.text(accuracy, y, f" {accuracy:.3f}", va="center", fontsize=8)
+    ax.set_xlim(0, 1.1)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def epoch_axis(ax) -> None:
     """An x-axis of epochs: whole numbers only (matplotlib would otherwise tick 1.25, 1.5 ...)."""
     from matplotlib.ticker import MaxNLocator

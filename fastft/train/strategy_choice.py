@@ -149,7 +149,8 @@ def candidate(weight: str) -> str:
 def report(choice: StrategyChoice, wise: dict, folder) -> dict:
     """Print the candidates' table, write strategy.csv and strategy.png (and the trial's selection.csv/png) in the
     run folder; returns metrics.json's `strategy_choice`. `wise`: the run's own WiSE-FT record (rank 0)."""
-    from fastft.atomic import replacing, save_figure, subplots
+    from fastft.atomic import replacing
+    from fastft.train.report import candidate_chart
 
     if choice.scores:  # a trial chose
         scores, images, weight = choice.scores, choice.images, choice.trial["weight"]
@@ -169,16 +170,8 @@ def report(choice: StrategyChoice, wise: dict, folder) -> dict:
         writer.writerow(["candidate", "wise_weight", "held_out_accuracy", "held_out_loss", "chosen"])
         writer.writerows([candidate(w), w, f"{a:.4f}", f"{loss:.4f}", str(w == chosen).lower()]
                          for w, (a, loss) in scores.items())
-    fig, ax = subplots(figsize=(6.4, 0.35 * len(scores) + 1.4))
-    names = [candidate(w) for w in scores]
-    ax.barh(names, [a for a, _ in scores.values()], color=["tab:orange" if w == chosen else "tab:blue" for w in scores])
-    for y, (a, _) in enumerate(scores.values()):
-        ax.text(a, y, f" {a:.3f}", va="center", fontsize=8)
-    ax.set_xlim(0, 1.1)
-    ax.invert_yaxis()
-    ax.set_xlabel(f"accuracy on {images} held-out training images")
-    ax.set_title(f"--strategy auto: {describe(weight)}", fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, folder.strategy_chart)
+    candidate_chart([candidate(w) for w in scores], [a for a, _ in scores.values()], list(scores).index(chosen),
+                    f"accuracy on {images} held-out training images", f"--strategy auto: {describe(weight)}",
+                    folder.strategy_chart, row_height=0.35)
     return {"chosen": describe(weight), "weight": float(weight), "chosen_on": choice.chosen_on, "held_out_images": images,
             **({"trial": choice.trial} if choice.trial else {})}
