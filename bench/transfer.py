@@ -108,7 +108,9 @@ def run_fastft(data: Path, strategy: str | None, seed: int, args, out: Path) -> 
     for model_file in ("model.pkl", "model.safetensors"):  # hundreds of runs: keep the figures, not the weights
         (out / model_file).unlink(missing_ok=True)
     choice = metrics.get("strategy_choice")  # --strategy auto: what it chose, and each epoch's test accuracy
+    chosen_arch = load_recipe(str(out / "recipe.toml")).arch  # --arch a,b,c: the backbone the run chose
     return {"test_acc": metrics["final"]["test_acc"], "strategy": recipe.strategy,
+            **({"arch": chosen_arch} if "," in args.arch else {}),
             **({"chose": choice["chosen"], "weight": choice["weight"], "held_out": choice["held_out_images"],
                 "epoch_test_acc": [round(e["test_acc"], 4) for e in metrics["epochs"]]} if choice else {}),
             **({"test_acc_tta": metrics["final"]["test_acc_tta"]} if "test_acc_tta" in metrics["final"] else {})}

@@ -63,8 +63,9 @@ class CommonRecipe:
                                   "it), or the recipe's shortlist (--arch auto; offline, the architectures of a "
                                   "--weights folder of ARCH.*.safetensors), by the cross-validated accuracy of a linear "
                                   "probe on each one's frozen features; the best trains. The test split is not read.")
-    budget: str = setting("", "Time for choosing the backbone (--arch a,b,c / auto): 90s, 10m, 1h. A candidate that "
-                              "would likely overrun it is not scored, and the best so far trains. Empty: no limit.")
+    budget: str = setting("", "Time for choosing the backbone (--arch a,b,c / auto) and the strategy (--strategy "
+                              "auto's trial run): 90s, 10m, 1h. A backbone that would likely overrun it is not scored, "
+                              "a trial epoch not trained, and the best so far trains. Empty: no limit.")
     shortlist: str = setting("", "the backbones --arch auto tries, comma-separated", flag=None)
     pretrained: bool = setting(True, "Start from ImageNet weights (the hub's, or --weights), or from random init.")
     weights: str = setting("", "Start from local weights instead of the hub's: a timm state dict (.safetensors or .pth), "

@@ -129,7 +129,7 @@ def test_the_budget_stops_the_search_and_keeps_the_best_so_far(weights_folder, t
 
 @pytest.mark.parametrize("options, message", [
     (["--budget", "ten minutes", "--arch", "resnet18,mobilenetv3_small_050"], "--budget 'ten minutes' is not a time"),
-    (["--budget", "10m"], "this run chooses none"),
+    (["--budget", "10m", "--strategy", "lp-ft"], "and this run chooses neither"),
 ])
 def test_bad_budgets_are_one_line_errors(options, message, tmp_path):
     data = make_split_dataset(tmp_path / "colours", per_class=4)

@@ -3,6 +3,8 @@ mix of the two, scored on training images a trial run held out)."""
 import csv
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ def strategy_rows(run: Path) -> list[dict]:
 def test_auto_chooses_backbone_and_strategy_on_the_training_images_and_names_them(weights_folder, tmp_path):
     data = make_split_dataset(tmp_path / "colours", classes=("blue", "red", "green"), per_class=10)
     args = ["train", data, "--arch", ",".join(ARCHS), "--weights", weights_folder, *SMALL, "--epochs", "2",
-            "--strategy", "auto", "--seed", "4"]
+            "--strategy", "auto", "--seed", "4", "--budget", "1h"]  # a budget no candidate overruns changes nothing
     first = invoke(*args, "--out", tmp_path / "first")
     assert first.exit_code == 0, first.output
     assert "choosing the strategy: a trial run of lp-ft" in first.stdout
@@ -48,6 +50,29 @@ def test_auto_chooses_backbone_and_strategy_on_the_training_images_and_names_the
     assert "choosing the strategy" not in rerun.stdout and "choosing the backbone" not in rerun.stdout
     predicted = invoke("predict", tmp_path / "first", data / "test" / "red", "--json")  # the chosen model deploys
     assert predicted.exit_code == 0, predicted.output
+
+
+def test_the_budget_stops_the_trial_and_the_best_so_far_trains(tmp_path):
+    """--budget bounds the whole choice: out of time, the trial trains no further epoch, and the candidates are
+    scored on the weights it has. Here it is spent before the trial starts: only the probe epoch (the cheapest
+    signal) runs, fine-tuning has nothing to beat it with, and the probe trains."""
+    data = make_split_dataset(tmp_path / "colours", per_class=10)
+    spent = invoke("train", data, *TINY, "--epochs", "3", "--strategy", "auto", "--budget", "0.001s",
+                   "--out", tmp_path / "spent")
+    assert spent.exit_code == 0, spent.output
+    assert "--budget 0.001s bounds it" in spent.stdout  # the trial's plan line
+    assert "--budget 0.001s: the next epoch would likely end past it; the trial stops after epoch 1 of 3" in spent.stdout
+    choice = json.loads((tmp_path / "spent" / "metrics.json").read_text())["strategy_choice"]
+    assert len(choice["trial"]["epochs"]) == 1 and choice["weight"] == 0.0
+    recipe = (tmp_path / "spent" / "recipe.toml").read_text()
+    assert 'strategy = "probe"' in recipe and 'budget = ""' in recipe  # the choice is made: nothing left to bound
+    rerun = invoke("run", tmp_path / "spent" / "recipe.toml", "--out", tmp_path / "rerun")
+    assert rerun.exit_code == 0 and "choosing the strategy" not in rerun.stdout, rerun.output
+    roomy = invoke("train", data, *TINY, "--epochs", "3", "--strategy", "auto", "--budget", "1h",
+                   "--out", tmp_path / "roomy")
+    assert roomy.exit_code == 0, roomy.output
+    assert "the trial stops" not in roomy.stdout
+    assert len(json.loads((tmp_path / "roomy" / "metrics.json").read_text())["strategy_choice"]["trial"]["epochs"]) == 3
 
 
 def test_the_trial_never_opens_a_test_image(tmp_path):
@@ -86,10 +111,15 @@ def test_a_validation_split_chooses_without_a_trial_and_wise_with_auto_is_an_err
     recipe = (tmp_path / "run" / "recipe.toml").read_text()
     assert 'strategy = "lp-ft"' in recipe and 'wise = "auto"' in recipe  # the same choice, made again, on rerun
     few = make_split_dataset(tmp_path / "few", classes=("blue", "red", "green"), per_class=2)
-    result = invoke("train", few, *TINY, "--epochs", "2", "--strategy", "auto", "--out", tmp_path / "few-run")
-    assert result.exit_code == 0, result.output  # nothing to hold out: the probe, said so
+    result = invoke("train", few, *TINY, "--epochs", "2", "--strategy", "auto", "--budget", "10m",
+                    "--out", tmp_path / "few-run")
+    assert result.exit_code == 0, result.output  # nothing to hold out: the probe, said so (and no trial to bound)
     assert "too few to score the strategies on" in result.stderr and "choosing the strategy" not in result.stdout
     assert 'strategy = "probe"' in (tmp_path / "few-run" / "recipe.toml").read_text()
+    unbounded = invoke("train", data, *TINY, "--strategy", "auto", "--holdout", "0.3", "--budget", "10m",
+                       "--out", tmp_path / "unbounded")
+    assert unbounded.exit_code == 2 and "--budget 10m bounds a trial run" in unbounded.output
+    assert not (tmp_path / "unbounded").exists()
     refused = invoke("train", data, *TINY, "--strategy", "auto", "--wise", "0.5", "--out", tmp_path / "refused")
     assert refused.exit_code == 2 and "--strategy auto chooses the WiSE-FT weight itself" in refused.output
     assert not (tmp_path / "refused").exists()
@@ -124,3 +154,31 @@ def test_ctrl_c_in_the_trial_leaves_no_trial_folder_and_offers_no_resume_of_it(t
     with pytest.raises(Interrupted, match="while choosing the strategy") as stopped:
         strategy_choice.choose(recipe, trial_stopped_by_ctrl_c, torch.device("cpu"))
     assert "fastft resume" not in str(stopped.value) and not folders[0].parent.exists()
+
+
+def test_a_killed_trials_folder_is_removed_by_the_next_trial_and_no_running_ones(tmp_path):
+    """kill -9 skips the trial's `finally`: its folder (a checkpoint in it) is left in the temporary folder. The
+    next trial removes it, and never a trial's whose process still runs, or one made on another machine."""
+    import socket
+
+    from fastft.train.strategy_choice import TRIAL_PREFIX
+
+    make_one = ("import pathlib, sys, tempfile, time; tempfile.tempdir = sys.argv[1]; "
+                "from fastft.train.strategy_choice import new_trial_folder; folder = pathlib.Path(new_trial_folder()); "
+                "(folder / 'checkpoint.pt').write_bytes(b'weights'); print(folder, flush=True); time.sleep(600)")
+    killed, running = (subprocess.Popen([sys.executable, "-c", make_one, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+                       for _ in range(2))
+    try:
+        killed_folder, running_folder = (Path(p.stdout.readline().strip()) for p in (killed, running))
+        killed.kill()
+        killed.wait()
+        another_machine = tmp_path / f"{TRIAL_PREFIX}{killed.pid}@not-{socket.gethostname()}@x1"
+        another_machine.mkdir()
+        subprocess.run([sys.executable, "-c", make_one.replace("time.sleep(600)", "pass"), str(tmp_path)], check=True,
+                       stdout=subprocess.DEVNULL)
+        assert not killed_folder.exists()
+        assert running_folder.exists() and another_machine.exists()
+        assert len(list(tmp_path.glob(f"{TRIAL_PREFIX}*"))) == 3  # and the new trial's own
+    finally:
+        running.kill()
+        running.wait()

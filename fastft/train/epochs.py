@@ -70,12 +70,15 @@ class EpochLog(Callback):
         self.averaging = averaging  # --ema: ema.AveragedWeights, whose average each epoch measures and keeps
         self.out, self.device, self.dist, self.total_epochs = context.folder, str(context.device), context.dist, recipe.epochs
         self.keep, self.monitor, self.patience = context.resolved.keep, recipe.monitor, recipe.patience
+        self.deadline, self.budget = context.deadline, recipe.budget
         self.lr = context.resolved.lr
         self.multi_label, self.recipe_toml, self.progress = context.multi_label, context.saved_recipe().to_toml(), progress
         self.epochs, self.train_examples, self.train_seconds, self.train_batches = [], 0, 0.0, 0
         self.snapshot, self.best, self.running, self.stopped = None, None, False, ""
         # --wise: the weights the probe epoch ended with, which the fine-tuned ones are averaged with at the end
         self.keeps_probe, self.probe_weights = recipe.wise != "off", None
+        # --strategy auto's trial: its validation split is its test split (one fold of held-out training images)
+        self.validation_is_test = context.trial
         self.saver = checkpoint.BackgroundSaver()
 
     # ---- figures -------------------------------------------------------------------------------------------
@@ -103,8 +106,10 @@ class EpochLog(Callback):
         sums[1] += loss * n
         sums[2] += correct(self.pred, self.yb[0], self.multi_label)
 
-    def validation_figures(self) -> dict:
-        """valid_loss and valid_acc on the validation split, when there is one."""
+    def validation_figures(self, test: dict) -> dict:
+        """valid_loss and valid_acc on the validation split, when there is one (`test`: the test split's)."""
+        if self.validation_is_test:  # the same images through the same transform: measured once
+            return {"valid_loss": test["test_loss"], "valid_acc": test["test_acc"]}
         if (validation := validation_loader(self.dls)) is None:
             return {}
         sums = loss_and_correct(self.learn, validation, self.multi_label)
@@ -124,8 +129,8 @@ class EpochLog(Callback):
         self.train_seconds += self.epoch_train_seconds
         entry = {"epoch": len(self.epochs) + 1,
                  "train_loss": train_loss / max(n_train, 1), "train_acc": train_correct / max(n_train, 1),
-                 "test_loss": test_loss / max(n_test, 1), "test_acc": test_correct / max(n_test, 1),
-                 **self.validation_figures()}
+                 "test_loss": test_loss / max(n_test, 1), "test_acc": test_correct / max(n_test, 1)}
+        entry |= self.validation_figures(entry)
         entry["seconds"] = time.perf_counter() - self.started
         self.epochs.append(entry)
         self.snapshot = _copy(self.learn.model)
@@ -166,15 +171,28 @@ class EpochLog(Callback):
         return self.best["weights"] if self.keep == "best" else self.snapshot
 
     def should_stop(self) -> bool:
-        if not self.patience or len(self.epochs) - self.best["epoch"] < self.patience or len(self.epochs) >= self.total_epochs:
+        done = len(self.epochs)
+        if done >= self.total_epochs:
             return False
-        self.stopped = (f"stopping early: {self.monitor} has not improved for {self.patience} epoch(s) (best "
-                        f"{self.best['value']:.4f} at epoch {self.best['epoch']}); skipping epochs "
-                        f"{len(self.epochs) + 1}-{self.total_epochs}")
+        if self.deadline is not None and self.dist.from_main(self.out_of_time):  # every rank stops together
+            self.stopped = (f"--budget {self.budget}: the next epoch would likely end past it; the trial stops after "
+                            f"epoch {done} of {self.total_epochs}, and the candidates are scored on its weights so far")
+        elif self.patience and done - self.best["epoch"] >= self.patience:
+            self.stopped = (f"stopping early: {self.monitor} has not improved for {self.patience} epoch(s) (best "
+                            f"{self.best['value']:.4f} at epoch {self.best['epoch']}); skipping epochs "
+                            f"{done + 1}-{self.total_epochs}")
+        else:
+            return False
         self.progress.stop = True
         if self.dist.is_main:
             print(self.stopped, flush=True)
         return True
+
+    def out_of_time(self) -> bool:
+        """Whether the next epoch would likely end past the deadline (--budget, in a strategy trial)."""
+        last = self.epochs[-1]["seconds"]
+        # a probe epoch passes forward over the images once; a fine-tuning epoch also backward: about 3x as long
+        return time.perf_counter() + (3 * last if self.progress.probe else last) > self.deadline
 
     # ---- checkpoint ---------------------------------------------------------------------------------------
     def state(self) -> dict:

@@ -7,6 +7,7 @@ writes the final report (`final_report`), and saves the model (`save_model`).
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -56,6 +57,9 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, trial: bool
     stopped run's own folder; `trial`: --strategy auto's trial run (fastft/train/strategy_choice.py)."""
     device = resolve_device(recipe.device)
     precision = resolve_precision(recipe.precision, device)
+    # --budget bounds the whole choice: in a trial, the backbone's (below) and then the trial's epochs
+    budget = backbone_choice.budget_seconds(recipe.budget)
+    deadline = time.perf_counter() + budget if trial and budget is not None else None
     found = []  # the backbones to choose among, when the run chooses
     if backbone_choice.selecting(recipe):
         if STRATEGIES[recipe.strategy].random_init:
@@ -68,9 +72,9 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, trial: bool
         backbone_choice.check_candidates(recipe, found)
     else:
         check_arch(recipe.arch)
-        if recipe.budget:
-            raise UsageError("--budget bounds choosing a backbone, and this run chooses none; give --arch a,b,c (or "
-                             "auto), or drop --budget")
+        if recipe.budget and not trial:
+            raise UsageError("--budget bounds choosing: a backbone (--arch a,b,c or auto) and the strategy (--strategy "
+                             "auto's trial run), and this run chooses neither; give one of them, or drop --budget")
     if not resuming:
         check_new_out(out)
     plan = parse_aug(recipe.aug)
@@ -146,7 +150,7 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, trial: bool
                          has_validation=has_validation, holdout=split.holdout, head=head, starting_weights=loaded,
                          mean=mean, std=std, skipped=tuple(split.skipped),
                          excluded=tuple(label_check.suspects[:recipe.exclude_suspects]) if label_check else (),
-                         trial=trial)
+                         trial=trial, deadline=deadline)
     return Prepared(context, learn)
 
 
@@ -166,7 +170,7 @@ def choose_on_training_images(split, recipe: Recipe, found: list, start, device,
     if found:
         selection = dist.from_main(lambda: backbone_choice.choose(split, recipe, found, device))
         # recipe.toml names the backbone chosen: `fastft run` on it trains that one (selection.csv keeps the rest)
-        recipe = recipe.replace(arch=selection.chosen.arch, weights=selection.chosen.weights, select=False)
+        recipe = recipe.replace(arch=selection.chosen.arch, weights=selection.chosen.weights, select=False, budget="")
         start = starting_weights(recipe)
         label_check = dist.from_main(lambda: free_label_check(split, selection))
         if dist.is_main:

@@ -20,6 +20,7 @@ is chosen by the trial, on its training images, and selection.csv comes with it.
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import sys
 import tempfile
@@ -78,24 +79,31 @@ def too_few_to_hold_out(recipe: Recipe) -> str:
 def choose(recipe: Recipe, run_training, device) -> StrategyChoice:
     """The recipe with `--strategy auto` resolved. `run_training(recipe, out)` trains the trial run (train() itself:
     a run like any other, in a folder of its own, distributed when the run is)."""
+    from fastft.errors import UsageError
+    from fastft.train.backbone_choice import selecting
     from fastft.train.distributed import Distributed
 
     check(recipe)
     lp_ft = recipe.replace(strategy="lp-ft", wise="auto")
     if recipe.data and has_validation_split(recipe):
+        if recipe.budget and not selecting(recipe):
+            raise UsageError(f"--budget {recipe.budget} bounds a trial run, and this data's validation split chooses the "
+                             "strategy without one; drop --budget")
         return StrategyChoice(lp_ft, {}, 0, "the run's validation split", {}, {})
     if recipe.data and (too_few := too_few_to_hold_out(recipe)):
         print(f"note: --strategy auto: {too_few}; the probe trains (fine-tuning is chosen only where it beats the "
               "probe on held-out images)", file=sys.stderr)
-        return StrategyChoice(recipe.replace(strategy="probe", epochs=1, ema=0.0), {}, 0, too_few, {}, {})
+        probe = recipe.replace(strategy="probe", epochs=1, ema=0.0, budget=recipe.budget if selecting(recipe) else "")
+        return StrategyChoice(probe, {}, 0, too_few, {}, {})
     dist = Distributed(device)
-    folder = Path(dist.from_main(lambda: tempfile.mkdtemp(prefix="fastft-strategy-trial-"))) / "trial"
+    folder = Path(dist.from_main(new_trial_folder)) / "trial"
     if dist.is_main:
         from fastft.data.folders import TRIAL_SHARE
 
         print(f"choosing the strategy: a trial run of lp-ft on the training images less {TRIAL_SHARE:.0%} of each "
               f"class, which then score the probe, lp-ft and WiSE-FT's mixes of the two (about {1 - TRIAL_SHARE:.1f} "
-              "of this run's training; the test split is not read)", flush=True)
+              f"of this run's training; the test split is not read{'; --budget ' + recipe.budget + ' bounds it' if recipe.budget else ''})",
+              flush=True)
     from fastft.train.run import Interrupted
 
     try:
@@ -110,6 +118,26 @@ def choose(recipe: Recipe, run_training, device) -> StrategyChoice:
     return decided
 
 
+TRIAL_PREFIX = "fastft-strategy-trial-"
+
+
+def new_trial_folder() -> str:
+    """A folder in the system's temporary folder for a trial, named after this process and machine. The folders of
+    trials whose process is gone are removed first: a killed run (kill -9, a lost machine) never reached its
+    `finally`, and each left a checkpoint behind (the size of the network three times over). The machine's name
+    keeps a container that shares /tmp from taking another's running trial for a dead one."""
+    import socket
+
+    import psutil
+
+    host = socket.gethostname()
+    for stale in Path(tempfile.gettempdir()).glob(f"{TRIAL_PREFIX}*"):
+        pid, _, rest = stale.name.removeprefix(TRIAL_PREFIX).partition("@")
+        if pid.isdigit() and rest.startswith(f"{host}@") and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)  # another user's is not ours: rmtree fails there, harmlessly
+    return tempfile.mkdtemp(prefix=f"{TRIAL_PREFIX}{os.getpid()}@{host}@")
+
+
 def decision(recipe: Recipe, folder: Path, results: dict) -> StrategyChoice:
     """The trial's verdict, from its metrics (rank 0)."""
     from fastft.recipe import load_recipe
@@ -117,7 +145,7 @@ def decision(recipe: Recipe, folder: Path, results: dict) -> StrategyChoice:
     wise = results["wise"]
     scores, images, weight = held_out_scores(wise), wise["valid_images"], wise["weight"]
     trial_recipe = load_recipe(str(folder / "recipe.toml"))
-    chosen = recipe.replace(arch=trial_recipe.arch, weights=trial_recipe.weights, select=False,
+    chosen = recipe.replace(arch=trial_recipe.arch, weights=trial_recipe.weights, select=False, budget="",
                             **({"strategy": "probe", "epochs": 1, "ema": 0.0} if weight == 0 else {"strategy": "lp-ft", "wise": weight}))
     if weight == 0 and recipe.ema:
         print("note: the probe was chosen, which has no training steps to average; --ema is dropped", file=sys.stderr)
