@@ -433,8 +433,9 @@ def serve(
 @user_errors
 def evaluate(
     model: Path = typer.Argument(..., metavar="MODEL", help="A run folder, model.json, model.onnx, or model.pkl."),
-    data: Path = typer.Argument(..., metavar="DATA", help="A folder of class folders, or one with test/ (or valid/), or a labels CSV. "
-                                          "The run's own unsplit data scores only the images the run held out."),
+    data: Optional[Path] = typer.Argument(None, metavar="[DATA]", help="A folder of class folders, or one with test/ (or valid/), or a labels CSV. "
+                                          "The run's own unsplit data scores only the images the run held out. "
+                                          "Default: the run's own data (its recipe.toml's), so its test split."),
     out: Optional[str] = typer.Option(None, "--out", help="Report folder. Default: a new eval-<data> folder beside the model."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     bs: int = typer.Option(64, "--bs", min=1),

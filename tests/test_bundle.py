@@ -121,6 +121,13 @@ def test_evaluate_writes_report_and_pictures_and_never_overwrites(trained_run, d
         assert (folder / name).is_file()
     again = invoke("evaluate", run, dataset)
     assert again.exit_code == 0 and (run / f"eval-{dataset.name}-2" / "confusion.png").is_file()
+    bare = tmp_path / "bare"  # a bundle moved on its own: no recipe.toml to name its data
+    bare.mkdir()
+    for name in ("model.json", "model.safetensors"):
+        shutil.copy(run / name, bare / name)
+    lost = invoke("evaluate", bare)
+    assert lost.exit_code == 2 and "no recipe.toml naming the data it was trained on" in lost.output, lost.output
+    assert "give DATA" in lost.output and not (bare / "eval-bare").exists()
 
 
 def test_broken_models_are_clean_errors(trained_run, tmp_path):

@@ -53,6 +53,9 @@ def test_evaluate_on_the_runs_own_folder_scores_only_the_held_out_images(photo_r
     metrics = json.loads((run / "metrics.json").read_text())
     assert report["images"] == 4 and "held out" in report["scored"]
     assert report["accuracy"] == pytest.approx(metrics["final"]["test_acc"])
+    # without DATA: the data its recipe.toml names, so the same held-out images
+    implied = json.loads(invoke("evaluate", run, "--json", "--out", tmp_path / "implied").stdout)
+    assert (implied["images"], implied["scored"], implied["accuracy"]) == (4, report["scored"], report["accuracy"])
     other = make_class_folders(tmp_path / "other", per_class=3, seed=7)
     shown = invoke("evaluate", run, other, "--out", tmp_path / "other-eval")
     assert shown.exit_code == 0, shown.output

@@ -1,4 +1,4 @@
-"""`fastft evaluate MODEL DATA_DIR`: accuracy, per-class precision and recall, confusion matrix and top losses."""
+"""`fastft evaluate MODEL [DATA]`: accuracy, per-class precision and recall, confusion matrix and top losses."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,6 +20,14 @@ def run_recipe(model_path: Path):
         return read_recipe_file(saved) if saved.is_file() else None
     except UsageError:
         return None  # an older or edited recipe: evaluate the folder as given
+
+
+def own_data(model_path: Path, recipe) -> Path:
+    """The data the run named in its recipe.toml (its labels CSV, or its folder), for an evaluation given no DATA."""
+    if recipe is None or not recipe.data:
+        raise UsageError(f"{model_path} has no recipe.toml naming the data it was trained on (a model file moved on "
+                         "its own?); give DATA: a folder of class folders, one with test/, or a labels CSV")
+    return Path(recipe.labels or recipe.data)
 
 
 def labelled_images(data: Path, recipe=None) -> tuple[list[tuple[Path, str]], str, str]:
@@ -71,15 +79,18 @@ def evaluation_folder(model_path: Path, data: Path, out: str | None) -> Path:
     return numbered(run_folder_of(model_path).path / f"eval-{data.resolve().stem}")
 
 
-def evaluate(model_path: Path, data: Path, out: str | None = None, bs: int = 64, tta: bool | None = None,
+def evaluate(model_path: Path, data: Path | None, out: str | None = None, bs: int = 64, tta: bool | None = None,
              trust_pickle: bool = False) -> dict:
     """Score a model on labelled images: deploy/scores.py's figures, confusion.png (single-label),
-    top_losses.png and evaluation.json in a new folder."""
+    top_losses.png and evaluation.json in a new folder. `data` None: the run's own test split."""
     from fastft.deploy import scores
     from fastft.deploy.bundle import load
 
     model = load(model_path, trust_pickle=trust_pickle)
-    pairs, scored, delimiter = labelled_images(data, run_recipe(model_path))
+    recipe = run_recipe(model_path)
+    if data is None:
+        data = own_data(model_path, recipe)
+    pairs, scored, delimiter = labelled_images(data, recipe)
     labels_of = (lambda key: key.split(delimiter)) if delimiter else (lambda key: [key])
     if unknown := sorted({label for _, key in pairs for label in labels_of(key)} - set(model.classes)):
         raise UsageError(f"{data} has labels the model does not know: {', '.join(unknown)} "

@@ -108,7 +108,7 @@ class EpochLog(Callback):
 
     def validation_figures(self, test: dict) -> dict:
         """valid_loss and valid_acc on the validation split, when there is one (`test`: the test split's)."""
-        if self.validation_is_test:  # the same images through the same transform: measured once
+        if self.validation_is_test:  # the same images, the same transform: measured once (in the run's number format)
             return {"valid_loss": test["test_loss"], "valid_acc": test["test_acc"]}
         if (validation := validation_loader(self.dls)) is None:
             return {}
