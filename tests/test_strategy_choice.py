@@ -133,6 +133,12 @@ def test_auto_on_two_processes(tmp_path):
     assert two.stdout.count("strategy chosen on") == 1 and two.stdout.count("choosing the strategy") == 1
     assert len(strategy_rows(tmp_path / "two")) == 11
     assert 'strategy = "auto"' not in (tmp_path / "two" / "recipe.toml").read_text()
+    # --budget spent: both processes stop the trial after the same epoch (rank 0 decides), then train the probe
+    spent = torchrun("-m", "fastft", "train", data, *TINY, "--epochs", "2", "--strategy", "auto", "--budget", "0.001s",
+                     "--out", tmp_path / "spent", cwd=tmp_path)
+    assert spent.returncode == 0, spent.stderr[-3000:]
+    assert spent.stdout.count("the trial stops after epoch 1 of 2") == 1
+    assert 'strategy = "probe"' in (tmp_path / "spent" / "recipe.toml").read_text()
 
 
 def test_ctrl_c_in_the_trial_leaves_no_trial_folder_and_offers_no_resume_of_it(tmp_path):

@@ -12,7 +12,8 @@ validation split come from?
 - It has none (the usual folder of photos): a *trial* run first. lp-ft trains on the training images less one fold
   of five (TRIAL_SHARE, stratified and seeded), the fold is its validation split, and the test split is never read.
   The run proper then trains the choice on every training image: `--strategy probe` when the probe won (seconds),
-  else `--strategy lp-ft --wise W`. The trial costs about 0.8 of a run's training.
+  else `--strategy lp-ft --wise W`. The trial costs about 0.8 of a run's training. `--budget` bounds it: out of
+  time, it trains no further epoch (EpochLog.should_stop) and the candidates are scored on the weights it has.
 recipe.toml names what was chosen (`fastft run` reproduces the run without the trial), strategy.csv and strategy.png
 keep every candidate's figures, and metrics.json's `strategy_choice` the trial's. A backbone chosen too (--arch a,b,c)
 is chosen by the trial, on its training images, and selection.csv comes with it.
@@ -100,10 +101,10 @@ def choose(recipe: Recipe, run_training, device) -> StrategyChoice:
     if dist.is_main:
         from fastft.data.folders import TRIAL_SHARE
 
+        bounded = f"; --budget {recipe.budget} bounds it" if recipe.budget else ""
         print(f"choosing the strategy: a trial run of lp-ft on the training images less {TRIAL_SHARE:.0%} of each "
               f"class, which then score the probe, lp-ft and WiSE-FT's mixes of the two (about {1 - TRIAL_SHARE:.1f} "
-              f"of this run's training; the test split is not read{'; --budget ' + recipe.budget + ' bounds it' if recipe.budget else ''})",
-              flush=True)
+              f"of this run's training; the test split is not read{bounded})", flush=True)
     from fastft.train.run import Interrupted
 
     try:
