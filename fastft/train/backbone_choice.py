@@ -101,7 +101,6 @@ def check_candidates(recipe, found: list[Candidate]) -> None:
     """Every candidate's weights exist (or the hub has them), before any data is read."""
     from fastft.train.model import hub_weights_problem, starting_weights
 
-    budget_seconds(recipe.budget)  # a malformed budget fails before any work
     if len(found) < 2:
         raise UsageError(f"choosing a backbone needs at least two candidates, and there is {len(found)} "
                          f"({', '.join(c.arch for c in found) or 'none'}); list them with --arch a,b,c")

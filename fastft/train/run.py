@@ -57,7 +57,8 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, trial: bool
     stopped run's own folder; `trial`: --strategy auto's trial run (fastft/train/strategy_choice.py)."""
     device = resolve_device(recipe.device)
     precision = resolve_precision(recipe.precision, device)
-    # --budget bounds the whole choice: in a trial, the backbone's (below) and then the trial's epochs
+    # --budget bounds the whole choice: in a trial, the backbone's (below) and then the trial's epochs. Parsed
+    # first, so that a malformed one fails before any work
     budget = backbone_choice.budget_seconds(recipe.budget)
     deadline = time.perf_counter() + budget if trial and budget is not None else None
     found = []  # the backbones to choose among, when the run chooses
