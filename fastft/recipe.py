@@ -65,7 +65,8 @@ class CommonRecipe:
                                   "probe on each one's frozen features; the best trains. The test split is not read.")
     budget: str = setting("", "Time for choosing the backbone (--arch a,b,c / auto) and the strategy (--strategy "
                               "auto's trial run): 90s, 10m, 1h. A backbone that would likely overrun it is not scored, "
-                              "a trial epoch not trained, and the best so far trains. Empty: no limit.")
+                              "a trial epoch not trained, and the best so far trains; one too small for even the first probe is an "
+                              "error naming the least. Empty: no limit.")
     shortlist: str = setting("", "the backbones --arch auto tries, comma-separated", flag=None)
     pretrained: bool = setting(True, "Start from ImageNet weights (the hub's, or --weights), or from random init.")
     weights: str = setting("", "Start from local weights instead of the hub's: a timm state dict (.safetensors or .pth), "

@@ -102,20 +102,26 @@ def test_the_budget_stops_the_search_and_keeps_the_best_so_far(weights_folder, t
     from fastft.data.augment import parse_aug
     from fastft.data.loaders import load_split
     from fastft.recipe import load_recipe
+    from fastft.errors import UsageError
     from fastft.train import backbone_choice
+    from fastft.train.budget import Budget
     from fastft.train.run import RunFolder
 
     data = make_split_dataset(tmp_path / "colours", per_class=8)
     recipe = load_recipe("train").replace(data=str(data), arch=",".join(ARCHS), weights=str(weights_folder), size=32)
     split = load_split(data, recipe, parse_aug(recipe.aug))
     found = backbone_choice.candidates(recipe)
-    with pytest.raises(Exception, match=r"too small to score even one backbone: resnet18 .* give at least 1m"):
-        backbone_choice.choose(split, recipe.replace(budget="5s"), found, torch.device("cpu"), clock=TenSecondClock())
-    backbone_choice.choose(split, recipe, found, torch.device("cpu"))  # both backbones' features now cached
+    cpu = torch.device("cpu")
+    clock = TenSecondClock()
+    with pytest.raises(UsageError, match=r"--budget 5s is too small for even one backbone \(resnet18's pass over the "
+                                         r"\d+ training images\): about \d+ s here; give at least \d+[sm] "):
+        backbone_choice.choose(split, recipe, found, cpu, Budget.start("5s", clock), clock)
+    backbone_choice.choose(split, recipe, found, cpu)  # both backbones' features now cached
     assert "s a backbone here (resnet18's pass timed on one batch" in capsys.readouterr().out  # the estimate, upfront
-    # read at the start (10), candidate 1 from 20 to 30; at 40, 30 s spent + 30 s a candidate > 35 s: stop
-    short = backbone_choice.choose(split, recipe.replace(budget="35s"), found, torch.device("cpu"),
-                                   clock=TenSecondClock())
+    # the budget starts at 10 (deadline 45), the choice at 20, candidate 1 from 30 to 40; at 50, 30 s a candidate
+    # from the next reading (60) would end past 45: stop
+    clock = TenSecondClock()
+    short = backbone_choice.choose(split, recipe, found, cpu, Budget.start("35s", clock), clock)
     assert [s.candidate.arch for s in short.scores] == ["resnet18"] and short.chosen.arch == "resnet18"
     assert [c.arch for c in short.dropped] == ["mobilenetv3_small_050"]
     folder = RunFolder(tmp_path / "run")
@@ -123,7 +129,8 @@ def test_the_budget_stops_the_search_and_keeps_the_best_so_far(weights_folder, t
     backbone_choice.write_report(short, folder.selection, folder.selection_chart)
     assert [(r["arch"], r["chosen"]) for r in selection_of(folder.path)] == [
         ("resnet18", "true"), ("mobilenetv3_small_050", "not scored: --budget")]  # the table lists every candidate
-    whole = backbone_choice.choose(split, recipe.replace(budget="2m"), found, torch.device("cpu"), clock=TenSecondClock())
+    clock = TenSecondClock()
+    whole = backbone_choice.choose(split, recipe, found, cpu, Budget.start("2m", clock), clock)
     assert len(whole.scores) == 2 and not whole.dropped
 
 

@@ -2,15 +2,17 @@
 mix of the two, scored on training images a trial run held out)."""
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 from conftest import TINY, files_opened, invoke, make_split_dataset
-from test_distributed import torchrun
+from test_distributed import HERE, torchrun
 from test_select import ARCHS, SMALL
 
 
@@ -52,10 +54,25 @@ def test_auto_chooses_backbone_and_strategy_on_the_training_images_and_names_the
     assert predicted.exit_code == 0, predicted.output
 
 
-def test_the_budget_stops_the_trial_and_the_best_so_far_trains(tmp_path):
+def test_a_budget_too_small_for_even_the_trials_probe_is_an_error_naming_the_least_that_would_do(tmp_path):
+    data = make_split_dataset(tmp_path / "colours", per_class=10)
+    result = invoke("train", data, *TINY, "--epochs", "3", "--strategy", "auto", "--budget", "0.001s",
+                    "--out", tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    assert re.search(r"--budget 0.001s is too small for even the trial's probe \(resnet18's pass over its \d+ "
+                     r"training images\): about \d+ s here; give at least \d+[sm] \(or drop --budget\)", result.output)
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+    assert not list(Path(tempfile.gettempdir()).glob(f"fastft-strategy-trial-{os.getpid()}@*"))  # nor the trial's
+
+
+def test_the_budget_stops_the_trial_and_the_best_so_far_trains(tmp_path, monkeypatch):
     """--budget bounds the whole choice: out of time, the trial trains no further epoch, and the candidates are
-    scored on the weights it has. Here it is spent before the trial starts: only the probe epoch (the cheapest
-    signal) runs, fine-tuning has nothing to beat it with, and the probe trains."""
+    scored on the weights it has. Here the budget has room for the probe's pass (this test's machine estimates it
+    at nothing) and is spent by the time the probe epoch ends: fine-tuning has nothing to beat it with, and the
+    probe trains."""
+    from fastft.train import run
+
+    monkeypatch.setattr(run, "pass_seconds", lambda learn, items: 0.0)
     data = make_split_dataset(tmp_path / "colours", per_class=10)
     spent = invoke("train", data, *TINY, "--epochs", "3", "--strategy", "auto", "--budget", "0.001s",
                    "--out", tmp_path / "spent")
@@ -68,6 +85,7 @@ def test_the_budget_stops_the_trial_and_the_best_so_far_trains(tmp_path):
     assert 'strategy = "probe"' in recipe and 'budget = ""' in recipe  # the choice is made: nothing left to bound
     rerun = invoke("run", tmp_path / "spent" / "recipe.toml", "--out", tmp_path / "rerun")
     assert rerun.exit_code == 0 and "choosing the strategy" not in rerun.stdout, rerun.output
+    monkeypatch.undo()  # the real estimate again: an hour has room for everything
     roomy = invoke("train", data, *TINY, "--epochs", "3", "--strategy", "auto", "--budget", "1h",
                    "--out", tmp_path / "roomy")
     assert roomy.exit_code == 0, roomy.output
@@ -133,9 +151,10 @@ def test_auto_on_two_processes(tmp_path):
     assert two.stdout.count("strategy chosen on") == 1 and two.stdout.count("choosing the strategy") == 1
     assert len(strategy_rows(tmp_path / "two")) == 11
     assert 'strategy = "auto"' not in (tmp_path / "two" / "recipe.toml").read_text()
-    # --budget spent: both processes stop the trial after the same epoch (rank 0 decides), then train the probe
-    spent = torchrun("-m", "fastft", "train", data, *TINY, "--epochs", "2", "--strategy", "auto", "--budget", "0.001s",
-                     "--out", tmp_path / "spent", cwd=tmp_path)
+    # --budget spent after the probe epoch: both processes stop the trial after the same epoch (rank 0 decides), then
+    # train the probe (the probe's pass estimated at nothing, as above, so that the budget has room for it)
+    spent = torchrun(HERE / "without_probe_cost.py", "train", data, *TINY, "--epochs", "2", "--strategy", "auto",
+                     "--budget", "0.001s", "--out", tmp_path / "spent", cwd=tmp_path)
     assert spent.returncode == 0, spent.stderr[-3000:]
     assert spent.stdout.count("the trial stops after epoch 1 of 2") == 1
     assert 'strategy = "probe"' in (tmp_path / "spent" / "recipe.toml").read_text()

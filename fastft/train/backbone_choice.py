@@ -7,15 +7,14 @@ pictures), the images are dealt into the same k stratified, seeded folds for eve
 k-1 folds predicts the k-th. The candidate with the best out-of-fold accuracy trains; candidates within
 TIE_IMAGES images of the best are a tie, settled by the lower out-of-fold log-loss. The test split is never read.
 
-`--budget 10m` bounds the choice: a candidate is not started when the time spent plus a candidate's average would
-pass it (the best so far trains), and a budget too small for even the first candidate's pass over the images is an
-error naming the least that would do. The strategy (probe, lp-ft, WiSE-FT) is chosen in fastft/train/strategy_choice.py.
+`--budget 10m` bounds the choice (fastft/train/budget.py): a candidate is not started when the time spent plus a
+candidate's average would pass the deadline (the best so far trains), and a budget too small for even the first
+candidate's pass over the images is an error naming the least that would do. The strategy (probe, lp-ft, WiSE-FT)
+is chosen in fastft/train/strategy_choice.py.
 """
 from __future__ import annotations
 
 import csv
-import math
-import re
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -23,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from fastft.errors import UsageError
+from fastft.train.budget import Budget
 
 TIE_IMAGES = 2  # out-of-fold accuracies this many images apart are a tie: a gap of one or two images is noise
 
@@ -112,27 +112,12 @@ def check_candidates(recipe, found: list[Candidate]) -> None:
                              "only backbones whose weights you have with --arch a,b")
 
 
-def budget_seconds(text: str) -> float | None:
-    """--budget as seconds: '90', '90s', '10m', '1.5h'; None for no budget."""
-    if not text:
-        return None
-    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
-    if not found or float(found[1]) <= 0:
-        raise UsageError(f"--budget '{text}' is not a time; give seconds, minutes or hours, e.g. 90s, 10m, 1h")
-    return float(found[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[found[2]]
-
-
 def first_pass_seconds(learn, items: list, recipe, clock=time.perf_counter) -> float:
-    """About how long one backbone's features of `items` take here: one batch timed (0 when they are cached)."""
+    """About how long one backbone's features of `items` take here (0 when they are cached)."""
+    from fastft.train.budget import pass_seconds
     from fastft.train.out_of_fold import features_cached
-    from fastft.train.probe import pooled_features
 
-    if features_cached(learn, items, recipe):
-        return 0.0
-    batch = items[: min(len(items), 16)]
-    started = clock()
-    pooled_features(learn, batch)
-    return (clock() - started) / len(batch) * len(items)
+    return 0.0 if features_cached(learn, items, recipe) else pass_seconds(learn, items, clock)
 
 
 def out_of_fold_scores(probabilities: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> tuple[float, float]:
@@ -148,9 +133,11 @@ def out_of_fold_scores(probabilities: torch.Tensor, labels: torch.Tensor, multi_
     return accuracy, nll
 
 
-def choose(split, recipe, found: list[Candidate], device, clock=time.perf_counter) -> Selection:
+def choose(split, recipe, found: list[Candidate], device, budget: Budget | None = None,
+           clock=time.perf_counter) -> Selection:
     """Score every candidate by k-fold probes on its frozen features of the training images; the best wins.
-    `clock`: seconds, for the budget and the figures (a test passes its own)."""
+    `budget`: the run's --budget, started when the run was prepared; `clock`: seconds, for the figures (a test
+    passes its own, the same as its budget's)."""
     from fastft.train.model import starting_weights
     from fastft.train.out_of_fold import frozen_learner, probabilities_of, training_folds
 
@@ -160,25 +147,23 @@ def choose(split, recipe, found: list[Candidate], device, clock=time.perf_counte
           f"one's frozen features of the {len(items)} training images, {k}-fold cross-validated (one pass of each "
           f"backbone over the images; a few seconds for a cached one)", flush=True)
     scores, probabilities, dropped = [], {}, []
-    budget, began = budget_seconds(recipe.budget), clock()
+    began = clock()
     for number, c in enumerate(found, start=1):
         started = clock()
         if budget is not None and scores:
-            spent = started - began
-            each = spent / len(scores)
-            if spent + each > budget:  # the next one would likely overrun: keep what was scored
+            each = (started - began) / len(scores)
+            if budget.would_pass(each):  # the next one would likely overrun: keep what was scored
                 dropped = found[number - 1:]
-                print(f"  --budget {recipe.budget}: {spent:.0f} s spent, about {each:.0f} s a backbone; not scoring "
-                      f"{', '.join(d.arch for d in dropped)}: the best so far trains", flush=True)
+                print(f"  --budget {budget.text}: {started - budget.began:.0f} s spent, about {each:.0f} s a backbone; "
+                      f"not scoring {', '.join(d.arch for d in dropped)}: the best so far trains", flush=True)
                 break
         candidate_recipe = recipe.replace(arch=c.arch, weights=c.weights, pretrained=True)
         torch.manual_seed(recipe.seed)
         learn = frozen_learner(split, candidate_recipe, starting_weights(candidate_recipe), device)
         if not scores and (needed := first_pass_seconds(learn, items, candidate_recipe, clock)):  # not cached
-            if budget is not None and needed > budget:
-                raise UsageError(f"--budget {recipe.budget} is too small to score even one backbone: {c.arch} over the "
-                                 f"{len(items)} training images takes about {needed:.0f} s here; give at least "
-                                 f"{math.ceil(needed * 1.2 / 60)}m (or drop --budget)")
+            if budget is not None:
+                budget.check_room_for_first_pass(needed, f"one backbone ({c.arch}'s pass over the {len(items)} "
+                                                         "training images)")
             print(f"  about {needed:.0f} s a backbone here ({c.arch}'s pass timed on one batch; larger backbones take "
                   f"longer): about {needed * len(found):.0f} s for the {len(found)}", flush=True)
         probabilities[c] = probabilities_of(learn, candidate_recipe, split, folds)

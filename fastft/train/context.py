@@ -15,6 +15,7 @@ import torch
 
 from fastft.recipe import Recipe
 from fastft.run_folder import RunFolder
+from fastft.train.budget import Budget
 from fastft.train.distributed import Distributed
 
 
@@ -55,8 +56,8 @@ class RunContext:
     # --strategy auto's trial run (fastft/train/strategy_choice.py): its test and validation splits are both a fold
     # held out from the training images (the test split is never read), and it fits no temperature
     trial: bool = False
-    # --budget in a trial: the time (time.perf_counter) by which its epochs should end; None: no budget
-    deadline: float | None = None
+    # --budget in a trial: its epochs should end by the deadline; None: no budget (or not a trial)
+    budget: Budget | None = None
 
     def saved_recipe(self) -> Recipe:
         """The recipe with every resolved value in place: recipe.toml, which `fastft run` reproduces."""

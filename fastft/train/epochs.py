@@ -70,7 +70,7 @@ class EpochLog(Callback):
         self.averaging = averaging  # --ema: ema.AveragedWeights, whose average each epoch measures and keeps
         self.out, self.device, self.dist, self.total_epochs = context.folder, str(context.device), context.dist, recipe.epochs
         self.keep, self.monitor, self.patience = context.resolved.keep, recipe.monitor, recipe.patience
-        self.deadline, self.budget = context.deadline, recipe.budget
+        self.budget = context.budget  # --budget in a trial: it trains no epoch that would end past it
         self.lr = context.resolved.lr
         self.multi_label, self.recipe_toml, self.progress = context.multi_label, context.saved_recipe().to_toml(), progress
         self.epochs, self.train_examples, self.train_seconds, self.train_batches = [], 0, 0.0, 0
@@ -174,8 +174,8 @@ class EpochLog(Callback):
         done = len(self.epochs)
         if done >= self.total_epochs:
             return False
-        if self.deadline is not None and self.dist.from_main(self.out_of_time):  # every rank stops together
-            self.stopped = (f"--budget {self.budget}: the next epoch would likely end past it; the trial stops after "
+        if self.budget is not None and self.dist.from_main(self.out_of_time):  # every rank stops together
+            self.stopped = (f"--budget {self.budget.text}: the next epoch would likely end past it; the trial stops after "
                             f"epoch {done} of {self.total_epochs}, and the candidates are scored on its weights so far")
         elif self.patience and done - self.best["epoch"] >= self.patience:
             self.stopped = (f"stopping early: {self.monitor} has not improved for {self.patience} epoch(s) (best "
@@ -192,7 +192,7 @@ class EpochLog(Callback):
         """Whether the next epoch would likely end past the deadline (--budget, in a strategy trial)."""
         last = self.epochs[-1]["seconds"]
         # a probe epoch passes forward over the images once; a fine-tuning epoch also backward: about 3x as long
-        return time.perf_counter() + (3 * last if self.progress.probe else last) > self.deadline
+        return self.budget.would_pass(3 * last if self.progress.probe else last)
 
     # ---- checkpoint ---------------------------------------------------------------------------------------
     def state(self) -> dict:

@@ -7,7 +7,6 @@ writes the final report (`final_report`), and saves the model (`save_model`).
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,6 +37,7 @@ from fastft.train import checkpoint
 from fastft.train.epochs import EpochLog, RunProgress, unwrapped
 from fastft.train.report import summary_line, write_reports
 from fastft.train import backbone_choice, ema, strategy_choice, wise
+from fastft.train.budget import Budget, pass_seconds
 from fastft.train.strategies import STRATEGIES, Phase, Progress, describe_plan
 
 
@@ -57,10 +57,9 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, trial: bool
     stopped run's own folder; `trial`: --strategy auto's trial run (fastft/train/strategy_choice.py)."""
     device = resolve_device(recipe.device)
     precision = resolve_precision(recipe.precision, device)
-    # --budget bounds the whole choice: in a trial, the backbone's (below) and then the trial's epochs. Parsed
-    # first, so that a malformed one fails before any work
-    budget = backbone_choice.budget_seconds(recipe.budget)
-    deadline = time.perf_counter() + budget if trial and budget is not None else None
+    # --budget bounds the whole choice, on one clock from here: the backbone's (below), then a trial's epochs.
+    # Started first, so that a malformed one fails before any work
+    budget = Budget.start(recipe.budget)
     found = []  # the backbones to choose among, when the run chooses
     if backbone_choice.selecting(recipe):
         if STRATEGIES[recipe.strategy].random_init:
@@ -113,7 +112,8 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, trial: bool
 
     set_seed(recipe.seed, reproducible=True)
     split = load_split(root, recipe, plan, quiet=not dist.is_main, trial=trial)
-    split, recipe, start, selection, label_check = choose_on_training_images(split, recipe, found, start, device, dist)
+    split, recipe, start, selection, label_check = choose_on_training_images(split, recipe, found, start, device, dist,
+                                                                             budget)
     counts = label_counts(split)
     if dist.is_main:
         for note in (imbalance_note(counts, recipe.balance), leakage_warning(split)):
@@ -129,6 +129,11 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, trial: bool
     learn.add_cbs(batch_mixing(recipe))
     learn.logger = noop  # EpochLog prints each epoch's figures, the same as history.csv's
     learn.remove_cb(ProgressCallback)  # fastft's RunProgress draws the bars, counting the run's epochs
+    if trial and budget is not None and not found:  # the trial's probe epoch is the first signal: room for it?
+        items = learn.dls.train_ds.items[::dist.size]  # each process passes over its shard
+        needed = dist.from_main(lambda: pass_seconds(learn, items))
+        budget.check_room_for_first_pass(needed, f"the trial's probe ({recipe.arch}'s pass over its "
+                                                 f"{len(learn.dls.train_ds.items)} training images)")
     if dist.size > 1:
         learn.add_cb(dist.callback())
         torch.manual_seed(recipe.seed + dist.rank)  # same initial weights, different augmentation per rank
@@ -151,7 +156,7 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, trial: bool
                          has_validation=has_validation, holdout=split.holdout, head=head, starting_weights=loaded,
                          mean=mean, std=std, skipped=tuple(split.skipped),
                          excluded=tuple(label_check.suspects[:recipe.exclude_suspects]) if label_check else (),
-                         trial=trial, deadline=deadline)
+                         trial=trial, budget=budget if trial else None)
     return Prepared(context, learn)
 
 
@@ -164,12 +169,13 @@ class Chosen(NamedTuple):
     label_check: object  # label_issues.LabelCheck, or None
 
 
-def choose_on_training_images(split, recipe: Recipe, found: list, start, device, dist) -> Chosen:
-    """The backbone among `found` (when the run chooses one), then the training images --exclude-suspects leaves
-    out; rank 0 decides and every rank gets its decision. The test split is not read."""
+def choose_on_training_images(split, recipe: Recipe, found: list, start, device, dist,
+                              budget: Budget | None) -> Chosen:
+    """The backbone among `found` (when the run chooses one, within `budget`), then the training images
+    --exclude-suspects leaves out; rank 0 decides and every rank gets its decision. The test split is not read."""
     selection = label_check = None
     if found:
-        selection = dist.from_main(lambda: backbone_choice.choose(split, recipe, found, device))
+        selection = dist.from_main(lambda: backbone_choice.choose(split, recipe, found, device, budget))
         # recipe.toml names the backbone chosen: `fastft run` on it trains that one (selection.csv keeps the rest)
         recipe = recipe.replace(arch=selection.chosen.arch, weights=selection.chosen.weights, select=False, budget="")
         start = starting_weights(recipe)

@@ -12,8 +12,10 @@ validation split come from?
 - It has none (the usual folder of photos): a *trial* run first. lp-ft trains on the training images less one fold
   of five (TRIAL_SHARE, stratified and seeded), the fold is its validation split, and the test split is never read.
   The run proper then trains the choice on every training image: `--strategy probe` when the probe won (seconds),
-  else `--strategy lp-ft --wise W`. The trial costs about 0.8 of a run's training. `--budget` bounds it: out of
-  time, it trains no further epoch (EpochLog.should_stop) and the candidates are scored on the weights it has.
+  else `--strategy lp-ft --wise W`. The trial costs about 0.8 of a run's training. `--budget` bounds it
+  (fastft/train/budget.py): out of time, it trains no further epoch (EpochLog.should_stop) and the candidates are
+  scored on the weights it has; a budget too small for even its probe epoch is an error naming the least that would
+  do.
 recipe.toml names what was chosen (`fastft run` reproduces the run without the trial), strategy.csv and strategy.png
 keep every candidate's figures, and metrics.json's `strategy_choice` the trial's. A backbone chosen too (--arch a,b,c)
 is chosen by the trial, on its training images, and selection.csv comes with it.
