@@ -187,3 +187,13 @@ def weights_folder(tmp_path_factory) -> Path:
         state = timm.create_model(arch, pretrained=False).state_dict()
         save_file({k: v.contiguous() for k, v in state.items()}, str(folder / f"{arch}.rand.safetensors"))
     return folder
+
+
+class TenSecondClock:
+    """A clock that advances 10 s every time it is read: budgets tested without waiting or timing anything."""
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 10.0
+        return self.now

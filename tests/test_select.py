@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SELECTION_ARCHS, files_opened, invoke, make_split_dataset
+from conftest import SELECTION_ARCHS, TenSecondClock, files_opened, invoke, make_split_dataset
 from test_distributed import torchrun
 
 ARCHS = SELECTION_ARCHS
@@ -88,16 +88,6 @@ def test_choosing_on_two_processes_chooses_what_one_process_chooses(weights_fold
         json.loads((tmp_path / "one" / "model.json").read_text())["arch"]
 
 
-class TenSecondClock:
-    """A clock that advances 10 s every time it is read: budgets tested without waiting or timing anything."""
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        self.now += 10.0
-        return self.now
-
-
 def test_the_budget_stops_the_search_and_keeps_the_best_so_far(weights_folder, tmp_path, capsys):
     from fastft.data.augment import parse_aug
     from fastft.data.loaders import load_split
@@ -114,7 +104,7 @@ def test_the_budget_stops_the_search_and_keeps_the_best_so_far(weights_folder, t
     cpu = torch.device("cpu")
     clock = TenSecondClock()
     with pytest.raises(UsageError, match=r"--budget 5s is too small for even one backbone \(resnet18's pass over the "
-                                         r"\d+ training images\): about \d+ s here; give at least \d+[sm] "):
+                                         r"\d+ training images\): about [\d.]+ s here; give at least \d+[sm] "):
         backbone_choice.choose(split, recipe, found, cpu, Budget.start("5s", clock), clock)
     backbone_choice.choose(split, recipe, found, cpu)  # both backbones' features now cached
     assert "s a backbone here (resnet18's pass timed on one batch" in capsys.readouterr().out  # the estimate, upfront

@@ -38,7 +38,8 @@ def test_auto_chooses_backbone_and_strategy_on_the_training_images_and_names_the
     recipe = (tmp_path / "first" / "recipe.toml").read_text()
     # recipe.toml names what was chosen: `fastft run` on it trains that, without a trial
     assert ('strategy = "probe"' in recipe) == (chosen["candidate"] == "probe")
-    assert f'arch = "{json.loads((tmp_path / "first" / "model.json").read_text())["arch"]}"' in recipe
+    chosen_arch = json.loads((tmp_path / "first" / "model.json").read_text())["arch"]
+    assert f'arch = "{chosen_arch}"' in recipe
     for name in ("strategy.png", "selection.png"):  # the trial's backbone choice comes with the run
         assert (tmp_path / "first" / name).read_bytes()[:4] == b"\x89PNG"
     assert [r["arch"] for r in csv.DictReader(open(tmp_path / "first" / "selection.csv"))] == list(ARCHS)
@@ -50,8 +51,20 @@ def test_auto_chooses_backbone_and_strategy_on_the_training_images_and_names_the
     rerun = invoke("run", tmp_path / "first" / "recipe.toml", "--out", tmp_path / "rerun")
     assert rerun.exit_code == 0, rerun.output
     assert "choosing the strategy" not in rerun.stdout and "choosing the backbone" not in rerun.stdout
-    predicted = invoke("predict", tmp_path / "first", data / "test" / "red", "--json")  # the chosen model deploys
+    # the chosen model (a backbone of the list, the strategy chosen for it) works with every command
+    run, image = tmp_path / "first", sorted((data / "test" / "red").iterdir())[0]
+    predicted = invoke("predict", run, data / "test" / "red", "--json")
     assert predicted.exit_code == 0, predicted.output
+    for command in (["evaluate", run, "--out", tmp_path / "evaluated"],  # on the data its recipe.toml names
+                    ["export", run, "--format", "onnx"],
+                    ["export", run, "--format", "hub", "--out", tmp_path / "hub"],
+                    ["explain", run, image, "--out", tmp_path / "explained"]):
+        result = invoke(*command)
+        assert result.exit_code == 0, (command, result.output)
+    import fastft
+
+    assert fastft.load(run / "model.onnx").predict(image)[0] == fastft.load(run).predict(image)[0]
+    assert json.loads((tmp_path / "hub" / "config.json").read_text())["architecture"] == chosen_arch
 
 
 def test_a_budget_too_small_for_even_the_trials_probe_is_an_error_naming_the_least_that_would_do(tmp_path):
@@ -60,32 +73,33 @@ def test_a_budget_too_small_for_even_the_trials_probe_is_an_error_naming_the_lea
                     "--out", tmp_path / "run")
     assert result.exit_code == 2, result.output
     assert re.search(r"--budget 0.001s is too small for even the trial's probe \(resnet18's pass over its \d+ "
-                     r"training images\): about \d+ s here; give at least \d+[sm] \(or drop --budget\)", result.output)
+                     r"training images\): about [\d.]+ s here; give at least \d+[sm] \(or drop --budget\)", result.output)
     assert "Traceback" not in result.output and not (tmp_path / "run").exists()
     assert not list(Path(tempfile.gettempdir()).glob(f"fastft-strategy-trial-{os.getpid()}@*"))  # nor the trial's
 
 
 def test_the_budget_stops_the_trial_and_the_best_so_far_trains(tmp_path, monkeypatch):
     """--budget bounds the whole choice: out of time, the trial trains no further epoch, and the candidates are
-    scored on the weights it has. Here the budget has room for the probe's pass (this test's machine estimates it
-    at nothing) and is spent by the time the probe epoch ends: fine-tuning has nothing to beat it with, and the
-    probe trains."""
-    from fastft.train import run
+    scored on the weights it has. The budget's clock here advances 10 s a reading (its start, the check that the
+    probe has room, then once after each epoch): 15 s have room for the probe and none for a fine-tuning epoch, on
+    any machine. Fine-tuning has nothing to beat the probe with, and the probe trains."""
+    from fastft.train import budget
+    from conftest import TenSecondClock
 
-    monkeypatch.setattr(run, "pass_seconds", lambda learn, items: 0.0)
+    monkeypatch.setattr(budget, "now", TenSecondClock())
     data = make_split_dataset(tmp_path / "colours", per_class=10)
-    spent = invoke("train", data, *TINY, "--epochs", "3", "--strategy", "auto", "--budget", "0.001s",
+    spent = invoke("train", data, *TINY, "--epochs", "3", "--strategy", "auto", "--budget", "15s",
                    "--out", tmp_path / "spent")
     assert spent.exit_code == 0, spent.output
-    assert "--budget 0.001s bounds it" in spent.stdout  # the trial's plan line
-    assert "--budget 0.001s: the next epoch would likely end past it; the trial stops after epoch 1 of 3" in spent.stdout
+    assert "--budget 15s bounds it" in spent.stdout  # the trial's plan line
+    assert "--budget 15s: the next epoch would likely end past it; the trial stops after epoch 1 of 3" in spent.stdout
     choice = json.loads((tmp_path / "spent" / "metrics.json").read_text())["strategy_choice"]
     assert len(choice["trial"]["epochs"]) == 1 and choice["weight"] == 0.0
     recipe = (tmp_path / "spent" / "recipe.toml").read_text()
     assert 'strategy = "probe"' in recipe and 'budget = ""' in recipe  # the choice is made: nothing left to bound
     rerun = invoke("run", tmp_path / "spent" / "recipe.toml", "--out", tmp_path / "rerun")
     assert rerun.exit_code == 0 and "choosing the strategy" not in rerun.stdout, rerun.output
-    monkeypatch.undo()  # the real estimate again: an hour has room for everything
+    monkeypatch.undo()  # the real clock again: an hour has room for everything
     roomy = invoke("train", data, *TINY, "--epochs", "3", "--strategy", "auto", "--budget", "1h",
                    "--out", tmp_path / "roomy")
     assert roomy.exit_code == 0, roomy.output
@@ -152,9 +166,9 @@ def test_auto_on_two_processes(tmp_path):
     assert len(strategy_rows(tmp_path / "two")) == 11
     assert 'strategy = "auto"' not in (tmp_path / "two" / "recipe.toml").read_text()
     # --budget spent after the probe epoch: both processes stop the trial after the same epoch (rank 0 decides), then
-    # train the probe (the probe's pass estimated at nothing, as above, so that the budget has room for it)
-    spent = torchrun(HERE / "without_probe_cost.py", "train", data, *TINY, "--epochs", "2", "--strategy", "auto",
-                     "--budget", "0.001s", "--out", tmp_path / "spent", cwd=tmp_path)
+    # train the probe (each process's budget on a clock of 10 s a reading, as above)
+    spent = torchrun(HERE / "ten_second_budget_clock.py", "train", data, *TINY, "--epochs", "2", "--strategy", "auto",
+                     "--budget", "15s", "--out", tmp_path / "spent", cwd=tmp_path)
     assert spent.returncode == 0, spent.stderr[-3000:]
     assert spent.stdout.count("the trial stops after epoch 1 of 2") == 1
     assert 'strategy = "probe"' in (tmp_path / "spent" / "recipe.toml").read_text()

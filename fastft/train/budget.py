@@ -25,20 +25,25 @@ def seconds_of(text: str) -> float | None:
     return float(found[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[found[2]]
 
 
+now = time.perf_counter  # the clock a run's budget reads (a test may give it one of its own)
+
+
 class Budget(NamedTuple):
     text: str  # as the user gave it, for messages
-    began: float  # on `clock`'s scale (time.perf_counter, or a test's clock)
+    began: float  # on `clock`'s scale
     deadline: float
-    clock: Callable[[], float] = time.perf_counter
+    clock: Callable[[], float]
 
     @classmethod
-    def start(cls, text: str, clock: Callable[[], float] = time.perf_counter) -> "Budget | None":
-        """The budget's clock started now; None without --budget. A malformed one is a UsageError."""
+    def start(cls, text: str, clock: Callable[[], float] | None = None) -> "Budget | None":
+        """The budget started now, on `clock` (default: `now`); None without --budget. A malformed one is a
+        UsageError."""
         seconds = seconds_of(text)
         if seconds is None:
             return None
-        now = clock()
-        return cls(text, now, now + seconds, clock)
+        clock = clock or now
+        began = clock()
+        return cls(text, began, began + seconds, clock)
 
     def would_pass(self, seconds: float) -> bool:
         """Whether work of about `seconds`, started now, would end past the deadline."""
@@ -51,7 +56,7 @@ class Budget(NamedTuple):
             return
         least = (self.clock() - self.began + needed) * 1.2
         at_least = f"{math.ceil(least)}s" if least < 60 else f"{math.ceil(least / 60)}m"
-        raise UsageError(f"--budget {self.text} is too small for even {what}: about {needed:.0f} s here; give at "
+        raise UsageError(f"--budget {self.text} is too small for even {what}: about {needed:.1f} s here; give at "
                          f"least {at_least} (or drop --budget)")
 
 
