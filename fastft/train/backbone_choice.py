@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from fastft.errors import UsageError
-from fastft.train.budget import Budget
+from fastft.train.budget import Budget, pass_seconds
 
 TIE_IMAGES = 2  # out-of-fold accuracies this many images apart are a tie: a gap of one or two images is noise
 
@@ -112,14 +112,6 @@ def check_candidates(recipe, found: list[Candidate]) -> None:
                              "only backbones whose weights you have with --arch a,b")
 
 
-def first_pass_seconds(learn, items: list, recipe, clock=time.perf_counter) -> float:
-    """About how long one backbone's features of `items` take here (0 when they are cached)."""
-    from fastft.train.budget import pass_seconds
-    from fastft.train.out_of_fold import features_cached
-
-    return 0.0 if features_cached(learn, items, recipe) else pass_seconds(learn, items, clock)
-
-
 def out_of_fold_scores(probabilities: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> tuple[float, float]:
     """(accuracy, negative log-likelihood per image) of out-of-fold probabilities."""
     p = probabilities.clamp(1e-7, 1 - 1e-7)
@@ -139,7 +131,7 @@ def choose(split, recipe, found: list[Candidate], device, budget: Budget | None 
     `budget`: the run's --budget, started when the run was prepared; `clock`: seconds, for the figures (a test
     passes its own, the same as its budget's)."""
     from fastft.train.model import starting_weights
-    from fastft.train.out_of_fold import frozen_learner, probabilities_of, training_folds
+    from fastft.train.out_of_fold import features_cached, frozen_learner, probabilities_of, training_folds
 
     folds = training_folds(split, recipe.seed)
     items, labels, k = folds.items, folds.labels, folds.k
@@ -160,7 +152,8 @@ def choose(split, recipe, found: list[Candidate], device, budget: Budget | None 
         candidate_recipe = recipe.replace(arch=c.arch, weights=c.weights, pretrained=True)
         torch.manual_seed(recipe.seed)
         learn = frozen_learner(split, candidate_recipe, starting_weights(candidate_recipe), device)
-        if not scores and (needed := first_pass_seconds(learn, items, candidate_recipe, clock)):  # not cached
+        if not scores and not features_cached(learn, items, candidate_recipe):  # the first pass: how long?
+            needed = pass_seconds(learn, items, clock)
             if budget is not None:
                 budget.check_room_for_first_pass(needed, f"one backbone ({c.arch}'s pass over the {len(items)} "
                                                          "training images)")
