@@ -131,9 +131,10 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, trial: bool
     learn.remove_cb(ProgressCallback)  # fastft's RunProgress draws the bars, counting the run's epochs
     if trial and budget is not None and not found:  # the trial's probe epoch is the first signal: room for it?
         items = learn.dls.train_ds.items[::dist.size]  # each process passes over its shard
-        needed = dist.from_main(lambda: pass_seconds(learn, items))
-        budget.check_room_for_first_pass(needed, f"the trial's probe ({recipe.arch}'s pass over its "
-                                                 f"{len(learn.dls.train_ds.items)} training images)")
+        what = f"the trial's probe ({recipe.arch}'s pass over its {len(learn.dls.train_ds.items)} training images)"
+        # rank 0 times and decides on its clock, every rank gets its verdict: ranks reading clocks of their own could
+        # disagree at the edge, one stopping while the others wait for it
+        dist.from_main(lambda: budget.check_room_for_first_pass(pass_seconds(learn, items), what))
     if dist.size > 1:
         learn.add_cb(dist.callback())
         torch.manual_seed(recipe.seed + dist.rank)  # same initial weights, different augmentation per rank
