@@ -195,7 +195,7 @@ def earlier_runs(args) -> list[dict]:
 
 
 def main() -> None:
-    from fastft.train.strategies import STRATEGIES
+    from fastft.schedules import STRATEGIES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="cat_breeds,flowers,hotdog")

@@ -1,6 +1,6 @@
 """fastft: the textbook transfer-learning recipes for images, done properly, as one command each."""
 
-__version__ = "0.1.0"
+from fastft.version import __version__
 
 
 def load(path, trust_pickle: bool = False):

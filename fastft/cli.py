@@ -21,11 +21,11 @@ from typing import List, Optional
 
 import typer
 
-from fastft import __version__
+from fastft.version import __version__
 from fastft.data.augment import AUG_HELP
-from fastft.errors import UsageError
+from fastft.errors import Interrupted, UsageError
 from fastft.recipe import OPTIONS, Recipe, find_recipes, load_recipe, read_recipe_file
-from fastft.train.strategies import STRATEGIES
+from fastft.schedules import STRATEGIES
 
 try:  # typer >= 0.22 carries its own click, whose errors derive from TyperException; older typer uses click's
     from typer import TyperException as CommandLineError
@@ -88,7 +88,8 @@ def training_options(recipe: Recipe | None = None, leave_out=(), resumable: bool
         if name in leave_out:
             continue
         shown = shown_value(recipe, name) if recipe else False
-        option = typer.Option(None, *flag_of(name).split(" "), help=field.metadata["help"], show_default=shown,
+        help = AUG_HELP if name == "aug" else field.metadata["help"]  # every preset, from the module that parses them
+        option = typer.Option(None, *flag_of(name).split(" "), help=help, show_default=shown,
                               min=field.metadata["cli_min"])
         parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                             annotation=Optional[TYPES.get(field.type, str)]))
@@ -109,7 +110,7 @@ def _train(recipe: Recipe, options: dict) -> None:
     if resume is not None and (out is not None or any(v is not None for v in options.values())):
         raise UsageError("--resume continues a run as it was set up; drop the other options (a new run: leave out --resume)")
     recipe = recipe.replace(source="command-line options", **options)  # bad values fail here, before the imports
-    from fastft.train.run import Interrupted, train
+    from fastft.train.run import train
 
     try:
         train(recipe, out, resume=resume)

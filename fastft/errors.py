@@ -1,8 +1,14 @@
-"""The one exception type for mistakes a user can make (bad flags, missing folders, offline downloads)."""
+"""The exceptions a user meets as one line: mistakes they can fix (bad flags, missing folders, offline downloads),
+and a run they stopped."""
 
 
 class UsageError(Exception):
     """A problem the user can fix: the CLI prints it as one line and exits with status 2, no traceback."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training; the outputs of the last finished epoch were kept. The CLI prints it as one line and
+    exits with status 130."""
 
 
 def did_you_mean(given: str, choices) -> str:

@@ -14,9 +14,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from fastft.data.augment import AUG_HELP
 from fastft.errors import UsageError, did_you_mean
-from fastft.train.strategies import AUTO, AUTO_HELP, STRATEGIES, strategy_settings
+from fastft.schedules import AUTO, AUTO_HELP, STRATEGIES, strategy_settings
 
 
 def setting(default, help: str, flag: str | None = "", choices: tuple = (), cli_min: int | None = None,
@@ -31,7 +30,7 @@ def setting(default, help: str, flag: str | None = "", choices: tuple = (), cli_
 
 @dataclass
 class CommonRecipe:
-    """The keys every run has. `Recipe` adds the strategies' own settings (fastft/train/strategies.py)."""
+    """The keys every run has. `Recipe` adds the strategies' own settings (fastft/schedules.py)."""
     name: str = setting("custom", "the run's name: run folders are <name>-<time>", flag=None)
     description: str = setting("", "one line for `fastft recipes` and --help", flag=None)
     # data: a local folder, or (when empty) a download into the data home
@@ -76,7 +75,9 @@ class CommonRecipe:
     # input and augmentation
     size: int = setting(224, "Input side in pixels (train crops and test centre-crops to it).", maximum=4096)
     crop_pct: float = setting(0.875, "test items: resize to round(size / crop_pct), then centre-crop to size", flag=None)
-    aug: str = setting("flip", AUG_HELP)
+    # the presets' list is the CLI's help for --aug (fastft/data/augment.py: AUG_HELP), which data parses
+    aug: str = setting("flip", "Augmentation presets joined with '+', e.g. flip+crop:scale=0.1-1+hue:0.5 (`fastft augs "
+                               "--help` lists them).")
     # training
     strategy: str = setting("fine-tune", "Training schedule: " + "; ".join(f"{k}: {v.help}" for k, v in STRATEGIES.items())
                             + f"; {AUTO}: {AUTO_HELP}", choices=(*STRATEGIES, AUTO))

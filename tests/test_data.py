@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import make_class_folders, make_split_dataset, write_image
-from fastft.data.folders import find_images, stratified_sample
+from fastft.data.folders import find_images
+from fastft.data.split import stratified_sample
 from fastft.data.loaders import build_dataloaders, load_split
 from fastft.errors import UsageError
 from fastft.recipe import Recipe

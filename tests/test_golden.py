@@ -43,11 +43,16 @@ def outcome(run: Path) -> dict:
         chosen["strategy"] = metrics["strategy_choice"]["chosen"]
     if "wise" in metrics:
         chosen["wise_weight"] = metrics["wise"]["weight"]
-    tables = {name: list(csv.DictReader(open(run / name, newline=""))) for name in ("strategy.csv", "selection.csv")
-              if (run / name).exists()}
+    tables = {name: [stable(row) for row in csv.DictReader(open(run / name, newline=""))]
+              for name in ("strategy.csv", "selection.csv") if (run / name).exists()}
     return {"weights": weights_digest(run), "test_acc": metrics["final"]["test_acc"], "chosen": chosen,
             "kept_epoch": metrics["kept_epoch"], "tables": tables,
             "epochs": [{k: v for k, v in e.items() if k != "seconds"} for e in metrics["epochs"]]}
+
+
+def stable(row: dict) -> dict:
+    """A table row without what differs between two runs of the same code: timings, and where the weights lie."""
+    return {k: Path(v).name if k == "weights" else v for k, v in row.items() if k != "seconds"}
 
 
 def check(name: str, got: dict) -> None:

@@ -9,7 +9,8 @@ from fastai.vision.all import Callback
 from conftest import TINY, invoke
 from fastft.recipe import Recipe
 from fastft.train.model import create_learner, stage_splitter
-from fastft.train.strategies import STRATEGIES
+from fastft.schedules import STRATEGIES
+from fastft.train.strategies import fit
 
 GROUPS = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
 
@@ -19,7 +20,7 @@ def train_with(name, learner, lr, epochs, freeze_epochs=1, unfreeze=2):
     learn, _, context = learner
     strategy = STRATEGIES[name]
     recipe = context.recipe.replace(epochs=epochs, freeze_epochs=freeze_epochs, unfreeze=unfreeze)
-    strategy.fit(learn, strategy.plan(learn, lr, recipe), context)
+    fit(strategy, learn, strategy.plan(learn, lr, recipe), context)
 
 
 class Watch(Callback):

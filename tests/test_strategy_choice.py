@@ -179,7 +179,7 @@ def test_ctrl_c_in_the_trial_leaves_no_trial_folder_and_offers_no_resume_of_it(t
 
     from fastft.recipe import load_recipe
     from fastft.train import strategy_choice
-    from fastft.train.run import Interrupted
+    from fastft.errors import Interrupted
 
     data = make_split_dataset(tmp_path / "colours", per_class=10)
     recipe = load_recipe("train").replace(data=str(data), strategy="auto")

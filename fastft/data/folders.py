@@ -10,52 +10,16 @@ Light on purpose (PIL, no fastai): inference uses it too.
 from __future__ import annotations
 
 import os
-import random
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastft.data.images import image_extensions, split_readable, warn_skipped
+from fastft.data.labels import read_labels
+from fastft.data.split import TRIAL_SHARE, Split, holdout_share, seeded_split, stratified_sample
 from fastft.errors import UsageError, did_you_mean
 
 TRAIN_SPLIT = "train"
 TEST_SPLIT_NAMES = ("test", "valid", "val")  # the first that exists beside train/ is the test split
 VALID_SPLIT_NAMES = ("valid", "val")  # beside train/ and test/: a validation split, to pick epochs on
-
-
-def labels_in(key: str, delimiter: str) -> list[str]:
-    """The labels a split key stands for: the class itself, or (multi-label) the label set joined by `delimiter`."""
-    return key.split(delimiter) if delimiter else [key]
-
-
-@dataclass
-class Split:
-    """Image files per class for training, for testing (d2l's validation set, measured every epoch) and, when
-    the run has one, for validation apart from the test split (picking the best epoch, stopping early)."""
-    classes: list[str]
-    train: dict[str, list[Path]]
-    test: dict[str, list[Path]]
-    valid: dict[str, list[Path]] = field(default_factory=dict)
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
-    pixels: dict = field(default_factory=dict)  # part -> (N, 3, H, W) uint8, in item order, when cached
-    delimiter: str = ""  # multi-label (a labels CSV): keys are label sets joined by it; "" for single-label
-    holdout: float = 0.0  # the share of each class's training images held out as `valid` (--holdout, auto resolved)
-
-    @property
-    def multi_label(self) -> bool:
-        return bool(self.delimiter)
-
-    def labels_of(self, key: str) -> list[str]:
-        return labels_in(key, self.delimiter)
-
-    @property
-    def parts(self) -> tuple[str, ...]:
-        return ("train", "test", "valid") if self.valid else ("train", "test")
-
-    def items(self, part: str) -> list[tuple[Path, str]]:
-        """(file, key) pairs of one split, key by key (a class; multi-label: a label set): the order items, labels
-        and cached pixels share."""
-        by_key = getattr(self, part)
-        return [(p, key) for key in sorted(by_key) for p in by_key[key]]
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -130,13 +94,6 @@ def csv_hint(root: Path) -> str:
     return f"; it holds {tables[0]}: pass --labels {root / tables[0]} to read the labels from it" if tables else ""
 
 
-def at_least_two_labels(source: Path, labels: list[str]) -> None:
-    """A classifier needs two labels (a labels CSV)."""
-    if len(labels) < 2:
-        raise UsageError(f"{source} gives {'only the label ' + labels[0] if labels else 'no labels'}; a classifier "
-                         "needs at least two")
-
-
 def at_least_two_classes(root: Path, folder: Path, by_class: dict[str, list[Path]]) -> None:
     """A classifier needs two classes: a folder of images with one class folder (often images/ beside a CSV of
     labels) would train a model that always answers the same and reports accuracy 1.0."""
@@ -144,34 +101,6 @@ def at_least_two_classes(root: Path, folder: Path, by_class: dict[str, list[Path
         found = f"one class folder ({next(iter(by_class))}/)" if by_class else "no class folders"
         raise UsageError(f"{folder} has {found}; a classifier needs at least two, one folder of images per class: "
                          f"{folder}/<class>/*.jpg{csv_hint(root)}")
-
-
-def seeded_split(by_class: dict[str, list[Path]], valid_pct: float, seed: int, what: str = "testing",
-                 strict: bool = True, empty_ok: bool = False) -> tuple[dict, dict]:
-    """(train, test) per class: each class shuffled by `seed`, round(n * valid_pct) of it held out. The same
-    files, seed and share always give the same split (a run's evaluation re-creates it). `strict`: a class
-    too small to hold any out is an error; otherwise (multi-label label sets, many of them rare) it trains."""
-    rng = random.Random(seed)
-    train, test = {}, {}
-    for name, files in by_class.items():
-        files = files[:]
-        rng.shuffle(files)
-        n_test = round(len(files) * valid_pct)
-        if not files and (empty_ok or not strict):
-            test[name], train[name] = [], []
-            continue
-        if not files:
-            raise UsageError(f"class folder '{name}' has no images; add images to it, or remove the empty folder")
-        if not strict and not 0 < n_test < len(files):
-            n_test = 0
-        elif not 0 < n_test < len(files):
-            needed = next(n for n in range(2, 10_000) if 0 < round(n * valid_pct) < n)
-            option = "--valid-pct" if what == "testing" else "--holdout"
-            raise UsageError(f"class '{name}' has {len(files)} image(s): too few to hold out {valid_pct:.0%} of each "
-                             f"class for {what} and train on the rest (at least {needed} needed); add images to it, "
-                             f"change {option}, or remove the class folder")
-        test[name], train[name] = sorted(files[:n_test]), sorted(files[n_test:])
-    return train, test
 
 
 def split_files(root: Path, recipe, empty_ok: bool = False, trial: bool = False) -> Split:
@@ -182,8 +111,6 @@ def split_files(root: Path, recipe, empty_ok: bool = False, trial: bool = False)
     images is its test and validation split, the rest its training images."""
     valid_pct, seed, limit, holdout = recipe.valid_pct, recipe.seed, recipe.limit, recipe.holdout
     if recipe.labels:
-        from fastft.data.labels import read_labels
-
         split = read_labels(Path(recipe.labels).expanduser(), root, recipe.image_col, recipe.label_col,
                             recipe.label_delim, valid_pct, seed)
     else:
@@ -201,37 +128,6 @@ def split_files(root: Path, recipe, empty_ok: bool = False, trial: bool = False)
         split.train, held_out = seeded_split(split.train, TRIAL_SHARE, seed + 3, "the strategy trial", strict=False)
         split.test, split.valid = held_out, dict(held_out)
     return split
-
-
-TRIAL_SHARE = 0.2  # --strategy auto's trial holds out one fold of five, as the backbone choice's k-fold probes do
-
-
-AUTO_HOLDOUT = 0.1  # --holdout auto: a tenth of the training images (calibration.MIN_HELD_OUT of them from 500 up)
-
-
-def holdout_share(holdout: float | str, split: Split, limit: int = 0) -> float:
-    """The share of the training images to hold out: --holdout as given, or for auto AUTO_HOLDOUT where that is
-    calibration.MIN_HELD_OUT images or more and the data has no validation split of its own, else none (on a smaller
-    folder every image is worth more in training than in a noisy temperature)."""
-    if holdout != "auto":
-        return holdout
-    from fastft.deploy.calibration import MIN_HELD_OUT
-
-    training = sum(map(len, split.train.values()))
-    return AUTO_HOLDOUT if not split.valid and min(training, limit or training) * AUTO_HOLDOUT >= MIN_HELD_OUT else 0.0
-
-
-def stratified_sample(by_class: dict[str, list[Path]], limit: int, seed: int) -> dict[str, list[Path]]:
-    """At most `limit` files in all, each class keeping its share (largest remainders get the spare)."""
-    total = sum(map(len, by_class.values()))
-    if not limit or total <= limit:
-        return by_class
-    shares = {c: len(f) * limit / total for c, f in by_class.items()}
-    quota = {c: int(s) for c, s in shares.items()}
-    for c in sorted(shares, key=lambda c: quota[c] - shares[c])[: limit - sum(quota.values())]:
-        quota[c] += 1
-    rng = random.Random(seed)
-    return {c: sorted(rng.sample(files, quota[c])) for c, files in by_class.items()}
 
 
 def collect_images(paths: list[Path]) -> list[Path]:

@@ -13,7 +13,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fastft.data.folders import Split, keep_readable
+from fastft.data.folders import keep_readable
+from fastft.data.split import Split
 
 TINY_CLASS = 10  # fewer training images than this: a warning
 SAMPLES_PER_CLASS = 6

@@ -15,7 +15,7 @@ import csv
 import sys
 from pathlib import Path
 
-from fastft.data.folders import Split, at_least_two_labels, labels_in, seeded_split
+from fastft.data.split import Split, labels_in, seeded_split
 from fastft.errors import UsageError
 
 IMAGE_COLUMNS = ("image", "images", "file", "filename", "file_name", "fname", "path", "image_path", "img", "name", "image_id", "id")
@@ -25,6 +25,13 @@ TRAIN, VALID, TEST = "train", "valid", "test"
 SPLIT_VALUES = {"train": TRAIN, "training": TRAIN, "valid": VALID, "validation": VALID, "val": VALID, "dev": VALID,
                 "test": TEST, "testing": TEST}
 AUTO, NO_DELIMITER = "", "none"
+
+
+def at_least_two_labels(source: Path, labels: list[str]) -> None:
+    """A classifier needs two labels (a labels CSV)."""
+    if len(labels) < 2:
+        raise UsageError(f"{source} gives {'only the label ' + labels[0] if labels else 'no labels'}; a classifier "
+                         "needs at least two")
 
 
 def _column(header: list[str], given: str, known: tuple, what: str, option: str, table: Path) -> str:

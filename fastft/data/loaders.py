@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from fastft.data.augment import AugPlan, parse_aug
-from fastft.data.folders import Split, keep_readable, split_files
+from fastft.data.folders import keep_readable, split_files
+from fastft.data.split import Split
 from fastft.data.images import warn_skipped
 from fastft.errors import UsageError
 from fastft.recipe import Recipe

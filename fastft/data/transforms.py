@@ -11,7 +11,7 @@ import torch
 from fastai.vision.all import PILImage, RandTransform, TensorImage, TfmdDL, Transform, WeightedDL
 from PIL import Image
 
-from fastft.data.folders import labels_in
+from fastft.data.split import labels_in
 from fastft.data.images import open_rgb, resize_center_crop, to_rgb
 
 

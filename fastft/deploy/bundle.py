@@ -34,7 +34,7 @@ def write_bundle(model, run: RunFolder, *, arch: str, classes: list[str], size: 
     import torch
     from safetensors.torch import save
 
-    from fastft import __version__
+    from fastft.version import __version__
     from fastft.deploy.network import HEAD_DEFAULTS
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -21,8 +21,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fastft.data.split import MIN_HELD_OUT  # the fewest held-out images a temperature is fitted on
+
 BINS = 15
-MIN_HELD_OUT = 50  # images: on fewer, one temperature is mostly noise (on 14 it made the test NLL worse); uncalibrated
 LIMITS = (0.05, 20.0)  # a temperature outside these is a fit gone wrong, not a calibration
 NOISE = 2.0  # standard errors the held-out NLL must fall by for a fitted temperature to be kept (one-sided, ~98%)
 

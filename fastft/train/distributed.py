@@ -96,15 +96,3 @@ class Distributed:
             result = function()
         self.wait()
         return result
-
-    def callback(self):
-        from fastft.train.sharding import DistributedTraining  # fastai.distributed and accelerate: many processes only
-
-        return DistributedTraining(self)
-
-    def remove_callback(self, learn) -> None:
-        """Take the training-only distributed callback off a Learner (before it is exported)."""
-        if self.accelerator:
-            from fastft.train.sharding import DistributedTraining
-
-            learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, DistributedTraining)))

@@ -9,6 +9,7 @@ from pathlib import Path
 from fastft.run_folder import META, WEIGHTS, run_folder_of
 from fastft.errors import UsageError
 from fastft.recipe import Recipe
+from fastft.schedules import STRATEGIES
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -166,8 +167,6 @@ def head_config(strategy: str, dropout: float) -> dict:
     """The classifier head a strategy trains (a name in fastft/deploy/network.py's HEADS), with the recipe's dropout:
     what the bundle records to rebuild it."""
     from fastft.deploy.network import HEADS
-    from fastft.train.strategies import STRATEGIES
-
     return {**HEADS[STRATEGIES[strategy].head], "dropout": dropout}
 
 
@@ -181,8 +180,6 @@ def create_learner(dls, recipe: Recipe, start: StartingWeights | None = None, he
 
     from fastft.deploy.network import head as build_head
     from fastft.train.optimizer import FusedAdam
-    from fastft.train.strategies import STRATEGIES
-
     start = start or starting_weights(recipe)
     head = head or head_config(recipe.strategy, recipe.head_dropout)
     loss, metric = loss_function(dls, recipe, class_counts, multi_label)

@@ -9,13 +9,13 @@ its label. Only the training images are read.
 from __future__ import annotations
 
 import hashlib
-import random
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from fastft.data.split import indices_by_key, shuffled_by_group
 from fastft.errors import UsageError
 
 FOLDS = 5  # fewer when the smallest class has fewer training images
@@ -41,11 +41,8 @@ def fold_count(keys: list[str], multi_label: bool) -> tuple[int, list[str]]:
 
 def stratified_folds(keys: list[str], k: int, seed: int) -> torch.Tensor:
     """Each image's fold (N,): every class (label set) shuffled with `seed` and dealt out in turn."""
-    rng, fold = random.Random(seed), torch.empty(len(keys), dtype=torch.long)
-    turn = 0
-    for key in sorted(set(keys)):
-        members = [i for i, other in enumerate(keys) if other == key]
-        rng.shuffle(members)
+    fold, turn = torch.empty(len(keys), dtype=torch.long), 0
+    for members in shuffled_by_group(indices_by_key(keys), seed).values():
         for member in members:
             fold[member] = turn % k
             turn += 1

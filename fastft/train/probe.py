@@ -14,12 +14,12 @@ rank 0's head, so all end with the same weights.
 """
 from __future__ import annotations
 
-import random
 import sys
 
 import torch
 from fastai.callback.core import Callback
 
+from fastft.data.split import indices_by_key, shuffled_by_group
 from fastft.fastai_internals import AFTER_TRAINING_MODE, labelled_loader
 from fastft.train.epochs import unwrapped
 
@@ -104,10 +104,8 @@ def logistic_regression(x: torch.Tensor, y: torch.Tensor, n_classes: int, penalt
 def _split_by_class(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (fit, valid) of pairs (an image and its mirror stay together), VALID_SHARE of each class held out."""
     keys = [str(label) for label in labels[: len(labels) // 2].tolist()]  # a class, or a multi-label row's label set
-    rng, fit, valid = random.Random(seed), [], []
-    for c in sorted(set(keys)):
-        members = [i for i, key in enumerate(keys) if key == c]
-        rng.shuffle(members)
+    fit, valid = [], []
+    for members in shuffled_by_group(indices_by_key(keys), seed).values():
         n_valid = round(len(members) * VALID_SHARE) if len(members) > 2 else 0
         valid += members[:n_valid]
         fit += members[n_valid:]

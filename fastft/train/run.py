@@ -24,7 +24,7 @@ from fastft.data.inspect import leakage_warning
 from fastft.data.folders import check_data_folder
 from fastft.data.loaders import build_dataloaders, imbalance_note, label_counts, load_split, validation_loader
 from fastft.deploy.bundle import activation, mirror_averaged, probabilities_of, write_bundle
-from fastft.errors import UsageError
+from fastft.errors import Interrupted, UsageError
 from fastft.fastai_internals import finder_saves_under, release_last_batch
 from fastft.recipe import Recipe
 from fastft.run_folder import RunFolder, check_new_out, claim_run_folder
@@ -38,11 +38,9 @@ from fastft.train.epochs import EpochLog, RunProgress, unwrapped
 from fastft.train.report import summary_line, write_reports
 from fastft.train import backbone_choice, ema, strategy_choice, wise
 from fastft.train.budget import Budget, pass_seconds
-from fastft.train.strategies import STRATEGIES, Phase, Progress, describe_plan
-
-
-class Interrupted(Exception):
-    """Ctrl-C during training; the outputs of the last finished epoch were kept."""
+from fastft.schedules import STRATEGIES, Phase, describe_plan
+from fastft.train import strategies
+from fastft.train.strategies import Progress
 
 
 class Prepared(NamedTuple):
@@ -136,7 +134,9 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, trial: bool
         # disagree at the edge, one stopping while the others wait for it
         dist.from_main(lambda: budget.check_room_for_first_pass(pass_seconds(learn, items), what))
     if dist.size > 1:
-        learn.add_cb(dist.callback())
+        from fastft.train.sharding import DistributedTraining  # fastai.distributed and accelerate: many processes only
+
+        learn.add_cb(DistributedTraining(dist))
         torch.manual_seed(recipe.seed + dist.rank)  # same initial weights, different augmentation per rank
     # rank 0 creates and claims a new folder, last, so that a failed start leaves nothing behind
     folder = RunFolder(Path(out) if resuming else dist.from_main(lambda: claim_run_folder(out, recipe.name)))
@@ -388,8 +388,7 @@ def validation_words(context: RunContext, images: int) -> str:
 def no_holdout_why(context: RunContext, training_images: int) -> str:
     """Why a run has no validation split, and how to give it one."""
     if context.recipe.holdout == "auto":
-        from fastft.data.folders import AUTO_HOLDOUT
-        from fastft.deploy.calibration import MIN_HELD_OUT
+        from fastft.data.split import AUTO_HOLDOUT, MIN_HELD_OUT
 
         return (f"--holdout auto holds out {AUTO_HOLDOUT:.0%} of the training images from "
                 f"{round(MIN_HELD_OUT / AUTO_HOLDOUT)} up, and this run trains on {training_images}; --holdout 0.2 "
@@ -502,8 +501,8 @@ def fit_under_interruption(learn, context: RunContext, log: EpochLog, saved: dic
     interrupted = False
     try:
         if start_epoch < recipe.epochs:
-            STRATEGIES[recipe.strategy].fit(learn, phases, context, log.progress, start_epoch=start_epoch,
-                                            restore=restore)
+            strategies.fit(STRATEGIES[recipe.strategy], learn, phases, context, log.progress, start_epoch=start_epoch,
+                           restore=restore)
     except KeyboardInterrupt:
         interrupted = True
         if log.snapshot is None:
@@ -580,8 +579,12 @@ def save_model(learn, context: RunContext, threshold: float | None, temperature=
     only training needs."""
     recipe, folder = context.recipe, context.folder
     try:
-        context.dist.remove_callback(learn)  # training-only callbacks: not needed to load or use the model
-        for callback in training_only_callbacks():
+        training_only = training_only_callbacks()  # not needed to load or use the model
+        if context.dist.accelerator:
+            from fastft.train.sharding import DistributedTraining  # loaded only by a run of many processes
+
+            training_only = (DistributedTraining, *training_only)
+        for callback in training_only:
             learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, callback)))
         release_last_batch(learn)
         with replacing(folder.pickle.resolve()) as temporary:

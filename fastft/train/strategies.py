@@ -1,72 +1,17 @@
-"""Fine-tuning strategies: one record each, in the spirit of Lightning's `BaseFinetuning`.
+"""Training a strategy's phases (the records themselves, declarative, are in fastft/schedules.py).
 
-A `Strategy` holds everything about one schedule: its help text, its default learning rate, whether it
-starts from random weights, the settings it takes (`StrategySetting`s: each becomes a recipe key and a
-command-line option, checked against its minimum), its phases (which parameter groups train, for how many
-epochs, at which rates, on which schedule) and any set-up it needs (an optimizer of its own, frozen
-BatchNorm). Adding a strategy, or a setting of one, is adding one record here; the recipe, its checks, the CLI
-help, the run, `compare` and the LR finder all read it from there.
-
-Parameter groups are the stage groups of `model.stage_splitter`: stem, stage 1 ... stage N, head. `lr` is
-always the head's peak learning rate; a slice(lr / spread, lr) spreads rates geometrically from the stem up
-to the head. `epochs` is the total across phases. BatchNorm: fastai's convention (`train_bn`) keeps the
-BatchNorm layers of frozen stages training (their affine weights and running statistics adapt to the new
-images). Everything else in a frozen stage stays exactly as loaded. `keras` follows Keras instead: BatchNorm
-of frozen stages is frozen too, statistics included.
-
-Light to import (no fastai at module level): the CLI reads the records for --help.
+`fit` runs the phases in turn on a Learner, resumable mid-phase; a probe phase fits the head on the frozen
+backbone's features instead of training it (fastft/train/probe.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 
+from fastai.callback.core import Callback, CancelTrainException
 
-ONE_CYCLE, CONSTANT, PROBE = "one-cycle", "constant", "probe"
-
-
-@dataclass(frozen=True)
-class Phase:
-    """Part of a schedule: `epochs` epochs training the top `trains` parameter groups (0: all of them)."""
-    epochs: int
-    trains: int
-    lr: float | slice | list  # one rate, a geometric slice from the stem to the head, or one rate per group
-    schedule: str = ONE_CYCLE  # ONE_CYCLE (fastai's fit_one_cycle), CONSTANT (fastai's fit) or PROBE (fastft/train/probe.py)
-    pct_start: float = 0.25  # one-cycle: share of the steps spent warming up
-    div: float = 25.0  # one-cycle: the rate starts at peak / div
-    wd: float | None = None  # None: the recipe's weight decay
-
-    def describe_groups(self) -> str:
-        if not self.trains:
-            return "all stages"
-        return "the head only" if self.trains == 1 else f"the top {self.trains - 1} stage(s) and the head"
-
-    def describe(self) -> str:
-        """What the phase trains and how: 'the head only, one-cycle to peak lr 1.0e-02'."""
-        rate = self.lr
-        if isinstance(rate, slice):
-            rate = f"{rate.stop:.1e}" if rate.start is None else f"{rate.start:.1e} (stem) .. {rate.stop:.1e} (head)"
-        elif isinstance(rate, list):
-            rate = f"{rate[0]:.1e} (body), {rate[-1]:.1e} (head)"
-        else:
-            rate = f"{rate:.1e}"
-        if self.schedule == PROBE:
-            return "the head fitted on the frozen backbone's features (a linear probe)"
-        return f"{self.describe_groups()}, {'one-cycle to peak' if self.schedule == ONE_CYCLE else 'constant'} lr {rate}"
-
-
-@dataclass(frozen=True)
-class StrategySetting:
-    """A whole-number setting some strategies take: a recipe key (and --flag) of that name. Declared once and
-    listed by every strategy record that reads it; its help names those strategies."""
-    name: str
-    default: int
-    help: str
-    minimum: int = 0
-
-
-FREEZE_EPOCHS = StrategySetting("freeze_epochs", 1, "epochs that train only the head (part of --epochs).")
-UNFREEZE = StrategySetting("unfreeze", 2, "stages unfrozen from the top after the head-only phase.", minimum=1)
+from fastft.fastai_internals import AFTER_PROGRESS
+from fastft.schedules import CONSTANT, ONE_CYCLE, Phase, Strategy
+from fastft.train.probe import FrozenBatchNormStatistics, fit_probe
 
 
 @dataclass
@@ -76,83 +21,42 @@ class Progress:
     probe: dict | None = None  # a probe epoch: the fitted head's figures on the training images, for the log
 
 
-def describe_plan(phases: list[Phase]) -> str:
-    """'epoch 1: the head only, ...; epochs 2-5: all stages, ...': what each phase will do, epochs counted 1..N."""
-    parts, first = [], 1
-    for phase in phases:
-        last = first + phase.epochs - 1
-        parts.append(f"{'epoch' if first == last else 'epochs'} {first}{'' if first == last else f'-{last}'}: "
-                     f"{phase.describe()}")
-        first = last + 1
-    return "; ".join(parts)
-
-
-@dataclass(frozen=True)
-class Strategy:
-    """A schedule over the stage groups. Subclasses override `phases` and, when they need one, `setup`."""
-    help: str
-    default_lr: float  # the head's peak rate when the recipe leaves lr at 0
-    random_init: bool = False  # starts from random weights whatever --weights / --pretrained say
-    head: str = "fastai"  # the head's shape, a name in fastft/deploy/network.py's HEADS
-    settings: tuple[StrategySetting, ...] = field(default=())  # what it takes beyond lr and epochs
-
-    def phases(self, lr: float, epochs: int, n_groups: int, options: dict) -> list[Phase]:
-        """The schedule: `lr` the head's peak rate, `options` this strategy's settings by name."""
-        raise NotImplementedError
-
-    def options(self, recipe) -> dict:
-        """This strategy's settings, as the recipe gives them."""
-        return {s.name: getattr(recipe, s.name) for s in self.settings}
-
-    def plan(self, learn, lr: float, recipe, epochs: int | None = None) -> list[Phase]:
-        """The phases for this Learner (its splitter says how many parameter groups there are) and the recipe's
-        settings; `epochs` instead of the recipe's, if given."""
-        return self.phases(lr, epochs or recipe.epochs, len(learn.splitter(learn.model)), self.options(recipe))
-
-    def setup(self, learn) -> None:
-        """Change the Learner before the first phase (optimizer, BatchNorm); undone by `teardown`."""
-
-    def teardown(self, learn) -> None:
-        pass
-
-    def fit(self, learn, phases: list[Phase], context, progress: Progress | None = None, start_epoch: int = 0,
-            restore=None) -> None:
-        """Train the phases in turn (`context`: the run's RunContext). A resumed run passes the epochs already done
-        (`start_epoch`) and `restore(learn, optimizer)`, called once just before the first epoch still to run:
-        phases done are skipped, and a phase stopped in its middle continues at its next epoch on the same
-        schedule (fastai's `start_epoch`). Early stopping (`progress.stop`) skips the phases left."""
-        progress = progress or Progress()
-        self.setup(learn)
-        try:
-            first = 0  # the phase's first epoch, counted from 0 across phases
-            for phase in phases:
-                done_here, first = max(0, min(phase.epochs, start_epoch - first)), first + phase.epochs
-                if done_here == phase.epochs or progress.stop:
-                    continue
-                learn.freeze_to(-phase.trains) if phase.trains else learn.unfreeze()
-                if restore is not None:
-                    restore(learn, optimizer=done_here > 0)
-                    restore = None
-                if phase.schedule == ONE_CYCLE:
-                    learn.fit_one_cycle(phase.epochs, phase.lr, pct_start=phase.pct_start, div=phase.div, wd=phase.wd,
-                                        start_epoch=done_here)
-                elif phase.schedule == CONSTANT:
-                    learn.fit(phase.epochs, lr=phase.lr, wd=phase.wd, start_epoch=done_here)
-                else:
-                    fit_probe_epoch(learn, context, progress)
-        finally:
-            self.teardown(learn)
+def fit(strategy: Strategy, learn, phases: list[Phase], context, progress: Progress | None = None,
+        start_epoch: int = 0, restore=None) -> None:
+    """Train `strategy`'s phases in turn (`context`: the run's RunContext). A resumed run passes the epochs already done
+    (`start_epoch`) and `restore(learn, optimizer)`, called once just before the first epoch still to run:
+    phases done are skipped, and a phase stopped in its middle continues at its next epoch on the same
+    schedule (fastai's `start_epoch`). Early stopping (`progress.stop`) skips the phases left."""
+    progress = progress or Progress()
+    strategy.setup(learn)
+    if strategy.frozen_bn_statistics:
+        learn.add_cb(FrozenBatchNormStatistics())
+    try:
+        first = 0  # the phase's first epoch, counted from 0 across phases
+        for phase in phases:
+            done_here, first = max(0, min(phase.epochs, start_epoch - first)), first + phase.epochs
+            if done_here == phase.epochs or progress.stop:
+                continue
+            learn.freeze_to(-phase.trains) if phase.trains else learn.unfreeze()
+            if restore is not None:
+                restore(learn, optimizer=done_here > 0)
+                restore = None
+            if phase.schedule == ONE_CYCLE:
+                learn.fit_one_cycle(phase.epochs, phase.lr, pct_start=phase.pct_start, div=phase.div, wd=phase.wd,
+                                    start_epoch=done_here)
+            elif phase.schedule == CONSTANT:
+                learn.fit(phase.epochs, lr=phase.lr, wd=phase.wd, start_epoch=done_here)
+            else:
+                fit_probe_epoch(learn, context, progress)
+    finally:
+        strategy.teardown(learn)
+        learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, FrozenBatchNormStatistics)))
 
 
 def fit_probe_epoch(learn, context, progress: Progress) -> None:
     """One epoch that fits the head as a linear probe instead of training it, then measures the test split
     like any epoch. The epoch's training figures are the probe's, on the training images (`progress.probe`,
     read by the run's EpochLog)."""
-    from fastai.callback.core import Callback, CancelTrainException
-
-    from fastft.fastai_internals import AFTER_PROGRESS
-    from fastft.train.probe import fit_probe
-
     class ProbeInsteadOfTraining(Callback):
         order = AFTER_PROGRESS  # every other before_train has run (DDP wraps, bars open), no batch has
 
@@ -164,137 +68,3 @@ def fit_probe_epoch(learn, context, progress: Progress) -> None:
         learn.fit(1, lr=0.0, cbs=ProbeInsteadOfTraining())
     finally:
         progress.probe = None
-
-
-def head_epochs(epochs: int, freeze_epochs: int) -> int:
-    """Epochs of a head-only phase: at most freeze_epochs, and always one epoch left for the rest."""
-    return min(freeze_epochs, epochs - 1)
-
-
-class FineTune(Strategy):
-    """fastai's `fine_tune`: the head alone, then every stage with discriminative rates (fastai's lr_mult 100,
-    div 5, base rate halved)."""
-
-    def phases(self, lr, epochs, n_groups, options):
-        frozen = head_epochs(epochs, options["freeze_epochs"])
-        head = [Phase(frozen, 1, slice(lr), pct_start=0.99)] if frozen else []
-        return head + [Phase(epochs - frozen, 0, slice(lr / 200, lr / 2), pct_start=0.3, div=5.0)]
-
-
-class D2L(Strategy):
-    """d2l 13.2's `train_fine_tuning`: SGD without momentum, L2 weight decay 1e-3, the head at 10x the body."""
-
-    def phases(self, lr, epochs, n_groups, options):
-        return [Phase(epochs, 0, [lr / 10] * (n_groups - 1) + [lr], CONSTANT, wd=1e-3)]
-
-    def setup(self, learn):
-        from fastai.optimizer import SGD
-
-        learn.opt_func, learn.opt = partial(SGD, mom=0.0, decouple_wd=False), None  # torch SGD: L2 decay
-
-
-class Keras(Strategy):
-    """The Keras transfer-learning guide: frozen backbone (BatchNorm included), then the top stages at lr/100."""
-
-    def phases(self, lr, epochs, n_groups, options):
-        frozen = head_epochs(epochs, options["freeze_epochs"])
-        head = [Phase(frozen, 1, lr, CONSTANT)] if frozen else []
-        return head + [Phase(epochs - frozen, min(options["unfreeze"] + 1, n_groups), lr / 100, CONSTANT)]  # + 1: the head
-
-    def setup(self, learn):
-        from fastai.callback.training import BnFreeze
-
-        learn.train_bn, learn.opt = False, None  # frozen means frozen, BatchNorm included, as in Keras
-        learn.add_cb(BnFreeze())
-
-    def teardown(self, learn):
-        from fastai.callback.training import BnFreeze
-
-        learn.remove_cb(BnFreeze)
-
-
-class Gradual(Strategy):
-    """ULMFiT's gradual unfreezing: one more stage group per epoch, from the top down, then everything."""
-
-    def phases(self, lr, epochs, n_groups, options):
-        steps = min(epochs, n_groups)
-        return [Phase(1, k, slice(lr / 100, lr)) for k in range(1, steps)] + [Phase(epochs - steps + 1, 0, slice(lr / 100, lr))]
-
-
-class Probe(Strategy):
-    """A linear probe: the backbone stays as loaded, the linear head is fitted on its features. One epoch."""
-
-    def phases(self, lr, epochs, n_groups, options):
-        return [Phase(1, 1, 0.0, PROBE)]
-
-
-class LinearProbeThenFineTune(Strategy):
-    """LP-FT (Kumar et al., ICLR 2022): the head fitted as a linear probe in the first epoch, then every stage
-    fine-tuned from it with discriminative rates (lr/100 at the stem .. lr at the head), one-cycle. BatchNorm
-    keeps the statistics the probe was fitted with: batch statistics of small, augmented batches would move
-    every feature the head was fitted on (its affine weights still train)."""
-
-    def phases(self, lr, epochs, n_groups, options):
-        probe = [Phase(1, 1, 0.0, PROBE)]
-        return probe + ([Phase(epochs - 1, 0, slice(lr / 100, lr), pct_start=0.1)] if epochs > 1 else [])
-
-    def setup(self, learn):
-        from fastft.train.probe import FrozenBatchNormStatistics
-
-        learn.add_cb(FrozenBatchNormStatistics())
-
-    def teardown(self, learn):
-        from fastft.train.probe import FrozenBatchNormStatistics
-
-        learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, FrozenBatchNormStatistics)))
-
-
-class Scratch(Strategy):
-    """Random initialisation, every layer at one rate."""
-
-    def phases(self, lr, epochs, n_groups, options):
-        return [Phase(epochs, 0, lr)]
-
-
-STRATEGIES: dict[str, Strategy] = {
-    # 1e-2, not fastai's 2e-3: a small dataset gives the new head few steps, and on the hotdog set 2e-3 left
-    # it under-trained (bench/strategies.py; README).
-    "fine-tune": FineTune("fastai's fine_tune: the head alone for --freeze-epochs, then every stage with "
-                          "discriminative LRs (lr/200 at the stem .. lr/2 at the head); one-cycle, Adam", 1e-2,
-                          settings=(FREEZE_EPOCHS,)),
-    # d2l trains with lr 5e-5 on a loss *summed* over 128 images; fastft's loss is the batch mean, so the same
-    # steps take 128 x 5e-5 = 6.4e-3 for the body and 10x that, 0.064, for the head.
-    "d2l": D2L("d2l 13.2 as printed: every layer trains from the start, SGD without momentum, weight decay "
-               "1e-3, head at 10x the body's LR, constant rate", 0.064),
-    "keras": Keras("the Keras guide: freeze the backbone, train the head at lr, then unfreeze the top "
-                   "--unfreeze stages at lr/100; constant-rate Adam, BatchNorm of frozen stages frozen", 1e-3,
-                   settings=(FREEZE_EPOCHS, UNFREEZE)),
-    "gradual": Gradual("ULMFiT's gradual unfreezing: one more stage group per phase from the top down, "
-                       "discriminative LRs (lr/100 .. lr); one-cycle, Adam", 1e-2),
-    # on CIFAR-10 (10,000 images, 3 epochs) one-cycle Adam peaking at 1e-2 beat 5e-3 and 2e-3
-    # (0.510, 0.497, 0.479 test acc)
-    "probe": Probe("a linear probe: the backbone as loaded, a linear head fitted on its features of the training "
-                   "images (and their mirror images) in one pass; seconds, whatever --epochs says", 0.0,
-                   head="linear"),
-    "lp-ft": LinearProbeThenFineTune("LP-FT: epoch 1 fits a linear head as a probe, the other epochs fine-tune every "
-                                     "stage from it (lr/100 at the stem .. lr at the head); one-cycle, Adam", 1e-3,
-                                     head="linear"),
-    "scratch": Scratch("random initialisation, every layer at one LR; one-cycle, Adam (d2l's baseline)", 1e-2,
-                       random_init=True),
-}
-
-
-# `--strategy auto` is not a schedule but a choice between two of them, made on the training images before the run
-# trains (fastft/train/strategy_choice.py): the run then trains what was chosen, and recipe.toml names it.
-AUTO = "auto"
-AUTO_HELP = ("the probe or lp-ft (mixed with its probe by WiSE-FT), whichever scores best on training images held out "
-             "from a trial run (a validation split, when the run has one); fine-tuning must beat the probe to be chosen")
-
-
-def strategy_settings() -> dict[str, tuple[StrategySetting, list[str]]]:
-    """Every strategy setting by name, with the strategies that take it: the recipe's keys for them."""
-    found: dict[str, tuple[StrategySetting, list[str]]] = {}
-    for name, strategy in STRATEGIES.items():
-        for setting in strategy.settings:
-            found.setdefault(setting.name, (setting, []))[1].append(name)
-    return found

@@ -30,9 +30,10 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
+from fastft.errors import Interrupted, UsageError
 from fastft.recipe import Recipe
 from fastft.run_folder import FILES
-from fastft.train.strategies import AUTO
+from fastft.schedules import AUTO
 
 
 class StrategyChoice(NamedTuple):
@@ -50,8 +51,6 @@ def choosing(recipe: Recipe) -> bool:
 
 
 def check(recipe: Recipe) -> None:
-    from fastft.errors import UsageError
-
     if recipe.wise != "off":
         raise UsageError(f"--strategy auto chooses the WiSE-FT weight itself; drop --wise {recipe.wise} (or give "
                          "--strategy lp-ft with it)")
@@ -59,7 +58,8 @@ def check(recipe: Recipe) -> None:
 
 def has_validation_split(recipe: Recipe) -> bool:
     """Whether the recipe's data has a validation split of its own, without reading any image."""
-    from fastft.data.folders import holdout_share, split_files
+    from fastft.data.folders import split_files
+    from fastft.data.split import holdout_share
 
     if recipe.holdout == 0:
         return bool(recipe.data) and not recipe.labels and (Path(recipe.data).expanduser() / "valid").is_dir()
@@ -69,7 +69,8 @@ def has_validation_split(recipe: Recipe) -> bool:
 
 def too_few_to_hold_out(recipe: Recipe) -> str:
     """Why a trial could not score the candidates (its held-out fold would have fewer images than classes), or ""."""
-    from fastft.data.folders import TRIAL_SHARE, split_files
+    from fastft.data.folders import split_files
+    from fastft.data.split import TRIAL_SHARE
 
     split = split_files(Path(recipe.data).expanduser(), recipe, trial=True)
     held_out = sum(map(len, split.valid.values()))
@@ -82,7 +83,6 @@ def too_few_to_hold_out(recipe: Recipe) -> str:
 def choose(recipe: Recipe, run_training, device) -> StrategyChoice:
     """The recipe with `--strategy auto` resolved. `run_training(recipe, out)` trains the trial run (train() itself:
     a run like any other, in a folder of its own, distributed when the run is)."""
-    from fastft.errors import UsageError
     from fastft.train.backbone_choice import selecting
     from fastft.train.distributed import Distributed
 
@@ -101,14 +101,12 @@ def choose(recipe: Recipe, run_training, device) -> StrategyChoice:
     dist = Distributed(device)
     folder = Path(dist.from_main(new_trial_folder)) / "trial"
     if dist.is_main:
-        from fastft.data.folders import TRIAL_SHARE
+        from fastft.data.split import TRIAL_SHARE
 
         bounded = f"; --budget {recipe.budget} bounds it" if recipe.budget else ""
         print(f"choosing the strategy: a trial run of lp-ft on the training images less {TRIAL_SHARE:.0%} of each "
               f"class, which then score the probe, lp-ft and WiSE-FT's mixes of the two (about {1 - TRIAL_SHARE:.1f} "
               f"of this run's training; the test split is not read{bounded})", flush=True)
-    from fastft.train.run import Interrupted
-
     try:
         results = run_training(lp_ft.replace(keep="last", patience=0, tta=False), str(folder))
         decided = dist.from_main(lambda: decision(recipe, folder, results))
