@@ -136,7 +136,7 @@ def test_channels_last_changes_the_layout_not_the_numbers(dataset, tmp_path):
     import torch
 
     from fastft.recipe import load_recipe
-    from fastft.train.run import prepare
+    from fastft.train.setup import prepare
 
     recipe = load_recipe("cifar").replace(data=str(dataset), arch="resnet18", pretrained=False, size=32, bs=4,
                                           workers=0, channels_last=True, device="cpu")

@@ -95,7 +95,7 @@ def test_the_budget_stops_the_search_and_keeps_the_best_so_far(weights_folder, t
     from fastft.errors import UsageError
     from fastft.train import backbone_choice
     from fastft.train.budget import Budget
-    from fastft.train.run import RunFolder
+    from fastft.run_folder import RunFolder
 
     data = make_split_dataset(tmp_path / "colours", per_class=8)
     recipe = load_recipe("train").replace(data=str(data), arch=",".join(ARCHS), weights=str(weights_folder), size=32)

@@ -72,7 +72,7 @@ def changed(before, after, bn=False):
 
 def watched_learner(dataset, out, **recipe_changes):
     """(Learner, Watch, RunContext) of a prepared run, as `fastft train` sets it up, in one process on the CPU."""
-    from fastft.train.run import prepare
+    from fastft.train.setup import prepare
 
     recipe = Recipe(data=str(dataset), size=32, bs=4, workers=0, arch="resnet18", pretrained=False, aug="none",
                     device="cpu", precision="fp32", **recipe_changes)

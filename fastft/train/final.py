@@ -1,0 +1,199 @@
+"""The end of a run: the kept model's scores on the test split as its bundle gives them, the temperature fitted on
+the validation split (calibration), the last report, and the saved model."""
+from __future__ import annotations
+
+import sys
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from fastft.atomic import replacing
+from fastft.data.loaders import validation_loader
+from fastft.deploy.bundle import activation, mirror_averaged, probabilities_of, write_bundle
+from fastft.errors import Interrupted
+from fastft.fastai_internals import release_last_batch
+from fastft.run_folder import RunFolder
+from fastft.train.context import RunContext
+from fastft.train.devices import training_only_callbacks
+from fastft.train.epochs import EpochLog, unwrapped
+from fastft.train.report import write_reports
+
+
+def unaugmented_train_accuracy(learn) -> float:
+    """Accuracy on the training images with the test transforms: next to test accuracy, this is what
+    shows overfitting (d2l's train acc is measured on augmented batches, mid-epoch)."""
+    dl = learn.dls.test_dl(learn.dls.train_ds.items, with_labels=True)
+    with learn.no_bar(), learn.no_logging():
+        return float(learn.validate(dl=dl)[1])
+
+
+class Predictions(NamedTuple):
+    """A model's predictions over one split, as its bundle makes them (float32, whatever precision trained it)."""
+    logits: np.ndarray  # (N, C), before any temperature
+    probabilities: np.ndarray  # (N, C), with the temperature given
+    with_tta: np.ndarray | None  # the same averaged with the mirror images' (flip TTA), when the recipe asks for it
+    targets: np.ndarray
+
+
+def split_predictions(learn, dl, context: RunContext, temperature=None) -> Predictions:
+    """The model's predictions over one split: logits, and probabilities with `temperature` (None: uncalibrated),
+    plain and, when the recipe's tta asks for it, averaged with each image's mirror image (`fastft predict --tta`)."""
+
+    network = unwrapped(learn.model).eval()
+    probabilities = probabilities_of(network, context.multi_label, temperature)
+    logits, plain, averaged, targets = [], [], [], []
+    with torch.inference_mode():
+        for xb, yb in dl:
+            z = network(xb)
+            p = activation(z, context.multi_label, temperature)
+            logits.append(z.float().cpu())
+            plain.append(p.float().cpu())
+            if context.recipe.tta:
+                averaged.append(mirror_averaged(probabilities, xb, plain=p).float().cpu())
+            targets.append(yb.cpu())
+    if not targets:
+        empty = np.zeros((0, len(context.classes)), np.float32)
+        return Predictions(empty, empty, empty if context.recipe.tta else None, np.zeros(0))
+    return Predictions(torch.cat(logits).numpy(), torch.cat(plain).numpy(),
+                       torch.cat(averaged).numpy() if averaged else None, torch.cat(targets).numpy())
+
+
+def calibrate(learn, context: RunContext) -> dict:
+    """Fit a temperature (deploy/calibration.py) on the validation split's predictions, kept where it beats its
+    noise; the test split's ECE, NLL and Brier score before and after (and with the fitted temperature, where it was
+    not kept), and reliability.png. A run without a validation split of at least calibration.MIN_HELD_OUT images
+    stays uncalibrated, and says so: the test split is never used to fit anything."""
+    from fastft.deploy import calibration
+
+    validation = validation_loader(learn.dls)
+    held_out = len(validation.dataset) if validation is not None else 0
+    if held_out < calibration.MIN_HELD_OUT:
+        why = (f"its validation split has only {held_out} images (at least {calibration.MIN_HELD_OUT} are needed)"
+               if held_out else "it has no validation split apart from the test split "
+                                f"({no_holdout_why(context, len(learn.dls.train_ds))})")
+        print(f"note: the model's probabilities are not calibrated: {why}", file=sys.stderr)
+        return {"calibrated": False, "why": why}
+    fitted_on = split_predictions(learn, validation, context)
+    temperature = calibration.choose_temperature(fitted_on.logits, fitted_on.targets, context.multi_label)
+    test = split_predictions(learn, learn.dls.valid, context)
+    before = calibration.scaled(test.logits, 1.0, context.multi_label)
+    after = calibration.scaled(test.logits, temperature.value, context.multi_label)
+    calibration.reliability_diagram(before, after, test.targets, context.multi_label, context.folder.reliability,
+                                    f"{context.recipe.name}: the test split ({len(test.targets)} images)")
+    figures = {"before": calibration.figures(before, test.targets, context.multi_label),
+               "after": calibration.figures(after, test.targets, context.multi_label)}
+    if temperature.kept_at_one:  # what the fitted temperature would have done, for the record: it was not used
+        figures["if_fitted"] = calibration.figures(calibration.scaled(test.logits, temperature.fitted,
+                                                                      context.multi_label), test.targets, context.multi_label)
+    return {"calibrated": True, "temperature": temperature.value, "fitted_temperature": temperature.fitted,
+            "validation_nll_saved": temperature.gain, "validation_nll_noise": temperature.noise,
+            "fitted_on": validation_words(context, held_out), "test": figures}
+
+
+def validation_words(context: RunContext, images: int) -> str:
+    """What the validation split is, in words: the data's own, or held out from the training images."""
+    if not context.holdout:
+        return f"the validation split ({images} images)"
+    how = "auto: " if context.recipe.holdout == "auto" else ""
+    return f"{images} training images held out as a validation split (--holdout {how}{context.holdout:.0%} of each class)"
+
+
+def no_holdout_why(context: RunContext, training_images: int) -> str:
+    """Why a run has no validation split, and how to give it one."""
+    if context.recipe.holdout == "auto":
+        from fastft.data.split import AUTO_HOLDOUT, MIN_HELD_OUT
+
+        return (f"--holdout auto holds out {AUTO_HOLDOUT:.0%} of the training images from "
+                f"{round(MIN_HELD_OUT / AUTO_HOLDOUT)} up, and this run trains on {training_images}; --holdout 0.2 "
+                "holds out a larger share")
+    return "--holdout auto sets a tenth of the training images aside for it, from 500 up"
+
+
+def final_scores(learn, context: RunContext, temperature=None) -> tuple[dict, dict | None]:
+    """The kept model's scores on the test split as its bundle gives them (deploy/scores.py): accuracy, balanced
+    accuracy and macro F1; a multi-label run's at the threshold with the best micro F1 on the validation split (0.5
+    without one), chosen on calibrated probabilities, with mAP. Returns (scores, the same with flip TTA when the
+    recipe asks for it, else None)."""
+    from fastft.deploy import scores
+
+    classes = list(context.classes)
+    test = split_predictions(learn, learn.dls.valid, context, temperature)
+    if not context.multi_label:
+        score = lambda probs: scores.single_label(probs, test.targets.astype(int), classes)
+    else:
+        threshold = 0.5
+        if (validation := validation_loader(learn.dls)) is not None:
+            held_out = split_predictions(learn, validation, context, temperature)
+            threshold = scores.choose_threshold(held_out.probabilities if held_out.with_tta is None
+                                                else held_out.with_tta, held_out.targets)
+        score = lambda probs: scores.multi_label(probs, test.targets, classes, threshold)
+    return score(test.probabilities), (score(test.with_tta) if test.with_tta is not None else None)
+
+
+def calibration_line(calibration: dict, folder: RunFolder) -> str:
+    """The run's last line about its probabilities: the temperature, what it was fitted on, and the test ECE."""
+    def shown(t):
+        return f"{t:.2f}" if isinstance(t, float) else f"{min(t):.2f}-{max(t):.2f}"
+    before, after = calibration["test"]["before"]["ece"], calibration["test"]["after"]["ece"]
+    applied, fitted, where = calibration["temperature"], calibration["fitted_temperature"], calibration["fitted_on"]
+    kept = (f"temperature {shown(applied)} fitted on {where}" if applied == fitted else
+            f"temperature {shown(applied)}, as the {shown(fitted)} fitted on {where} lowered their NLL by less than "
+            f"its noise{' for some labels, which keep 1' if isinstance(applied, list) else ''}")
+    return f"calibrated: {kept}; test ECE {before:.3f} -> {after:.3f} ({folder.reliability.name})"
+
+
+def final_report(learn, context: RunContext, log: EpochLog, interrupted: bool, measure_unaugmented: bool,
+                 extra: dict | None = None) -> tuple[dict, float | None, bool]:
+    """Score the kept model on the test split, then write the reports (metrics.json, history.csv, curves.png) for
+    the last time; `extra`: more keys for metrics.json. Returns (metrics.json's content, a multi-label model's
+    threshold, whether Ctrl-C came)."""
+    final, threshold = {}, 0.5 if context.multi_label else None
+    test, calibration = None, {"calibrated": False, "why": "the final measurements were skipped"}
+    try:  # extra passes over the data: a Ctrl-C here skips them, and the trained model is still saved
+        # after fit the Learner holds the whole test set again (fastai's DistributedTrainer restores it)
+        calibration = calibrate(learn, context) if not context.trial else {"calibrated": False, "why": "a trial run"}
+        plain, with_tta = final_scores(learn, context, calibration.get("temperature"))
+        test = with_tta or plain  # what `fastft evaluate` reports for the saved model (it uses the recipe's tta)
+        # the saved model's test accuracy in float32: the kept epoch's line was measured in the training precision
+        final["test_acc"] = plain["accuracy"]
+        final.update({k: test[k] for k in ("balanced_accuracy", "macro_f1", "micro_f1", "mAP", "threshold") if k in test})
+        threshold = test.get("threshold")
+        if with_tta:
+            final["test_acc_tta"] = with_tta["accuracy"]
+        if measure_unaugmented and not interrupted and context.dist.size == 1:
+            final["train_acc_unaugmented"] = unaugmented_train_accuracy(learn)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("interrupted: skipping the final test-time measurements, saving the trained model", file=sys.stderr)
+    additions = {"final": final, "calibration": calibration, **(extra or {}), **({"test_scores": test} if test else {}),
+                 **({"stopped_early": log.stopped} if log.stopped else {})}
+    # the last epoch's checkpoint, written while the final scores were computed, on disk before any model file (a
+    # full disk raises here), so a run that fails from here on can be resumed
+    log.saver.wait()
+    results = write_reports(context.folder, log.epochs, log.examples_per_sec, str(context.device), log.kept_epoch,
+                            additions)
+    return results, threshold, interrupted
+
+
+def save_model(learn, context: RunContext, threshold: float | None, temperature=None) -> None:
+    """The pickle-free bundle (model.safetensors + model.json) and fastai's model.pkl, without the callbacks that
+    only training needs."""
+    recipe, folder = context.recipe, context.folder
+    try:
+        training_only = training_only_callbacks()  # not needed to load or use the model
+        if context.dist.accelerator:
+            from fastft.train.sharding import DistributedTraining  # loaded only by a run of many processes
+
+            training_only = (DistributedTraining, *training_only)
+        for callback in training_only:
+            learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, callback)))
+        release_last_batch(learn)
+        with replacing(folder.pickle.resolve()) as temporary:
+            learn.export(temporary)
+        write_bundle(learn.model, folder, arch=recipe.arch, classes=list(context.classes), size=recipe.size,
+                     crop_pct=recipe.crop_pct, mean=context.mean, std=context.std, head=context.head, tta=recipe.tta,
+                     threshold=threshold, temperature=temperature)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted while saving the model: the earlier model files in {folder} are whole; "
+                          "metrics.json and the curves are kept; `fastft resume` finishes it") from None

@@ -1,0 +1,141 @@
+"""`train`: what a command line asks for, as one visible sequence.
+
+A run whose recipe leaves nothing to choose is one `TrainingRun` (fastft/train/run.py); a stopped one is resumed.
+`--strategy auto` chooses first, on the training images alone (issue 28: whether fine-tuning beats a linear probe on
+a small set depends on the data), then trains what it chose:
+
+1. the backbone, when the recipe lists several (--arch a,b,c or auto): k-fold probes on the trial's training images
+   (fastft/train/backbone_choice.py), in the trial's set-up;
+2. the strategy: a *trial* run of lp-ft with `--wise auto` on the training images less one fold of five
+   (`carve_trial`), scored on that fold. WiSE-FT scores the probe's weights (weight 0), the fine-tuned ones (1) and the
+   mixes between them at once, and keeps the probe unless a weight with fine-tuning in it beats it by more than two
+   images (fastft/train/wise.py). Where the data has a validation split of its own (valid/, --holdout), the run
+   itself is that lp-ft run and chooses on it, with no trial;
+3. the final run: `--strategy probe` where the probe won, else `--strategy lp-ft --wise W`, on every training image.
+
+The trial never reads the test split. It costs about 0.8 of a run's training; `--budget` bounds it
+(fastft/train/budget.py): out of time, it trains no further epoch and the candidates are scored on the weights it
+has; a budget too small for even its probe epoch is an error naming the least that would do. recipe.toml names what
+was chosen (`fastft run` reproduces the run without the trial), strategy.csv and strategy.png keep every candidate's
+figures (fastft/train/strategy_choice.py), and metrics.json's `strategy_choice` the trial's.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from fastft.data.folders import split_files
+from fastft.data.split import Split, seeded_split
+from fastft.errors import Interrupted, UsageError
+from fastft.recipe import Recipe
+from fastft.run_folder import check_new_out
+from fastft.train.backbone_choice import selecting
+from fastft.train.budget import Budget
+from fastft.train.devices import resolve_device
+from fastft.train.distributed import Distributed
+from fastft.train.run import RunResult, TrainingRun
+from fastft.train.strategy_choice import StrategyChoice, choosing, decision, has_validation_split
+
+TRIAL_SHARE = 0.2  # the trial holds out one fold of five, as the backbone choice's k-fold probes do
+TRIAL_PREFIX = "fastft-strategy-trial-"
+
+
+def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = False, callbacks=(),
+          resume: Path | None = None) -> dict:
+    """Run `recipe` (choosing first where it says auto), or (`resume`) continue a stopped run from its checkpoint;
+    returns metrics.json's content (empty on ranks other than 0). Raises Interrupted after saving on Ctrl-C.
+    `measure_unaugmented` adds final.train_acc_unaugmented (one more pass over the training images); `callbacks` are
+    extra fastai callbacks for the Learner."""
+    if resume is not None:
+        return TrainingRun.resumed(resume, measure_unaugmented, callbacks).train().metrics
+    choice = None
+    if choosing(recipe):
+        check_new_out(out)
+        choice = choose_strategy(recipe, resolve_device(recipe.device))
+        recipe = choice.recipe
+    return TrainingRun(recipe, out, measure_unaugmented, callbacks, choice=choice).train().metrics
+
+
+def carve_trial(split: Split, seed: int) -> Split:
+    """The trial's split: TRIAL_SHARE of each class's training images held out as both its test and its validation
+    split (the same images), the rest its training images; the data's own test split is never read. Classes too
+    small to spare an image train on all theirs."""
+    split.train, held_out = seeded_split(split.train, TRIAL_SHARE, seed + 3, "the strategy trial", strict=False)
+    split.test, split.valid = held_out, dict(held_out)
+    return split
+
+
+def trial_carver(seed: int):
+    return lambda split: carve_trial(split, seed)
+
+
+def too_few_to_hold_out(recipe: Recipe) -> str:
+    """Why a trial could not score the candidates (its held-out fold would have fewer images than classes), or ""."""
+    split = carve_trial(split_files(Path(recipe.data).expanduser(), recipe), recipe.seed)
+    held_out = sum(map(len, split.valid.values()))
+    if held_out >= len(split.classes):
+        return ""
+    return (f"{TRIAL_SHARE:.0%} of each class's training images is {held_out} image(s) in all, too few to score the "
+            f"strategies on ({len(split.classes)} classes)")
+
+
+def choose_strategy(recipe: Recipe, device) -> StrategyChoice:
+    """The recipe with `--strategy auto` resolved: on the run's own validation split (the run is lp-ft with --wise
+    auto), or by a trial run (a TrainingRun like any other, in a folder of its own, distributed when the run is)."""
+    if recipe.wise != "off":
+        raise UsageError(f"--strategy auto chooses the WiSE-FT weight itself; drop --wise {recipe.wise} (or give "
+                         "--strategy lp-ft with it)")
+    lp_ft = recipe.replace(strategy="lp-ft", wise="auto")
+    if recipe.data and has_validation_split(recipe):
+        if recipe.budget and not selecting(recipe):
+            raise UsageError(f"--budget {recipe.budget} bounds a trial run, and this data's validation split chooses the "
+                             "strategy without one; drop --budget")
+        return StrategyChoice(lp_ft, {}, 0, "the run's validation split", {}, None)
+    if recipe.data and (too_few := too_few_to_hold_out(recipe)):
+        print(f"note: --strategy auto: {too_few}; the probe trains (fine-tuning is chosen only where it beats the "
+              "probe on held-out images)", file=sys.stderr)
+        probe = recipe.replace(strategy="probe", epochs=1, ema=0.0, budget=recipe.budget if selecting(recipe) else "")
+        return StrategyChoice(probe, {}, 0, too_few, {}, None)
+    # --budget bounds the whole choice on one clock from here: the backbone's, then the trial's epochs. Started first,
+    # so that a malformed one fails before any work
+    budget = Budget.start(recipe.budget)
+    dist = Distributed(device)
+    folder = Path(dist.from_main(new_trial_folder)) / "trial"
+    if dist.is_main:
+        bounded = f"; --budget {recipe.budget} bounds it" if recipe.budget else ""
+        print(f"choosing the strategy: a trial run of lp-ft on the training images less {TRIAL_SHARE:.0%} of each "
+              f"class, which then score the probe, lp-ft and WiSE-FT's mixes of the two (about {1 - TRIAL_SHARE:.1f} "
+              f"of this run's training; the test split is not read{bounded})", flush=True)
+    try:
+        trial = TrainingRun(lp_ft.replace(keep="last", patience=0, tta=False, budget=""), str(folder),
+                            carve=trial_carver(recipe.seed), budget=budget).train()
+        return dist.from_main(lambda: decision(recipe, trial))
+    except Interrupted:  # the trial's own message would offer to resume the trial
+        raise Interrupted("interrupted while choosing the strategy (its trial run), before the run began: nothing "
+                          "to keep; start it again, or give --strategy lp-ft (or probe) to skip the trial") from None
+    finally:
+        if dist.is_main:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def new_trial_folder() -> str:
+    """A folder in the system's temporary folder for a trial, named after this process and machine. The folders of
+    trials whose process is gone are removed first: a killed run (kill -9, a lost machine) never reached its
+    `finally`, and each left a checkpoint behind (the size of the network three times over). The machine's name
+    keeps a container that shares /tmp from taking another's running trial for a dead one."""
+    import socket
+
+    import psutil
+
+    host = socket.gethostname()
+    for stale in Path(tempfile.gettempdir()).glob(f"{TRIAL_PREFIX}*"):
+        pid, _, rest = stale.name.removeprefix(TRIAL_PREFIX).partition("@")
+        if pid.isdigit() and rest.startswith(f"{host}@") and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)  # another user's is not ours: rmtree fails there, harmlessly
+    return tempfile.mkdtemp(prefix=f"{TRIAL_PREFIX}{os.getpid()}@{host}@")
+
+
+__all__ = ["train", "carve_trial", "choose_strategy", "RunResult"]
