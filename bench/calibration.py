@@ -22,7 +22,7 @@ from transfer import WEIGHTS, prepare
 
 def one_run(data: Path, seed: int, args, out: Path) -> dict:
     from fastft.recipe import load_recipe
-    from fastft.train.run import train
+    from fastft.train.pipeline import train
 
     recipe = load_recipe("train").replace(data=str(data), arch="tf_efficientnet_lite0", weights=str(WEIGHTS),
                                           size=args.size, epochs=args.epochs, seed=seed,

@@ -49,7 +49,7 @@ def main() -> None:
     import fastft
     from fastft.deploy.export import export_onnx
     from fastft.recipe import load_recipe
-    from fastft.train.run import train
+    from fastft.train.pipeline import train
 
     run = Path(tempfile.mkdtemp()) / "run"
     recipe = load_recipe("hotdog").replace(data=str(args.data), arch="tf_efficientnet_lite0", weights=str(args.weights),

@@ -81,7 +81,7 @@ def check(table: Path, seed: int, flipped: set[Path], args) -> dict:
 
 
 def train_accuracy(table: Path, seed: int, args, out: Path, exclude: int = 0) -> float:
-    from fastft.train.run import train
+    from fastft.train.pipeline import train
 
     with contextlib.redirect_stdout(io.StringIO()):
         metrics = train(recipe_for(table, seed, args, epochs=args.epochs, exclude_suspects=exclude), str(out))

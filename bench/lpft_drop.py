@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "lpft_drop.json")
     args = parser.parse_args()
     from fastft.recipe import load_recipe
-    from fastft.train.run import train
+    from fastft.train.pipeline import train
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

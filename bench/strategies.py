@@ -55,7 +55,7 @@ def main() -> None:
     import shutil
 
     from fastft.recipe import load_recipe
-    from fastft.train.run import train
+    from fastft.train.pipeline import train
 
     shutil.rmtree(args.out, ignore_errors=True)
     base = load_recipe("hotdog").replace(data=str(args.data), arch=args.arch, weights=str(args.weights),

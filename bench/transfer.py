@@ -93,7 +93,7 @@ def few_shot(data: Path, shots: int, work: Path) -> Path:
 
 def run_fastft(data: Path, strategy: str | None, seed: int, args, out: Path) -> dict:
     from fastft.recipe import load_recipe
-    from fastft.train.run import train
+    from fastft.train.pipeline import train
 
     recipe = load_recipe("train").replace(data=str(data), arch=args.arch, weights=str(args.weights), size=args.size,
                                           epochs=args.epochs, seed=seed, strategy=strategy)

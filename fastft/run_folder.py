@@ -1,21 +1,7 @@
-"""What a run folder holds: every file name fastft writes there, the rule from a model path to its run folder,
-and where a new output folder goes. Training (train/) writes these files and deployment (deploy/) reads them:
-both name them through here, so adding an output file is one line in this module.
-
-    recipe.toml          the resolved recipe: `fastft run` on it reproduces the run
-    metrics.json         final figures and every epoch's (written after each epoch, completed at the end)
-    history.csv          one row per epoch, curves.png the same figures drawn
-    model.safetensors    the network's weights, and model.json what inference needs (the pickle-free bundle)
-    model.pkl            fastai's export, for fastai users (loaded only when trusted)
-    model.onnx           `fastft export --format onnx`
-    checkpoint.pt        what a stopped run resumes from; removed when it finishes
-    skipped_images.txt   files that did not decode
-    lr_find.png          the LR finder's curve (--lr auto, fastft lr-find)
-    reliability.png      confidence against accuracy on the test split, before and after calibration
-    label_issues.csv     --exclude-suspects or a backbone chosen: the training images whose labels look wrong (and .png)
-    selection.csv        a backbone chosen (--arch a,b,c / auto): every candidate's cross-validated score (and .png)
-    strategy.csv         --strategy auto: the probe, lp-ft and WiSE-FT's mixes scored on held-out images (and .png)
-    tensorboard/         --log tensorboard
+"""What a run folder holds: every file name fastft writes there, with what it holds (`FILES`), the rule from a model
+path to its run folder, and where a new output folder goes. Training (train/) writes these files and deployment
+(deploy/) reads them: both name them through here, so adding an output file is one entry in FILES (and a row in the
+README's table, which a test holds to FILES).
 """
 from __future__ import annotations
 
@@ -28,30 +14,44 @@ from pathlib import Path
 from fastft.atomic import process_alive
 from fastft.errors import UsageError
 
-# Every file and folder a run folder holds: RunFolder's attribute -> its name there.
+@dataclass(frozen=True)
+class RunFile:
+    """One file (or folder) of a run folder: its name there, and what it holds and which runs write it."""
+    name: str
+    what: str
+
+
+# Every file and folder a run folder holds: RunFolder's attribute -> the file.
 FILES = {
-    "recipe": "recipe.toml",
-    "metrics": "metrics.json",
-    "history": "history.csv",
-    "curves": "curves.png",
-    "weights": "model.safetensors",
-    "meta": "model.json",
-    "pickle": "model.pkl",
-    "onnx": "model.onnx",
-    "checkpoint": "checkpoint.pt",
-    "skipped": "skipped_images.txt",
-    "lr_find": "lr_find.png",
-    "reliability": "reliability.png",
-    "label_issues": "label_issues.csv",
-    "suspects": "label_issues.png",
-    "selection": "selection.csv",
-    "selection_chart": "selection.png",
-    "strategy": "strategy.csv",
-    "strategy_chart": "strategy.png",
-    "tensorboard": "tensorboard",
+    "recipe": RunFile("recipe.toml", "the resolved recipe: `fastft run` on it reproduces the run (same --seed, same "
+                                     "numbers on the same machine)"),
+    "metrics": RunFile("metrics.json", "final figures and every epoch's (written after each epoch, completed at the end)"),
+    "history": RunFile("history.csv", "one row per epoch: the same figures as metrics.json's epochs"),
+    "curves": RunFile("curves.png", "loss and accuracy per epoch, the kept epoch marked"),
+    "weights": RunFile("model.safetensors", "the network's weights: with model.json, the pickle-free bundle"),
+    "meta": RunFile("model.json", "what inference needs besides the weights: arch, classes, input size, resize and "
+                                  "crop, normalisation, temperature, versions"),
+    "pickle": RunFile("model.pkl", "fastai's Learner.export, for fastai users (loaded only when trusted)"),
+    "onnx": RunFile("model.onnx", "`fastft export --format onnx`: probabilities out, dynamic batch"),
+    "checkpoint": RunFile("checkpoint.pt", "while the run is unfinished: what `fastft resume` continues from (removed "
+                                           "when it finishes)"),
+    "skipped": RunFile("skipped_images.txt", "files that did not decode, each with the reason"),
+    "lr_find": RunFile("lr_find.png", "the LR finder's curve and its suggestion (--lr auto, `fastft lr-find`)"),
+    "reliability": RunFile("reliability.png", "a calibrated run: confidence against accuracy on the test split, before "
+                                              "and after calibration"),
+    "label_issues": RunFile("label_issues.csv", "--exclude-suspects or a backbone chosen: the training images whose "
+                                                "labels look wrong, most suspect first"),
+    "suspects": RunFile("label_issues.png", "the most suspect of those, as a contact sheet"),
+    "selection": RunFile("selection.csv", "a backbone chosen (--arch a,b,c / auto): every candidate's cross-validated "
+                                          "score, and the one chosen"),
+    "selection_chart": RunFile("selection.png", "the same scores drawn"),
+    "strategy": RunFile("strategy.csv", "--strategy auto: the probe, lp-ft and WiSE-FT's mixes scored on held-out "
+                                        "images, and the one chosen"),
+    "strategy_chart": RunFile("strategy.png", "the same scores drawn"),
+    "tensorboard": RunFile("tensorboard", "--log tensorboard: TensorBoard event files (a folder)"),
 }
 # the names other modules match a path against (a model file given on the command line, say)
-RECIPE, WEIGHTS, META, PICKLE, ONNX, CHECKPOINT = (FILES[k] for k in ("recipe", "weights", "meta", "pickle", "onnx",
+RECIPE, WEIGHTS, META, PICKLE, ONNX, CHECKPOINT = (FILES[k].name for k in ("recipe", "weights", "meta", "pickle", "onnx",
                                                                         "checkpoint"))
 
 
@@ -63,7 +63,7 @@ class RunFolder:
     def __getattr__(self, attribute: str) -> Path:
         if attribute not in FILES:
             raise AttributeError(f"a run folder holds no '{attribute}'; it holds {', '.join(FILES)}")
-        return self.path / FILES[attribute]
+        return self.path / FILES[attribute].name
 
     def __str__(self) -> str:
         return str(self.path)

@@ -8,7 +8,7 @@ import sys
 from fastai.callback.core import Callback
 
 from fastft.recipe import load_recipe
-from fastft.train.run import train
+from fastft.train.pipeline import train
 
 
 class Probe(Callback):

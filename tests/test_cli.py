@@ -173,7 +173,7 @@ def test_ctrl_c_during_the_final_tta_pass_still_saves_the_trained_model(dataset,
 
     from fastft.recipe import load_recipe
     from fastft.errors import Interrupted
-    from fastft.train.run import train
+    from fastft.train.pipeline import train
 
     class CtrlCInTheNextForwardPass(Callback):
         """When training ends, the model's next forward pass (the final TTA scores) is cut by Ctrl-C."""

@@ -59,7 +59,7 @@ def test_the_cli_under_torchrun_writes_one_set_of_outputs(dataset, tmp_path):
 def test_every_strategy_trains_on_two_processes(strategy, dataset, tmp_path):
     import fastft
     from distributed_probe import tiny_recipe
-    from fastft.train.run import train
+    from fastft.train.pipeline import train
 
     probes, two = tmp_path / "probes", tmp_path / "two"
     probes.mkdir()

@@ -28,7 +28,7 @@ class ReferenceAverage(Callback):
 def test_the_kept_weights_are_the_average_of_the_training_steps_and_training_is_unchanged(tmp_path):
     from safetensors.torch import load_file
 
-    from fastft.train.run import train
+    from fastft.train.pipeline import train
 
     data = make_split_dataset(tmp_path / "colours", classes=("blue", "red"), per_class=8)
     recipe = tiny_recipe("train", str(data), "lp-ft").replace(epochs=3, keep="last", lr=3e-3)

@@ -23,7 +23,7 @@ def test_mixing_trains_on_mixed_batches_and_leaves_no_trace_in_the_saved_model(o
     from fastai.learner import load_learner
 
     from fastft.recipe import load_recipe
-    from fastft.train.run import train
+    from fastft.train.pipeline import train
 
     data = make_split_dataset(tmp_path / "colours", per_class=8)
     recipe = load_recipe("cifar").replace(data=str(data), arch="resnet18", pretrained=False, size=32, bs=4, workers=0,

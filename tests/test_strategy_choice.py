@@ -109,14 +109,13 @@ def test_the_budget_stops_the_trial_and_the_best_so_far_trains(tmp_path, monkeyp
 
 def test_the_trial_never_opens_a_test_image(tmp_path):
     from fastft.recipe import load_recipe
-    from fastft.train import strategy_choice
-    from fastft.train.run import train
+    from fastft.train.pipeline import choose_strategy
 
     data = make_split_dataset(tmp_path / "colours", per_class=10)
     recipe = load_recipe("train").replace(data=str(data), arch="resnet18", pretrained=False, size=32, bs=4,
                                           workers=0, device="cpu", epochs=2, strategy="auto")
     with files_opened() as opened:
-        choice = strategy_choice.choose(recipe, lambda r, out: train(r, out, trial=True), torch.device("cpu"))
+        choice = choose_strategy(recipe, torch.device("cpu"))
     assert choice.recipe.strategy in ("probe", "lp-ft") and choice.images == 4
     assert any("/train/" in f for f in opened)  # the spy sees image reads
     assert not [f for f in opened if "/test/" in f]
@@ -174,24 +173,26 @@ def test_auto_on_two_processes(tmp_path):
     assert 'strategy = "probe"' in (tmp_path / "spent" / "recipe.toml").read_text()
 
 
-def test_ctrl_c_in_the_trial_leaves_no_trial_folder_and_offers_no_resume_of_it(tmp_path):
+def test_ctrl_c_in_the_trial_leaves_no_trial_folder_and_offers_no_resume_of_it(tmp_path, monkeypatch):
     import pytest
 
-    from fastft.recipe import load_recipe
-    from fastft.train import strategy_choice
     from fastft.errors import Interrupted
+    from fastft.recipe import load_recipe
+    from fastft.train import pipeline
 
     data = make_split_dataset(tmp_path / "colours", per_class=10)
     recipe = load_recipe("train").replace(data=str(data), strategy="auto")
     folders = []
 
-    def trial_stopped_by_ctrl_c(trial_recipe, out):  # what train() raises after Ctrl-C, its epoch saved
+    def trial_stopped_by_ctrl_c(run):  # what a run raises after Ctrl-C, its epoch saved
+        out = run.out
         folders.append(Path(out))
         Path(out).mkdir(parents=True)
         (Path(out) / "checkpoint.pt").write_bytes(b"saved")
         raise Interrupted(f"interrupted: kept the outputs of epoch 1 of 5 in {out}; `fastft resume {out}` continues it")
+    monkeypatch.setattr(pipeline.TrainingRun, "train", trial_stopped_by_ctrl_c)
     with pytest.raises(Interrupted, match="while choosing the strategy") as stopped:
-        strategy_choice.choose(recipe, trial_stopped_by_ctrl_c, torch.device("cpu"))
+        pipeline.choose_strategy(recipe, torch.device("cpu"))
     assert "fastft resume" not in str(stopped.value) and not folders[0].parent.exists()
 
 
@@ -200,10 +201,10 @@ def test_a_killed_trials_folder_is_removed_by_the_next_trial_and_no_running_ones
     next trial removes it, and never a trial's whose process still runs, or one made on another machine."""
     import socket
 
-    from fastft.train.strategy_choice import TRIAL_PREFIX
+    from fastft.train.pipeline import TRIAL_PREFIX
 
     make_one = ("import pathlib, sys, tempfile, time; tempfile.tempdir = sys.argv[1]; "
-                "from fastft.train.strategy_choice import new_trial_folder; folder = pathlib.Path(new_trial_folder()); "
+                "from fastft.train.pipeline import new_trial_folder; folder = pathlib.Path(new_trial_folder()); "
                 "(folder / 'checkpoint.pt').write_bytes(b'weights'); print(folder, flush=True); time.sleep(600)")
     killed, running = (subprocess.Popen([sys.executable, "-c", make_one, str(tmp_path)], stdout=subprocess.PIPE, text=True)
                        for _ in range(2))

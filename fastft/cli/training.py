@@ -69,7 +69,7 @@ def _train(recipe: Recipe, options: dict) -> None:
     if resume is not None and (out is not None or any(v is not None for v in options.values())):
         raise UsageError("--resume continues a run as it was set up; drop the other options (a new run: leave out --resume)")
     recipe = recipe.replace(source="command-line options", **options)  # bad values fail here, before the imports
-    from fastft.train.run import train
+    from fastft.train.pipeline import train
 
     try:
         train(recipe, out, resume=resume)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fastft.data.images import image_extensions, split_readable, warn_skipped
 from fastft.data.labels import read_labels
-from fastft.data.split import TRIAL_SHARE, Split, holdout_share, seeded_split, stratified_sample
+from fastft.data.split import Split, holdout_share, seeded_split, stratified_sample
 from fastft.errors import UsageError, did_you_mean
 
 TRAIN_SPLIT = "train"
@@ -103,12 +103,10 @@ def at_least_two_classes(root: Path, folder: Path, by_class: dict[str, list[Path
                          f"{folder}/<class>/*.jpg{csv_hint(root)}")
 
 
-def split_files(root: Path, recipe, empty_ok: bool = False, trial: bool = False) -> Split:
+def split_files(root: Path, recipe, empty_ok: bool = False) -> Split:
     """The files a run trains, tests and validates on: found in class folders or a labels CSV (split by seed when
     the data has no split), a validation split carved from the training files when --holdout asks, then sampled
-    to --limit. Training and `fastft evaluate` of the run's own data both call this, so they see the same split.
-    `trial`: --strategy auto's trial run, which never sees the test split: TRIAL_SHARE of each class's training
-    images is its test and validation split, the rest its training images."""
+    to --limit. Training and `fastft evaluate` of the run's own data both call this, so they see the same split."""
     valid_pct, seed, limit, holdout = recipe.valid_pct, recipe.seed, recipe.limit, recipe.holdout
     if recipe.labels:
         split = read_labels(Path(recipe.labels).expanduser(), root, recipe.image_col, recipe.label_col,
@@ -124,9 +122,6 @@ def split_files(root: Path, recipe, empty_ok: bool = False, trial: bool = False)
     split.train = stratified_sample(split.train, limit, seed)
     split.test = stratified_sample(split.test, limit, seed + 1)
     split.valid = stratified_sample(split.valid, limit, seed + 2)
-    if trial:  # classes too small to spare an image train on all theirs
-        split.train, held_out = seeded_split(split.train, TRIAL_SHARE, seed + 3, "the strategy trial", strict=False)
-        split.test, split.valid = held_out, dict(held_out)
     return split
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Callable
 
 from fastft.data.augment import AugPlan, parse_aug
 from fastft.data.folders import keep_readable, split_files
@@ -80,10 +81,12 @@ def imbalance_note(counts: dict[str, int], balance: str = "none") -> str:
 
 
 def load_split(root: Path, recipe: Recipe, plan: AugPlan | None = None, quiet: bool = False,
-               trial: bool = False) -> Split:
-    """The recipe's images under `root`: found, sampled (--limit) and checked (decoded, when cached); `trial`: see
-    split_files."""
-    split = split_files(root, recipe, trial=trial)
+               carve: Callable[[Split], Split] | None = None) -> Split:
+    """The recipe's images under `root`: found, sampled (--limit), changed by `carve` when given (before any image is
+    read) and checked (decoded, when cached)."""
+    split = split_files(root, recipe)
+    if carve is not None:
+        split = carve(split)
     return drop_unreadable(split, recipe, plan or parse_aug(recipe.aug), quiet)
 
 

@@ -106,10 +106,6 @@ def stratified_sample(by_class: dict[str, list[Path]], limit: int, seed: int) ->
     return {c: sorted(rng.sample(files, quota[c])) for c, files in by_class.items()}
 
 
-TRIAL_SHARE = 0.2  # --strategy auto's trial holds out one fold of five, as the backbone choice's k-fold probes do
-
-
-
 AUTO_HOLDOUT = 0.1  # --holdout auto: a tenth of the training images (MIN_HELD_OUT of them from 500 up)
 
 

@@ -73,7 +73,7 @@ def compare(recipe: Recipe, settings: list[tuple[str, dict]], out: str | None) -
     """Train once per setting into OUT/<setting>/; write compare.json and compare.png at the top."""
     from fastft.run_folder import new_run_folder
     from fastft.train.distributed import world_size
-    from fastft.train.run import train
+    from fastft.train.pipeline import train
 
     if world_size() > 1:
         raise UsageError("compare trains its settings in one process; launch it without torchrun/accelerate")

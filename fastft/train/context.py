@@ -53,10 +53,10 @@ class RunContext:
     std: tuple[float, float, float]
     skipped: tuple[tuple, ...] = ()  # (file, reason) for each image that did not decode
     excluded: tuple = ()  # the training images --exclude-suspects left out (label_issues.Suspect)
-    # --strategy auto's trial run (fastft/train/strategy_choice.py): its test and validation splits are both a fold
-    # held out from the training images (the test split is never read), and it fits no temperature
-    trial: bool = False
-    # --budget in a trial: its epochs should end by the deadline; None: no budget (or not a trial)
+    # its validation split is its test split, the same images (--strategy auto's trial, fastft/train/pipeline.py: both
+    # a fold held out from the training images): measured once an epoch, and no temperature is fitted on them
+    validation_is_test: bool = False
+    # a deadline its epochs end by (--budget, in that trial); None: none
     budget: Budget | None = None
 
     def saved_recipe(self) -> Recipe:

@@ -77,8 +77,7 @@ class EpochLog(Callback):
         self.snapshot, self.best, self.running, self.stopped = None, None, False, ""
         # --wise: the weights the probe epoch ended with, which the fine-tuned ones are averaged with at the end
         self.keeps_probe, self.probe_weights = recipe.wise != "off", None
-        # --strategy auto's trial: its validation split is its test split (one fold of held-out training images)
-        self.validation_is_test = context.trial
+        self.validation_is_test = context.validation_is_test
         self.saver = checkpoint.BackgroundSaver()
 
     # ---- figures -------------------------------------------------------------------------------------------

@@ -152,7 +152,8 @@ def final_report(learn, context: RunContext, log: EpochLog, interrupted: bool, m
     test, calibration = None, {"calibrated": False, "why": "the final measurements were skipped"}
     try:  # extra passes over the data: a Ctrl-C here skips them, and the trained model is still saved
         # after fit the Learner holds the whole test set again (fastai's DistributedTrainer restores it)
-        calibration = calibrate(learn, context) if not context.trial else {"calibrated": False, "why": "a trial run"}
+        calibration = (calibrate(learn, context) if not context.validation_is_test else
+                       {"calibrated": False, "why": "its validation split is its test split"})
         plain, with_tta = final_scores(learn, context, calibration.get("temperature"))
         test = with_tta or plain  # what `fastft evaluate` reports for the saved model (it uses the recipe's tta)
         # the saved model's test accuracy in float32: the kept epoch's line was measured in the training precision

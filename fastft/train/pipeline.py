@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from fastft.data.folders import split_files
+from fastft.data.images import large_images_allowed
 from fastft.data.split import Split, seeded_split
 from fastft.errors import Interrupted, UsageError
 from fastft.recipe import Recipe
@@ -36,13 +37,14 @@ from fastft.train.backbone_choice import selecting
 from fastft.train.budget import Budget
 from fastft.train.devices import resolve_device
 from fastft.train.distributed import Distributed
-from fastft.train.run import RunResult, TrainingRun
+from fastft.train.run import TrainingRun
 from fastft.train.strategy_choice import StrategyChoice, choosing, decision, has_validation_split
 
 TRIAL_SHARE = 0.2  # the trial holds out one fold of five, as the backbone choice's k-fold probes do
 TRIAL_PREFIX = "fastft-strategy-trial-"
 
 
+@large_images_allowed()  # a run reads the user's own images, whatever their size (fastft/data/images.py)
 def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = False, callbacks=(),
           resume: Path | None = None) -> dict:
     """Run `recipe` (choosing first where it says auto), or (`resume`) continue a stopped run from its checkpoint;
@@ -137,5 +139,3 @@ def new_trial_folder() -> str:
             shutil.rmtree(stale, ignore_errors=True)  # another user's is not ours: rmtree fails there, harmlessly
     return tempfile.mkdtemp(prefix=f"{TRIAL_PREFIX}{os.getpid()}@{host}@")
 
-
-__all__ = ["train", "carve_trial", "choose_strategy", "RunResult"]

@@ -1,13 +1,15 @@
 """Train one recipe: data -> learner -> schedule -> outputs in the run folder (fastft/run_folder.py lists them).
 
-`train` is the run as one sequence: `prepare` (fastft/train/setup.py) checks everything and builds the RunContext
-and the Learner; the learning rate is resolved (fastft/train/lr_finder.py); the strategy's phases are fitted under
-Ctrl-C (`fit_under_interruption`); the kept model is scored and the final report written, and the model saved
-(fastft/train/final.py). A stopped run continues from its checkpoint (fastft/train/resume.py).
+`TrainingRun` is the run as one sequence: `setup` (fastft/train/setup.py's `prepare` checks everything and builds
+the RunContext and the Learner; the learning rate is resolved: fastft/train/lr_finder.py), `fit` (the strategy's
+phases under Ctrl-C), `finish` (the kept model scored, the final report: fastft/train/final.py) and `save`. A stopped
+run continues from its checkpoint (fastft/train/resume.py). fastft/train/pipeline.py starts runs: this one, or the
+automatic choice's trial and then this one.
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastft.atomic import remove_partial_files, write_text
@@ -15,11 +17,10 @@ from fastft.data.images import large_images_allowed
 from fastft.data.loaders import validation_loader
 from fastft.errors import Interrupted
 from fastft.recipe import Recipe
-from fastft.run_folder import RunFolder, check_new_out
+from fastft.run_folder import RunFolder
 from fastft.schedules import STRATEGIES, Phase, describe_plan
 from fastft.train import checkpoint, ema, strategies, strategy_choice, wise
 from fastft.train.context import RunContext
-from fastft.train.devices import resolve_device
 from fastft.train.epochs import EpochLog, RunProgress, unwrapped
 from fastft.train.final import calibration_line, final_report, save_model
 from fastft.train.lr_finder import resolve_lr
@@ -34,56 +35,92 @@ def schedule(learn, context: RunContext) -> list[Phase]:
     return STRATEGIES[context.recipe.strategy].plan(learn, context.resolved.lr, context.recipe)
 
 
-@large_images_allowed()
-def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = False, callbacks=(),
-          resume: Path | None = None, trial: bool = False) -> dict:
-    """Run `recipe`, or (`resume`) continue a stopped run from its checkpoint; returns metrics.json's content
-    (empty on ranks other than 0). Raises Interrupted after saving on Ctrl-C. `measure_unaugmented` adds
-    final.train_acc_unaugmented (one more pass over the training images); `callbacks` are extra fastai
-    callbacks for the Learner; `trial`: --strategy auto's trial run, on the training images alone."""
-    saved = choice = None
-    if resume is not None:
-        saved = checkpoint.load(resume)
-        recipe = recipe_from_checkpoint(saved, resume) if saved else restart_recipe(resume)
-        out = str(resume)
-    elif strategy_choice.choosing(recipe):  # a trial run first, when the run has no validation split to choose on
-        check_new_out(out)
-        choice = strategy_choice.choose(recipe, lambda r, o: train(r, o, trial=True), resolve_device(recipe.device))
-        recipe = choice.recipe
-    context, learn = prepare(recipe, out, resuming=resume is not None, trial=trial)
-    dist, folder = context.dist, context.folder
-    if resume is not None and dist.is_main:
-        remove_partial_files(folder.path)
-    learn.add_cbs(callbacks)
-    context = resolve_lr(learn, context)
-    if dist.is_main and saved is None:
-        write_text(folder.recipe, context.saved_recipe().to_toml())
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished run hands back to whoever started it (the command line, or --strategy auto's choice)."""
+    metrics: dict  # metrics.json's content; {} on ranks other than 0
+    recipe: Recipe  # recipe.toml's: every value the run settled on in place (the backbone it chose among them)
+    selection: object = None  # backbone_choice.Selection, when the run chose its backbone
 
-    log = EpochLog(context, Progress(), averaging=ema.AveragedWeights(recipe.ema) if recipe.ema else None)
-    if dist.is_main and sys.stdout.isatty():  # progress bars on rank 0's terminal; a log gets clean lines
-        learn.add_cb(RunProgress(log))
-    interrupted = fit_under_interruption(learn, context, log, saved)
-    learn.remove_cbs([log, *([log.averaging] if log.averaging else []), *callbacks,
-                      *learn.cbs.filter(lambda cb: isinstance(cb, RunProgress))])
-    if not dist.is_main:
-        dist.wait()
-        return {}
-    averaged = wise.apply(learn, context, log.probe_weights)  # before calibration: it calibrates these weights
-    extra = {"wise": averaged} if averaged else {}
-    if choice is not None:
-        extra["strategy_choice"] = strategy_choice.report(choice, averaged, folder)
-    results, threshold, interrupted = final_report(learn, context, log, interrupted, measure_unaugmented, extra)
-    save_model(learn, context, threshold, results["calibration"].get("temperature"))
-    dist.wait()
-    if interrupted:
-        raise Interrupted(f"interrupted: kept the outputs of epoch {log.kept_epoch} of {recipe.epochs} in {folder}; "
-                          f"`fastft resume {folder}` continues it")
-    checkpoint.remove(folder)  # finished: the bundle is the result, and nothing is left to resume
-    kept = f" (kept epoch {log.kept_epoch} of {len(log.epochs)})" if log.kept_epoch != len(log.epochs) else ""
-    print(summary_line(results["final"], str(context.device)) + kept)
-    if (calibration := results["calibration"]).get("calibrated"):
-        print(calibration_line(calibration, folder))
-    return results
+
+class TrainingRun:
+    """One run, as torchtune's recipe classes read: `setup` (checks, data, Learner, learning rate), `fit` (the
+    strategy's phases under Ctrl-C), `finish` (WiSE-FT, scores, calibration, the report) and `save` (the model).
+    `carve`: a change to the split before any image is read (--strategy auto's trial: fastft/train/pipeline.py);
+    `budget`: a deadline the run's epochs end by (the same trial); `choice`: the strategy choice this run trains,
+    whose table it reports."""
+
+    def __init__(self, recipe: Recipe, out: str | None = None, measure_unaugmented: bool = False, callbacks=(), *,
+                 choice=None, carve=None, budget=None, saved: dict | None = None, resuming: bool = False):
+        self.recipe, self.out, self.measure_unaugmented, self.callbacks = recipe, out, measure_unaugmented, callbacks
+        self.choice, self.carve, self.budget, self.saved, self.resuming = choice, carve, budget, saved, resuming
+
+    @classmethod
+    def resumed(cls, folder: Path, measure_unaugmented: bool = False, callbacks=()) -> "TrainingRun":
+        """The stopped run in `folder`, to continue from its checkpoint (or from its start, stopped before one)."""
+        saved = checkpoint.load(folder)
+        recipe = recipe_from_checkpoint(saved, folder) if saved else restart_recipe(folder)
+        return cls(recipe, str(folder), measure_unaugmented, callbacks, saved=saved, resuming=True)
+
+    @large_images_allowed()
+    def train(self) -> RunResult:
+        """setup -> fit -> finish -> save. Raises Interrupted after saving on Ctrl-C."""
+        self.setup()
+        interrupted = self.fit()
+        dist = self.context.dist
+        if not dist.is_main:
+            dist.wait()
+            return RunResult({}, self.context.saved_recipe(), self.selection)
+        results, threshold, interrupted = self.finish(interrupted)
+        self.save(results, threshold, interrupted)
+        return RunResult(results, self.context.saved_recipe(), self.selection)
+
+    def setup(self) -> None:
+        """Everything checked, the data read, the Learner built, the learning rate resolved, recipe.toml written."""
+        self.context, self.learn, self.selection = prepare(self.recipe, self.out, resuming=self.resuming,
+                                                           carve=self.carve, budget=self.budget)
+        dist, folder = self.context.dist, self.context.folder
+        if self.resuming and dist.is_main:
+            remove_partial_files(folder.path)
+        self.learn.add_cbs(self.callbacks)
+        self.context = resolve_lr(self.learn, self.context)
+        if dist.is_main and self.saved is None:
+            write_text(folder.recipe, self.context.saved_recipe().to_toml())
+
+    def fit(self) -> bool:
+        """The strategy's phases; the kept epoch's weights left in the model. Returns whether Ctrl-C stopped it."""
+        recipe, learn = self.context.recipe, self.learn
+        self.log = EpochLog(self.context, Progress(),
+                            averaging=ema.AveragedWeights(recipe.ema) if recipe.ema else None)
+        if self.context.dist.is_main and sys.stdout.isatty():  # progress bars on rank 0's terminal; a log gets clean lines
+            learn.add_cb(RunProgress(self.log))
+        interrupted = fit_under_interruption(learn, self.context, self.log, self.saved)
+        learn.remove_cbs([self.log, *([self.log.averaging] if self.log.averaging else []), *self.callbacks,
+                          *learn.cbs.filter(lambda cb: isinstance(cb, RunProgress))])
+        return interrupted
+
+    def finish(self, interrupted: bool) -> tuple[dict, float | None, bool]:
+        """WiSE-FT's average, the strategy choice's table, the kept model's scores and calibration, the last report
+        (rank 0). Returns (metrics.json's content, a multi-label model's threshold, whether Ctrl-C came)."""
+        averaged = wise.apply(self.learn, self.context, self.log.probe_weights)  # before calibration: it calibrates these
+        extra = {"wise": averaged} if averaged else {}
+        if self.choice is not None:
+            extra["strategy_choice"] = strategy_choice.report(self.choice, averaged, self.context.folder)
+        return final_report(self.learn, self.context, self.log, interrupted, self.measure_unaugmented, extra)
+
+    def save(self, results: dict, threshold: float | None, interrupted: bool) -> None:
+        """The model files; then the checkpoint goes (nothing is left to resume) and the summary lines."""
+        context, log, folder = self.context, self.log, self.context.folder
+        save_model(self.learn, context, threshold, results["calibration"].get("temperature"))
+        context.dist.wait()
+        if interrupted:
+            raise Interrupted(f"interrupted: kept the outputs of epoch {log.kept_epoch} of {context.recipe.epochs} in "
+                              f"{folder}; `fastft resume {folder}` continues it")
+        checkpoint.remove(folder)  # finished: the bundle is the result, and nothing is left to resume
+        kept = f" (kept epoch {log.kept_epoch} of {len(log.epochs)})" if log.kept_epoch != len(log.epochs) else ""
+        print(summary_line(results["final"], str(context.device)) + kept)
+        if (calibration := results["calibration"]).get("calibrated"):
+            print(calibration_line(calibration, folder))
 
 
 def fit_under_interruption(learn, context: RunContext, log: EpochLog, saved: dict | None) -> bool:
@@ -128,7 +165,7 @@ def print_plan(learn, context: RunContext, phases: list[Phase]) -> None:
                  f"process)" if dist.size > 1 else f"batch {learn.dls.bs}")
     validation = validation_loader(learn.dls)
     counts = f", {len(validation.dataset)} validation" if validation is not None else ""
-    if context.trial:
+    if context.validation_is_test:  # --strategy auto's trial (fastft/train/pipeline.py)
         counts += " (both held out from the training images: this trial never reads the test split)"
     left_out = ""
     if recipe.exclude_suspects:

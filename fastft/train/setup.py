@@ -37,17 +37,21 @@ class Prepared(NamedTuple):
     """A run ready to train: what it knows, and its Learner."""
     context: RunContext
     learn: object
+    selection: object = None  # backbone_choice.Selection, when the run chose its backbone
 
 
-def prepare(recipe: Recipe, out: str | None, resuming: bool = False, trial: bool = False) -> Prepared:
+def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
+            budget: Budget | None = None) -> Prepared:
     """Check the recipe, find the data, build DataLoaders and Learner. Every user error surfaces here,
     before the run folder is created, so a failed start leaves nothing behind. `resuming`: `out` is the
-    stopped run's own folder; `trial`: --strategy auto's trial run (fastft/train/strategy_choice.py)."""
+    stopped run's own folder; `carve(split)`: a change to the split before any image is read (--strategy auto's
+    trial, fastft/train/pipeline.py); `budget`: a deadline already running, which the backbone choice and then the
+    run's epochs end by (the same trial). Without one, --budget bounds the backbone choice alone, from here."""
     device = resolve_device(recipe.device)
     precision = resolve_precision(recipe.precision, device)
-    # --budget bounds the whole choice, on one clock from here: the backbone's (below), then a trial's epochs.
-    # Started first, so that a malformed one fails before any work
-    budget = Budget.start(recipe.budget)
+    epochs_budget = budget
+    # started first, so that a malformed one fails before any work
+    budget = budget if budget is not None else Budget.start(recipe.budget)
     found = []  # the backbones to choose among, when the run chooses
     if backbone_choice.selecting(recipe):
         if STRATEGIES[recipe.strategy].random_init:
@@ -60,7 +64,7 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, trial: bool
         backbone_choice.check_candidates(recipe, found)
     else:
         check_arch(recipe.arch)
-        if recipe.budget and not trial:
+        if recipe.budget:
             raise UsageError("--budget bounds choosing: a backbone (--arch a,b,c or auto) and the strategy (--strategy "
                              "auto's trial run), and this run chooses neither; give one of them, or drop --budget")
     if not resuming:
@@ -99,7 +103,7 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, trial: bool
         root = dist.main_first(lambda: fetch_dataset(recipe.dataset or recipe.name, recipe.data_url, recipe.data_sha1))
 
     set_seed(recipe.seed, reproducible=True)
-    split = load_split(root, recipe, plan, quiet=not dist.is_main, trial=trial)
+    split = load_split(root, recipe, plan, quiet=not dist.is_main, carve=carve)
     split, recipe, start, selection, label_check = choose_on_training_images(split, recipe, found, start, device, dist,
                                                                              budget)
     counts = label_counts(split)
@@ -117,7 +121,7 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, trial: bool
     learn.add_cbs(batch_mixing(recipe))
     learn.logger = noop  # EpochLog prints each epoch's figures, the same as history.csv's
     learn.remove_cb(ProgressCallback)  # fastft's RunProgress draws the bars, counting the run's epochs
-    if trial and budget is not None and not found:  # the trial's probe epoch is the first signal: room for it?
+    if epochs_budget is not None and not found:  # the trial's probe epoch is the first signal: room for it?
         items = learn.dls.train_ds.items[::dist.size]  # each process passes over its shard
         what = f"the trial's probe ({recipe.arch}'s pass over its {len(learn.dls.train_ds.items)} training images)"
         # rank 0 times and decides on its clock, every rank gets its verdict: ranks reading clocks of their own could
@@ -147,8 +151,8 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, trial: bool
                          has_validation=has_validation, holdout=split.holdout, head=head, starting_weights=loaded,
                          mean=mean, std=std, skipped=tuple(split.skipped),
                          excluded=tuple(label_check.suspects[:recipe.exclude_suspects]) if label_check else (),
-                         trial=trial, budget=budget if trial else None)
-    return Prepared(context, learn)
+                         validation_is_test=bool(split.valid) and split.valid == split.test, budget=epochs_budget)
+    return Prepared(context, learn, selection)
 
 
 class Chosen(NamedTuple):
