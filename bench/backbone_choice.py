@@ -29,7 +29,8 @@ ARCHS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite
 
 def test_accuracies(split, recipe, found, seed: int) -> dict[str, float]:
     """Each candidate's probe, fitted on every training image, scored on the test split."""
-    from fastft.train.out_of_fold import frozen_features, frozen_learner, training_labels
+    from fastft.data.loaders import training_targets
+    from fastft.train.out_of_fold import frozen_features, frozen_learner
     from fastft.train.model import starting_weights
     from fastft.train.probe import fit_linear_head
 
@@ -42,12 +43,12 @@ def test_accuracies(split, recipe, found, seed: int) -> dict[str, float]:
         learn = frozen_learner(split, candidate, starting_weights(candidate), torch.device("cpu"))
         features, mirrors = frozen_features(learn, train, candidate)
         test_features, test_mirrors = frozen_features(learn, test, candidate)
-        labels = training_labels(split, [k for _, k in train])
+        labels = training_targets(split, [k for _, k in train])
         with contextlib.redirect_stdout(io.StringIO()):
             head = fit_linear_head(torch.cat([features, mirrors]), torch.cat([labels, labels]), len(split.classes), seed)
         probs = ((test_features @ head["weight"].T + head["bias"]).softmax(1)
                  + (test_mirrors @ head["weight"].T + head["bias"]).softmax(1))
-        out[c.arch] = (probs.argmax(1) == training_labels(split, [k for _, k in test])).float().mean().item()
+        out[c.arch] = (probs.argmax(1) == training_targets(split, [k for _, k in test])).float().mean().item()
     return out
 
 

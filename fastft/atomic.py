@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 from pathlib import Path
 from typing import Iterator
@@ -88,7 +89,6 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, value) -> None:
-    import json
 
     write_text(path, json.dumps(value, indent=2) + "\n")
 

@@ -1,5 +1,6 @@
 """The exceptions a user meets as one line: mistakes they can fix (bad flags, missing folders, offline downloads),
 and a run they stopped."""
+import difflib
 
 
 class UsageError(Exception):
@@ -13,7 +14,5 @@ class Interrupted(Exception):
 
 def did_you_mean(given: str, choices) -> str:
     """' (did you mean X?)' for the choice closest to a mistyped `given`, or '' when none is close."""
-    import difflib
-
     close = difflib.get_close_matches(given, [str(c) for c in choices], n=1)
     return f" (did you mean {close[0]}?)" if close else ""

@@ -16,16 +16,21 @@ from pathlib import Path
 
 from fastft.errors import UsageError, did_you_mean
 from fastft.schedules import AUTO, AUTO_HELP, STRATEGIES, strategy_settings
+from fastft.values import number_or_word
 
 
 def setting(default, help: str, flag: str | None = "", choices: tuple = (), cli_min: int | None = None,
-            minimum: int | None = None, maximum: int | None = None):
+            minimum: float | None = None, maximum: float | None = None, above: float | None = None,
+            below: float | None = None, parse=None):
     """A recipe key: its built-in default and what it means. `flag` is its command-line option (derived from
     the name when empty: bs -> --bs, bools -> --tta/--no-tta); None for keys only a recipe file sets. `choices`
-    are the values it takes, if only some; `cli_min` the least a command-line value may be, `minimum` and `maximum`
-    the least and most any value may be. The CLI builds every training command's options from these."""
+    are the values it takes, if only some; `cli_min` the least a command-line value may be; `minimum` and `maximum`
+    the least and most any value may be, `above` and `below` the bounds it must be strictly inside; `parse(value,
+    source)` reads a value that is not simply of the field's type (a number or a word). The CLI builds every training
+    command's options from these, and `_checked` every check of a single value."""
     return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "cli_min": cli_min,
-                                            "minimum": minimum, "maximum": maximum})
+                                            "minimum": minimum, "maximum": maximum, "above": above, "below": below,
+                                            "parse": parse})
 
 
 @dataclass
@@ -52,9 +57,10 @@ class CommonRecipe:
                                        "check of `fastft inspect --labels-check`, on the starting weights; the run's "
                                        "label_issues.csv lists them). The files are not touched. 0: train on all.",
                                     cli_min=0, minimum=0)
-    valid_pct: float = setting(0.2, "Held-out (test) share when the data folder has no train/test split.")
+    valid_pct: float = setting(0.2, "Held-out (test) share when the data folder has no train/test split.", above=0,
+                               below=1)
     limit: int = setting(0, "A seeded, class-stratified sample of at most N train and N test images (quick runs); "
-                            "0: all.")
+                            "0: all.", minimum=0)
     # model
     arch: str = setting("resnet18", "Any timm model name, with or without weights tag: resnet18, resnet18.tv_in1k, "
                                     "tf_efficientnet_lite0; several, comma-separated, or auto: choose among them on the training images (--select).")
@@ -71,38 +77,43 @@ class CommonRecipe:
     weights: str = setting("", "Start from local weights instead of the hub's: a timm state dict (.safetensors or .pth), "
                                "or a fastft run folder (its backbone, and its head when the classes match). Choosing among several "
                                "backbones: ARCH=FILE,ARCH=FILE, or a folder of ARCH.*.safetensors.")
-    head_dropout: float = setting(0.5, "Dropout in fastai's head (its ps): p/2 before the hidden layer, p before the last.")
+    head_dropout: float = setting(0.5, "Dropout in fastai's head (its ps): p/2 before the hidden layer, p before the last.",
+                                  minimum=0, below=1)
     # input and augmentation
-    size: int = setting(224, "Input side in pixels (train crops and test centre-crops to it).", maximum=4096)
-    crop_pct: float = setting(0.875, "test items: resize to round(size / crop_pct), then centre-crop to size", flag=None)
+    size: int = setting(224, "Input side in pixels (train crops and test centre-crops to it).", minimum=1, maximum=4096)
+    crop_pct: float = setting(0.875, "test items: resize to round(size / crop_pct), then centre-crop to size", flag=None,
+                              above=0, maximum=1)
     # the presets' list is the CLI's help for --aug (fastft/data/augment.py: AUG_HELP), which data parses
     aug: str = setting("flip", "Augmentation presets joined with '+', e.g. flip+crop:scale=0.1-1+hue:0.5 (`fastft augs "
                                "--help` lists them).")
     # training
     strategy: str = setting("fine-tune", "Training schedule: " + "; ".join(f"{k}: {v.help}" for k, v in STRATEGIES.items())
                             + f"; {AUTO}: {AUTO_HELP}", choices=(*STRATEGIES, AUTO))
-    epochs: int = setting(5, "Total epochs, frozen phases included.")
-    lr: float | str = setting(0.0, "The head's peak learning rate; 0: the strategy's default; auto: run fastai's LR finder first.")
-    bs: int = setting(64, "Batch size (per process).")
-    wd: float = setting(0.01, "Decoupled weight decay (fastai's default 0.01; the d2l strategy keeps its own 1e-3).")
+    epochs: int = setting(5, "Total epochs, frozen phases included.", minimum=1)
+    lr: float | str = setting(0.0, "The head's peak learning rate; 0: the strategy's default; auto: run fastai's LR "
+                                   "finder first.", parse=lambda value, source: _learning_rate(value, source))
+    bs: int = setting(64, "Batch size (per process).", minimum=1)
+    wd: float = setting(0.01, "Decoupled weight decay (fastai's default 0.01; the d2l strategy keeps its own 1e-3).",
+                        minimum=0)
     label_smoothing: float = setting(0.0, "Label smoothing eps: 0 plain cross-entropy, 0.1 a common choice against "
-                                          "overconfidence.")
+                                          "overconfidence.", minimum=0, below=1)
     mixup: float = setting(0.0, "MixUp (fastai's callback): every training batch blends pairs of images and their "
-                                "labels by a Beta(A, A) share; A: 0.4 is fastai's usual value; 0: off.")
+                                "labels by a Beta(A, A) share; A: 0.4 is fastai's usual value; 0: off.", minimum=0)
     cutmix: float = setting(0.0, "CutMix (fastai's callback): a patch of one training image pasted into another, the "
-                                 "labels mixed by area; Beta(A, A), 1.0 the paper's; 0: off. Not with --mixup.")
-    wise: float | str = setting("off", "WiSE-FT for lp-ft: keep (1 - W) x the probe's weights + W x the fine-tuned "
-                                       "ones, one network; auto: W chosen on the validation split (0.5 without one); "
-                                       "off: the fine-tuned weights.")
+                                 "labels mixed by area; Beta(A, A), 1.0 the paper's; 0: off. Not with --mixup.", minimum=0)
     ema: float = setting(0.0, "An exponential moving average of the weights while they train (timm's ModelEmaV3, "
                               "its warm-up making a short run average its last steps): its decay per step at most D "
-                              "(0.999 is usual); the average is what each epoch measures and the run keeps; 0: off.")
+                              "(0.999 is usual); the average is what each epoch measures and the run keeps; 0: off.",
+                         minimum=0, below=1)
     tta: bool = setting(False, "Flip TTA: the final test accuracy, and predictions, average each image with its mirror.")
     # which epoch to keep, when to stop, where to log
     holdout: float | str = setting(0.0, "Share of each class's training images held out as a validation split, to "
                                         "calibrate the probabilities, pick the best epoch (--keep) and stop early "
                                         "(--patience); 0: none; auto: 10% when that is 50 images or more. A data "
-                                        "folder with valid/ beside train/ and test/ has one already.")
+                                        "folder with valid/ beside train/ and test/ has one already.",
+                                 parse=lambda value, source: number_or_word(
+                                     "holdout", value, source, 0, 1, words=("auto",), below_high=True,
+                                     meaning="auto, or a share of the training images at least 0 and below 1"))
     keep: str = setting("auto", "Which epoch's weights the run keeps (bundle, model.pkl): best (by --monitor), last, or "
                                 "auto: best when the run has a validation split apart from the test split, else last "
                                 "(picking on the test split would overstate its accuracy).",
@@ -110,7 +121,7 @@ class CommonRecipe:
     monitor: str = setting("accuracy", "The figure --keep best and --patience watch on the validation split: accuracy "
                                        "or valid_loss.", choices=("accuracy", "valid_loss"))
     patience: int = setting(0, "Stop after N epochs without improvement of --monitor (the rest of the schedule is "
-                               "skipped); 0 in a recipe file: never.", cli_min=1)
+                               "skipped); 0 in a recipe file: never.", cli_min=1, minimum=0)
     log: str = setting("", "Log also to: tensorboard (event files under the run folder; pip install "
                            "'fastft[tensorboard]'). metrics.json and history.csv are always written.",
                        choices=("", "tensorboard"))
@@ -121,7 +132,8 @@ class CommonRecipe:
                                          "process), never more than the pass's batches; auto: none on a CPU, on a GPU "
                                          "one per 4 batches, up to the cores (8 at most). Unused when decoded once. "
                                          "Random crops draw in the process that loads, so different counts give "
-                                         "different (each reproducible) numbers.")
+                                         "different (each reproducible) numbers.",
+                                 parse=lambda value, source: _workers(value, source))
     cache: bool = setting(True, "Decode each image once into memory and the disk cache (~/.cache/fastft, or "
                                 "$FASTFT_CACHE) when no item transform is random, instead of every epoch.")
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps.")
@@ -135,6 +147,11 @@ class CommonRecipe:
         given = {k: v for k, v in changes.items() if v is not None}
         return dataclasses.replace(self, **_checked(given, source))
 
+    def check(self) -> None:
+        """The rules between keys that need no data (`_check_between_keys`): what a user gives is checked with them
+        before any work, a command line's options and a recipe file alike."""
+        _check_between_keys(self)
+
     def to_toml(self) -> str:
         lines = ["# fastft recipe, resolved: `fastft run THIS_FILE` reproduces the run"]
         lines += [f"{f.name} = {_toml_value(getattr(self, f.name))}" for f in fields(self)]
@@ -143,7 +160,8 @@ class CommonRecipe:
 
 # Each strategy's own settings (`StrategySetting`s, declared with the strategies that take them) are recipe keys too.
 Recipe = dataclasses.make_dataclass(
-    "Recipe", [(name, "int", setting(s.default, f"{', '.join(users)}: {s.help}", cli_min=s.minimum, minimum=s.minimum))
+    "Recipe", [(name, s.type, setting(s.default, f"{', '.join(users)}: {s.help}", cli_min=s.minimum, minimum=s.minimum,
+                                      parse=s.parse))
                for name, (s, users) in strategy_settings().items()],
     bases=(CommonRecipe,), namespace={"__doc__": "A run's settings: the common keys and every strategy's own."})
 Recipe.__module__ = __name__
@@ -163,25 +181,16 @@ def _toml_value(value) -> str:
 
 
 def _checked(values: dict, source: str) -> dict:
-    """Reject unknown keys and values of the wrong type, naming the key and where it came from."""
+    """Each value on its own: known keys only, of the key's type (or read by its `parse`), within the key's range and
+    choices, each error naming the key and where it came from. Rules between keys are `check`'s."""
     out = {}
     for key, value in values.items():
         if key not in _FIELD_TYPES:
             known = ", ".join(_FIELD_TYPES)
             raise UsageError(f"unknown key '{key}' in {source}{did_you_mean(key, _FIELD_TYPES)}; known keys: {known}")
-        if key == "lr":
-            out[key] = _learning_rate(value, source)
-            continue
-        if key == "workers":
-            out[key] = _workers(value, source)
-            continue
-        if key == "wise":
-            out[key] = _auto_or_number(key, value, source, 0, 1, words=("off", "auto"),
-                                       meaning="off, auto, or a weight from 0 (the probe) to 1 (the fine-tuned network)")
-            continue
-        if key == "holdout":
-            out[key] = _auto_or_number(key, value, source, 0, 1, words=("auto",), below_high=True,
-                                       meaning="auto, or a share of the training images at least 0 and below 1")
+        meta = _FIELDS[key].metadata
+        if meta["parse"] is not None:
+            out[key] = meta["parse"](value, source)
             continue
         want = _TYPE_NAMES[_FIELD_TYPES[key]]
         if want is float and isinstance(value, int) and not isinstance(value, bool):
@@ -190,30 +199,63 @@ def _checked(values: dict, source: str) -> dict:
             raise UsageError(f"'{key}' in {source} must be a {want.__name__}, got {value!r}")
         if want is float and not math.isfinite(value):
             raise UsageError(f"'{key}' in {source} must be a finite number, got {value!r}")
-        out[key] = value
-    for key in ("epochs", "bs", "size"):
-        if key in out and out[key] < 1:
-            raise UsageError(f"'{key}' in {source} must be at least 1, got {out[key]}")
-    for key in ("limit", "wd", "patience", "mixup", "cutmix"):
-        if key in out and out[key] < 0:
-            raise UsageError(f"'{key}' in {source} must not be negative, got {out[key]}")
-    for key, value in out.items():
-        if (least := _FIELDS[key].metadata["minimum"]) is not None and value < least:
-            raise UsageError(f"'{key}' in {source} must be at least {least}, got {value}")
-        if (most := _FIELDS[key].metadata["maximum"]) is not None and value > most:
-            raise UsageError(f"'{key}' in {source} must be at most {most}, got {value}")
-    if "valid_pct" in out and not 0 < out["valid_pct"] < 1:
-        raise UsageError(f"'valid_pct' in {source} must be between 0 and 1, got {out['valid_pct']}")
-    for key, value in out.items():
-        if (choices := _FIELDS[key].metadata["choices"]) and value not in choices:
-            shown = ", ".join(c or '""' for c in choices)
+        if not _within_range(value, meta):
+            raise UsageError(f"'{key}' in {source} must be {_range_words(meta)}, got {value}")
+        if meta["choices"] and value not in meta["choices"]:
+            shown = ", ".join(c or '""' for c in meta["choices"])
             raise UsageError(f"'{key}' in {source} must be one of {shown}; got {value!r}")
-    for key in ("label_smoothing", "head_dropout", "ema"):
-        if key in out and not 0 <= out[key] < 1:
-            raise UsageError(f"'{key}' in {source} must be in [0, 1), got {out[key]}")
-    if "crop_pct" in out and not 0 < out["crop_pct"] <= 1:
-        raise UsageError(f"'crop_pct' in {source} must be in (0, 1], got {out['crop_pct']}")
+        out[key] = value
     return out
+
+
+def _within_range(value, meta) -> bool:
+    return ((meta["minimum"] is None or value >= meta["minimum"]) and (meta["maximum"] is None or value <= meta["maximum"])
+            and (meta["above"] is None or value > meta["above"]) and (meta["below"] is None or value < meta["below"]))
+
+
+def _range_words(meta) -> str:
+    """'at least 1', 'in [0, 1)', 'in (0, 1]', ...: a key's range from its metadata."""
+    low, high = meta["minimum"] if meta["minimum"] is not None else meta["above"], (
+        meta["maximum"] if meta["maximum"] is not None else meta["below"])
+    if high is None:
+        return f"at least {low}" if meta["minimum"] is not None else f"above {low}"
+    if low is None:
+        return f"at most {high}" if meta["maximum"] is not None else f"below {high}"
+    return f"in {'[' if meta['minimum'] is not None else '('}{low}, {high}{']' if meta['maximum'] is not None else ')'}"
+
+
+def _check_between_keys(recipe) -> None:
+    """The rules between a recipe's keys that need no data, one line naming the fix for each. Single values are
+    `_checked`'s. A recipe changed in code on the way (a probe learner for the backbone choice, say) may break them."""
+    for name, (setting_, users) in strategy_settings().items():
+        value = getattr(recipe, name)
+        if setting_.only_its_strategies and value != setting_.default and recipe.strategy not in users:
+            flag, title, takers = f"--{name.replace('_', '-')}", setting_.title or name, " or ".join(users)
+            if recipe.strategy == AUTO:
+                raise UsageError(f"--strategy auto chooses {title} itself; drop {flag} {value} (or give --strategy "
+                                 f"{takers} with it)")
+            raise UsageError(f"{flag} ({title}) is a setting of only --strategy {takers} (this run: {recipe.strategy}), "
+                             f"where it would do nothing; drop {flag} or use {takers}")
+    if recipe.ema and recipe.strategy != AUTO and not STRATEGIES[recipe.strategy].trains_by_steps:
+        raise UsageError(f"--ema averages the weights over the training steps, and --strategy {recipe.strategy} fits "
+                         "its head in one solve, with none; drop --ema or choose a strategy that fine-tunes")
+    if recipe.mixup and recipe.cutmix:
+        raise UsageError("--mixup and --cutmix each replace the training loss; choose one")
+    if selecting(recipe):
+        if recipe.strategy != AUTO and STRATEGIES[recipe.strategy].random_init:
+            raise UsageError(f"--strategy {recipe.strategy} starts from random weights, so there is no backbone to "
+                             "choose; drop --select and the --arch list")
+        if not recipe.pretrained:
+            raise UsageError("choosing a backbone compares pretrained weights; drop --no-pretrained (or --select and "
+                             "the --arch list)")
+    elif recipe.budget and recipe.strategy != AUTO:
+        raise UsageError("--budget bounds choosing: a backbone (--arch a,b,c or auto) and the strategy (--strategy "
+                         "auto's trial run), and this run chooses neither; give one of them, or drop --budget")
+
+
+def selecting(recipe) -> bool:
+    """Whether the run chooses its backbone: --select, a list of architectures, or auto."""
+    return recipe.select or "," in recipe.arch or recipe.arch == "auto"
 
 
 def _learning_rate(value, source: str) -> float | str:
@@ -227,21 +269,6 @@ def _learning_rate(value, source: str) -> float | str:
     if not (0 <= lr < math.inf):  # nan and inf too
         raise UsageError(f"'lr' in {source} must be a positive number, 0 (the strategy's default) or auto; got {value!r}")
     return lr
-
-
-def _auto_or_number(key: str, value, source: str, low: float, high: float, words: tuple, meaning: str,
-                    below_high: bool = False) -> float | str:
-    """One of `words`, or a number from `low` to `high` (below it with `below_high`; the command line gives it as
-    text)."""
-    if value in words:
-        return value
-    try:
-        number = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        number = math.nan
-    if not (low <= number < high if below_high else low <= number <= high):  # nan too
-        raise UsageError(f"'{key}' in {source} must be {meaning}; got {value!r}")
-    return number
 
 
 def _workers(value, source: str) -> int | str:
@@ -302,7 +329,9 @@ def read_recipe_file(path: Path) -> Recipe:
 
 def recipe_from_values(values: dict, source: str) -> Recipe:
     """A recipe from key/value pairs (a parsed TOML file), checked: `source` names them in errors."""
-    return Recipe(**_checked(values, source))
+    recipe = Recipe(**_checked(values, source))
+    recipe.check()
+    return recipe
 
 
 def load_recipe(name_or_path: str) -> Recipe:

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Callable
+
+from fastft.values import number_or_word
 
 
 ONE_CYCLE, CONSTANT, PROBE = "one-cycle", "constant", "probe"
@@ -59,16 +62,30 @@ class Phase:
 
 @dataclass(frozen=True)
 class StrategySetting:
-    """A whole-number setting some strategies take: a recipe key (and --flag) of that name. Declared once and
-    listed by every strategy record that reads it; its help names those strategies."""
+    """A setting some strategies take: a recipe key (and --flag) of that name, of any type. Declared once and listed
+    by every strategy record that reads it; its help names those strategies. `type` is the recipe field's type;
+    `parse(value, source)` reads a value from a recipe file or the command line, or raises a UsageError naming
+    `source` (None: the type's own check and `minimum`); `only_its_strategies`: a value other than the default is an
+    error with a strategy that does not take it, where it would do nothing without a word (`title` names the setting
+    in that error)."""
     name: str
-    default: int
+    default: object
     help: str
-    minimum: int = 0
+    minimum: int | None = 0
+    type: str = "int"
+    parse: Callable | None = None
+    only_its_strategies: bool = False
+    title: str = ""
 
 
 FREEZE_EPOCHS = StrategySetting("freeze_epochs", 1, "epochs that train only the head (part of --epochs).")
 UNFREEZE = StrategySetting("unfreeze", 2, "stages unfrozen from the top after the head-only phase.", minimum=1)
+WISE = StrategySetting(
+    "wise", "off", "WiSE-FT: keep (1 - W) x the probe's weights + W x the fine-tuned ones, one network; auto: W chosen "
+    "on the validation split (0.5 without one); off: the fine-tuned weights.", minimum=None, type="float | str",
+    parse=lambda value, source: number_or_word("wise", value, source, 0, 1, words=("off", "auto"), meaning="off, "
+                                               "auto, or a weight from 0 (the probe) to 1 (the fine-tuned network)"),
+    only_its_strategies=True, title="the WiSE-FT weight")
 
 
 def describe_plan(phases: list[Phase]) -> str:
@@ -93,6 +110,7 @@ class Strategy:
     # BatchNorm keeps the running statistics the weights were loaded (and a probe fitted) with, while its affine
     # weights train (fastft/train/probe.py's FrozenBatchNormStatistics, added by fastft/train/strategies.py's fit)
     frozen_bn_statistics: bool = False
+    trains_by_steps: bool = True  # False: fitted in one solve (the probe), with no training steps to average (--ema)
 
     def phases(self, lr: float, epochs: int, n_groups: int, options: dict) -> list[Phase]:
         """The schedule: `lr` the head's peak rate, `options` this strategy's settings by name."""
@@ -213,14 +231,18 @@ STRATEGIES: dict[str, Strategy] = {
     # (0.510, 0.497, 0.479 test acc)
     "probe": Probe("a linear probe: the backbone as loaded, a linear head fitted on its features of the training "
                    "images (and their mirror images) in one pass; seconds, whatever --epochs says", 0.0,
-                   head="linear"),
+                   head="linear", trains_by_steps=False),
     "lp-ft": LinearProbeThenFineTune("LP-FT: epoch 1 fits a linear head as a probe, the other epochs fine-tune every "
                                      "stage from it (lr/100 at the stem .. lr at the head); one-cycle, Adam", 1e-3,
-                                     head="linear", frozen_bn_statistics=True),
+                                     head="linear", settings=(WISE,), frozen_bn_statistics=True),
     "scratch": Scratch("random initialisation, every layer at one LR; one-cycle, Adam (d2l's baseline)", 1e-2,
                        random_init=True),
 }
 
+
+# the two strategies --strategy auto chooses between (fastft/train/pipeline.py), and the one a probe learner is built
+# with wherever fastft probes a backbone's frozen features (the backbone choice, the label check)
+LINEAR_PROBE, LP_FT = "probe", "lp-ft"
 
 # `--strategy auto` is not a schedule but a choice between two of them, made on the training images before the run
 # trains (fastft/train/strategy_choice.py): the run then trains what was chosen, and recipe.toml names it.

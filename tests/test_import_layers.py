@@ -13,7 +13,7 @@ PACKAGE = Path(fastft.__file__).resolve().parent
 # everything in it.
 LAYERS = [
     ("the ground floor", {"fastft.errors", "fastft.atomic", "fastft.run_folder", "fastft.fastai_internals",
-                          "fastft.version"}),
+                          "fastft.version", "fastft.values"}),
     ("the declarations", {"fastft.schedules", "fastft.recipe"}),
     ("data", {"fastft.data"}),
     ("deploy", {"fastft.deploy"}),

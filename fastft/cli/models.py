@@ -2,6 +2,7 @@
 Each imports what it needs when it runs."""
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from pathlib import Path
@@ -32,7 +33,6 @@ def predict(
                                                         "below this as 'uncertain'. Default: off."),
 ):
     """Label images: path, label and probability per line, as results come."""
-    import csv
 
     from fastft.deploy.predict import predict as predict_images, shown_labels
 

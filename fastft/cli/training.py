@@ -17,7 +17,7 @@ from fastft.cli.common import COMMANDS, TYPES, app, argument, command, user_erro
 from fastft.data.augment import AUG_HELP
 from fastft.errors import Interrupted, UsageError
 from fastft.recipe import OPTIONS, Recipe, find_recipes, load_recipe, read_recipe_file
-from fastft.schedules import STRATEGIES
+from fastft.schedules import AUTO, LP_FT, STRATEGIES
 
 
 def flag_of(name: str) -> str:
@@ -32,7 +32,7 @@ def shown_value(recipe: Recipe, name: str) -> str:
     if isinstance(value, bool):
         return f"--{name.replace('_', '-')}" if value else f"--no-{name.replace('_', '-')}"
     if name == "lr" and not value:
-        strategy = "lp-ft" if recipe.strategy == "auto" else recipe.strategy  # auto fine-tunes with lp-ft, if at all
+        strategy = LP_FT if recipe.strategy == AUTO else recipe.strategy  # auto fine-tunes with lp-ft, if at all
         return f"{STRATEGIES[strategy].default_lr:g} ({strategy}'s default)"
     if name == "data" and not value:
         return f"download {recipe.dataset or recipe.name}" if recipe.data_url else "none"
@@ -69,6 +69,7 @@ def _train(recipe: Recipe, options: dict) -> None:
     if resume is not None and (out is not None or any(v is not None for v in options.values())):
         raise UsageError("--resume continues a run as it was set up; drop the other options (a new run: leave out --resume)")
     recipe = recipe.replace(source="command-line options", **options)  # bad values fail here, before the imports
+    recipe.check()
     from fastft.train.pipeline import train
 
     try:
@@ -137,7 +138,9 @@ def lr_find(recipe, **options):
     if options.pop("epochs") is not None or options.pop("tta") is not None:
         raise UsageError("--epochs and --tta do nothing in lr-find (it takes a number of steps bounded by the data, "
                          "then stops); drop them")
-    suggestion = lr_find_only(load_recipe(recipe).replace(source="command-line options", **options), out)
+    recipe = load_recipe(recipe).replace(source="command-line options", **options)
+    recipe.check()
+    suggestion = lr_find_only(recipe, out)
     typer.echo(f"suggested lr {suggestion:.2e} (fastai's valley); plot in lr_find.png")
 
 

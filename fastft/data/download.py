@@ -12,8 +12,10 @@ would land outside the target (absolute paths, `..`, links) refuse the whole arc
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
+import socket
 import tarfile
 import urllib.error
 import zipfile
@@ -78,8 +80,6 @@ def fetch_dataset(name: str, url: str, sha1: str = "", home: Path | None = None)
 
 def download(url: str, archive: Path, local_copy: str) -> None:
     """fastdownload's download_url (to archive.part, renamed when complete), its errors as one line each."""
-    import http.client
-    import socket
 
     from fastdownload import download_url
 

@@ -116,10 +116,8 @@ def build_dataloaders(split: Split, recipe: Recipe, mean, std, device, plan: Aug
     dls.valid are the training and test splits (fastai's valid is d2l's test split); a validation split apart
     from the test split, when the run has one, is dls[2]. `processes`: how many train side by side (distributed),
     sharing the cores for workers."""
-    import torch
-    from fastai.vision.all import CategoryBlock, DataBlock, ImageBlock, IndexSplitter, Normalize
-
-    from fastai.vision.all import MultiCategoryBlock, TensorCategory, TensorMultiCategory
+    from fastai.vision.all import (CategoryBlock, DataBlock, ImageBlock, IndexSplitter, MultiCategoryBlock, Normalize,
+                                   TensorCategory, TensorMultiCategory)
 
     from fastft.data.transforms import CachedDL, LabelsOf, RGBImage, WeightedCachedDL, image_of, label_of
     from fastft.fastai_internals import set_workers
@@ -153,16 +151,22 @@ def build_dataloaders(split: Split, recipe: Recipe, mean, std, device, plan: Aug
             set_workers(dl, worker_count(recipe.workers, device, len(dl), processes))
     if cached:
         for dl, part in zip(dls.loaders, split.parts):
-            keys = [key for _, key in items[part]]
-            if split.multi_label:
-                targets = torch.zeros(len(keys), len(split.classes))
-                for row, key in enumerate(keys):
-                    targets[row, [split.classes.index(label) for label in split.labels_of(key)]] = 1.0
-                labels = TensorMultiCategory(targets)
-            else:
-                labels = TensorCategory(torch.tensor([split.classes.index(k) for k in keys]))
+            targets = training_targets(split, [key for _, key in items[part]])
+            labels = TensorMultiCategory(targets) if split.multi_label else TensorCategory(targets)
             dl.serve_decoded(*on_device(split.pixels[part], labels, device))
     return dls
+
+
+def training_targets(split: Split, keys: list[str]):
+    """Class indices (N,), or for multi-label data 0/1 per label (N, C), of images with these label keys."""
+    import torch
+
+    if not split.multi_label:
+        return torch.tensor([split.classes.index(key) for key in keys])
+    targets = torch.zeros(len(keys), len(split.classes))
+    for row, key in enumerate(keys):
+        targets[row, [split.classes.index(label) for label in split.labels_of(key)]] = 1.0
+    return targets
 
 
 VALIDATION = 2  # dls.loaders: the training split, the test split (fastai's "valid"), then the validation split

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -270,7 +271,6 @@ class PickleModel(Model):
     """fastai's model.pkl via load_learner: runs pickled code, so only on request."""
 
     def __init__(self, pkl_path: Path):
-        import warnings
 
         from fastai.learner import load_learner
 

@@ -16,6 +16,7 @@ how many predictions fall in each), the negative log-likelihood (NLL) and the Br
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import NamedTuple
 
@@ -165,7 +166,6 @@ def folded(network, temperature):
     The network itself when there is no temperature."""
     if temperature is None:
         return network
-    import copy
 
     import torch
 

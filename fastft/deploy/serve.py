@@ -20,6 +20,7 @@ Needs the serve extra: pip install 'fastft[serve]'.
 # no `from __future__ import annotations`: FastAPI reads the endpoint annotations at run time
 
 import base64
+import errno
 import io
 import ipaddress
 import json
@@ -29,6 +30,7 @@ import socket
 import stat
 import threading
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 
 from fastft.deploy.page import page_html
@@ -313,7 +315,6 @@ def create_app(model, policy: Policy):
 def free_port(host: str, port: int) -> None:
     """A one-line error now, rather than uvicorn's traceback later, when the port is taken or the address is not
     this machine's."""
-    import errno
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -342,7 +343,6 @@ def allowed_folder(allow_dir: Path | None) -> Path | None:
 
 def serve(model_path: Path, host: str, port: int, max_upload_mb: float, allow_dir: Path | None = None,
           allow_hosts: tuple[str, ...] = ()) -> None:
-    from importlib.util import find_spec
 
     if find_spec("fastapi") is None or find_spec("uvicorn") is None:
         raise UsageError("fastft serve needs FastAPI and uvicorn: pip install 'fastft[serve]'")

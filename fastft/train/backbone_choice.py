@@ -23,8 +23,8 @@ import torch
 
 from fastft.errors import UsageError
 from fastft.train.budget import Budget, pass_seconds
+from fastft.train.tie import TIE_IMAGES, lowest_loss_among_the_best
 
-TIE_IMAGES = 2  # out-of-fold accuracies this many images apart are a tie: a gap of one or two images is noise
 
 
 class Candidate(NamedTuple):
@@ -47,11 +47,6 @@ class Selection(NamedTuple):
     images: int
     probabilities: torch.Tensor  # the chosen backbone's out-of-fold probabilities (the label check reads them)
     labels: torch.Tensor
-
-
-def selecting(recipe) -> bool:
-    """Whether the run chooses its backbone: --select, a list of architectures, or auto."""
-    return recipe.select or "," in recipe.arch or recipe.arch == "auto"
 
 
 def weights_by_arch(weights: str) -> dict[str, str]:
@@ -99,17 +94,16 @@ def candidates(recipe) -> list[Candidate]:
 
 def check_candidates(recipe, found: list[Candidate]) -> None:
     """Every candidate's weights exist (or the hub has them), before any data is read."""
-    from fastft.train.model import hub_weights_problem, starting_weights
+    from fastft.train.model import require_hub_weights, starting_weights
 
     if len(found) < 2:
         raise UsageError(f"choosing a backbone needs at least two candidates, and there is {len(found)} "
                          f"({', '.join(c.arch for c in found) or 'none'}); list them with --arch a,b,c")
     for c in found:
         start = starting_weights(recipe.replace(arch=c.arch, weights=c.weights, pretrained=True))
-        if start.kind == "hub" and (problem := hub_weights_problem(c.arch)):
-            raise UsageError(f"{problem}; pass the candidates' weights as --weights ARCH=FILE,ARCH=FILE (timm state "
-                             "dicts, .safetensors or .pth) or --weights DIR (a folder of ARCH.*.safetensors), or list "
-                             "only backbones whose weights you have with --arch a,b")
+        require_hub_weights(c.arch, start, "pass the candidates' weights as --weights ARCH=FILE,ARCH=FILE (timm state "
+                            "dicts, .safetensors or .pth) or --weights DIR (a folder of ARCH.*.safetensors), or list "
+                            "only backbones whose weights you have with --arch a,b")
 
 
 def out_of_fold_scores(probabilities: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> tuple[float, float]:
@@ -167,9 +161,7 @@ def choose(split, recipe, found: list[Candidate], device, budget: Budget | None 
         left = f"; about {spent / number * (len(found) - number):.0f} s left" if number < len(found) else ""
         print(f"  {c.arch}: cross-validated accuracy {accuracy:.3f}, log-loss {nll:.3f} "
               f"({scores[-1].seconds:.1f} s{left})", flush=True)
-    best = max(s.accuracy for s in scores)
-    tied = [s for s in scores if s.accuracy >= best - TIE_IMAGES / len(items) - 1e-9]
-    chosen = min(tied, key=lambda s: s.log_loss).candidate
+    chosen = lowest_loss_among_the_best({s.candidate: (s.accuracy, s.log_loss) for s in scores}, len(items))
     return Selection(scores, dropped, chosen, k, len(items), probabilities[chosen], labels)
 
 

@@ -8,9 +8,11 @@ remaining epochs with the same phases, learning-rate schedule and random draws a
 """
 from __future__ import annotations
 
+import copy
 import io
 import random
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from fastft.atomic import write_bytes
 from fastft.errors import UsageError
 from fastft.fastai_internals import loader_rng
 from fastft.run_folder import CHECKPOINT, RunFolder, claimant
+from fastft.train.distributed import unwrapped
 
 FORMAT = "fastft-checkpoint/1"
 
@@ -61,9 +64,41 @@ def plain(value):
     return value
 
 
-def save(run: RunFolder, state: dict) -> None:
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a stopped run resumes from, written after every finished epoch. Its keys in the file are spelled here
+    alone (`to_state`, `from_state`); whatever else remembers something between epochs (the epoch log, --ema's
+    average, lp-ft's probe weights) puts it in `log` through its own state() and takes it back through restore()."""
+    epoch: int  # epochs finished
+    recipe: str  # the resolved recipe: recipe.toml's text
+    model: dict  # the weights training goes on from
+    optimizer: dict | None  # the optimizer's state, None before it has one
+    random: list  # every process's random generators (random_state), in rank order
+    log: dict  # the epoch log's state (fastft/train/epochs.py): figures so far, the best epoch, its callbacks' states
+
+    def to_state(self) -> dict:
+        """Plain types only: a checkpoint loads with weights_only (no arbitrary classes)."""
+        return plain({"format": FORMAT, "epoch": self.epoch, "recipe": self.recipe, "model": self.model,
+                      "optimizer": self.optimizer, "random": self.random, "log": self.log})
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Checkpoint":
+        return cls(epoch=state["epoch"], recipe=state["recipe"], model=state["model"], optimizer=state["optimizer"],
+                   random=state["random"], log=state["log"])
+
+    def apply(self, learn, rank: int, optimizer: bool) -> None:
+        """Put the stopped run's state back into `learn`, just before its next epoch: the weights; the optimizer's
+        state when the next epoch is in the middle of a phase (a new phase starts with a fresh one, as it did in the
+        first run); this process's random generators last, so the next draw is the one the first run made."""
+        unwrapped(learn.model).load_state_dict(self.model)
+        if optimizer and self.optimizer is not None:
+            learn.opt.load_state_dict(self.optimizer)
+        set_random_state(self.random[rank if rank < len(self.random) else 0], learn.dls)
+
+
+def save(run: RunFolder, saved: Checkpoint) -> None:
     buffer = io.BytesIO()
-    torch.save(plain({"format": FORMAT, **state}), buffer)
+    torch.save(saved.to_state(), buffer)
     write_bytes(run.checkpoint, buffer.getvalue())
 
 
@@ -76,12 +111,12 @@ class BackgroundSaver:
     def __init__(self):
         self.thread, self.error = None, None
 
-    def save(self, run: RunFolder, state: dict) -> None:
+    def save(self, run: RunFolder, saved: Checkpoint) -> None:
         self.wait()
 
         def write():
             try:
-                save(run, state)
+                save(run, saved)
             except BaseException as e:  # handed to the training thread
                 self.error = e
         self.thread = threading.Thread(target=write, name="fastft-checkpoint")
@@ -103,11 +138,36 @@ class BackgroundSaver:
             raise error
 
 
+class CheckpointWriter:
+    """checkpoint.pt after every finished epoch: every process's random generators gathered, rank 0 writing in the
+    background while the next epoch trains (BackgroundSaver)."""
+
+    def __init__(self, run: RunFolder, dist, recipe_toml: str):
+        self.run, self.dist, self.recipe_toml, self.saver = run, dist, recipe_toml, BackgroundSaver()
+
+    def write(self, learn, epoch: int, weights: dict, log: dict) -> None:
+        """The checkpoint after `epoch` finished epochs: `weights`, the ones training goes on from; `log`, the epoch
+        log's state. Everything the next epoch changes in place is copied first."""
+        randomness = self.dist.gather(random_state(learn.dls))  # every process's own generators
+        if self.dist.is_main:
+            optimizer = copy.deepcopy(learn.opt.state_dict()) if learn.opt is not None else None
+            self.saver.save(self.run, Checkpoint(epoch=epoch, recipe=self.recipe_toml, model=weights,
+                                                 optimizer=optimizer, random=randomness, log=log))
+
+    def check(self) -> None:
+        """Raise the last write's error (a full disk) without waiting: called before each epoch and batch."""
+        self.saver.check()
+
+    def wait(self) -> None:
+        """Until the last write is on disk; raise its error, if it had one."""
+        self.saver.wait()
+
+
 def remove(run: RunFolder) -> None:
     run.checkpoint.unlink(missing_ok=True)
 
 
-def load(run_dir: Path) -> dict | None:
+def load(run_dir: Path) -> Checkpoint | None:
     """The checkpoint of an unfinished run, checked; None for a run that wrote its recipe but no checkpoint yet
     (killed during its first epoch or its first checkpoint's write), which starts again from its recipe.
     Anything else is a one-line error; nothing is changed."""
@@ -134,4 +194,7 @@ def load(run_dir: Path) -> dict | None:
                          "start it again") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"{path} is not a {FORMAT} checkpoint; the run cannot resume from it; start it again")
-    return state
+    try:
+        return Checkpoint.from_state(state)
+    except KeyError as e:
+        raise UsageError(f"{path} lacks its {e} part; the run cannot resume from it; start it again") from None

@@ -27,7 +27,7 @@ def settings_to_compare(recipe: Recipe, strategies: str | None, augs: str | None
     else:
         settings = [(s, {"strategy": s}) for s in (strategies or recipe.strategy).split(",")]
     for label, changes in settings:
-        recipe.replace(source=f"compare setting '{label}'", **changes)
+        recipe.replace(source=f"compare setting '{label}'", **changes).check()
         if "aug" in changes:
             parse_aug(changes["aug"])
     if len({label for label, _ in settings}) != len(settings):

@@ -17,6 +17,11 @@ import torch
 from fastft.errors import UsageError
 
 
+def unwrapped(model):
+    """The network itself: DistributedDataParallel wraps it during a fit of many processes."""
+    return getattr(model, "module", model)
+
+
 def world_size() -> int:
     """Processes in this run: torchrun and accelerate launch both set WORLD_SIZE."""
     return int(os.environ.get("WORLD_SIZE", "1"))

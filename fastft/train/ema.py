@@ -18,7 +18,8 @@ from fastai.callback.core import Callback
 from timm.utils import ModelEmaV3
 
 from fastft.fastai_internals import AFTER_RECORDER
-from fastft.train.epochs import _copy, unwrapped
+from fastft.train.distributed import unwrapped
+from fastft.train.epochs import _copy
 
 
 class AveragedWeights(Callback):
@@ -56,6 +57,10 @@ class AveragedWeights(Callback):
 
     def state(self) -> dict:
         return {"steps": self.steps, "weights": _copy(self.average.module) if self.average else None}
+
+    def measured(self, network_weights: dict) -> dict:
+        """The weights an epoch measured: the average once it has taken a step, else the network's own."""
+        return self.restored if self.steps > 0 else network_weights
 
     def restore(self, state: dict) -> None:
         self.steps, self.restored = state["steps"], state["weights"]

@@ -1,14 +1,14 @@
 """The end of every epoch, in one callback: the figures (d2l's, plus the validation split's when the run has one),
-one log line, the reports, the best epoch so far, early stopping, and the checkpoint a stopped run resumes from.
+one log line and the reports; then it hands the epoch to the parts that decide on it: the kept epoch and early
+stopping (fastft/train/keeping.py), lp-ft's probe weights (fastft/train/wise.py), and the checkpoint a stopped run
+resumes from (fastft/train/checkpoint.py), which holds each part's state.
 
 Figures are d2l's: mean train loss and running train accuracy over the epoch's (augmented) training batches,
 test loss and accuracy over the test split, seconds. A validation split apart from the test split (valid/, or
---holdout) adds valid_loss and valid_acc; --keep best and --patience watch --monitor on it, never on the test
-split unless the user insists (and then the run says its test accuracy is optimistic).
+--holdout) adds valid_loss and valid_acc.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 
@@ -20,14 +20,9 @@ from fastft.data.loaders import validation_loader
 from fastft.errors import UsageError
 from fastft.fastai_internals import AFTER_PROGRESS, AFTER_RECORDER
 from fastft.train import checkpoint
+from fastft.train.distributed import unwrapped
+from fastft.train.keeping import KeptEpoch
 from fastft.train.report import epoch_line, write_reports
-
-MONITORED = {"accuracy": ("valid_acc", "test_acc", max), "valid_loss": ("valid_loss", "test_loss", min)}
-
-
-def unwrapped(model):
-    return getattr(model, "module", model)  # DistributedDataParallel wraps the model during fit
-
 
 def correct(logits, targets, multi_label: bool) -> float:
     """How many images a batch got right: the top class; multi-label (0/1 targets, one per label), each image's
@@ -59,30 +54,28 @@ def _copy(model) -> dict:
 
 class EpochLog(Callback):
     """Per epoch: figures, a log line (the only per-epoch output: fastai's table, with its smoothed loss and
-    per-phase epoch numbers, is off), metrics.json/history.csv/curves.png, the kept and best weights, early
-    stopping, and checkpoint.pt. Ctrl-C falls back to the last finished epoch's weights (`snapshot`). `progress` is
-    what it and the strategy tell each other: a probe epoch's figures in, early stopping out."""
+    per-phase epoch numbers, is off), metrics.json/history.csv/curves.png; then the kept epoch and early stopping
+    (`kept`), lp-ft's probe weights (`probe`, with --wise) and checkpoint.pt (`checkpoints`). Ctrl-C falls back to the
+    last finished epoch's weights (`snapshot`). `progress` is what it and the strategy tell each other: a probe epoch's
+    figures in, early stopping out. `averaging`: --ema's average, which each epoch measures and keeps."""
 
     order = AFTER_RECORDER
 
-    def __init__(self, context, progress, averaging=None):
+    def __init__(self, context, progress, averaging=None, probe=None):
         recipe = context.recipe
-        self.averaging = averaging  # --ema: ema.AveragedWeights, whose average each epoch measures and keeps
+        self.averaging, self.probe = averaging, probe
         self.out, self.device, self.dist, self.total_epochs = context.folder, str(context.device), context.dist, recipe.epochs
-        self.keep, self.monitor, self.patience = context.resolved.keep, recipe.monitor, recipe.patience
-        self.budget = context.budget  # --budget in a trial: it trains no epoch that would end past it
-        self.lr = context.resolved.lr
-        self.multi_label, self.recipe_toml, self.progress = context.multi_label, context.saved_recipe().to_toml(), progress
+        self.kept = KeptEpoch(context.resolved.keep, recipe.monitor, recipe.patience, context.budget, recipe.epochs,
+                              context.dist)
+        self.checkpoints = checkpoint.CheckpointWriter(context.folder, context.dist, context.saved_recipe().to_toml())
+        self.lr, self.multi_label, self.progress = context.resolved.lr, context.multi_label, progress
         self.epochs, self.train_examples, self.train_seconds, self.train_batches = [], 0, 0.0, 0
-        self.snapshot, self.best, self.running, self.stopped = None, None, False, ""
-        # --wise: the weights the probe epoch ended with, which the fine-tuned ones are averaged with at the end
-        self.keeps_probe, self.probe_weights = recipe.wise != "off", None
+        self.snapshot, self.running, self.stopped = None, False, ""
         self.validation_is_test = context.validation_is_test
-        self.saver = checkpoint.BackgroundSaver()
 
     # ---- figures -------------------------------------------------------------------------------------------
     def before_epoch(self):
-        self.saver.check()  # the last epoch's checkpoint failed (a full disk): stop before training another
+        self.checkpoints.check()  # the last epoch's checkpoint failed (a full disk): stop before training another
         self.started = time.perf_counter()
         self.sums = {True: [0, 0.0, 0], False: [0, 0.0, 0]}  # training? -> [examples, loss sum, correct]
 
@@ -91,7 +84,7 @@ class EpochLog(Callback):
         self.epoch_train_seconds, self.running = time.perf_counter() - self.started, True
 
     def after_batch(self):
-        self.saver.check()
+        self.checkpoints.check()
         self.train_batches += self.training
         n = find_bs(self.yb)
         sums = self.sums[self.training]
@@ -133,93 +126,56 @@ class EpochLog(Callback):
         entry["seconds"] = time.perf_counter() - self.started
         self.epochs.append(entry)
         self.snapshot = _copy(self.learn.model)
-        if probe and self.keeps_probe:
-            self.probe_weights = self.snapshot
-        improved = self.track_best(entry)
+        if probe and self.probe is not None:
+            self.probe.weights = self.snapshot
+        improved = self.kept.track(entry, self.snapshot)
         if self.dist.is_main:
             write_reports(self.out, self.epochs, self.examples_per_sec, self.device, self.kept_epoch)
-            print(epoch_line(entry, self.total_epochs) + (" (best so far)" if improved and self.keep == "best" else ""),
+            print(epoch_line(entry, self.total_epochs) + (" (best so far)" if improved and self.kept.keep == "best" else ""),
                   flush=True)
-        self.save_checkpoint()
-        if self.should_stop():
+        # --ema: the snapshot is the average; training goes on from the network's own weights
+        training = self.averaging.training_weights(self.snapshot) if self.averaging else self.snapshot
+        self.checkpoints.write(self.learn, len(self.epochs), training, self.state())
+        self.stopped = self.kept.stop_reason(self.epochs, probe_epoch=bool(probe))
+        if self.stopped:
+            self.progress.stop = True
+            if self.dist.is_main:
+                print(self.stopped, flush=True)
             raise CancelFitException
 
     @property
     def examples_per_sec(self) -> float:
         return self.train_examples / max(self.train_seconds, 1e-9)
 
-    # ---- the best epoch and early stopping ----------------------------------------------------------------
-    def monitored(self, entry: dict) -> float:
-        on_validation, on_test, _ = MONITORED[self.monitor]
-        return entry[on_validation] if on_validation in entry else entry[on_test]
-
-    def track_best(self, entry: dict) -> bool:
-        better = MONITORED[self.monitor][2]
-        value = self.monitored(entry)
-        if self.best is None or better(value, self.best["value"]) != self.best["value"]:
-            self.best = {"epoch": entry["epoch"], "value": value,
-                         "weights": self.snapshot if self.keep == "best" else None}
-            return True
-        return False
-
+    # ---- the kept epoch ------------------------------------------------------------------------------------
     @property
     def kept_epoch(self) -> int:
-        return self.best["epoch"] if self.keep == "best" else len(self.epochs)
+        return self.kept.kept_epoch(len(self.epochs))
 
     def kept_weights(self) -> dict:
-        return self.best["weights"] if self.keep == "best" else self.snapshot
-
-    def should_stop(self) -> bool:
-        done = len(self.epochs)
-        if done >= self.total_epochs:
-            return False
-        if self.budget is not None and self.dist.from_main(self.out_of_time):  # every rank stops together
-            self.stopped = (f"--budget {self.budget.text}: the next epoch would likely end past it; the trial stops after "
-                            f"epoch {done} of {self.total_epochs}, and the candidates are scored on its weights so far")
-        elif self.patience and done - self.best["epoch"] >= self.patience:
-            self.stopped = (f"stopping early: {self.monitor} has not improved for {self.patience} epoch(s) (best "
-                            f"{self.best['value']:.4f} at epoch {self.best['epoch']}); skipping epochs "
-                            f"{done + 1}-{self.total_epochs}")
-        else:
-            return False
-        self.progress.stop = True
-        if self.dist.is_main:
-            print(self.stopped, flush=True)
-        return True
-
-    def out_of_time(self) -> bool:
-        """Whether the next epoch would likely end past the deadline (--budget, in a strategy trial)."""
-        last = self.epochs[-1]["seconds"]
-        # a probe epoch passes forward over the images once; a fine-tuning epoch also backward: about 3x as long
-        return self.budget.would_pass(3 * last if self.progress.probe else last)
+        return self.kept.kept_weights(self.snapshot)
 
     # ---- checkpoint ---------------------------------------------------------------------------------------
     def state(self) -> dict:
-        """What the log needs to continue a resumed run exactly where it stopped (copies: the next epoch appends
-        to the list while a checkpoint of this one is written)."""
+        """What the log and its parts need to continue a resumed run exactly where it stopped (copies: the next epoch
+        appends to the list while a checkpoint of this one is written)."""
         return {"epochs": list(self.epochs), "train_examples": self.train_examples, "train_seconds": self.train_seconds,
-                "train_batches": self.train_batches, "best": dict(self.best) if self.best else None,
-                "probe_weights": self.probe_weights, "ema": self.averaging.state() if self.averaging else None}
+                "train_batches": self.train_batches, "best": self.kept.state(),
+                "probe_weights": self.probe.state() if self.probe else None,
+                "ema": self.averaging.state() if self.averaging else None}
 
-    def restore(self, state: dict) -> None:
-        self.epochs, self.best = state["epochs"], state["best"]
+    def restore(self, state: dict, network_weights: dict) -> None:
+        """Back to where a stopped run's log was (`state`: what `state()` gave), its last measured weights included:
+        --ema's average once it has taken a step, else `network_weights`, the network's."""
+        self.epochs = state["epochs"]
         self.train_examples, self.train_seconds = state["train_examples"], state["train_seconds"]
         self.train_batches = state["train_batches"]
-        self.probe_weights = state.get("probe_weights")  # a checkpoint of an earlier fastft has none
+        self.kept.restore(state["best"])
+        if self.probe:
+            self.probe.restore(state.get("probe_weights"))  # a checkpoint of an earlier fastft has none
         if self.averaging and state.get("ema"):
             self.averaging.restore(state["ema"])
-
-    def save_checkpoint(self) -> None:
-        randomness = self.dist.gather(checkpoint.random_state(self.dls))  # every process's own generators
-        if self.dist.is_main:
-            opt = self.learn.opt
-            # written in the background (checkpoint.BackgroundSaver) while training goes on: everything the next
-            # epoch changes in place is copied first (the snapshot already is a copy)
-            # --ema: the snapshot is the average; training goes on from the network's own weights
-            training = self.averaging.training_weights(self.snapshot) if self.averaging else self.snapshot
-            self.saver.save(self.out, {"epoch": len(self.epochs), "recipe": self.recipe_toml, "model": training,
-                                       "optimizer": copy.deepcopy(opt.state_dict()) if opt is not None else None,
-                                       "random": randomness, "log": self.state()})
+        self.snapshot = self.averaging.measured(network_weights) if self.averaging else network_weights
 
 
 class RunProgress(Callback):

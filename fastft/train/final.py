@@ -16,7 +16,8 @@ from fastft.fastai_internals import release_last_batch
 from fastft.run_folder import RunFolder
 from fastft.train.context import RunContext
 from fastft.train.devices import training_only_callbacks
-from fastft.train.epochs import EpochLog, unwrapped
+from fastft.train.distributed import unwrapped
+from fastft.train.epochs import EpochLog
 from fastft.train.report import write_reports
 
 
@@ -171,7 +172,7 @@ def final_report(learn, context: RunContext, log: EpochLog, interrupted: bool, m
                  **({"stopped_early": log.stopped} if log.stopped else {})}
     # the last epoch's checkpoint, written while the final scores were computed, on disk before any model file (a
     # full disk raises here), so a run that fails from here on can be resumed
-    log.saver.wait()
+    log.checkpoints.wait()
     results = write_reports(context.folder, log.epochs, log.examples_per_sec, str(context.device), log.kept_epoch,
                             additions)
     return results, threshold, interrupted

@@ -12,6 +12,7 @@ Nothing here reads the test split, and nothing changes or moves the user's files
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -96,8 +97,6 @@ def label_check_of(split, items: list, probabilities: torch.Tensor, labels: torc
 
 def without_suspects(split, suspects: list[Suspect]):
     """`split` with these training images left out (the files stay where they are)."""
-    import dataclasses
-
     dropped = {s.file for s in suspects}
     train = {key: [p for p in files if Path(p) not in dropped] for key, files in split.train.items()}
     pixels = dict(split.pixels)
@@ -155,12 +154,11 @@ def check_folder(recipe) -> LabelCheck:
     from fastft.data.augment import parse_aug
     from fastft.data.loaders import load_split
     from fastft.train.devices import resolve_device
-    from fastft.train.model import NO_HUB_WEIGHTS, check_arch, hub_weights_problem, starting_weights
+    from fastft.train.model import check_arch, require_hub_weights, starting_weights
 
     check_arch(recipe.arch)
     start = starting_weights(recipe)
-    if start.kind == "hub" and (problem := hub_weights_problem(recipe.arch)):
-        raise UsageError(f"{problem}; {NO_HUB_WEIGHTS.format(arch=recipe.arch)}")
+    require_hub_weights(recipe.arch, start)
     set_seed(recipe.seed, reproducible=True)
     split = load_split(Path(recipe.data).expanduser(), recipe, parse_aug(recipe.aug))
     return check_labels(split, recipe, start, resolve_device(recipe.device))

@@ -11,7 +11,7 @@ from fastft.data.images import large_images_allowed
 from fastft.errors import UsageError
 from fastft.fastai_internals import finder_saves_under
 from fastft.recipe import Recipe
-from fastft.schedules import STRATEGIES
+from fastft.schedules import LP_FT, STRATEGIES
 from fastft.train import strategy_choice
 from fastft.train.context import RunContext
 from fastft.train.distributed import world_size
@@ -90,6 +90,6 @@ def lr_find_only(recipe: Recipe, out: str | None = None) -> float:
     if world_size() > 1:
         raise UsageError("lr-find runs in one process; launch it without torchrun/accelerate")
     if strategy_choice.choosing(recipe):  # the rate lp-ft would fine-tune at, if auto chose it
-        recipe = recipe.replace(strategy="lp-ft")
+        recipe = recipe.replace(strategy=LP_FT)
     prepared = prepare(recipe, out)
     return find_lr(prepared.learn, prepared.context)

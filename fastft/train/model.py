@@ -3,6 +3,9 @@ model's config; the stage splitter; the Learner."""
 from __future__ import annotations
 
 import difflib
+import json
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,9 +78,6 @@ NO_HUB_WEIGHTS = "pass --weights FILE (a timm state dict of {arch}, .safetensors
 def hub_weights_problem(arch: str) -> str | None:
     """None when `arch`'s ImageNet weights are in the hub cache or the hub answers within HUB_TIMEOUT_S; else why
     not, in a few words. Checked once before anything slow, so that offline a run fails in seconds."""
-    import urllib.error
-    import urllib.request
-
     from huggingface_hub import constants, try_to_load_from_cache
     from timm.models import get_pretrained_cfg
 
@@ -97,6 +97,13 @@ def hub_weights_problem(arch: str) -> str | None:
         return (f"the Hugging Face hub ({constants.ENDPOINT}) did not answer within {HUB_TIMEOUT_S} s ({reason}), and "
                 f"the ImageNet weights of {arch} are not in its cache (offline?)")
     return None
+
+
+def require_hub_weights(arch: str, start: StartingWeights, fix: str = "") -> None:
+    """Starting from the hub's ImageNet weights (`start`), fail in seconds, before any data is read, when they cannot be
+    had: one line naming why and `fix` (by default: pass --weights or --no-pretrained)."""
+    if start.kind == "hub" and (problem := hub_weights_problem(arch)):
+        raise UsageError(f"{problem}; {fix or NO_HUB_WEIGHTS.format(arch=arch)}")
 
 
 def _load_tensors(path: Path, arch: str) -> dict:
@@ -125,8 +132,6 @@ def load_backbone(body, tensors: dict, source, arch: str) -> None:
 def load_run(learn, run_dir: Path, recipe: Recipe) -> str:
     """A fastft run's backbone into the Learner, and its head too when it was trained on the same classes with
     the same head. Returns what was loaded, in words."""
-    import json
-
     from safetensors.torch import load_file
 
     meta = json.loads((run_dir / META).read_text())

@@ -15,8 +15,10 @@ from typing import NamedTuple
 
 import torch
 
+from fastft.data.loaders import training_targets
 from fastft.data.split import indices_by_key, shuffled_by_group
 from fastft.errors import UsageError
+from fastft.schedules import LINEAR_PROBE
 
 FOLDS = 5  # fewer when the smallest class has fewer training images
 
@@ -87,7 +89,7 @@ def training_folds(split, seed: int) -> TrainingFolds:
     k, notes = fold_count(keys, split.multi_label)
     for note in notes:
         print(note, file=sys.stderr)
-    return TrainingFolds(items, training_labels(split, keys), stratified_folds(keys, k, seed), k, notes)
+    return TrainingFolds(items, training_targets(split, keys), stratified_folds(keys, k, seed), k, notes)
 
 
 def probabilities_of(learn, recipe, split, folds: TrainingFolds) -> torch.Tensor:
@@ -147,18 +149,8 @@ def frozen_learner(split, recipe, start, device):
     from fastft.train.model import create_learner, head_config, normalization
 
     # the batch size only matters to training: no note about it here
-    probe = recipe.replace(strategy="probe", bs=max(1, min(recipe.bs, len(split.items("train")))))
+    probe = recipe.replace(strategy=LINEAR_PROBE, bs=max(1, min(recipe.bs, len(split.items("train")))))
     mean, std = normalization(recipe.arch)
     dls = build_dataloaders(split, probe, mean, std, device, parse_aug(recipe.aug))
-    learn, _ = create_learner(dls, probe, start, head=head_config("probe", 0.0), multi_label=split.multi_label)
+    learn, _ = create_learner(dls, probe, start, head=head_config(LINEAR_PROBE, 0.0), multi_label=split.multi_label)
     return learn
-
-
-def training_labels(split, keys: list[str]) -> torch.Tensor:
-    """Class indices (N,), or for multi-label data 0/1 per label (N, C), of images with these label keys."""
-    if not split.multi_label:
-        return torch.tensor([split.classes.index(key) for key in keys])
-    labels = torch.zeros(len(keys), len(split.classes))
-    for row, key in enumerate(keys):
-        labels[row, [split.classes.index(label) for label in split.labels_of(key)]] = 1.0
-    return labels

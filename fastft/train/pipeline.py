@@ -23,17 +23,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
 
 from fastft.data.folders import split_files
 from fastft.data.images import large_images_allowed
+from fastft.atomic import process_alive
 from fastft.data.split import Split, seeded_split
 from fastft.errors import Interrupted, UsageError
-from fastft.recipe import Recipe
+from fastft.recipe import Recipe, selecting
 from fastft.run_folder import check_new_out
-from fastft.train.backbone_choice import selecting
+from fastft.schedules import LINEAR_PROBE, LP_FT
 from fastft.train.budget import Budget
 from fastft.train.devices import resolve_device
 from fastft.train.distributed import Distributed
@@ -53,6 +55,7 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
     extra fastai callbacks for the Learner."""
     if resume is not None:
         return TrainingRun.resumed(resume, measure_unaugmented, callbacks).train().metrics
+    recipe.check()  # the rules between its keys, before any work (a recipe built in code may not have met them yet)
     choice = None
     if choosing(recipe):
         check_new_out(out)
@@ -87,10 +90,7 @@ def too_few_to_hold_out(recipe: Recipe) -> str:
 def choose_strategy(recipe: Recipe, device) -> StrategyChoice:
     """The recipe with `--strategy auto` resolved: on the run's own validation split (the run is lp-ft with --wise
     auto), or by a trial run (a TrainingRun like any other, in a folder of its own, distributed when the run is)."""
-    if recipe.wise != "off":
-        raise UsageError(f"--strategy auto chooses the WiSE-FT weight itself; drop --wise {recipe.wise} (or give "
-                         "--strategy lp-ft with it)")
-    lp_ft = recipe.replace(strategy="lp-ft", wise="auto")
+    lp_ft = recipe.replace(strategy=LP_FT, wise="auto", budget=recipe.budget if selecting(recipe) else "")
     if recipe.data and has_validation_split(recipe):
         if recipe.budget and not selecting(recipe):
             raise UsageError(f"--budget {recipe.budget} bounds a trial run, and this data's validation split chooses the "
@@ -99,7 +99,7 @@ def choose_strategy(recipe: Recipe, device) -> StrategyChoice:
     if recipe.data and (too_few := too_few_to_hold_out(recipe)):
         print(f"note: --strategy auto: {too_few}; the probe trains (fine-tuning is chosen only where it beats the "
               "probe on held-out images)", file=sys.stderr)
-        probe = recipe.replace(strategy="probe", epochs=1, ema=0.0, budget=recipe.budget if selecting(recipe) else "")
+        probe = recipe.replace(strategy=LINEAR_PROBE, epochs=1, ema=0.0, budget=recipe.budget if selecting(recipe) else "")
         return StrategyChoice(probe, {}, 0, too_few, {}, None)
     # --budget bounds the whole choice on one clock from here: the backbone's, then the trial's epochs. Started first,
     # so that a malformed one fails before any work
@@ -128,14 +128,10 @@ def new_trial_folder() -> str:
     trials whose process is gone are removed first: a killed run (kill -9, a lost machine) never reached its
     `finally`, and each left a checkpoint behind (the size of the network three times over). The machine's name
     keeps a container that shares /tmp from taking another's running trial for a dead one."""
-    import socket
-
-    import psutil
-
     host = socket.gethostname()
     for stale in Path(tempfile.gettempdir()).glob(f"{TRIAL_PREFIX}*"):
         pid, _, rest = stale.name.removeprefix(TRIAL_PREFIX).partition("@")
-        if pid.isdigit() and rest.startswith(f"{host}@") and not psutil.pid_exists(int(pid)):
+        if pid.isdigit() and rest.startswith(f"{host}@") and not process_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)  # another user's is not ours: rmtree fails there, harmlessly
     return tempfile.mkdtemp(prefix=f"{TRIAL_PREFIX}{os.getpid()}@{host}@")
 

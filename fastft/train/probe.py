@@ -21,7 +21,7 @@ from fastai.callback.core import Callback
 
 from fastft.data.split import indices_by_key, shuffled_by_group
 from fastft.fastai_internals import AFTER_TRAINING_MODE, labelled_loader
-from fastft.train.epochs import unwrapped
+from fastft.train.distributed import unwrapped
 
 PENALTIES = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # L2 per example on standardised features: the candidates tried
 VALID_SHARE = 0.2  # of each class's training images, to choose the penalty

@@ -21,7 +21,8 @@ from fastft.run_folder import RunFolder
 from fastft.schedules import STRATEGIES, Phase, describe_plan
 from fastft.train import checkpoint, ema, strategies, strategy_choice, wise
 from fastft.train.context import RunContext
-from fastft.train.epochs import EpochLog, RunProgress, unwrapped
+from fastft.train.distributed import unwrapped
+from fastft.train.epochs import EpochLog, RunProgress
 from fastft.train.final import calibration_line, final_report, save_model
 from fastft.train.lr_finder import resolve_lr
 from fastft.train.report import summary_line
@@ -51,7 +52,8 @@ class TrainingRun:
     whose table it reports."""
 
     def __init__(self, recipe: Recipe, out: str | None = None, measure_unaugmented: bool = False, callbacks=(), *,
-                 choice=None, carve=None, budget=None, saved: dict | None = None, resuming: bool = False):
+                 choice=None, carve=None, budget=None, saved: checkpoint.Checkpoint | None = None,
+                 resuming: bool = False):
         self.recipe, self.out, self.measure_unaugmented, self.callbacks = recipe, out, measure_unaugmented, callbacks
         self.choice, self.carve, self.budget, self.saved, self.resuming = choice, carve, budget, saved, resuming
 
@@ -90,8 +92,8 @@ class TrainingRun:
     def fit(self) -> bool:
         """The strategy's phases; the kept epoch's weights left in the model. Returns whether Ctrl-C stopped it."""
         recipe, learn = self.context.recipe, self.learn
-        self.log = EpochLog(self.context, Progress(),
-                            averaging=ema.AveragedWeights(recipe.ema) if recipe.ema else None)
+        self.log = EpochLog(self.context, Progress(), averaging=ema.AveragedWeights(recipe.ema) if recipe.ema else None,
+                            probe=wise.ProbeWeights() if recipe.wise != "off" else None)
         if self.context.dist.is_main and sys.stdout.isatty():  # progress bars on rank 0's terminal; a log gets clean lines
             learn.add_cb(RunProgress(self.log))
         interrupted = fit_under_interruption(learn, self.context, self.log, self.saved)
@@ -102,7 +104,8 @@ class TrainingRun:
     def finish(self, interrupted: bool) -> tuple[dict, float | None, bool]:
         """WiSE-FT's average, the strategy choice's table, the kept model's scores and calibration, the last report
         (rank 0). Returns (metrics.json's content, a multi-label model's threshold, whether Ctrl-C came)."""
-        averaged = wise.apply(self.learn, self.context, self.log.probe_weights)  # before calibration: it calibrates these
+        probe = self.log.probe.weights if self.log.probe else None
+        averaged = wise.apply(self.learn, self.context, probe)  # before calibration: it calibrates these weights
         extra = {"wise": averaged} if averaged else {}
         if self.choice is not None:
             extra["strategy_choice"] = strategy_choice.report(self.choice, averaged, self.context.folder)
@@ -123,7 +126,7 @@ class TrainingRun:
             print(calibration_line(calibration, folder))
 
 
-def fit_under_interruption(learn, context: RunContext, log: EpochLog, saved: dict | None) -> bool:
+def fit_under_interruption(learn, context: RunContext, log: EpochLog, saved: checkpoint.Checkpoint | None) -> bool:
     """Print the plan, fit the strategy's phases (from the checkpoint's next epoch when resuming) and leave the
     kept epoch's weights in the model. Returns whether Ctrl-C stopped it after an epoch had finished (before
     one had, it raises Interrupted)."""
@@ -135,7 +138,7 @@ def fit_under_interruption(learn, context: RunContext, log: EpochLog, saved: dic
     learn.add_cbs(extra_logs)
     start_epoch, restore = 0, None
     if saved is not None:
-        start_epoch, restore = saved["epoch"], resumer(saved, log, dist)
+        start_epoch, restore = saved.epoch, resumer(saved, log, dist)
     if dist.is_main:
         print_plan(learn, context, phases)
         if saved is not None:

@@ -21,16 +21,16 @@ from fastft.data.folders import check_data_folder
 from fastft.data.inspect import leakage_warning
 from fastft.data.loaders import build_dataloaders, imbalance_note, label_counts, load_split
 from fastft.errors import UsageError
-from fastft.recipe import Recipe
+from fastft.recipe import Recipe, selecting
 from fastft.run_folder import RunFolder, check_new_out, claim_run_folder
 from fastft.schedules import STRATEGIES
-from fastft.train import backbone_choice, wise
+from fastft.train import backbone_choice
 from fastft.train.budget import Budget, pass_seconds
 from fastft.train.context import Resolved, RunContext
 from fastft.train.devices import resolve_device, resolve_precision, set_number_format
 from fastft.train.distributed import Distributed
 from fastft.train.model import (NO_HUB_WEIGHTS, StartingWeights, check_arch, create_learner, head_config,
-                                hub_weights_problem, normalization, starting_weights)
+                                normalization, require_hub_weights, starting_weights)
 
 
 class Prepared(NamedTuple):
@@ -52,32 +52,18 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
     epochs_budget = budget
     # started first, so that a malformed one fails before any work
     budget = budget if budget is not None else Budget.start(recipe.budget)
+    recipe.check()  # the rules between its keys (a recipe built in code may not have met them yet)
     found = []  # the backbones to choose among, when the run chooses
-    if backbone_choice.selecting(recipe):
-        if STRATEGIES[recipe.strategy].random_init:
-            raise UsageError(f"--strategy {recipe.strategy} starts from random weights, so there is no backbone to "
-                             "choose; drop --select and the --arch list")
-        if not recipe.pretrained:
-            raise UsageError("choosing a backbone compares pretrained weights; drop --no-pretrained (or --select and "
-                             "the --arch list)")
+    if selecting(recipe):
         found = backbone_choice.candidates(recipe)
         backbone_choice.check_candidates(recipe, found)
     else:
         check_arch(recipe.arch)
-        if recipe.budget:
-            raise UsageError("--budget bounds choosing: a backbone (--arch a,b,c or auto) and the strategy (--strategy "
-                             "auto's trial run), and this run chooses neither; give one of them, or drop --budget")
     if not resuming:
         check_new_out(out)
     plan = parse_aug(recipe.aug)
     dist = Distributed(device)
     device = dist.device
-    wise.check(recipe)
-    if recipe.ema and recipe.strategy == "probe":
-        raise UsageError("--ema averages the weights over the training steps, and --strategy probe fits its head in "
-                         "one solve, with none; drop --ema or choose a strategy that fine-tunes")
-    if recipe.mixup and recipe.cutmix:
-        raise UsageError("--mixup and --cutmix each replace the training loss; choose one")
     if dist.size > 1 and recipe.lr == "auto":
         raise UsageError("--lr auto runs in one process; run `fastft lr-find` first and pass its --lr")
     if STRATEGIES[recipe.strategy].random_init:  # by definition, e.g. `compare --strategy fine-tune,scratch`
@@ -91,12 +77,11 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
         start = None
     if recipe.data and not recipe.labels:
         check_data_folder(Path(recipe.data).expanduser())  # a mistyped folder first: it needs no network to tell
-    if start and start.kind == "hub" and (problem := hub_weights_problem(recipe.arch)):
-        # before the data: offline, both are missing, and the first message should name both
+    if start:  # before the data: offline, both are missing, and the first message should name both
         dataset = recipe.dataset or recipe.name
         data_too = ("" if recipe.data or downloaded(dataset)
                     else f", and --data DIR (a local copy of {dataset}: it is not downloaded yet either)")
-        raise UsageError(f"{problem}; {NO_HUB_WEIGHTS.format(arch=recipe.arch)}{data_too}")
+        require_hub_weights(recipe.arch, start, NO_HUB_WEIGHTS.format(arch=recipe.arch) + data_too)
     if recipe.data:
         root = Path(recipe.data).expanduser()
     else:  # rank 0 downloads while the others wait

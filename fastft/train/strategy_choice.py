@@ -15,7 +15,7 @@ from fastft.atomic import replacing
 from fastft.data.folders import split_files
 from fastft.data.split import holdout_share
 from fastft.recipe import Recipe
-from fastft.schedules import AUTO
+from fastft.schedules import AUTO, LINEAR_PROBE, LP_FT
 from fastft.train.backbone_choice import write_report
 from fastft.train.report import candidate_chart
 
@@ -49,7 +49,7 @@ def decision(recipe: Recipe, trial_run) -> StrategyChoice:
     wise = results["wise"]
     scores, images, weight = held_out_scores(wise), wise["valid_images"], wise["weight"]
     chosen = recipe.replace(arch=trial_recipe.arch, weights=trial_recipe.weights, select=False, budget="",
-                            **({"strategy": "probe", "epochs": 1, "ema": 0.0} if weight == 0 else {"strategy": "lp-ft", "wise": weight}))
+                            **({"strategy": LINEAR_PROBE, "epochs": 1, "ema": 0.0} if weight == 0 else {"strategy": LP_FT, "wise": weight}))
     if weight == 0 and recipe.ema:
         print("note: the probe was chosen, which has no training steps to average; --ema is dropped", file=sys.stderr)
     history = [{k: row[k] for k in ("epoch", "valid_acc", "valid_loss") if k in row} for row in results["epochs"]]
@@ -66,13 +66,13 @@ def held_out_scores(wise: dict) -> dict:
 
 
 def describe(weight: float) -> str:
-    return ("the probe" if weight == 0 else "lp-ft" if weight == 1 else
+    return ("the probe" if weight == 0 else LP_FT if weight == 1 else
             f"lp-ft mixed with its probe by WiSE-FT ({1 - weight:.1f} x the probe's weights + {weight:.1f} x lp-ft's)")
 
 
 def candidate(weight: str) -> str:
     """A row's name: the probe (weight 0), lp-ft (1), or a WiSE-FT mix."""
-    return {"0.0": "probe", "1.0": "lp-ft"}.get(weight, f"WiSE-FT {weight}")
+    return {"0.0": LINEAR_PROBE, "1.0": LP_FT}.get(weight, f"WiSE-FT {weight}")
 
 
 def report(choice: StrategyChoice, wise: dict, folder) -> dict:

@@ -12,17 +12,25 @@ from __future__ import annotations
 
 import torch
 
-from fastft.errors import UsageError
+from fastft.train.distributed import unwrapped
+from fastft.train.tie import lowest_loss_among_the_best, within_tie
 
 WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))  # the mixing weights `auto` compares
 NO_VALIDATION_WEIGHT = 0.5  # the paper's choice when nothing held out can choose
-TIE_IMAGES = 2  # validation accuracies this many images apart are a tie, settled by the lower loss
 
 
-def check(recipe) -> None:
-    if recipe.wise != "off" and recipe.strategy != "lp-ft":
-        raise UsageError(f"--wise averages the probe's weights with the fine-tuned ones, which only --strategy lp-ft "
-                         f"has (this run: {recipe.strategy}); drop --wise or use lp-ft")
+class ProbeWeights:
+    """lp-ft's weights after its probe epoch (the epoch log captures them), which WiSE-FT averages the fine-tuned ones
+    with at the end; a resumed run gets them back from the checkpoint (`state` / `restore`)."""
+
+    def __init__(self):
+        self.weights = None
+
+    def state(self) -> dict | None:
+        return self.weights
+
+    def restore(self, state: dict | None) -> None:
+        self.weights = state
 
 
 def mixed(probe: dict, tuned: dict, weight: float) -> dict:
@@ -42,19 +50,17 @@ def choose_weight(scores: dict[float, tuple[float, float]], images: int) -> floa
     """The weight `auto` keeps, from (accuracy, loss) by weight on `images` held-out images: the probe's (0) unless a
     weight with fine-tuning in it beats the probe by more than TIE_IMAGES images (a fine-tuning that does not beat the
     probe loses: it cost more and can transfer worse); else the best, weights within TIE_IMAGES of it settled by the
-    lower loss."""
-    tie = TIE_IMAGES / images + 1e-9
+    lower loss (fastft/train/tie.py)."""
     best = max(accuracy for accuracy, _ in scores.values())
-    if best <= scores[0.0][0] + tie:
+    if within_tie(scores[0.0][0], best, images):
         return 0.0
-    return min((w for w, (accuracy, _) in scores.items() if accuracy >= best - tie), key=lambda w: scores[w][1])
+    return lowest_loss_among_the_best(scores, images)
 
 
 def apply(learn, context, probe: dict | None) -> dict:
     """Put the mixed weights in the Learner's network (it holds the kept fine-tuned ones); returns what metrics.json
     records under `wise`. `probe`: the weights after the probe epoch."""
     from fastft.data.loaders import validation_loader
-    from fastft.train.epochs import unwrapped
 
     setting = context.recipe.wise
     if setting == "off":

@@ -1,0 +1,21 @@
+"""When two candidates are a tie: their accuracies on the same held-out images are TIE_IMAGES images apart or less, a
+gap that noise makes (issue 28: defaults chosen on a gap of one or two test images lost on other photos). A tie is
+settled by the lower loss. The strategy choice (WiSE-FT's weight) and the backbone choice both decide this way."""
+from __future__ import annotations
+
+from typing import Hashable
+
+TIE_IMAGES = 2
+
+
+def within_tie(accuracy: float, best: float, images: int) -> bool:
+    """Whether `accuracy` is within TIE_IMAGES of `best`, on `images` held-out images."""
+    return accuracy >= best - TIE_IMAGES / images - 1e-9
+
+
+def lowest_loss_among_the_best(scores: dict[Hashable, tuple[float, float]], images: int) -> Hashable:
+    """The key of the lowest loss among those whose accuracy ties the best's, from (accuracy, loss) by key on the same
+    `images` held-out images; the first such key where losses are equal too."""
+    best = max(accuracy for accuracy, _ in scores.values())
+    return min((key for key, (accuracy, _) in scores.items() if within_tie(accuracy, best, images)),
+               key=lambda key: scores[key][1])
