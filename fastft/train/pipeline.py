@@ -26,6 +26,7 @@ import shutil
 import socket
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 from fastft.data.folders import split_files
@@ -73,10 +74,6 @@ def carve_trial(split: Split, seed: int) -> Split:
     return split
 
 
-def trial_carver(seed: int):
-    return lambda split: carve_trial(split, seed)
-
-
 def too_few_to_hold_out(recipe: Recipe) -> str:
     """Why a trial could not score the candidates (its held-out fold would have fewer images than classes), or ""."""
     split = carve_trial(split_files(Path(recipe.data).expanduser(), recipe), recipe.seed)
@@ -101,8 +98,8 @@ def choose_strategy(recipe: Recipe, device) -> StrategyChoice:
               "probe on held-out images)", file=sys.stderr)
         probe = recipe.replace(strategy=LINEAR_PROBE, epochs=1, ema=0.0, budget=recipe.budget if selecting(recipe) else "")
         return StrategyChoice(probe, {}, 0, too_few, {}, None)
-    # --budget bounds the whole choice on one clock from here: the backbone's, then the trial's epochs. Started first,
-    # so that a malformed one fails before any work
+    # --budget bounds the whole choice on one clock from here: the backbone's, then the trial's epochs (a malformed one
+    # fails here, before anything trains)
     budget = Budget.start(recipe.budget)
     dist = Distributed(device)
     folder = Path(dist.from_main(new_trial_folder)) / "trial"
@@ -113,7 +110,7 @@ def choose_strategy(recipe: Recipe, device) -> StrategyChoice:
               f"of this run's training; the test split is not read{bounded})", flush=True)
     try:
         trial = TrainingRun(lp_ft.replace(keep="last", patience=0, tta=False, budget=""), str(folder),
-                            carve=trial_carver(recipe.seed), budget=budget).train()
+                            carve=partial(carve_trial, seed=recipe.seed), budget=budget).train()
         return dist.from_main(lambda: decision(recipe, trial))
     except Interrupted:  # the trial's own message would offer to resume the trial
         raise Interrupted("interrupted while choosing the strategy (its trial run), before the run began: nothing "

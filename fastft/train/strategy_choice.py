@@ -42,10 +42,10 @@ def has_validation_split(recipe: Recipe) -> bool:
     return bool(split.valid) or bool(holdout_share(recipe.holdout, split, recipe.limit))
 
 
-def decision(recipe: Recipe, trial_run) -> StrategyChoice:
-    """The trial's verdict, from what its run handed back (a run.RunResult; rank 0): its WiSE-FT record, the backbone it
-    trained (and chose, when the recipe listed several)."""
-    results, trial_recipe = trial_run.metrics, trial_run.recipe
+def decision(recipe: Recipe, ran) -> StrategyChoice:
+    """The trial's verdict, from what its run handed back (`ran`: a run.RunResult; rank 0): its WiSE-FT record, the
+    backbone it trained (and chose, when the recipe listed several)."""
+    results, trial_recipe = ran.metrics, ran.recipe
     wise = results["wise"]
     scores, images, weight = held_out_scores(wise), wise["valid_images"], wise["weight"]
     chosen = recipe.replace(arch=trial_recipe.arch, weights=trial_recipe.weights, select=False, budget="",
@@ -57,7 +57,7 @@ def decision(recipe: Recipe, trial_run) -> StrategyChoice:
              "seconds": round(results["epochs"][-1]["seconds"], 1)}
     # the trial's backbone choice goes with the run (selection.csv and .png); the rest of the trial folder goes
     return StrategyChoice(chosen, scores, images, f"{images} training images held out from a trial run", trial,
-                          trial_run.selection)
+                          ran.selection)
 
 
 def held_out_scores(wise: dict) -> dict:
