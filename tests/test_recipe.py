@@ -1,4 +1,6 @@
 """Recipes are data: every shipped file is valid, unknown keys are errors, CLI > file > default."""
+import re
+
 import pytest
 
 from conftest import fastft
@@ -100,3 +102,30 @@ def test_a_typo_gets_a_suggestion_and_no_advice_that_cannot_help(dataset, tmp_pa
     result = fastft("train", typo, "--out", tmp_path / "run")
     assert result.returncode == 2 and f"(did you mean {dataset}?)" in result.stderr, result.stderr
     assert "--data" not in result.stderr  # `train` takes the folder as its argument
+
+
+@pytest.mark.parametrize("lines, says", [
+    ('strategy = "probe"\nema = 0.9', "--ema averages the weights over the training steps"),
+    ('mixup = 0.4\ncutmix = 1.0', "--mixup and --cutmix"),
+    ('strategy = "fine-tune"\nwise = 0.5', "--wise (the WiSE-FT weight) is a setting of only --strategy lp-ft"),
+    ('strategy = "auto"\nwise = "auto"', "--strategy auto chooses the WiSE-FT weight itself"),
+    ('strategy = "lp-ft"\nbudget = "10m"', "--budget bounds choosing"),
+    ('arch = "resnet18,resnet34"\nstrategy = "scratch"', "starts from random weights, so there is no backbone"),
+])
+def test_rules_between_keys_hold_for_a_recipe_file_before_any_work(tmp_path, lines, says):
+    # Recipe.check: the same one-line errors a command line gets, for a file too, before any data is read
+    path = tmp_path / "contradicts.toml"
+    path.write_text(lines + "\n")
+    with pytest.raises(UsageError, match=re.escape(says)):
+        read_recipe_file(path)
+    fine = tmp_path / "fine.toml"
+    fine.write_text('strategy = "lp-ft"\nwise = 0.5\nema = 0.9\n')
+    assert (read_recipe_file(fine).wise, read_recipe_file(fine).ema) == (0.5, 0.9)
+
+
+@pytest.mark.parametrize("key, value, says", [("valid_pct", 1.0, "in (0, 1)"), ("ema", 1.0, "in [0, 1)"),
+                                              ("crop_pct", 0.0, "in (0, 1]"), ("epochs", 0, "at least 1"),
+                                              ("size", 5000, "in [1, 4096]"), ("limit", -1, "at least 0")])
+def test_each_key_is_held_to_the_range_its_field_declares(key, value, says):
+    with pytest.raises(UsageError, match=re.escape(f"'{key}' in the command line must be {says}")):
+        Recipe().replace(**{key: value})
