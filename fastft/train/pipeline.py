@@ -30,7 +30,6 @@ from functools import partial
 from pathlib import Path
 
 from fastft.data.folders import split_files
-from fastft.data.images import large_images_allowed
 from fastft.atomic import process_alive
 from fastft.data.split import Split, seeded_split
 from fastft.errors import Interrupted, UsageError
@@ -47,7 +46,6 @@ TRIAL_SHARE = 0.2  # the trial holds out one fold of five, as the backbone choic
 TRIAL_PREFIX = "fastft-strategy-trial-"
 
 
-@large_images_allowed()  # a run reads the user's own images, whatever their size (fastft/data/images.py)
 def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = False, callbacks=(),
           resume: Path | None = None) -> dict:
     """Run `recipe` (choosing first where it says auto), or (`resume`) continue a stopped run from its checkpoint;
