@@ -141,7 +141,7 @@ def test_broken_models_are_clean_errors(trained_run, tmp_path):
     with pytest.raises(UsageError, match="disagree"):
         fastft.load(run)
     (run / "model.json").write_text(json.dumps({**meta, "arch": "resnet34"}))
-    with pytest.raises(UsageError, match="disagree"):
+    with pytest.raises(UsageError, match="was trained as 'resnet18'"):
         fastft.load(run)
     (run / "model.json").write_text(json.dumps(meta))
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
@@ -182,6 +182,9 @@ BAD_META = [
     ("mean", "0.5"), ("mean", [0.5]), ("std", [0.2, 0.0, 0.2]), ("std", [0.2, float("nan"), 0.2]),
     ("threshold", "0.5"), ("threshold", 2), ("classes", "abc"), ("classes", []), ("classes", ["a", "a"]),
     ("tta", "no"), ("multi_label", 1), ("format", "fastft-bundle/9"), ("calibrate", True),
+    # values that pass a "positive" check and turn every probability into NaN
+    ("temperature", 1e-40), ("temperature", 1e300), ("std", [0.2, 1e-300, 0.2]), ("mean", [0.5, 1e300, 0.5]),
+    ("files", {"model.safetensors": "abc"}), ("files", {"../x": "0" * 64}),
 ]
 
 
@@ -269,3 +272,106 @@ def test_predicting_with_the_onnx_model_imports_no_torch_timm_or_fastai(trained_
                            capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _copy(run, tmp_path, name="run"):
+    import shutil
+
+    return shutil.copytree(run, tmp_path / name)
+
+
+def _resave(run, change) -> None:
+    """Rewrite a run's weights with `change(state)` applied, as another model's weights, keeping model.json."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(run / "model.safetensors"))
+    change(state)
+    save_file(state, str(run / "model.safetensors"), metadata={"fastft_arch": "resnet18"})
+
+
+def _last_layer(state) -> str:
+    """The name of the head's last linear layer's weight."""
+    return max((k for k in state if k.startswith("1.") and k.endswith(".weight")), key=lambda k: int(k.split(".")[1]))
+
+
+def test_weights_files_are_tied_to_their_model_json(trained_run, tmp_path):
+    """A swapped model.safetensors, or a model.onnx copied from another run, would load and answer with the other
+    model's weights: each is refused in one line naming both files."""
+    from fastft.deploy.bundle import OnnxModel, record_file_hash
+
+    swapped = _copy(trained_run[0], tmp_path, "swapped")
+    _resave(swapped, lambda state: state[_last_layer(state)].mul_(-1))  # same arch, same classes, other weights
+    result = run_fastft("predict", swapped, trained_run[0].parent)
+    assert result.returncode == 2 and "model.safetensors is not the file written with" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not result.stdout
+
+    exported = _copy(trained_run[0], tmp_path, "exported")
+    assert invoke("export", exported).exit_code == 0
+    assert "model.onnx" in json.loads((exported / "model.json").read_text())["files"]
+    assert fastft.load(exported / "model.onnx").predict(Image.new("RGB", (40, 30)))[0] in ("blue", "red")
+    other = _copy(trained_run[0], tmp_path, "other")  # never exported: an ONNX copied in is not its own
+    (other / "model.onnx").write_bytes((exported / "model.onnx").read_bytes())
+    with pytest.raises(UsageError, match="model.onnx was not written with .*fastft export"):
+        fastft.load(other / "model.onnx")
+    # an ONNX of another input size, its hash recorded: one line instead of onnxruntime's traceback at predict time
+    meta = json.loads((other / "model.json").read_text())
+    (other / "model.json").write_text(json.dumps({**meta, "input_size": 48, "resize": 48}))
+    record_file_hash(other / "model.json", other / "model.onnx")
+    with pytest.raises(UsageError, match=r"takes inputs of shape .*48x48"):
+        OnnxModel(other / "model.onnx")
+
+
+def test_an_architecture_with_the_same_tensors_is_refused(tmp_path):
+    """efficientnet_lite0 has exactly tf_efficientnet_lite0's tensor names and shapes (only the padding differs):
+    a model.json edited to name it loaded the weights silently and answered wrongly."""
+    from fastft.deploy.bundle import write_bundle
+    from fastft.deploy.network import build_network
+    from fastft.run_folder import RunFolder
+
+    write_bundle(build_network("tf_efficientnet_lite0", 2), RunFolder(tmp_path), arch="tf_efficientnet_lite0",
+                 classes=["a", "b"], size=32, crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3, head={})
+    assert fastft.load(tmp_path).meta["arch"] == "tf_efficientnet_lite0"
+    meta = json.loads((tmp_path / "model.json").read_text())
+    (tmp_path / "model.json").write_text(json.dumps({**meta, "arch": "efficientnet_lite0"}))
+    with pytest.raises(UsageError, match="'arch' is 'efficientnet_lite0', but model.safetensors was trained as "
+                                         "'tf_efficientnet_lite0'"):
+        fastft.load(tmp_path)
+
+
+def test_weights_that_give_no_finite_probability_are_refused_never_printed(trained_run, dataset, tmp_path):
+    from fastft.deploy.bundle import record_file_hash
+
+    broken = _copy(trained_run[0], tmp_path, "nan")
+    _resave(broken, lambda state: state[_last_layer(state)].fill_(float("nan")))
+    record_file_hash(broken / "model.json", broken / "model.safetensors")
+    result = run_fastft("predict", broken, dataset / "test")
+    assert result.returncode == 2 and "not finite numbers (NaN or inf" in result.stderr and not result.stdout
+
+    huge = _copy(trained_run[0], tmp_path, "huge")  # finite weights whose logits overflow to inf: NaN softmax
+    _resave(huge, lambda state: state[_last_layer(state)].mul_(3e38))
+    record_file_hash(huge / "model.json", huge / "model.safetensors")
+    for extra in ([], ["--json"]):
+        result = run_fastft("predict", huge, dataset / "test", *extra)
+        assert result.returncode == 2 and "not finite numbers" in result.stderr, result.stderr
+        assert "nan" not in result.stdout.lower() and "Traceback" not in result.stderr
+
+
+def test_a_model_json_nested_deep_is_one_line(trained_run, tmp_path):
+    run = _copy(trained_run[0], tmp_path)
+    (run / "model.json").write_text('{"arch": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    image = tmp_path / "a.png"
+    Image.new("RGB", (32, 32)).save(image)
+    result = run_fastft("predict", run, image)
+    assert result.returncode == 2 and "nested too deeply" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_killed_before_its_model_json_points_to_resume(trained_run, tmp_path):
+    """The bundle's model.json is the last file a run writes: killed just before it, the folder holds a model.pkl
+    and a model.safetensors, and predict named the pickle instead of the unfinished run."""
+    run = _copy(trained_run[0], tmp_path)
+    (run / "model.json").unlink()
+    for target in (run, run / "model.safetensors"):
+        result = run_fastft("predict", target, tmp_path)
+        assert result.returncode == 2 and "unfinished run" in result.stderr, result.stderr
+        assert f"fastft resume {run}" in result.stderr and "pickle" not in result.stderr

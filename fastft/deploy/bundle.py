@@ -7,6 +7,7 @@ and needs no fastai: torch, timm and `fastft.deploy.network` rebuild the network
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -18,6 +19,7 @@ import numpy as np
 
 from fastft.atomic import write_bytes, write_json
 from fastft.data.images import open_rgb, resize_center_crop
+from fastft.deploy.calibration import LIMITS as TEMPERATURE_LIMITS
 from fastft.errors import UsageError
 from fastft.run_folder import META, PICKLE, WEIGHTS, RunFolder
 
@@ -39,9 +41,10 @@ def write_bundle(model, run: RunFolder, *, arch: str, classes: list[str], size: 
     from fastft.deploy.network import HEAD_DEFAULTS
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_bytes(run.weights, save(state))
+    weights = save(state, metadata={ARCH_TAG: arch})
+    write_bytes(run.weights, weights)
     meta = {
-        "format": FORMAT, "arch": arch, "classes": list(classes), "head": {**HEAD_DEFAULTS, **head},
+        "format": FORMAT, "arch": arch, "files": {run.weights.name: hashlib.sha256(weights).hexdigest()}, "classes": list(classes), "head": {**HEAD_DEFAULTS, **head},
         "input_size": size, "resize": round(size / crop_pct), "crop_pct": crop_pct,
         "mean": list(mean), "std": list(std), "tta": tta,
         **({"multi_label": True, "threshold": threshold} if threshold is not None else {}),
@@ -82,8 +85,22 @@ def _number(value, low: float, high: float, open_low: bool = False) -> bool:
             and (low < value if open_low else low <= value) and value <= high)
 
 
-def _rgb(value, positive: bool = False) -> bool:
-    return isinstance(value, list) and len(value) == 3 and all(_number(v, 0.0, 1e3, open_low=positive) for v in value)
+def _rgb(value, low: float, high: float) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(_number(v, low, high) for v in value)
+
+
+def _temperature(value) -> bool:
+    return _number(value, *TEMPERATURE_LIMITS)
+
+
+# Sane ranges for what inference divides by: a std of 1e-300 or a temperature of 1e-40 passes any "positive" check
+# and turns every probability into NaN. Pixels are scaled to [0, 1], so a channel's mean lies in it and its std is
+# well above 0.01; a temperature outside calibration's own limits is not one a run fits.
+STD_RANGE = (0.01, 10.0)
+# model.json's "files": weights file name -> sha256 of its bytes, written when the file is; a file whose bytes differ
+# (another run's model.onnx, a swapped model.safetensors) is refused on load
+HASHED = {"model.safetensors", "model.onnx"}
+ARCH_TAG = "fastft_arch"  # model.safetensors' own metadata: the architecture its weights were trained as
 
 
 # A plain timm name, with or without a pretrained tag ("resnet18", "convnext_tiny.fb_in22k"): never "hf-hub:..."
@@ -98,13 +115,16 @@ SCHEMA = {
     "input_size": (lambda v: _whole(v, 8, 4096), "a whole number of pixels from 8 to 4096"),
     "resize": (lambda v: _whole(v, 8, 8192), "a whole number of pixels from 8 to 8192"),
     "crop_pct": (lambda v: _number(v, 0.1, 1.0), "a number from 0.1 to 1"),
-    "mean": (_rgb, "a list of three numbers, one per RGB channel"),
-    "std": (lambda v: _rgb(v, positive=True), "a list of three positive numbers, one per RGB channel"),
+    "mean": (lambda v: _rgb(v, 0.0, 1.0), "a list of three numbers from 0 to 1, one per RGB channel"),
+    "std": (lambda v: _rgb(v, *STD_RANGE), "a list of three numbers from {:g} to {:g}, one per RGB channel".format(*STD_RANGE)),
     "tta": (lambda v: isinstance(v, bool), "true or false"),
     "multi_label": (lambda v: isinstance(v, bool), "true or false"),
     "threshold": (lambda v: _number(v, 0.0, 1.0, open_low=True) and v < 1, "a number between 0 and 1"),
-    "temperature": (lambda v: _number(v, 0.0, 1e3, open_low=True) or (isinstance(v, list) and v and all(
-        _number(t, 0.0, 1e3, open_low=True) for t in v)), "a positive number (a list of them, one per label)"),
+    "temperature": (lambda v: _temperature(v) or (isinstance(v, list) and v and all(map(_temperature, v))),
+                    "a number from {:g} to {:g} (a list of them, one per label)".format(*TEMPERATURE_LIMITS)),
+    "files": (lambda v: isinstance(v, dict) and set(v) <= HASHED and all(
+        isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for h in v.values()),
+              "a table of weights file names (model.safetensors, model.onnx) and their sha256"),
     "head": (lambda v: isinstance(v, dict), "a table of hidden, dropout and concat_pool"),
     "versions": (lambda v: isinstance(v, dict), "a table of version strings"),
 }
@@ -142,9 +162,37 @@ def check_meta(meta, path: Path) -> dict:
 def _meta(path: Path) -> dict:
     try:
         meta = json.loads(path.read_text())
+    except RecursionError:  # a hand-made file nested thousands of levels deep
+        raise UsageError(f"{path} is not a fastft model.json (nested too deeply to read); re-export the model") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UsageError(f"{path} is not a readable fastft model.json ({e}); re-export the model") from None
     return check_meta(meta, path)
+
+
+def file_hash(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_file_hash(meta: dict, meta_path: Path, weights: Path) -> None:
+    """Refuse a weights file that is not the one `meta` was written with: a model.onnx copied from another run, a
+    swapped model.safetensors. Bundles written before fastft recorded hashes ("files" absent) are not checked."""
+    recorded = meta.get("files")
+    if recorded is None:
+        return
+    if weights.name not in recorded or recorded[weights.name] != file_hash(weights):
+        made = "was not written with" if weights.name not in recorded else "is not the file written with"
+        raise UsageError(f"{weights} {made} {meta_path} (its sha256 differs from the one {meta_path.name} records): "
+                         f"it belongs to another model; rebuild it with `fastft export {meta_path.parent}`"
+                         if weights.suffix == ".onnx" else
+                         f"{weights} is not the file written with {meta_path} (its sha256 differs from the one "
+                         f"{meta_path.name} records): the two belong to different models; use a run folder's own pair")
+
+
+def record_file_hash(meta_path: Path, weights: Path) -> None:
+    """Add `weights`' sha256 to model.json's "files" (an export writes model.onnx after the bundle)."""
+    meta = _meta(meta_path)
+    write_json(meta_path, {**meta, "files": {**meta.get("files", {}), weights.name: file_hash(weights)}})
 
 
 class Model:
@@ -200,6 +248,9 @@ class Model:
             yield from (self.result(image, row) for image, row in zip(chunk, probs))
 
     def result(self, image, row: np.ndarray) -> dict:
+        if not np.isfinite(row).all():  # never print NaN (and never emit it in JSON, which has no NaN)
+            raise UsageError(f"the model gives probabilities that are not finite numbers for {image}: its weights or "
+                             "model.json are broken; re-export the model, or train it again")
         best = int(row.argmax())
         result = {"path": str(image), "label": self.classes[best], "probability": float(row[best]),
                   "probabilities": dict(zip(self.classes, map(float, row))), "calibrated": self.calibrated}
@@ -213,7 +264,7 @@ class BundleModel(Model):
 
     def __init__(self, meta_path: Path):
         import torch
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         from fastft.deploy.network import build_network
@@ -225,8 +276,19 @@ class BundleModel(Model):
             raise UsageError(f"{weights} is missing beside {meta_path}; a bundle is model.json + model.safetensors")
         try:
             state = load_file(str(weights))
+            with safe_open(str(weights), "pt") as f:
+                trained_as = (f.metadata() or {}).get(ARCH_TAG)
         except (SafetensorError, OSError, ValueError) as e:
             raise UsageError(f"{weights} is corrupt or truncated ({str(e)[:100]}); re-export the model") from None
+        check_file_hash(self.meta, meta_path, weights)
+        if trained_as is not None and trained_as != self.meta["arch"]:
+            # another architecture can have the very same tensor names and shapes (efficientnet_lite0 and
+            # tf_efficientnet_lite0 differ only in padding) and would load, and answer wrongly, without a word
+            raise UsageError(f"{meta_path}: 'arch' is {self.meta['arch']!r}, but {weights.name} was trained as "
+                             f"{trained_as!r}; set \"arch\": \"{trained_as}\" or re-export the model")
+        if not all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point()):
+            raise UsageError(f"{weights} holds weights that are not finite numbers (NaN or inf: its run diverged); "
+                             "train again with a lower --lr")
         import timm
 
         if not timm.is_model(self.meta["arch"].split(".")[0]):
@@ -256,12 +318,19 @@ class OnnxModel(Model):
             import onnxruntime
         except ImportError:
             raise UsageError("ONNX models need onnxruntime: pip install 'fastft[onnx]'") from None
-        self.meta = _meta(onnx_path.with_name(META))
+        meta_path = onnx_path.with_name(META)
+        self.meta = _meta(meta_path)
         self.classes = list(self.meta["classes"])
+        check_file_hash(self.meta, meta_path, onnx_path)
         try:
             self.session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             raise UsageError(f"{onnx_path} is not a loadable ONNX model ({str(e)[:120]}); re-export it") from None
+        size = self.meta["input_size"]
+        shape = self.session.get_inputs()[0].shape  # [batch, 3, H, W]; a dimension is a name where it is dynamic
+        if len(shape) != 4 or [d for d in shape[1:] if isinstance(d, int)] not in ([3, size, size], [3], []):
+            raise UsageError(f"{onnx_path} takes inputs of shape {shape}, but {META} says {size}x{size} RGB; rebuild it "
+                             f"with `fastft export {onnx_path.parent}`")
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"images": batch.astype(np.float32)})[0]
@@ -304,10 +373,20 @@ class PickleModel(Model):
         return result["label"], result["probabilities"]
 
 
+def unfinished(folder: Path) -> None:
+    """A one-line error for a run folder whose run stopped before it wrote model.json, its last file: what to run to
+    finish it, rather than what its other files (a model.pkl, a model.safetensors) would say on their own."""
+    run = RunFolder(folder)
+    if not run.finished and (run.checkpoint.is_file() or run.weights.is_file() or run.recipe.is_file()):
+        raise UsageError(f"{folder} is an unfinished run (it stopped before writing {META}); finish it with "
+                         f"`fastft resume {folder}`")
+
+
 def load(path, trust_pickle: bool = False) -> Model:
     """Load a model for inference: a run folder, model.json / model.safetensors, model.onnx, or (with
     trust_pickle=True) a fastai model.pkl."""
     path = Path(path)
+    unfinished(path if path.is_dir() else path.parent)
     if path.is_dir():
         if (path / META).is_file():
             return BundleModel(path / META)

@@ -34,7 +34,7 @@ def export_onnx(model_path: Path, images: list[Path] | None = None) -> tuple[Pat
     (or random inputs when none are at hand). Returns (path, max abs difference, images checked)."""
     import torch
 
-    from fastft.deploy.bundle import BundleModel, OnnxModel, load
+    from fastft.deploy.bundle import BundleModel, OnnxModel, load, record_file_hash
 
     model = load(model_path)
     if not isinstance(model, BundleModel):
@@ -56,6 +56,7 @@ def export_onnx(model_path: Path, images: list[Path] | None = None) -> tuple[Pat
             raise disk_full_error(target) from None
         raise UsageError(f"{model.meta['arch']} cannot be exported to ONNX ({type(e).__name__}: "
                          f"{str(e).strip().splitlines()[0][:150] if str(e).strip() else ''})") from None
+    record_file_hash(run.meta, target)  # ties this model.onnx to this model.json: another run's is refused
     images = images if images is not None else sample_images(run)
     if images:
         batch = np.stack([model.preprocess(p) for p in images])
