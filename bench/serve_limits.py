@@ -1,9 +1,12 @@
-"""What large uploads cost `fastft serve`: N concurrent 7999x7999 16-bit PNGs (about 140 kB each, 128 MB each
-decoded) and then a normal photo, against a real server on 127.0.0.1. Reports the server's peak memory growth
-(VmHWM), the wall time of the N requests, and their answers; `--baseline REV` measures an earlier checkout side by
-side (a git worktree), as the reference.
+"""What large uploads cost `fastft serve`: N concurrent uploads of one kind, then a normal photo, against a real
+server on 127.0.0.1. Kinds: `16bit`, a 7999x7999 16-bit PNG (about 140 kB, 128 MB decoded); `palette`, an 8000x8000
+palette PNG with a transparent colour (7.9 kB, 64 MB decoded, about 1 GB converted at full size); `bomb`, a PNG whose
+header claims 100000x100000 pixels (a few kB). Reports the server's peak memory growth (VmHWM), what it still holds
+after (VmRSS), the wall time of the N requests, and their answers; `--baseline REV` measures an earlier checkout side
+by side (a git worktree), as the reference.
 
-    python bench/serve_limits.py [--concurrent 3] [--baseline c116a41]
+    python bench/serve_limits.py [--image palette] [--concurrent 4] [--baseline c0a0744]
+    python bench/serve_limits.py --modes    # what to_rgb allocates per pixel, per image mode
 """
 import argparse
 import os
@@ -48,9 +51,15 @@ def measure(tree: Path, model: Path, big: Path, photo: Path, concurrent: int) ->
         return httpx.post(url + "/predict", files={"image": (path.name, path.read_bytes())}, headers={"X-Fastft": "1"},
                       timeout=300).status_code
 
-    def high_water_mib() -> float:
+    def status_mib(key: str) -> float:
         status = Path(f"/proc/{server.pid}/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith(key))) / 1024
+
+    def high_water_mib() -> float:
+        return status_mib("VmHWM")
+
+    def resident_mib() -> float:
+        return status_mib("VmRSS")
     try:
         for _ in range(600):
             try:
@@ -59,27 +68,81 @@ def measure(tree: Path, model: Path, big: Path, photo: Path, concurrent: int) ->
             except httpx.HTTPError:
                 time.sleep(0.2)
         assert post(photo) == 200
-        before, started = high_water_mib(), time.perf_counter()
+        before, held_before, started = high_water_mib(), resident_mib(), time.perf_counter()
         with ThreadPoolExecutor(concurrent) as pool:
             answers = list(pool.map(post, [big] * concurrent))
         seconds = time.perf_counter() - started
-        return {"peak_growth_mib": round(high_water_mib() - before), "seconds": round(seconds, 2),
-                "answers": answers, "then_a_photo": post(photo)}
+        return {"peak_growth_mib": round(high_water_mib() - before), "held_after_mib": round(resident_mib() - held_before),
+                "seconds": round(seconds, 2), "answers": answers, "then_a_photo": post(photo)}
     finally:
         server.terminate()
         server.wait()
 
 
+def write_upload(kind: str, path: Path) -> None:
+    if kind == "16bit":
+        Image.fromarray(np.zeros((7999, 7999), np.uint16)).save(path, compress_level=1)
+    elif kind == "palette":
+        Image.new("P", (8000, 8000), 0).save(path, transparency=0)
+    else:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from conftest import png_claiming
+
+        path.write_bytes(png_claiming(100_000, 100_000))
+
+
+MODES_PROBE = """
+import sys
+import numpy as np
+from PIL import Image
+from fastft.data.images import to_rgb
+def status(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+side, mode = 3000, sys.argv[1]
+im = Image.new("P" if mode == "P+transparency" else mode, (side, side))
+if mode == "P+transparency":
+    im.info["transparency"] = 0
+im.load()
+open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to what is resident now
+before = status("VmRSS")
+rgb = to_rgb(im)
+print((status("VmHWM") - before) / side / side)
+"""
+
+
+def modes() -> None:
+    """Per image mode: what to_rgb allocates per pixel at its peak, beside the decoded image, against the figure
+    fastft/data/images.py bounds the server with."""
+    from fastft.data.images import to_rgb_bytes_per_pixel
+
+    print(f"to_rgb's peak allocation per pixel, 3000x3000 ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores)")
+    print("| mode | measured bytes/pixel | bound used |\n|---|---|---|")
+    rows = []
+    for mode in ("1", "L", "P", "P+transparency", "RGB", "RGBA", "LA", "PA", "I", "F", "CMYK", "YCbCr", "LAB", "HSV"):
+        measured = float(subprocess.run([sys.executable, "-c", MODES_PROBE, mode], capture_output=True, text=True,
+                                        env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout)
+        im = Image.new("P" if mode == "P+transparency" else mode, (1, 1))
+        if mode == "P+transparency":
+            im.info["transparency"] = 0
+        rows.append({"mode": mode, "measured": round(measured, 2), "bound": to_rgb_bytes_per_pixel(im)})
+        print(f"| {mode} | {rows[-1]['measured']} | {rows[-1]['bound']} |")
+    write_results(ROOT / "bench" / "results" / "serve_modes.json", {}, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", choices=("16bit", "palette", "bomb"), default="16bit")
+    parser.add_argument("--modes", action="store_true", help="measure to_rgb per image mode instead")
     parser.add_argument("--concurrent", type=int, default=3)
     parser.add_argument("--baseline", help="a git revision to measure side by side")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "serve_limits.json")
     args = parser.parse_args()
+    if args.modes:
+        return modes()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model, big, photo = tiny_bundle(tmp / "model"), tmp / "big16.png", tmp / "photo.jpg"
-        Image.fromarray(np.zeros((7999, 7999), np.uint16)).save(big, compress_level=1)
+        model, big, photo = tiny_bundle(tmp / "model"), tmp / f"{args.image}.png", tmp / "photo.jpg"
+        write_upload(args.image, big)
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), np.uint8)).save(photo)
         trees = {"this checkout": ROOT}
         if args.baseline:
@@ -92,14 +155,14 @@ def main() -> None:
             if args.baseline:
                 subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "baseline")], cwd=ROOT, check=True)
     reference = rows[0]
-    print(f"{args.concurrent} concurrent 7999x7999 16-bit PNG uploads, then a 640x480 photo "
-          f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores)")
-    print(f"| code | server's peak memory growth | x {reference['code']} | seconds | answers | then a photo |")
-    print("|---|---|---|---|---|---|")
+    print(f"{args.concurrent} concurrent {args.image} PNG uploads ({big.stat().st_size:,} bytes each), then a 640x480 "
+          f"photo ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores)")
+    print(f"| code | server's peak memory growth | x {reference['code']} | held after | seconds | answers | then a photo |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         ratio = row["peak_growth_mib"] / max(reference["peak_growth_mib"], 1)
-        print(f"| {row['code']} | {row['peak_growth_mib']} MiB | {ratio:.2f} | {row['seconds']} | {row['answers']} | "
-              f"{row['then_a_photo']} |")
+        print(f"| {row['code']} | {row['peak_growth_mib']} MiB | {ratio:.2f} | {row['held_after_mib']} MiB | "
+              f"{row['seconds']} | {row['answers']} | {row['then_a_photo']} |")
     write_results(args.json, vars(args), rows)
 
 

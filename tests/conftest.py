@@ -36,6 +36,19 @@ def write_image(path: Path, colour, size=(40, 32), seed=0, fmt=None) -> Path:
     return path
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG of a few kB whose header claims width x height 8-bit grey pixels, followed by far too little data: a
+    decompression bomb's header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(1_000_000), 9))
+            + chunk(b"IEND", b""))
+
+
 def make_class_folders(root: Path, classes=("blue", "red"), per_class=8, seed=0) -> Path:
     """root/<class>/*.png|jpg, odd sizes, PNG and JPEG mixed."""
     for c, name in enumerate(classes):

@@ -68,6 +68,22 @@ def test_unreadable_files_are_skipped_with_one_warning(tmp_path, capsys):
     assert {p.name for p, _ in split.skipped} == {"broken.jpg", "empty.png"}
 
 
+def test_an_image_whose_header_claims_too_many_pixels_is_skipped_in_training_not_decoded(tmp_path, capsys):
+    """With PIL's guard lifted for the user's own photos, a 10 kB PNG claiming 100000x100000 pixels allocated 10 GB
+    (MemoryError where that fails) before finding its data missing; 20000x20000 allocated 400 MB."""
+    from conftest import png_claiming
+    from fastft.data.images import MOST_PIXELS, large_images_allowed
+
+    root = make_split_dataset(tmp_path / "d")
+    for side in (100_000, 20_000):
+        (root / "train" / "red" / f"bomb{side}.png").write_bytes(png_claiming(side, side))
+    with large_images_allowed():
+        split = load_split(root, Recipe())
+    warning = capsys.readouterr().err
+    assert {p.name for p, _ in split.skipped} == {"bomb100000.png", "bomb20000.png"} and len(split.train["red"]) == 8
+    assert f"100000x100000 pixels, over the {MOST_PIXELS:,} fastft decodes" in warning, warning
+
+
 def test_a_class_with_no_readable_images_is_an_error(tmp_path):
     root = make_split_dataset(tmp_path / "d")
     shutil.rmtree(root / "train" / "red")

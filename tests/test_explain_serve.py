@@ -289,6 +289,50 @@ def test_large_images_at_once_stay_within_a_memory_bound_and_the_server_keeps_an
         proc.wait(timeout=30)
 
 
+def test_palette_images_at_once_stay_within_the_documented_bound_and_memory_returns(served_model, square_run):
+    """A 7.9 kB palette PNG of 8000x8000 with a transparent colour: 64 MB decoded, but converted at full size
+    (P -> RGBA, a white background, their composite, RGB) it cost about 1 GB; four at once kept 2.8 GB after. Then
+    headers that claim 100000x100000 or 20000x20000 pixels: PIL's DecompressionBombError was a 500."""
+    import httpx
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import png_claiming
+    from fastft.deploy.serve import DECODE_SLOTS, MAX_DECODE_BYTES, MAX_PIXELS
+
+    buffer = io.BytesIO()
+    Image.new("P", (8000, 8000), 0).save(buffer, format="PNG", transparency=0)
+    palette = buffer.getvalue()
+    image = sorted((square_run[0] / "test" / "plain").glob("*.png"))[0]
+    proc, url = _start_server(served_model)
+
+    def status_mib(key: str) -> float:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith(key))) / 1024
+
+    def post(data: bytes):
+        return httpx.post(url + "/predict", files={"image": ("p.png", data)}, headers=CLIENT, timeout=120)
+
+    try:
+        assert post(image.read_bytes()).status_code == 200
+        assert post(palette).status_code == 200  # the first one's lasting costs (thread pools, the arena) paid
+        before, kept_before = status_mib("VmHWM"), status_mib("VmRSS")
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(post, [palette] * 4))
+        assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+        assert answers[0].json()[0]["label"] in ("plain", XSS)
+        growth = status_mib("VmHWM") - before
+        assert growth < DECODE_SLOTS * MAX_DECODE_BYTES / 2**20, growth
+        assert status_mib("VmRSS") - kept_before < MAX_DECODE_BYTES / 2**20, (kept_before, status_mib("VmRSS"))
+        for side in (100_000, 20_000, 12_000):
+            refused = post(png_claiming(side, side))
+            assert refused.status_code == 413 and f"{MAX_PIXELS:,}" in refused.json()["error"], refused.text
+        assert post(image.read_bytes()).json()[0]["label"] == "plain"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_decode_shrinks_a_large_image_and_refuses_one_over_the_byte_bound():
     import io
 

@@ -34,11 +34,30 @@ def image_extensions() -> set[str]:
     return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
 
+HIGH_DEPTH = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # 16/32-bit modes, scaled to 8 bits through NumPy
+WITH_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def has_alpha(im: Image.Image) -> bool:
+    return im.mode in WITH_ALPHA or (im.mode == "P" and "transparency" in im.info)
+
+
+def to_rgb_bytes_per_pixel(im: Image.Image) -> int:
+    """What to_rgb allocates per pixel of `im` besides `im` itself, at its peak: an EXIF-transposed copy; for
+    transparency an RGBA copy, a white background and their composite; for 16/32-bit modes NumPy's float64 arrays.
+    Measured on Pillow 13 (bench/serve_limits.py --modes), rounded up; a server bounds its memory with it."""
+    if im.mode in HIGH_DEPTH:
+        return 29
+    if has_alpha(im):
+        return 16
+    return 4 if im.mode == "RGB" else 5 if im.mode in ("1", "L", "P") else 8
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """8-bit RGB from any PIL mode: 16/32-bit scaled (not clipped), transparency composited on white,
     EXIF orientation applied, CMYK/palette/grayscale converted."""
     im = ImageOps.exif_transpose(im)
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+    if im.mode in HIGH_DEPTH:
         values = np.asarray(im, dtype=np.float64)
         top = 65535.0 if values.max(initial=0) > 255 else 255.0  # 16-bit data often arrives as mode "I"
         if im.mode == "F" and values.max(initial=0) <= 1.0:
@@ -46,7 +65,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
         im = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if im.mode in WITH_ALPHA:
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         im = Image.alpha_composite(background, rgba)
@@ -67,8 +86,22 @@ def resize_center_crop(im: Image.Image, size: int, crop_pct: float = 1.0) -> Ima
     return im.crop((left, top, left + size, top + size))
 
 
+MOST_PIXELS = 256_000_000  # a training image's most (a 20000x12800 panorama), with PIL's own guard lifted
+
+
+def opened(path) -> Image.Image:
+    """Image.open, refusing an image whose header claims more pixels than fastft ever decodes: a 14 kB PNG can
+    claim 100000x100000, and decoding it would allocate 10 GB before finding the data missing. Where PIL's own guard
+    holds (predict, serve), it refuses even sooner."""
+    im = Image.open(path)
+    if im.size[0] * im.size[1] > MOST_PIXELS:
+        im.close()
+        raise ValueError(f"{im.size[0]}x{im.size[1]} pixels, over the {MOST_PIXELS:,} fastft decodes; shrink it")
+    return im
+
+
 def open_rgb(path) -> Image.Image:
-    with Image.open(path) as im:
+    with opened(path) as im:
         im.load()
         return to_rgb(im)
 
@@ -80,7 +113,7 @@ def _reason(e: Exception) -> str:
 def _check_decodes(path: Path) -> None:
     """Raise unless `path` decodes as an image. Decodes the whole file (a truncated JPEG opens fine and
     fails only when read), at reduced resolution where the format allows."""
-    with Image.open(path) as im:
+    with opened(path) as im:
         im.draft("RGB", (64, 64))  # JPEG: decode at 1/2..1/8 scale, still reading every byte
         im.load()
 

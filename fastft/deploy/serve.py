@@ -20,6 +20,7 @@ Needs the serve extra: pip install 'fastft[serve]'.
 # no `from __future__ import annotations`: FastAPI reads the endpoint annotations at run time
 
 import base64
+import contextlib
 import errno
 import io
 import ipaddress
@@ -37,9 +38,9 @@ from fastft.deploy.page import page_html
 from fastft.errors import UsageError
 
 MAX_PIXELS = 64_000_000  # PIL's own guard is lifted for training (fastft/data/images.py); a server keeps one
-MAX_DECODE_BYTES = 160 * 2**20  # pixels x bytes per pixel PIL holds decoded (after a JPEG's DCT scaling): 40 Mpx RGB
-LARGE_DECODE_BYTES = 64 * 2**20  # over this, decoding shrinks the image to twice what the model needs
-DECODE_SLOTS = 2  # decodes at once: bounds the server's memory at about DECODE_SLOTS x MAX_DECODE_BYTES
+MAX_DECODE_BYTES = 160 * 2**20  # the most one image's decode path holds at once (peak_bytes): a 38 Mpx RGB PNG
+LARGE_DECODE_BYTES = 64 * 2**20  # over this, the image is shrunk to twice what the model needs before it is converted
+DECODE_SLOTS = 2  # decodes at once: bounds what decoding adds to the server's memory at DECODE_SLOTS x MAX_DECODE_BYTES
 BUSY_WAIT_S = 10.0  # how long a request waits for a decode slot before it gets 503
 FORM_OVERHEAD = 64 * 1024  # the multipart form's own bytes around the image
 CLIENT_HEADER = "x-fastft"  # a POST must carry it: cross-site pages and form posts cannot
@@ -200,45 +201,80 @@ def read_allowed(path: str, allow_dir: Path | None, max_upload: int) -> bytes:
     return data
 
 
-def decoded_bytes(im) -> int:
-    """What PIL holds for `im` decoded: width x height x bytes per pixel (several bands are stored in 4 bytes)."""
+def decoded_bytes(im, size: tuple[int, int] | None = None) -> int:
+    """What PIL holds for `im` decoded (at `size`, when given): width x height x bytes per pixel (several bands are
+    stored in 4 bytes)."""
     import numpy as np
     from PIL import ImageMode
 
     mode = ImageMode.getmode(im.mode)
     per_pixel = 4 if len(mode.bands) > 1 else np.dtype(mode.typestr).itemsize
-    return im.size[0] * im.size[1] * max(per_pixel, 1)
+    width, height = size or im.size
+    return width * height * max(per_pixel, 1)
+
+
+def peak_bytes(im, target: tuple[int, int] | None) -> int:
+    """The most the whole decode path holds at once for `im` (its header read, a JPEG's draft scale set): the
+    decoded image; when shrunk to `target`, the resize's own copy (PIL premultiplies RGBA and LA into a full-size
+    copy first) and its result; then to_rgb's copies of what it converts. Counted per image mode: a 7.9 kB palette
+    PNG of 8000x8000 is 64 MB decoded, but about 1 GB once converted at full size."""
+    from fastft.data.images import to_rgb_bytes_per_pixel
+
+    decoded = decoded_bytes(im)
+    if not target or target == im.size:
+        return decoded + im.size[0] * im.size[1] * to_rgb_bytes_per_pixel(im)
+    premultiplied = decoded if im.mode in ("RGBA", "LA") else 0
+    return decoded + premultiplied + decoded_bytes(im, target) + target[0] * target[1] * to_rgb_bytes_per_pixel(im)
+
+
+def release_freed_memory() -> None:
+    """Hand freed memory back to the system after a large decode. glibc keeps what a thread freed in that thread's
+    arena, so a server that decoded four large images at once otherwise stays that large (2.8 GB, measured)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+            ctypes.CDLL(None).malloc_trim(0)
 
 
 def decode(data: bytes, short_side: int | None = None):
-    """An RGB PIL image from uploaded bytes, or Refused: not an image, or too large to decode safely. An image over
-    LARGE_DECODE_BYTES is shrunk while decoding to at least twice `short_side` (the model's resize target) on its
-    shorter side, so its probabilities can differ from `fastft predict`'s on the same file in the third decimal."""
+    """An RGB PIL image from uploaded bytes, or Refused: not an image, or too large to decode safely. An image whose
+    decode path would hold over LARGE_DECODE_BYTES is shrunk, before it is converted, to at least twice `short_side`
+    (the model's resize target) on its shorter side, so its probabilities can differ from `fastft predict`'s on the
+    same file in the third decimal."""
     from PIL import Image, UnidentifiedImageError
 
     from fastft.data.images import to_rgb
 
     try:
         im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:  # PIL's own guard, from the header: over twice its 89 Mpx
+        raise Refused(413, f"the image's header claims over {2 * Image.MAX_IMAGE_PIXELS:,} pixels, over the server's "
+                           f"{MAX_PIXELS:,}; send a smaller one") from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise Refused(415, "not an image fastft can read; send a JPEG, PNG, WebP, BMP, TIFF or GIF") from None
     width, height = im.size
     if width * height > MAX_PIXELS:  # decided from the header, before decoding anything
         raise Refused(413, f"the image is {width}x{height} pixels, over the server's {MAX_PIXELS:,}; send a smaller one")
-    factor = min(width, height) // (2 * short_side) if short_side and decoded_bytes(im) > LARGE_DECODE_BYTES else 1
+    shrink = short_side and peak_bytes(im, None) > LARGE_DECODE_BYTES
+    factor = min(width, height) // (2 * short_side) if shrink else 1
     target = (math.ceil(width / factor), math.ceil(height / factor)) if factor > 1 else None
     if target and im.format == "JPEG":
         im.draft(im.mode, target)  # decodes at 1/2, 1/4 or 1/8 scale, still at least `target`
-    if decoded_bytes(im) > MAX_DECODE_BYTES:
+    if (peak := peak_bytes(im, target)) > MAX_DECODE_BYTES:
         raise Refused(413, f"the image is {width}x{height} pixels in mode {im.mode}, {decoded_bytes(im) / 2**20:.0f} MiB "
-                           f"decoded, over the server's {MAX_DECODE_BYTES / 2**20:.0f} MiB; send a smaller one (or a JPEG)")
+                           f"decoded and {peak / 2**20:.0f} MiB while converted, over the server's "
+                           f"{MAX_DECODE_BYTES / 2**20:.0f} MiB; send a smaller one (or a JPEG)")
     try:
         im.load()
         if target and im.size != target:
-            im = im.resize(target, Image.BOX)
+            im = im.resize(target, Image.BOX)  # in the image's own mode: a palette image by its nearest pixels
+        return to_rgb(im)
     except (OSError, ValueError, SyntaxError):
         raise Refused(415, "the image is truncated or corrupt") from None
-    return to_rgb(im)
+    finally:
+        del im
 
 
 def gradcam_png(explainer, model, picture, batch, probs) -> str:
@@ -301,7 +337,10 @@ def create_app(model, policy: Policy):
             batch = model.preprocess(picture)[None]
         finally:
             decode_slots.release()
-        probs = model.predict_arrays(batch)[0]
+        try:
+            probs = model.predict_arrays(batch)[0]
+        finally:
+            release_freed_memory()
         result = model.result(name, probs)
         result["top"] = shown_labels(result, top_k)
         if gradcam and explainer is not None:
