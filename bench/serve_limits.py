@@ -24,21 +24,31 @@ from PIL import Image
 from common import ROOT, write_results
 
 
-def tiny_bundle(folder: Path) -> Path:
-    """A randomly initialised resnet18 bundle: what the server runs does not matter here, only what it decodes."""
-    from fastft.deploy.bundle import write_bundle
-    from fastft.deploy.network import build_network
-    from fastft.run_folder import RunFolder
+TINY_BUNDLE = """
+import sys
+from pathlib import Path
+from fastft.deploy.bundle import write_bundle
+from fastft.deploy.network import build_network
+from fastft.run_folder import RunFolder
+folder = Path(sys.argv[1])
+folder.mkdir(parents=True, exist_ok=True)
+write_bundle(build_network("resnet18", 2), RunFolder(folder), arch="resnet18", classes=["a", "b"], size=224,
+             crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), head={})
+"""
 
-    folder.mkdir(parents=True, exist_ok=True)
-    write_bundle(build_network("resnet18", 2), RunFolder(folder), arch="resnet18", classes=["a", "b"], size=224,
-                 crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), head={})
+
+def tiny_bundle(folder: Path, tree: Path) -> Path:
+    """A randomly initialised resnet18 bundle, written by `tree`'s own code (an older checkout may not read a newer
+    model.json): what the server runs does not matter here, only what it decodes."""
+    subprocess.run([sys.executable, "-c", TINY_BUNDLE, str(folder)], env={**os.environ, "PYTHONPATH": str(tree)},
+                   check=True)
     return folder
 
 
 def measure(tree: Path, model: Path, big: Path, photo: Path, concurrent: int) -> dict:
     import httpx
 
+    model = tiny_bundle(model / tree.name, tree)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -141,7 +151,7 @@ def main() -> None:
         return modes()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model, big, photo = tiny_bundle(tmp / "model"), tmp / f"{args.image}.png", tmp / "photo.jpg"
+        model, big, photo = tmp / "models", tmp / f"{args.image}.png", tmp / "photo.jpg"
         write_upload(args.image, big)
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), np.uint8)).save(photo)
         trees = {"this checkout": ROOT}

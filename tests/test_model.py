@@ -71,6 +71,17 @@ def test_weights_that_fit_only_part_of_the_backbone_are_an_error_with_the_count(
         create_learner(tiny_dls, Recipe(arch="resnet18", weights=str(tmp_path / "partial.safetensors")))
 
 
+def test_weights_of_a_bigger_relative_are_refused_not_loaded_in_part(tiny_dls, tmp_path):
+    """resnet34's file holds every resnet18 tensor with the same shape (as lite1's holds lite0's): it trained, and
+    its other tensors were ignored without a word. Only the classifier, which fastft replaces, may be left over."""
+    state = timm.create_model("resnet34").state_dict()
+    extra = sum(1 for k in state if k not in timm.create_model("resnet18").state_dict())
+    save_file(state, tmp_path / "resnet34.safetensors")
+    with pytest.raises(UsageError, match=rf"resnet34.safetensors holds {extra} tensors that resnet18 does not have "
+                                         r"\(e.g. layer1.2.\S+\): it is another architecture's"):
+        create_learner(tiny_dls, Recipe(arch="resnet18", weights=str(tmp_path / "resnet34.safetensors")))
+
+
 def test_a_fastft_run_as_weights_loads_its_backbone_and_its_head_when_the_classes_match(trained_run, tiny_dls, tmp_path):
     import shutil
 

@@ -64,7 +64,13 @@ def test_choosing_never_opens_a_test_image(weights_folder, tmp_path):
     (["--arch", "resnet18,mobilenetv3_small_050", "--no-pretrained"], "drop --no-pretrained"),
     (["--arch", "resnet18,mobilenetv3_small_050", "--weights", "resnet18=/no/such/file.safetensors"],
      "/no/such/file.safetensors does not exist"),
-    (["--arch", "resnet18,", "--weights", "resnet18=R"], "at least two candidates"),
+    # a trailing comma, an empty item, a name twice and one backbone under two names: the same error
+    (["--arch", "resnet18,", "--weights", "resnet18=R"], "must name each backbone once, separated by single commas"),
+    (["--arch", "resnet18,,mobilenetv3_small_050"], "must name each backbone once, separated by single commas (an empty"),
+    (["--arch", "resnet18,resnet18"], "must name each backbone once, separated by single commas (resnet18 twice)"),
+    (["--arch", "tf_efficientnet_lite0,tf_efficientnet_lite0.in1k"],
+     "must name each backbone once, separated by single commas (tf_efficientnet_lite0 and tf_efficientnet_lite0.in1k "
+     "are the same weights)"),
 ])
 def test_bad_candidate_lists_are_one_line_errors_before_any_work(options, message, tmp_path):
     data = make_split_dataset(tmp_path / "colours", per_class=4)

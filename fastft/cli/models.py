@@ -127,13 +127,17 @@ def serve(
                                              "folder (symlinks followed, nothing outside it). Default: uploads only."),
     allow_host: list[str] = typer.Option([], "--allow-host", help="Another host name clients may use to reach the "
                                          "server (a reverse proxy's, a LAN name); repeatable."),
+    read_timeout: float = typer.Option(30.0, "--read-timeout", min=0.1, help="Seconds a client may stall while "
+                                       "sending its request body before it gets 408 and is disconnected."),
+    max_connections: int = typer.Option(64, "--max-connections", min=1, help="Open connections at once; more get "
+                                        "503 (stalled clients cannot take every socket)."),
 ):
     """A web page for one model: drop or pick an image and see its top labels with probability bars, and the
     Grad-CAM picture when the explain extra is there; POST /predict (with the header X-Fastft: 1) answers as
     `fastft predict --json`. Needs pip install 'fastft[serve]'."""
     from fastft.deploy.serve import serve as serve_model
 
-    serve_model(model, host, port, max_upload, allow_dir, tuple(allow_host))
+    serve_model(model, host, port, max_upload, allow_dir, tuple(allow_host), read_timeout, max_connections)
 
 
 @app.command()

@@ -8,7 +8,8 @@ What a request can do is bounded, because a page in the user's browser can reach
 - `Guard` runs before the app: the Host header must name this server (a DNS-rebinding page sends its own name),
   an Origin header must be the server's own, and a POST must carry the `X-Fastft` header, which another site's
   page cannot send without a CORS preflight this server never approves (form posts cannot carry it at all).
-  It also counts the body as it arrives, chunked or not, and stops reading past --max-upload.
+  It also counts the body as it arrives, chunked or not, and stops reading past --max-upload; a body that stalls
+  for --read-timeout seconds gets 408, and past --max-connections open connections a new one gets 503.
 - Files on the server are read only under the folder named by --allow-dir, after symlinks are followed, and
   only regular files: the same 404 for a path outside it as for a missing one, so nothing leaks.
 - Decoding is bounded before it starts (pixels, and pixels times bytes per pixel, from the header), shrinks a
@@ -19,6 +20,7 @@ Needs the serve extra: pip install 'fastft[serve]'.
 """
 # no `from __future__ import annotations`: FastAPI reads the endpoint annotations at run time
 
+import asyncio
 import base64
 import contextlib
 import errno
@@ -42,6 +44,8 @@ MAX_DECODE_BYTES = 160 * 2**20  # the most one image's decode path holds at once
 LARGE_DECODE_BYTES = 64 * 2**20  # over this, the image is shrunk to twice what the model needs before it is converted
 DECODE_SLOTS = 2  # decodes at once: bounds what decoding adds to the server's memory at DECODE_SLOTS x MAX_DECODE_BYTES
 BUSY_WAIT_S = 10.0  # how long a request waits for a decode slot before it gets 503
+READ_TIMEOUT_S = 30.0  # a client that sends nothing of its request body for this long gets 408 and is disconnected
+MAX_CONNECTIONS = 64  # open connections at once; more get 503 (stalled clients cannot hold the server's every socket)
 FORM_OVERHEAD = 64 * 1024  # the multipart form's own bytes around the image
 CLIENT_HEADER = "x-fastft"  # a POST must carry it: cross-site pages and form posts cannot
 LOOPBACK_NAMES = ("localhost",)
@@ -84,6 +88,7 @@ class Policy:
     bind_host: str
     extra_hosts: frozenset[str] = frozenset()  # --allow-host names (a reverse proxy's, a LAN name)
     allow_dir: Path | None = None  # resolved; None: no file on the server is ever read
+    read_timeout: float = READ_TIMEOUT_S  # seconds a request body may stall
 
     def host_allowed(self, name: str) -> bool:
         """Whether a Host header's name is this server's: the bound address, loopback names when it listens on
@@ -100,6 +105,10 @@ class Policy:
 
 
 class BodyTooLarge(Exception):
+    pass
+
+
+class BodyStalled(Exception):
     pass
 
 
@@ -137,11 +146,15 @@ class Guard:
         refusal = self.refusal(scope["method"], headers)
         if refusal:
             return await send_json(send, *refusal)
-        received, over = 0, False
+        received, over, stalled = 0, False, False
 
         async def counted():
-            nonlocal received, over
-            message = await receive()
+            nonlocal received, over, stalled
+            try:
+                message = await asyncio.wait_for(receive(), self.policy.read_timeout)
+            except TimeoutError:
+                stalled = True
+                raise BodyStalled from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
@@ -150,15 +163,17 @@ class Guard:
             return message
 
         async def unless_over(message):
-            if not over:  # the app's own answer to a body cut short (FastAPI's 400) is replaced by the 413
+            if not (over or stalled):  # the app's own answer to a body cut short (FastAPI's 400) is replaced
                 await send(message)
 
         try:
             await self.app(scope, counted, unless_over)
-        except BodyTooLarge:
+        except (BodyTooLarge, BodyStalled):
             pass
         if over:
             await send_json(send, 413, self.too_large())
+        elif stalled:
+            await send_json(send, 408, f"the request body stalled for {self.policy.read_timeout:g} s; send it whole")
 
 
 async def send_json(send, status: int, message: str) -> None:
@@ -381,7 +396,8 @@ def allowed_folder(allow_dir: Path | None) -> Path | None:
 
 
 def serve(model_path: Path, host: str, port: int, max_upload_mb: float, allow_dir: Path | None = None,
-          allow_hosts: tuple[str, ...] = ()) -> None:
+          allow_hosts: tuple[str, ...] = (), read_timeout: float = READ_TIMEOUT_S,
+          max_connections: int = MAX_CONNECTIONS) -> None:
 
     if find_spec("fastapi") is None or find_spec("uvicorn") is None:
         raise UsageError("fastft serve needs FastAPI and uvicorn: pip install 'fastft[serve]'")
@@ -390,13 +406,15 @@ def serve(model_path: Path, host: str, port: int, max_upload_mb: float, allow_di
     from fastft.deploy.bundle import load
 
     policy = Policy(max_upload=int(max_upload_mb * 1e6), bind_host=host, allow_dir=allowed_folder(allow_dir),
-                    extra_hosts=frozenset(name.lower() for name in allow_hosts))
+                    extra_hosts=frozenset(name.lower() for name in allow_hosts), read_timeout=read_timeout)
     model = load(model_path)
     free_port(host, port)
     app = create_app(model, policy)
     reads = f"; reads files under {policy.allow_dir}" if policy.allow_dir else ""
     print(f"serving {model_path} ({model.meta['arch']}: {', '.join(model.classes)}) at http://{host}:{port}/{reads} "
           "(Ctrl-C stops it)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # limit_concurrency: connections past it get 503 at once; timeout_keep_alive closes idle kept-alive ones
+    uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=max_connections,
+                timeout_keep_alive=5)
 
 

@@ -76,20 +76,42 @@ def candidates(recipe) -> list[Candidate]:
 
     files = weights_by_arch(recipe.weights)
     if "," in recipe.arch:
-        names = [a.strip() for a in recipe.arch.split(",") if a.strip()]
+        names = [a.strip() for a in recipe.arch.split(",")]
     elif files and "=" not in recipe.weights:  # auto, offline: what the weights folder holds
         names = list(files)
     else:
-        names = [a.strip() for a in recipe.shortlist.split(",") if a.strip()]
-    if len(set(names)) != len(names):
-        raise UsageError(f"--arch lists an architecture twice ({recipe.arch}); name each once")
+        names = [a.strip() for a in recipe.shortlist.split(",")]
+    if "" in names:
+        once_each(recipe.arch, "an empty item")
     for name in names:
         check_arch(name)
     unlisted = [a for a in files if a not in names and a not in {n.split(".")[0] for n in names}]
     if unlisted and "=" in recipe.weights:
         raise UsageError(f"--weights names {', '.join(unlisted)}, which --arch does not list ({', '.join(names)}); "
                          "add it to --arch or drop its weights")
-    return [Candidate(name, files.get(name, files.get(name.split(".")[0], ""))) for name in names]
+    found = [Candidate(name, files.get(name, files.get(name.split(".")[0], ""))) for name in names]
+    seen: dict = {}
+    for c in found:
+        if (earlier := seen.setdefault(backbone_identity(c), c.arch)) != c.arch or names.count(c.arch) > 1:
+            once_each(recipe.arch, f"{earlier} twice" if earlier == c.arch else f"{earlier} and {c.arch} are the same "
+                                                                              "weights")
+    return found
+
+
+def once_each(listed: str, problem: str):
+    """The one error for a list that names a backbone twice, under two names, or holds an empty item."""
+    raise UsageError(f"--arch {listed} must name each backbone once, separated by single commas ({problem}); e.g. "
+                     "--arch tf_efficientnet_lite0,tf_efficientnet_lite2")
+
+
+def backbone_identity(c: Candidate) -> tuple:
+    """What makes two candidates the same backbone: the architecture and its weights (a file given, else timm's
+    pretrained config: "resnet50" is "resnet50.a1_in1k", but not "resnet50.tv_in1k")."""
+    import timm.models
+
+    if c.weights:
+        return c.arch.split(".")[0], str(Path(c.weights).expanduser().resolve())
+    return c.arch.split(".")[0], repr(timm.models.get_pretrained_cfg(c.arch))
 
 
 def check_candidates(recipe, found: list[Candidate]) -> None:

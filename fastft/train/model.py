@@ -126,6 +126,13 @@ def load_backbone(body, tensors: dict, source, arch: str) -> None:
     if missing := len([k for k in needed if k not in fits]):
         raise UsageError(f"weights file {source} fits {len(needed) - missing} of the {len(needed)} backbone tensors of "
                          f"{arch}; pass the weights of that architecture, or the --arch they belong to")
+    # a bigger relative's file holds every tensor of the smaller one with the same shapes (all 296 of lite0's are in
+    # lite1's 386): only the classifier, which fastft replaces, may be left over
+    classifier = body.default_cfg.get("classifier") or ()
+    classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    if extra := [k for k in tensors if k not in own and not k.startswith(tuple(f"{c}." for c in classifier))]:
+        raise UsageError(f"weights file {source} holds {len(extra)} tensors that {arch} does not have (e.g. {extra[0]}): "
+                         f"it is another architecture's; pass the weights of {arch}, or the --arch they belong to")
     body.load_state_dict(fits, strict=False)
 
 
