@@ -153,6 +153,7 @@ def main() -> None:
         tmp = Path(tmp)
         model, big, photo = tmp / "models", tmp / f"{args.image}.png", tmp / "photo.jpg"
         write_upload(args.image, big)
+        upload_bytes = big.stat().st_size
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), np.uint8)).save(photo)
         trees = {"this checkout": ROOT}
         if args.baseline:
@@ -165,7 +166,7 @@ def main() -> None:
             if args.baseline:
                 subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "baseline")], cwd=ROOT, check=True)
     reference = rows[0]
-    print(f"{args.concurrent} concurrent {args.image} PNG uploads ({big.stat().st_size:,} bytes each), then a 640x480 "
+    print(f"{args.concurrent} concurrent {args.image} PNG uploads ({upload_bytes:,} bytes each), then a 640x480 "
           f"photo ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores)")
     print(f"| code | server's peak memory growth | x {reference['code']} | held after | seconds | answers | then a photo |")
     print("|---|---|---|---|---|---|---|")

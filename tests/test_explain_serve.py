@@ -333,6 +333,37 @@ def test_palette_images_at_once_stay_within_the_documented_bound_and_memory_retu
         proc.wait(timeout=30)
 
 
+def test_stalled_clients_are_timed_out_and_cannot_take_every_connection(square_run):
+    """220 connections that sent their headers and stalled were all still open after 30 s."""
+    import httpx
+
+    image = sorted((square_run[0] / "test" / "plain").glob("*.png"))[0]
+    proc, url = _start_server(square_run[1], "--read-timeout", "1", "--max-connections", "3")
+    port = int(url.rsplit(":", 1)[1])
+    stalled = []
+    try:
+        for _ in range(3):  # headers and the start of a body, then nothing
+            client = socket.create_connection(("127.0.0.1", port))
+            client.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-Fastft: 1\r\nContent-Type: "
+                           b"multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n" % port)
+            stalled.append(client)
+        time.sleep(0.3)  # let the server take them in
+        busy = httpx.post(url + "/predict", files={"image": ("a.png", image.read_bytes())}, headers=CLIENT, timeout=30)
+        assert busy.status_code == 503, busy.text  # past --max-connections
+        for client in stalled:
+            client.settimeout(30)
+            answer = client.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 408") and b"stalled for 1 s" in answer, answer
+            assert client.recv(4096) == b""  # and disconnected
+        fine = httpx.post(url + "/predict", files={"image": ("a.png", image.read_bytes())}, headers=CLIENT, timeout=30)
+        assert fine.status_code == 200 and fine.json()[0]["label"] == "plain"
+    finally:
+        for client in stalled:
+            client.close()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_decode_shrinks_a_large_image_and_refuses_one_over_the_byte_bound():
     import io
 

@@ -413,8 +413,9 @@ def serve(model_path: Path, host: str, port: int, max_upload_mb: float, allow_di
     reads = f"; reads files under {policy.allow_dir}" if policy.allow_dir else ""
     print(f"serving {model_path} ({model.meta['arch']}: {', '.join(model.classes)}) at http://{host}:{port}/{reads} "
           "(Ctrl-C stops it)", flush=True)
-    # limit_concurrency: connections past it get 503 at once; timeout_keep_alive closes idle kept-alive ones
-    uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=max_connections,
+    # uvicorn answers 503 once the open connections, the new one included, reach limit_concurrency;
+    # timeout_keep_alive closes idle kept-alive ones
+    uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=max_connections + 1,
                 timeout_keep_alive=5)
 
 
