@@ -12,6 +12,11 @@ class Interrupted(Exception):
     exits with status 130."""
 
 
+class InterruptedBeforeTraining(Interrupted):
+    """Ctrl-C while the training images were being looked at, before anything trained (choosing the backbone,
+    checking the labels); the message says what, if anything, was kept."""
+
+
 def did_you_mean(given: str, choices) -> str:
     """' (did you mean X?)' for the choice closest to a mistyped `given`, or '' when none is close."""
     close = difflib.get_close_matches(given, [str(c) for c in choices], n=1)

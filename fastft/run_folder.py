@@ -5,6 +5,7 @@ README's table, which a test holds to FILES).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from dataclasses import dataclass
@@ -130,6 +131,16 @@ def check_new_out(out: str | Path | None) -> None:
     path = Path(out) if out else None
     if path and path.exists() and (not path.is_dir() or any(p.name != RECIPE for p in path.iterdir())):
         raise UsageError(f"--out {path} already exists and is not empty; choose a new folder (nothing was overwritten)")
+
+
+def release_claim(folder: Path, created: bool) -> None:
+    """Undo this process's claim_run_folder when its run failed before writing anything of its own: the claim, and
+    the folder when the claim made it. A run that wrote its recipe (or another process's claim) is left as it is."""
+    if claimant(folder) == os.getpid():
+        (folder / RECIPE).unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):  # not empty after all: leave it
+                folder.rmdir()
 
 
 def claim_run_folder(out: str | Path | None, name: str, parent: Path = Path("runs")) -> Path:

@@ -266,3 +266,23 @@ def test_a_class_without_test_images_is_trained_on_and_left_out_of_the_test_figu
         (root / "test" / name).mkdir()
     with pytest.raises(UsageError, match="the test split has no readable images"):
         load_split(root, Recipe())
+
+
+def test_a_killed_writers_half_written_cache_entries_go_when_a_default_run_opens_the_cache(tmp_path):
+    """An abandoned .features.PID.partial file survived default runs: only the pixel cache cleaned up after dead
+    writers. A live writer's file is left alone."""
+    import subprocess
+
+    from conftest import TINY, fastft
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = cache / ".0123abcd.features.999999999.partial.safetensors"  # no process has that id
+    alive = cache / f".4567cdef.features.{os.getpid()}.partial.safetensors"  # this test's: still writing
+    for leftover in (dead, alive):
+        leftover.write_bytes(b"half a file")
+    root = make_split_dataset(tmp_path / "d")
+    result = fastft("train", root, *TINY, "--epochs", "1", "--strategy", "probe", "--out", tmp_path / "run",
+                    env={**os.environ, "FASTFT_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr
+    assert not dead.exists() and alive.exists()

@@ -146,3 +146,59 @@ def test_auto_offline_without_weights_names_how_to_give_them(tmp_path):
     result = invoke("train", data, "--arch", "auto", *SMALL, "--out", tmp_path / "run")  # conftest: HF_HUB_OFFLINE=1
     assert result.exit_code == 2 and "--weights ARCH=FILE,ARCH=FILE" in result.output and "--weights DIR" in result.output
     assert "--no-pretrained" not in result.output and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("strategy", ["probe", "auto"])
+def test_ctrl_c_while_choosing_the_backbone_is_one_line_saying_what_was_kept(weights_folder, tmp_path, monkeypatch,
+                                                                             strategy):
+    """It exited 130 with no message; under --strategy auto, the trial's message would have offered nothing."""
+    from fastft.train import out_of_fold
+
+    scored = out_of_fold.probabilities_of
+
+    def second_pass_interrupted(learn, recipe, *args):
+        if recipe.arch == ARCHS[1]:
+            raise KeyboardInterrupt  # Ctrl-C during the second backbone's pass
+        return scored(learn, recipe, *args)
+
+    monkeypatch.setattr(out_of_fold, "probabilities_of", second_pass_interrupted)
+    data = make_split_dataset(tmp_path / "colours", per_class=8)
+    out = tmp_path / "run"
+    result = invoke("train", data, "--arch", ",".join(ARCHS), "--weights", weights_folder, *SMALL, "--strategy",
+                    strategy, "--out", out)
+    assert result.exit_code == 130, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("interrupted while choosing the backbone, before anything trained; kept: the frozen "
+                           "features of each backbone that finished its pass are cached"), result.output
+    assert not out.exists()  # nothing trained: the folder claimed for the run is given back
+
+
+def test_ctrl_c_during_the_label_check_is_one_line(weights_folder, tmp_path, monkeypatch):
+    from fastft.train import label_issues
+
+    def interrupted(recipe):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(label_issues, "check_folder", interrupted)
+    data = make_split_dataset(tmp_path / "colours", per_class=8)
+    result = invoke("inspect", data, "--labels-check", "--out", tmp_path / "report")
+    assert result.exit_code == 130 and "interrupted while checking the labels: nothing was written" in result.output
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_budget_smaller_than_a_cached_backbone_is_an_error_naming_the_least(weights_folder, tmp_path):
+    """With every backbone's features cached, the pass is not timed, and --budget 0.01s was accepted and overrun."""
+    from fastft.data.augment import parse_aug
+    from fastft.data.loaders import load_split
+    from fastft.errors import UsageError
+    from fastft.recipe import load_recipe
+    from fastft.train import backbone_choice
+    from fastft.train.budget import Budget
+
+    data = make_split_dataset(tmp_path / "colours", per_class=8)
+    recipe = load_recipe("train").replace(data=str(data), arch=",".join(ARCHS), weights=str(weights_folder), size=32)
+    split = load_split(data, recipe, parse_aug(recipe.aug))
+    found = backbone_choice.candidates(recipe)
+    backbone_choice.choose(split, recipe, found, torch.device("cpu"))  # every backbone's features cached
+    with pytest.raises(UsageError, match=rf"--budget 0.01s is too small for even one backbone \({ARCHS[0]}, its "
+                                         r"features cached\): about [\d.]+ s here; give at least \d+s"):
+        backbone_choice.choose(split, recipe, found, torch.device("cpu"), Budget.start("0.01s"))

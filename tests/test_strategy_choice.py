@@ -222,3 +222,30 @@ def test_a_killed_trials_folder_is_removed_by_the_next_trial_and_no_running_ones
     finally:
         running.kill()
         running.wait()
+
+
+def test_a_second_run_given_the_same_out_fails_before_its_trial(tmp_path):
+    """--out was claimed only after the trial: a second run with the same folder learnt it was taken after its own
+    whole trial. Now the first run claims it before choosing, and the second fails at once."""
+    import time
+
+    from fastft.run_folder import claimant
+    from test_lifecycle import FASTFT
+
+    data = make_split_dataset(tmp_path / "colours", per_class=10)
+    out = tmp_path / "run"
+    first = subprocess.Popen([str(FASTFT), "train", data, *TINY, "--epochs", "2", "--strategy", "auto", "--out", out],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while claimant(out) is None and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert claimant(out) == first.pid, first.communicate()  # claimed while it chooses
+        second = invoke("train", data, *TINY, "--epochs", "2", "--strategy", "auto", "--out", out)
+        assert second.exit_code == 2 and f"--out {out} is being written by another run" in second.output
+        assert "choosing the strategy" not in second.output  # no trial of its own
+        stdout, stderr = first.communicate(timeout=600)
+        assert first.returncode == 0, stderr
+        assert (out / "model.json").is_file() and "strategy" in (out / "recipe.toml").read_text()
+    finally:
+        first.kill()

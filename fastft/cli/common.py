@@ -7,7 +7,7 @@ import inspect
 
 import typer
 
-from fastft.errors import UsageError
+from fastft.errors import Interrupted, UsageError
 
 
 # Plain click help (rich_markup_mode=None): it wraps long help at word boundaries at any width.
@@ -29,6 +29,9 @@ def user_errors(command):
         except UsageError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+        except Interrupted as e:  # Ctrl-C, after what could be kept was: one line saying what
+            typer.echo(str(e), err=True)
+            raise typer.Exit(130) from None
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise

@@ -15,7 +15,7 @@ import typer
 
 from fastft.cli.common import COMMANDS, TYPES, app, argument, command, user_errors
 from fastft.data.augment import AUG_HELP
-from fastft.errors import Interrupted, UsageError
+from fastft.errors import InterruptedBeforeTraining, UsageError
 from fastft.recipe import OPTIONS, Recipe, find_recipes, load_recipe, read_recipe_file
 from fastft.schedules import AUTO, LP_FT, STRATEGIES
 
@@ -72,11 +72,7 @@ def _train(recipe: Recipe, options: dict) -> None:
     recipe.check()
     from fastft.train.pipeline import train
 
-    try:
-        train(recipe, out, resume=resume)
-    except Interrupted as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(130) from None
+    train(recipe, out, resume=resume)  # Ctrl-C: Interrupted, one line and exit 130 (cli/common.py's user_errors)
 
 
 def _describe(path: Path) -> str:
@@ -225,7 +221,12 @@ def inspect_data(
         if labels_check:
             from fastft.train import label_issues
 
-            check = label_issues.check_folder(recipe)
+            try:
+                check = label_issues.check_folder(recipe)
+            except KeyboardInterrupt:
+                raise InterruptedBeforeTraining(
+                    f"interrupted while checking the labels: nothing was written and {data} is unchanged; the frozen "
+                    "features, once their pass finished, are cached, so starting again skips it") from None
             result["label_issues"] = [{"file": str(s.file), "given_label": s.given, "suggested_label": s.suggested,
                                        "score": round(s.score, 4)} for s in check.suspects]
             out = out or str(new_run_folder(None, "labels-check"))

@@ -14,6 +14,7 @@ entirely. A changed, added or removed file changes the key. Delete the folder to
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -31,10 +32,21 @@ MAX_BYTES = 4 * 2**30  # larger datasets decode per batch as usual
 
 
 def cache_folder() -> Path:
-    """$FASTFT_CACHE, else fastft/ in the user's cache folder ($XDG_CACHE_HOME, default ~/.cache)."""
+    """$FASTFT_CACHE, else fastft/ in the user's cache folder ($XDG_CACHE_HOME, default ~/.cache); the first time
+    this process opens it, without the half-written entries of writers that were killed (kill -9 skips every cleanup:
+    a decode's pixels, a backbone's features)."""
     if os.environ.get("FASTFT_CACHE"):
-        return Path(os.environ["FASTFT_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "fastft"
+        folder = Path(os.environ["FASTFT_CACHE"]).expanduser()
+    else:
+        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "fastft"
+    _without_abandoned_writes(folder)
+    return folder
+
+
+@functools.cache
+def _without_abandoned_writes(folder: Path) -> None:
+    if folder.is_dir():
+        remove_partial_files(folder, only_abandoned=True)
 
 
 def applies(plan: AugPlan, size: int, n_images: int) -> bool:
@@ -54,8 +66,6 @@ def decode(files: list[Path], size: int, crop_pct: float):
     """(readable files, (N, 3, size, size) uint8 tensor of their pictures, [(unreadable file, reason)]),
     from the disk cache when these exact files were decoded before."""
     finish_writes()  # a save still in flight may be of these very files (fastft compare: one run after another)
-    if cache_folder().is_dir():
-        remove_partial_files(cache_folder(), only_abandoned=True)  # a killed run's half-written entry
     key = _key(files, size, crop_pct)
     stored, meta_file = cache_folder() / f"{key}.npy", cache_folder() / f"{key}.json"
     if stored.is_file() and meta_file.is_file():

@@ -175,6 +175,8 @@ def choose(split, recipe, found: list[Candidate], device, budget: Budget | None 
                                                          "training images)")
             print(f"  about {needed:.0f} s a backbone here ({c.arch}'s pass timed on one batch; larger backbones take "
                   f"longer): about {needed * len(found):.0f} s for the {len(found)}", flush=True)
+        elif not scores and budget is not None:  # cached: about as long again as loading it took, for its probes
+            budget.check_room_for_first_pass(clock() - started, f"one backbone ({c.arch}, its features cached)")
         probabilities[c] = probabilities_of(learn, candidate_recipe, split, folds)
         del learn
         accuracy, nll = out_of_fold_scores(probabilities[c], labels, split.multi_label)

@@ -32,9 +32,9 @@ from pathlib import Path
 from fastft.data.folders import split_files
 from fastft.atomic import process_alive
 from fastft.data.split import Split, seeded_split
-from fastft.errors import Interrupted, UsageError
+from fastft.errors import Interrupted, InterruptedBeforeTraining, UsageError
 from fastft.recipe import Recipe, selecting
-from fastft.run_folder import check_new_out
+from fastft.run_folder import check_new_out, claim_run_folder, release_claim
 from fastft.schedules import LINEAR_PROBE, LP_FT
 from fastft.train.budget import Budget
 from fastft.train.devices import resolve_device
@@ -55,12 +55,24 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
     if resume is not None:
         return TrainingRun.resumed(resume, measure_unaugmented, callbacks).train().metrics
     recipe.check()  # the rules between its keys, before any work (a recipe built in code may not have met them yet)
-    choice = None
-    if choosing(recipe):
-        check_new_out(out)
-        choice = choose_strategy(recipe, resolve_device(recipe.device))
-        recipe = choice.recipe
-    return TrainingRun(recipe, out, measure_unaugmented, callbacks, choice=choice).train().metrics
+    if not choosing(recipe):
+        return TrainingRun(recipe, out, measure_unaugmented, callbacks).train().metrics
+    check_new_out(out)
+    device = resolve_device(recipe.device)
+    dist = Distributed(device)
+    # --out is claimed before the choice, so that a second run given the same folder fails now rather than after its
+    # own choice; a run that fails before writing anything gives the claim (and a folder it made) back
+    created = out is not None and not Path(out).exists()
+    if out is not None:
+        dist.from_main(lambda: claim_run_folder(out, recipe.name))
+    try:
+        choice = choose_strategy(recipe, device)
+        return TrainingRun(choice.recipe, out, measure_unaugmented, callbacks, choice=choice,
+                           claimed=out is not None).train().metrics
+    except BaseException:
+        if out is not None and dist.is_main:
+            release_claim(Path(out), created)
+        raise
 
 
 def carve_trial(split: Split, seed: int) -> Split:
@@ -110,6 +122,8 @@ def choose_strategy(recipe: Recipe, device) -> StrategyChoice:
         trial = TrainingRun(lp_ft.replace(keep="last", patience=0, tta=False, budget=""), str(folder),
                             carve=partial(carve_trial, seed=recipe.seed), budget=budget).train()
         return dist.from_main(lambda: decision(recipe, trial))
+    except InterruptedBeforeTraining:  # its message says what it kept, and nothing of the trial's is to resume
+        raise
     except Interrupted:  # the trial's own message would offer to resume the trial
         raise Interrupted("interrupted while choosing the strategy (its trial run), before the run began: nothing "
                           "to keep; start it again, or give --strategy lp-ft (or probe) to skip the trial") from None

@@ -53,9 +53,10 @@ class TrainingRun:
 
     def __init__(self, recipe: Recipe, out: str | None = None, measure_unaugmented: bool = False, callbacks=(), *,
                  choice=None, carve=None, budget=None, saved: checkpoint.Checkpoint | None = None,
-                 resuming: bool = False):
+                 resuming: bool = False, claimed: bool = False):
         self.recipe, self.out, self.measure_unaugmented, self.callbacks = recipe, out, measure_unaugmented, callbacks
         self.choice, self.carve, self.budget, self.saved, self.resuming = choice, carve, budget, saved, resuming
+        self.claimed = claimed  # `out` is claimed for this run already (before --strategy auto's choice)
 
     @classmethod
     def resumed(cls, folder: Path, measure_unaugmented: bool = False, callbacks=()) -> "TrainingRun":
@@ -80,7 +81,7 @@ class TrainingRun:
     def setup(self) -> None:
         """Everything checked, the data read, the Learner built, the learning rate resolved, recipe.toml written."""
         self.context, self.learn, self.selection = prepare(self.recipe, self.out, resuming=self.resuming,
-                                                           carve=self.carve, budget=self.budget)
+                                                           carve=self.carve, budget=self.budget, claimed=self.claimed)
         dist, folder = self.context.dist, self.context.folder
         if self.resuming and dist.is_main:
             remove_partial_files(folder.path)

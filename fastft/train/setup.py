@@ -6,6 +6,8 @@ training images alone.
 """
 from __future__ import annotations
 
+import contextlib
+
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -20,7 +22,7 @@ from fastft.data.download import downloaded, fetch_dataset
 from fastft.data.folders import check_data_folder
 from fastft.data.inspect import leakage_warning
 from fastft.data.loaders import build_dataloaders, imbalance_note, label_counts, load_split
-from fastft.errors import UsageError
+from fastft.errors import InterruptedBeforeTraining, UsageError
 from fastft.recipe import Recipe, selecting
 from fastft.run_folder import RunFolder, check_new_out, claim_run_folder
 from fastft.schedules import STRATEGIES
@@ -41,10 +43,10 @@ class Prepared(NamedTuple):
 
 
 def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
-            budget: Budget | None = None) -> Prepared:
+            budget: Budget | None = None, claimed: bool = False) -> Prepared:
     """Check the recipe, find the data, build DataLoaders and Learner. Every user error surfaces here,
     before the run folder is created, so a failed start leaves nothing behind. `resuming`: `out` is the
-    stopped run's own folder; `carve(split)`: a change to the split before any image is read (--strategy auto's
+    stopped run's own folder; `claimed`: `out` is claimed for this run already (fastft/train/pipeline.py); `carve(split)`: a change to the split before any image is read (--strategy auto's
     trial, fastft/train/pipeline.py); `budget`: a deadline already running, which the backbone choice and then the
     run's epochs end by (the same trial). Without one, --budget bounds the backbone choice alone, from here."""
     device = resolve_device(recipe.device)
@@ -118,7 +120,7 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
         learn.add_cb(DistributedTraining(dist))
         torch.manual_seed(recipe.seed + dist.rank)  # same initial weights, different augmentation per rank
     # rank 0 creates and claims a new folder, last, so that a failed start leaves nothing behind
-    folder = RunFolder(Path(out) if resuming else dist.from_main(lambda: claim_run_folder(out, recipe.name)))
+    folder = RunFolder(Path(out) if resuming or claimed else dist.from_main(lambda: claim_run_folder(out, recipe.name)))
     if dist.is_main:
         if split.skipped:
             write_text(folder.skipped, "".join(f"{p}\t{why}\n" for p, why in split.skipped))
@@ -155,18 +157,20 @@ def choose_on_training_images(split, recipe: Recipe, found: list, start, device,
     --exclude-suspects leaves out; rank 0 decides and every rank gets its decision. The test split is not read."""
     selection = label_check = None
     if found:
-        selection = dist.from_main(lambda: backbone_choice.choose(split, recipe, found, device, budget))
+        with interrupted_before_training("choosing the backbone", recipe.cache):
+            selection = dist.from_main(lambda: backbone_choice.choose(split, recipe, found, device, budget))
+            label_check = dist.from_main(lambda: free_label_check(split, selection))
         # recipe.toml names the backbone chosen: `fastft run` on it trains that one (selection.csv keeps the rest)
         recipe = recipe.replace(arch=selection.chosen.arch, weights=selection.chosen.weights, select=False, budget="")
         start = starting_weights(recipe)
-        label_check = dist.from_main(lambda: free_label_check(split, selection))
         if dist.is_main:
             print(backbone_choice.describe(selection), flush=True)
     if recipe.exclude_suspects:
         from fastft.train.label_issues import check_labels, without_suspects
 
         if label_check is None:
-            label_check = dist.from_main(lambda: check_labels(split, recipe, start, device))
+            with interrupted_before_training("checking the labels (--exclude-suspects)", recipe.cache):
+                label_check = dist.from_main(lambda: check_labels(split, recipe, start, device))
         split = without_suspects(split, label_check.suspects[:recipe.exclude_suspects])
     if found or recipe.exclude_suspects:
         set_seed(recipe.seed, reproducible=True)  # the run draws what it would without the checks
@@ -178,6 +182,18 @@ def batch_mixing(recipe: Recipe) -> list:
     from fastai.callback.mixup import CutMix, MixUp
 
     return [MixUp(recipe.mixup)] if recipe.mixup else [CutMix(recipe.cutmix)] if recipe.cutmix else []
+
+
+@contextlib.contextmanager
+def interrupted_before_training(doing: str, cached: bool):
+    """Ctrl-C while `doing` (a pass of frozen backbones over the training images) is one line saying what was kept."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        kept = (" the frozen features of each backbone that finished its pass are cached, so starting again skips that "
+                "pass" if cached else " nothing (--no-cache)")
+        raise InterruptedBeforeTraining(f"interrupted while {doing}, before anything trained; kept:{kept}; start the "
+                                        "command again") from None
 
 
 def free_label_check(split, selection):
