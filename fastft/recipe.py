@@ -152,9 +152,15 @@ class CommonRecipe:
         before any work, a command line's options and a recipe file alike."""
         _check_between_keys(self)
 
-    def to_toml(self) -> str:
+    def to_toml(self, asked: dict | None = None) -> str:
+        """The recipe as TOML; `asked`: what the command asked where the run chose (`asked_differences`), kept apart
+        in an [asked] table that `fastft run` does not train."""
         lines = ["# fastft recipe, resolved: `fastft run THIS_FILE` reproduces the run"]
         lines += [f"{f.name} = {_toml_value(getattr(self, f.name))}" for f in fields(self)]
+        if asked:
+            lines += ["", f"[{ASKED}]  # what the command asked where the run chose; the keys above are what it chose, "
+                          "and what `fastft run` trains (without choosing again)"]
+            lines += [f"{name} = {_toml_value(value)}" for name, value in asked.items()]
         return "\n".join(lines) + "\n"
 
 
@@ -316,6 +322,15 @@ def recipe_files() -> dict[str, Path]:
     return find_recipes()[0]
 
 
+ASKED = "asked"  # a run's recipe.toml: the table of what its command asked where the run chose (a record only)
+
+
+def asked_differences(asked: Recipe, chosen: Recipe) -> dict:
+    """What `asked` (the command's recipe) said where the run settled on `chosen`: --strategy auto, an --arch list
+    and the keys that went with them (--budget, the weights folder)."""
+    return {f.name: getattr(asked, f.name) for f in fields(asked) if getattr(asked, f.name) != getattr(chosen, f.name)}
+
+
 def read_recipe_file(path: Path) -> Recipe:
     try:
         values = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark some editors add is no error
@@ -323,6 +338,12 @@ def read_recipe_file(path: Path) -> Recipe:
         raise UsageError(f"recipe file {path} does not exist; `fastft recipes` lists the shipped ones") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"recipe file {path} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise UsageError(f"recipe file {path} is nested too deeply to be a recipe") from None
+    asked = values.pop(ASKED, {})
+    if not isinstance(asked, dict) or not set(asked) <= set(_FIELDS):
+        raise UsageError(f"recipe file {path}: [{ASKED}] must be a table of recipe keys (what a run's command asked); "
+                         "remove it")
     values.setdefault("name", path.stem)
     return recipe_from_values(values, str(path))
 

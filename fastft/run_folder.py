@@ -49,6 +49,8 @@ FILES = {
     "strategy": RunFile("strategy.csv", "--strategy auto: the probe, lp-ft and WiSE-FT's mixes scored on held-out "
                                         "images, and the one chosen"),
     "strategy_chart": RunFile("strategy.png", "the same scores drawn"),
+    "choice": RunFile("choice.json", "--strategy auto: what the command asked, and what was chosen on which figures, "
+                                     "written when the run starts (`fastft resume` reports the same choice)"),
     "tensorboard": RunFile("tensorboard", "--log tensorboard: TensorBoard event files (a folder)"),
 }
 # the names other modules match a path against (a model file given on the command line, say)

@@ -163,7 +163,10 @@ def test_auto_on_two_processes(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("strategy chosen on") == 1 and two.stdout.count("choosing the strategy") == 1
     assert len(strategy_rows(tmp_path / "two")) == 11
-    assert 'strategy = "auto"' not in (tmp_path / "two" / "recipe.toml").read_text()
+    import tomllib
+
+    saved = tomllib.loads((tmp_path / "two" / "recipe.toml").read_text())
+    assert saved["strategy"] != "auto" and saved["asked"]["strategy"] == "auto"  # chosen, and what was asked
     # --budget spent after the probe epoch: both processes stop the trial after the same epoch (rank 0 decides), then
     # train the probe (each process's budget on a clock of 10 s a reading, as above)
     spent = torchrun(HERE / "ten_second_budget_clock.py", "train", data, *TINY, "--epochs", "2", "--strategy", "auto",
@@ -249,3 +252,62 @@ def test_a_second_run_given_the_same_out_fails_before_its_trial(tmp_path):
         assert (out / "model.json").is_file() and "strategy" in (out / "recipe.toml").read_text()
     finally:
         first.kill()
+
+
+def _killed_when(proc, ready, timeout: float = 300) -> None:
+    """SIGKILL `proc` as soon as `ready()` holds."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.01)
+    assert proc.poll() is None and ready(), "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_a_killed_auto_run_keeps_its_choice_and_resume_reports_the_same(tmp_path):
+    """After a kill and `fastft resume` the weights were right, but strategy.csv/png were gone, metrics.json lost its
+    strategy_choice, and recipe.toml said strategy = "probe" with nothing to show the choice was automatic."""
+    import tomllib
+
+    from fastft.run_folder import RunFolder
+    from test_lifecycle import _start
+
+    data = make_split_dataset(tmp_path / "colours", per_class=24)
+    run = RunFolder(tmp_path / "run")
+    proc = _start(["train", data, *TINY, "--size", "48", "--epochs", "2", "--strategy", "auto", "--out", run.path],
+                  tmp_path / "run.log")
+    _killed_when(proc, lambda: run.strategy_chart.is_file())  # the final run has started: the trial is over
+    assert not run.meta.is_file()  # killed before it finished
+    chose = json.loads(run.choice.read_text())
+    table = run.strategy.read_text()
+    assert chose["asked"]["strategy"] == "auto" and len(strategy_rows(run.path)) == 11
+    resumed = subprocess.run([sys.executable, "-m", "fastft", "resume", run.path], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "strategy chosen on" in resumed.stdout  # the choice's table, as an uninterrupted run prints it
+    assert run.strategy.read_text() == table and run.strategy_chart.is_file()
+    metrics = json.loads(run.metrics.read_text())["strategy_choice"]
+    assert metrics["trial"] == chose["trial"] and metrics["chosen_on"] == chose["chosen_on"]
+    saved = tomllib.loads(run.recipe.read_text())
+    assert saved["asked"]["strategy"] == "auto" and saved["strategy"] in ("probe", "lp-ft")  # asked, and chosen
+
+
+def test_a_killed_run_that_chose_on_its_validation_split_reports_its_choice_after_resume(tmp_path):
+    from conftest import make_class_folders
+    from fastft.run_folder import RunFolder
+    from test_lifecycle import _kill_after_checkpoint, _start
+
+    data = make_split_dataset(tmp_path / "colours", per_class=24)
+    make_class_folders(data / "valid", per_class=8, seed=3)
+    run = RunFolder(tmp_path / "run")
+    proc = _start(["train", data, *TINY, "--size", "48", "--epochs", "3", "--strategy", "auto", "--out", run.path],
+                  tmp_path / "run.log")
+    _kill_after_checkpoint(proc, run.path, epochs_done=1)
+    resumed = subprocess.run([sys.executable, "-m", "fastft", "resume", run.path], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = json.loads(run.metrics.read_text())
+    assert metrics["strategy_choice"]["chosen_on"] == "the run's validation split"
+    assert len(strategy_rows(run.path)) == 11 and run.strategy_chart.is_file()
+    assert 'strategy = "auto"' in run.recipe.read_text().split("[asked]")[1]

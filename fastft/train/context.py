@@ -58,6 +58,8 @@ class RunContext:
     validation_is_test: bool = False
     # a deadline its epochs end by (--budget, in that trial); None: none
     budget: Budget | None = None
+    # what the command asked where this run chose its backbone (--arch a,b,c): recipe.toml's [asked] table
+    asked: dict = dataclasses.field(default_factory=dict)
 
     def saved_recipe(self) -> Recipe:
         """The recipe with every resolved value in place: recipe.toml, which `fastft run` reproduces."""

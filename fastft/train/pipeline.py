@@ -33,7 +33,7 @@ from fastft.data.folders import split_files
 from fastft.atomic import process_alive
 from fastft.data.split import Split, seeded_split
 from fastft.errors import Interrupted, InterruptedBeforeTraining, UsageError
-from fastft.recipe import Recipe, selecting
+from fastft.recipe import Recipe, asked_differences, selecting
 from fastft.run_folder import check_new_out, claim_run_folder, release_claim
 from fastft.schedules import LINEAR_PROBE, LP_FT
 from fastft.train.budget import Budget
@@ -102,12 +102,12 @@ def choose_strategy(recipe: Recipe, device) -> StrategyChoice:
         if recipe.budget and not selecting(recipe):
             raise UsageError(f"--budget {recipe.budget} bounds a trial run, and this data's validation split chooses the "
                              "strategy without one; drop --budget")
-        return StrategyChoice(lp_ft, {}, 0, "the run's validation split", {}, None)
+        return StrategyChoice(lp_ft, {}, 0, "the run's validation split", {}, None, asked_differences(recipe, lp_ft))
     if recipe.data and (too_few := too_few_to_hold_out(recipe)):
         print(f"note: --strategy auto: {too_few}; the probe trains (fine-tuning is chosen only where it beats the "
               "probe on held-out images)", file=sys.stderr)
         probe = recipe.replace(strategy=LINEAR_PROBE, epochs=1, ema=0.0, budget=recipe.budget if selecting(recipe) else "")
-        return StrategyChoice(probe, {}, 0, too_few, {}, None)
+        return StrategyChoice(probe, {}, 0, too_few, {}, None, asked_differences(recipe, probe))
     # --budget bounds the whole choice on one clock from here: the backbone's, then the trial's epochs (a malformed one
     # fails here, before anything trains)
     budget = Budget.start(recipe.budget)

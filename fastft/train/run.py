@@ -63,7 +63,8 @@ class TrainingRun:
         """The stopped run in `folder`, to continue from its checkpoint (or from its start, stopped before one)."""
         saved = checkpoint.load(folder)
         recipe = recipe_from_checkpoint(saved, folder) if saved else restart_recipe(folder)
-        return cls(recipe, str(folder), measure_unaugmented, callbacks, saved=saved, resuming=True)
+        choice = strategy_choice.StrategyChoice.saved(RunFolder(Path(folder)), recipe)  # --strategy auto's, if it chose
+        return cls(recipe, str(folder), measure_unaugmented, callbacks, choice=choice, saved=saved, resuming=True)
 
     @large_images_allowed()
     def train(self) -> RunResult:
@@ -87,8 +88,12 @@ class TrainingRun:
             remove_partial_files(folder.path)
         self.learn.add_cbs(self.callbacks)
         self.context = resolve_lr(self.learn, self.context)
-        if dist.is_main and self.saved is None:
-            write_text(folder.recipe, self.context.saved_recipe().to_toml())
+        if dist.is_main and not self.resuming:  # a resumed run keeps its recipe.toml, [asked] table and all
+            if self.choice is not None:  # the choice and its tables belong to the run from its start: a kill keeps them
+                self.choice.save(folder)
+                self.choice.write_tables(folder)
+            asked = {**(self.choice.asked if self.choice else {}), **self.context.asked}
+            write_text(folder.recipe, self.context.saved_recipe().to_toml(asked))
 
     def fit(self) -> bool:
         """The strategy's phases; the kept epoch's weights left in the model. Returns whether Ctrl-C stopped it."""

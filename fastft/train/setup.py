@@ -23,7 +23,7 @@ from fastft.data.folders import check_data_folder
 from fastft.data.inspect import leakage_warning
 from fastft.data.loaders import build_dataloaders, imbalance_note, label_counts, load_split
 from fastft.errors import InterruptedBeforeTraining, UsageError
-from fastft.recipe import Recipe, selecting
+from fastft.recipe import Recipe, asked_differences, selecting
 from fastft.run_folder import RunFolder, check_new_out, claim_run_folder
 from fastft.schedules import STRATEGIES
 from fastft.train import backbone_choice
@@ -91,6 +91,7 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
 
     set_seed(recipe.seed, reproducible=True)
     split = load_split(root, recipe, plan, quiet=not dist.is_main, carve=carve)
+    asked = recipe
     split, recipe, start, selection, label_check = choose_on_training_images(split, recipe, found, start, device, dist,
                                                                              budget)
     counts = label_counts(split)
@@ -138,7 +139,8 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
                          has_validation=has_validation, holdout=split.holdout, head=head, starting_weights=loaded,
                          mean=mean, std=std, skipped=tuple(split.skipped),
                          excluded=tuple(label_check.suspects[:recipe.exclude_suspects]) if label_check else (),
-                         validation_is_test=bool(split.valid) and split.valid == split.test, budget=epochs_budget)
+                         validation_is_test=bool(split.valid) and split.valid == split.test, budget=epochs_budget,
+                         asked=asked_differences(asked, recipe))
     return Prepared(context, learn, selection)
 
 

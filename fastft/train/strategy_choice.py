@@ -7,27 +7,72 @@ the run did not train on; fine-tuning is chosen only where it beats the probe by
 from __future__ import annotations
 
 import csv
+import json
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from fastft.atomic import replacing
+from fastft.atomic import replacing, write_json
 from fastft.data.folders import split_files
 from fastft.data.split import holdout_share
-from fastft.recipe import Recipe
+from fastft.errors import UsageError
+from fastft.recipe import Recipe, asked_differences
 from fastft.schedules import AUTO, LINEAR_PROBE, LP_FT
 from fastft.train.backbone_choice import write_report
 from fastft.train.report import candidate_chart
 
 
 class StrategyChoice(NamedTuple):
-    """What `--strategy auto` decided, and on what."""
+    """What `--strategy auto` decided, and on what. The run folder's choice.json keeps all of it but the recipe (the
+    run's own) and the selection (selection.csv): a resumed run reports the same choice."""
     recipe: Recipe  # the run's recipe with the choice in place
     scores: dict  # mixing weight (str) -> (accuracy, loss) on the held-out images; {} when the run itself chooses
     images: int  # how many held-out images scored them
     chosen_on: str  # in words
     trial: dict  # metrics.json's `strategy_choice`: the trial's figures ({} without a trial)
     selection: object  # backbone_choice.Selection: the trial's choice of backbone, when it made one; else None
+    asked: dict = {}  # what the command asked where the choice differs (recipe.toml's [asked]): strategy auto ...
+
+    def save(self, folder) -> None:
+        """choice.json, when the run starts: the choice belongs to the run and survives any kill."""
+        write_json(folder.choice, {"asked": self.asked, "scores": {w: list(s) for w, s in self.scores.items()},
+                                   "images": self.images, "chosen_on": self.chosen_on, "trial": self.trial})
+
+    @classmethod
+    def saved(cls, folder, recipe: Recipe) -> "StrategyChoice | None":
+        """The choice a stopped run made (its choice.json), for `recipe`, the run's own; None where it made none."""
+        if not folder.choice.is_file():
+            return None
+        try:
+            kept = json.loads(folder.choice.read_text())
+            return cls(recipe, {w: tuple(s) for w, s in kept["scores"].items()}, kept["images"], kept["chosen_on"],
+                       kept["trial"], None, kept["asked"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            raise UsageError(f"{folder.choice} is damaged: the run's record of what --strategy auto chose cannot be "
+                             f"read; start the run again") from None
+
+    def write_tables(self, folder, wise: dict | None = None) -> tuple | None:
+        """strategy.csv and strategy.png (and the trial's selection.csv/png) in the run folder: (scores, images,
+        chosen weight), or None where nothing was scored. `wise`: the run's own WiSE-FT record, where its validation
+        split chose (known once it has trained)."""
+        if self.scores:  # a trial chose
+            scores, images, weight = self.scores, self.images, self.trial["weight"]
+        elif wise and "valid_acc_by_weight" in wise:  # this run's validation split chose, through its WiSE-FT weight
+            scores, images, weight = held_out_scores(wise), wise["valid_images"], wise["weight"]
+        else:  # too few images to hold any out (or the run has not trained yet): nothing scored
+            return None
+        chosen = f"{float(weight):.1f}"
+        if self.selection is not None:
+            write_report(self.selection, folder.selection, folder.selection_chart)
+        with replacing(folder.strategy) as temporary, open(temporary, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["candidate", "wise_weight", "held_out_accuracy", "held_out_loss", "chosen"])
+            writer.writerows([candidate(w), w, f"{a:.4f}", f"{loss:.4f}", str(w == chosen).lower()]
+                             for w, (a, loss) in scores.items())
+        candidate_chart([candidate(w) for w in scores], [a for a, _ in scores.values()], list(scores).index(chosen),
+                        f"accuracy on {images} held-out training images", f"--strategy auto: {describe(weight)}",
+                        folder.strategy_chart, row_height=0.35)
+        return scores, images, weight
 
 
 def choosing(recipe: Recipe) -> bool:
@@ -57,7 +102,7 @@ def decision(recipe: Recipe, ran) -> StrategyChoice:
              "seconds": round(results["epochs"][-1]["seconds"], 1)}
     # the trial's backbone choice goes with the run (selection.csv and .png); the rest of the trial folder goes
     return StrategyChoice(chosen, scores, images, f"{images} training images held out from a trial run", trial,
-                          ran.selection)
+                          ran.selection, asked_differences(recipe, chosen))
 
 
 def held_out_scores(wise: dict) -> dict:
@@ -78,26 +123,14 @@ def candidate(weight: str) -> str:
 def report(choice: StrategyChoice, wise: dict, folder) -> dict:
     """Print the candidates' table, write strategy.csv and strategy.png (and the trial's selection.csv/png) in the
     run folder; returns metrics.json's `strategy_choice`. `wise`: the run's own WiSE-FT record (rank 0)."""
-    if choice.scores:  # a trial chose
-        scores, images, weight = choice.scores, choice.images, choice.trial["weight"]
-    elif "valid_acc_by_weight" in wise:  # this run's validation split chose, through its WiSE-FT weight
-        scores, images, weight = held_out_scores(wise), wise["valid_images"], wise["weight"]
-    else:  # too few images to hold any out: nothing scored
+    written = choice.write_tables(folder, wise)
+    if written is None:
         return {"chosen": describe(0.0), "weight": 0.0, "chosen_on": "nothing: " + choice.chosen_on}
+    scores, images, weight = written
     chosen = f"{float(weight):.1f}"
-    if choice.selection is not None:
-        write_report(choice.selection, folder.selection, folder.selection_chart)
     print(f"strategy chosen on {choice.chosen_on}: {describe(weight)}", flush=True)
     for w, (accuracy, loss) in scores.items():
         print(f"  {candidate(w):<12} held-out accuracy {accuracy:.3f}, loss {loss:.3f}{'  <- chosen' * (w == chosen)}",
               flush=True)
-    with replacing(folder.strategy) as temporary, open(temporary, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["candidate", "wise_weight", "held_out_accuracy", "held_out_loss", "chosen"])
-        writer.writerows([candidate(w), w, f"{a:.4f}", f"{loss:.4f}", str(w == chosen).lower()]
-                         for w, (a, loss) in scores.items())
-    candidate_chart([candidate(w) for w in scores], [a for a, _ in scores.values()], list(scores).index(chosen),
-                    f"accuracy on {images} held-out training images", f"--strategy auto: {describe(weight)}",
-                    folder.strategy_chart, row_height=0.35)
     return {"chosen": describe(weight), "weight": float(weight), "chosen_on": choice.chosen_on, "held_out_images": images,
             **({"trial": choice.trial} if choice.trial else {})}
