@@ -375,3 +375,17 @@ def test_a_run_killed_before_its_model_json_points_to_resume(trained_run, tmp_pa
         result = run_fastft("predict", target, tmp_path)
         assert result.returncode == 2 and "unfinished run" in result.stderr, result.stderr
         assert f"fastft resume {run}" in result.stderr and "pickle" not in result.stderr
+
+
+def test_predict_skips_an_image_whose_header_claims_too_many_pixels_naming_the_limit(trained_run, dataset, tmp_path):
+    from conftest import png_claiming
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for side in (100_000, 20_000):
+        (folder / f"bomb{side}.png").write_bytes(png_claiming(side, side))
+    good = sorted((dataset / "test").rglob("*.png"))[0]
+    (folder / "good.png").write_bytes(good.read_bytes())
+    result = run_fastft("predict", trained_run[0], folder)
+    assert result.returncode == 0 and len(result.stdout.strip().splitlines()) == 1, result.stderr
+    assert "bomb100000.png" in result.stderr and "bomb20000.png" in result.stderr and "178956970" in result.stderr
