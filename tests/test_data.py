@@ -37,6 +37,23 @@ def test_class_folders_without_split_are_split_by_seed(tmp_path):
     assert not set(a.test["red"]) & set(a.train["red"])
 
 
+def test_val_and_valid_both_beside_train_is_an_error_in_train_and_inspect(tmp_path):
+    """The user's validation images (valid/) silently became the test split beside val/: 185 train, 60 test, 153
+    valid."""
+    from conftest import TINY, invoke
+
+    root = tmp_path / "data"
+    for split in ("train", "val", "valid"):
+        make_class_folders(root / split, per_class=4)
+    for command in (["train", root, *TINY, "--out", tmp_path / "run"], ["inspect", root]):
+        result = invoke(*command)
+        assert result.exit_code == 2 and "has both val/ and valid/ beside train/" in result.output, result.output
+        assert "rename the one that scores the model to test/" in result.output
+    assert not (tmp_path / "run").exists()
+    make_class_folders(root / "test", per_class=2)  # and with a test/ too, one of them was silently ignored
+    assert invoke("inspect", root).exit_code == 2
+
+
 @pytest.mark.parametrize("layout,message", [
     ("missing", "does not exist"),
     ("no_split", "no train/ and test/"),

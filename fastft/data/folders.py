@@ -60,17 +60,28 @@ def check_data_folder(root: Path) -> None:
                          "folders, or of train/ and test/ class folders")
 
 
+def validation_folder(root: Path) -> Path | None:
+    """root's validation split folder: valid/ or val/ beside train/ and a test split folder of another name."""
+    test_dir = test_folder(root)
+    return next((root / n for n in VALID_SPLIT_NAMES if (root / n).is_dir() and root / n != test_dir), None)
+
+
 def find_images(root: Path, valid_pct: float, seed: int, empty_ok: bool = False) -> Split:
     """Find the train/test class folders under `root` (or split one set of class folders by seed). `empty_ok`: an
     empty class folder is kept with no images (`fastft inspect` reports it) instead of being an error."""
     check_data_folder(root)
+    if all((root / n).is_dir() for n in VALID_SPLIT_NAMES) and (root / TRAIN_SPLIT).is_dir():
+        # which would be which is a guess either way: valid/ became the test split beside val/, silently
+        raise UsageError(f"{root} has both val/ and valid/ beside train/: fastft reads test/ as the test split (or "
+                         "valid/, or val/, where there is no test/) and valid/ or val/ beside test/ as the validation "
+                         "split; rename the one that scores the model to test/, or merge the two")
     test_dir = test_folder(root)
     if (root / TRAIN_SPLIT).is_dir() and test_dir is None:
         raise UsageError(f"{root} has train/ but no test/ (or valid/) beside it; add one, "
                          "or put the class folders directly in the data folder to split them by --valid-pct")
     if (root / TRAIN_SPLIT).is_dir():
         train, test = class_images(root / TRAIN_SPLIT), class_images(test_dir)
-        valid_dir = next((root / n for n in VALID_SPLIT_NAMES if (root / n).is_dir() and root / n != test_dir), None)
+        valid_dir = validation_folder(root)
         valid = class_images(valid_dir) if valid_dir else {}
         for folder, classes in ((test_dir, test), (valid_dir, valid)):
             if unknown := sorted(set(classes) - set(train)):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from fastft.atomic import replacing, write_json
-from fastft.data.folders import split_files
+from fastft.data.folders import split_files, validation_folder
 from fastft.data.split import holdout_share
 from fastft.errors import UsageError
 from fastft.recipe import Recipe, asked_differences
@@ -82,7 +82,7 @@ def choosing(recipe: Recipe) -> bool:
 def has_validation_split(recipe: Recipe) -> bool:
     """Whether the recipe's data has a validation split of its own, without reading any image."""
     if recipe.holdout == 0:
-        return bool(recipe.data) and not recipe.labels and (Path(recipe.data).expanduser() / "valid").is_dir()
+        return bool(recipe.data) and not recipe.labels and validation_folder(Path(recipe.data).expanduser()) is not None
     split = split_files(Path(recipe.data).expanduser(), recipe)
     return bool(split.valid) or bool(holdout_share(recipe.holdout, split, recipe.limit))
 
