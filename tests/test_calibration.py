@@ -114,7 +114,10 @@ def test_a_run_with_a_validation_split_is_calibrated_and_reports_it(calibrated_r
     bar = str(min(1.0, least["probability"] + 1e-4))
     uncertain = json.loads(invoke("predict", run, least["path"], "--json", "--min-confidence", bar).stdout)[0]
     assert uncertain["label"] == "uncertain" and uncertain["probabilities"] == pytest.approx(least["probabilities"], abs=1e-5)
-    assert "\tuncertain\t" in invoke("predict", run, least["path"], "--min-confidence", bar).stdout
+    assert uncertain["guess"] == least["label"]  # the top guess, in JSON and text: `uncertain 0.743` named nothing
+    shown = f"uncertain ({least['label']} {least['probability']:.3f})"
+    assert uncertain["top"][0][0] == shown
+    assert invoke("predict", run, least["path"], "--min-confidence", bar).stdout.strip().endswith(f"\t{shown}")
     sure = json.loads(invoke("predict", run, least["path"], "--json", "--min-confidence", "0.01").stdout)[0]
     assert sure["label"] == least["label"]
 

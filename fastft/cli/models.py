@@ -34,7 +34,7 @@ def predict(
 ):
     """Label images: path, label and probability per line, as results come."""
 
-    from fastft.deploy.predict import predict as predict_images, shown_labels
+    from fastft.deploy.predict import UNCERTAIN, predict as predict_images, shown_labels
 
     if as_json and as_csv:
         raise UsageError("--json and --csv are exclusive; pick one")
@@ -54,6 +54,8 @@ def predict(
             writer.writerow([r["path"], ";".join(label for label, _ in best), *(f"{p:.6f}" for p in r["probabilities"].values())])
         elif writer:
             writer.writerow([r["path"]] + [v for label, p in best for v in (label, f"{p:.6f}")])
+        elif r["label"] == UNCERTAIN and top is None:  # its label names its top guess and probability already
+            typer.echo(f"{r['path']}\t{best[0][0]}")
         else:
             typer.echo(r["path"] + "".join(f"\t{label}\t{p:.3f}" for label, p in best))
         sys.stdout.flush()

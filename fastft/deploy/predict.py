@@ -23,7 +23,8 @@ UNCERTAIN = "uncertain"
 def predict(model_path: Path, paths: list[Path], bs: int = 64, tta: bool | None = None, trust_pickle: bool = False,
             progress: bool = False, min_confidence: float | None = None) -> Iterator[dict]:
     """Yields {'path', 'label', 'probability', 'probabilities', 'calibrated'} per readable image, batch by batch. A
-    single-label prediction whose top probability is below `min_confidence` gets the label 'uncertain'."""
+    single-label prediction whose top probability is below `min_confidence` gets the label 'uncertain', and its
+    most likely class as 'guess'."""
     from fastft.deploy.bundle import load
 
     model = load(model_path, trust_pickle=trust_pickle)
@@ -32,7 +33,7 @@ def predict(model_path: Path, paths: list[Path], bs: int = 64, tta: bool | None 
         if progress and (done % bs == 0 or done == len(files)):
             print(f"\rlabelled {done}/{len(files)}", end="\n" if done == len(files) else "", file=sys.stderr, flush=True)
         if min_confidence is not None and "labels" not in result and result["probability"] < min_confidence:
-            result["label"] = UNCERTAIN
+            result["label"], result["guess"] = UNCERTAIN, result["label"]  # the top guess stays in the answer
         yield result
 
 
@@ -46,5 +47,5 @@ def shown_labels(result: dict, k: int | None) -> list[tuple[str, float]]:
     if k is None and "labels" in result:
         return [(label, result["probabilities"][label]) for label in result["labels"]]
     if k is None and result.get("label") == UNCERTAIN:
-        return [(UNCERTAIN, result["probability"])]
+        return [(f"{UNCERTAIN} ({result['guess']} {result['probability']:.3f})", result["probability"])]
     return top_k(result, k or 1)
