@@ -77,8 +77,10 @@ class CommonRecipe:
     weights: str = setting("", "Start from local weights instead of the hub's: a timm state dict (.safetensors or .pth), "
                                "or a fastft run folder (its backbone, and its head when the classes match). Choosing among several "
                                "backbones: ARCH=FILE,ARCH=FILE, or a folder of ARCH.*.safetensors.")
-    head_dropout: float = setting(0.5, "Dropout in fastai's head (its ps): p/2 before the hidden layer, p before the last.",
-                                  minimum=0, below=1)
+    head_dropout: float = setting(0.5, "Dropout in the classifier head while it trains by steps: fastai's head (its ps; "
+                                       "fine-tune, d2l, keras, gradual, scratch) p/2 before the hidden layer and p "
+                                       "before the last; lp-ft's linear head p before it. The probe's one solve uses "
+                                       "none.", minimum=0, below=1)
     # input and augmentation
     size: int = setting(224, "Input side in pixels (train crops and test centre-crops to it).", minimum=1, maximum=4096)
     crop_pct: float = setting(0.875, "test items: resize to round(size / crop_pct), then centre-crop to size", flag=None,
@@ -121,7 +123,7 @@ class CommonRecipe:
     monitor: str = setting("accuracy", "The figure --keep best and --patience watch on the validation split: accuracy "
                                        "or valid_loss.", choices=("accuracy", "valid_loss"))
     patience: int = setting(0, "Stop after N epochs without improvement of --monitor (the rest of the schedule is "
-                               "skipped); 0 in a recipe file: never.", cli_min=1, minimum=0)
+                               "skipped); 0: never.", cli_min=0, minimum=0)
     log: str = setting("", "Log also to: tensorboard (event files under the run folder; pip install "
                            "'fastft[tensorboard]'). metrics.json and history.csv are always written.",
                        choices=("", "tensorboard"))
@@ -245,6 +247,10 @@ def _check_between_keys(recipe) -> None:
     if recipe.ema and recipe.strategy != AUTO and not STRATEGIES[recipe.strategy].trains_by_steps:
         raise UsageError(f"--ema averages the weights over the training steps, and --strategy {recipe.strategy} fits "
                          "its head in one solve, with none; drop --ema or choose a strategy that fine-tunes")
+    if (recipe.head_dropout != _FIELDS["head_dropout"].default and recipe.strategy != AUTO
+            and not STRATEGIES[recipe.strategy].trains_by_steps):
+        raise UsageError(f"--head-dropout acts while a head trains by steps, and --strategy {recipe.strategy} fits its "
+                         "linear head in one solve, with none; drop --head-dropout or choose a strategy that fine-tunes")
     if recipe.mixup and recipe.cutmix:
         raise UsageError("--mixup and --cutmix each replace the training loss; choose one")
     if selecting(recipe):

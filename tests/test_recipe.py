@@ -111,6 +111,8 @@ def test_a_typo_gets_a_suggestion_and_no_advice_that_cannot_help(dataset, tmp_pa
     ('strategy = "auto"\nwise = "auto"', "--strategy auto chooses the WiSE-FT weight itself"),
     ('strategy = "lp-ft"\nbudget = "10m"', "--budget bounds choosing"),
     ('arch = "resnet18,resnet34"\nstrategy = "scratch"', "starts from random weights, so there is no backbone"),
+    # it was shown for the probe and did nothing there
+    ('strategy = "probe"\nhead_dropout = 0.2', "--head-dropout acts while a head trains by steps"),
 ])
 def test_rules_between_keys_hold_for_a_recipe_file_before_any_work(tmp_path, lines, says):
     # Recipe.check: the same one-line errors a command line gets, for a file too, before any data is read
@@ -129,3 +131,15 @@ def test_rules_between_keys_hold_for_a_recipe_file_before_any_work(tmp_path, lin
 def test_each_key_is_held_to_the_range_its_field_declares(key, value, says):
     with pytest.raises(UsageError, match=re.escape(f"'{key}' in the command line must be {says}")):
         Recipe().replace(**{key: value})
+
+
+def test_patience_takes_on_the_command_line_the_default_its_help_shows(tmp_path):
+    """--help showed [default: (0); x>=1], and --patience 0 was an error."""
+    from conftest import invoke
+
+    result = invoke("train", tmp_path / "nowhere", "--patience", "0")
+    assert result.exit_code == 2 and "does not exist" in result.output and "--patience" not in result.output
+    shown = invoke("train", "--help").output.split("\n  --patience ", 1)[1].split("\n  --", 1)[0]
+    assert "x>=0" in shown and "x>=1" not in shown
+    lp_ft = Recipe().replace(strategy="lp-ft", head_dropout=0.2)  # a head that trains by steps takes it
+    lp_ft.check()

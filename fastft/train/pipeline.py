@@ -35,12 +35,12 @@ from fastft.data.split import Split, seeded_split
 from fastft.errors import Interrupted, InterruptedBeforeTraining, UsageError
 from fastft.recipe import Recipe, asked_differences, selecting
 from fastft.run_folder import check_new_out, claim_run_folder, release_claim
-from fastft.schedules import LINEAR_PROBE, LP_FT
+from fastft.schedules import LP_FT
 from fastft.train.budget import Budget
 from fastft.train.devices import resolve_device
 from fastft.train.distributed import Distributed
 from fastft.train.run import TrainingRun
-from fastft.train.strategy_choice import StrategyChoice, choosing, decision, has_validation_split
+from fastft.train.strategy_choice import StrategyChoice, as_probe, choosing, decision, has_validation_split
 
 TRIAL_SHARE = 0.2  # the trial holds out one fold of five, as the backbone choice's k-fold probes do
 TRIAL_PREFIX = "fastft-strategy-trial-"
@@ -106,7 +106,7 @@ def choose_strategy(recipe: Recipe, device) -> StrategyChoice:
     if recipe.data and (too_few := too_few_to_hold_out(recipe)):
         print(f"note: --strategy auto: {too_few}; the probe trains (fine-tuning is chosen only where it beats the "
               "probe on held-out images)", file=sys.stderr)
-        probe = recipe.replace(strategy=LINEAR_PROBE, epochs=1, ema=0.0, budget=recipe.budget if selecting(recipe) else "")
+        probe = as_probe(recipe).replace(budget=recipe.budget if selecting(recipe) else "")
         return StrategyChoice(probe, {}, 0, too_few, {}, None, asked_differences(recipe, probe))
     # --budget bounds the whole choice on one clock from here: the backbone's, then the trial's epochs (a malformed one
     # fails here, before anything trains)

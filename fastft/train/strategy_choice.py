@@ -93,8 +93,8 @@ def decision(recipe: Recipe, ran) -> StrategyChoice:
     results, trial_recipe = ran.metrics, ran.recipe
     wise = results["wise"]
     scores, images, weight = held_out_scores(wise), wise["valid_images"], wise["weight"]
-    chosen = recipe.replace(arch=trial_recipe.arch, weights=trial_recipe.weights, select=False, budget="",
-                            **({"strategy": LINEAR_PROBE, "epochs": 1, "ema": 0.0} if weight == 0 else {"strategy": LP_FT, "wise": weight}))
+    chosen = recipe.replace(arch=trial_recipe.arch, weights=trial_recipe.weights, select=False, budget="")
+    chosen = as_probe(chosen) if weight == 0 else chosen.replace(strategy=LP_FT, wise=weight)
     if weight == 0 and recipe.ema:
         print("note: the probe was chosen, which has no training steps to average; --ema is dropped", file=sys.stderr)
     history = [{k: row[k] for k in ("epoch", "valid_acc", "valid_loss") if k in row} for row in results["epochs"]]
@@ -103,6 +103,11 @@ def decision(recipe: Recipe, ran) -> StrategyChoice:
     # the trial's backbone choice goes with the run (selection.csv and .png); the rest of the trial folder goes
     return StrategyChoice(chosen, scores, images, f"{images} training images held out from a trial run", trial,
                           ran.selection, asked_differences(recipe, chosen))
+
+
+def as_probe(recipe: Recipe) -> Recipe:
+    """`recipe` as a linear probe: one pass, without what only training by steps uses (--ema, --head-dropout)."""
+    return recipe.replace(strategy=LINEAR_PROBE, epochs=1, ema=0.0, head_dropout=Recipe().head_dropout)
 
 
 def held_out_scores(wise: dict) -> dict:
