@@ -311,3 +311,20 @@ def test_a_killed_run_that_chose_on_its_validation_split_reports_its_choice_afte
     assert metrics["strategy_choice"]["chosen_on"] == "the run's validation split"
     assert len(strategy_rows(run.path)) == 11 and run.strategy_chart.is_file()
     assert 'strategy = "auto"' in run.recipe.read_text().split("[asked]")[1]
+
+
+def test_a_usage_error_under_auto_is_one_line_before_any_plan(tmp_path):
+    """The 'choosing the strategy: ...' line came first, so a usage error was two lines."""
+    from conftest import fastft
+
+    data = make_split_dataset(tmp_path / "colours", per_class=6)
+    cases = [(["--arch", "resnet_nope", "--no-pretrained"], {}, "unknown architecture 'resnet_nope'"),
+             (["--arch", "resnet18"], {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hub")},
+              "ImageNet weights of resnet18"),
+             (["--arch", "resnet18,resnet34", "--weights", "resnet18=/no/such.safetensors,resnet34=/no/such2.safetensors"],
+              {}, "/no/such.safetensors does not exist")]
+    for options, env, says in cases:
+        result = fastft("train", data, "--strategy", "auto", "--size", "32", *options, "--out", tmp_path / "run", env=env)
+        assert result.returncode == 2 and says in result.stderr, result.stderr
+        assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, (result.stdout, result.stderr)
+        assert not (tmp_path / "run").exists()

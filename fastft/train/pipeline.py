@@ -34,12 +34,13 @@ from fastft.atomic import process_alive
 from fastft.data.split import Split, seeded_split
 from fastft.errors import Interrupted, InterruptedBeforeTraining, UsageError
 from fastft.recipe import Recipe, asked_differences, selecting
-from fastft.run_folder import check_new_out, claim_run_folder, release_claim
+from fastft.run_folder import claim_run_folder, release_claim
 from fastft.schedules import LP_FT
 from fastft.train.budget import Budget
 from fastft.train.devices import resolve_device
 from fastft.train.distributed import Distributed
 from fastft.train.run import TrainingRun
+from fastft.train.setup import checked_before_work
 from fastft.train.strategy_choice import StrategyChoice, as_probe, choosing, decision, has_validation_split
 
 TRIAL_SHARE = 0.2  # the trial holds out one fold of five, as the backbone choice's k-fold probes do
@@ -57,7 +58,7 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
     recipe.check()  # the rules between its keys, before any work (a recipe built in code may not have met them yet)
     if not choosing(recipe):
         return TrainingRun(recipe, out, measure_unaugmented, callbacks).train().metrics
-    check_new_out(out)
+    checked_before_work(recipe, out)  # a usage error is one line, before any plan is printed
     device = resolve_device(recipe.device)
     dist = Distributed(device)
     # --out is claimed before the choice, so that a second run given the same folder fails now rather than after its

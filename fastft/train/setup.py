@@ -25,7 +25,7 @@ from fastft.data.loaders import build_dataloaders, imbalance_note, label_counts,
 from fastft.errors import InterruptedBeforeTraining, UsageError
 from fastft.recipe import Recipe, asked_differences, selecting
 from fastft.run_folder import RunFolder, check_new_out, claim_run_folder
-from fastft.schedules import STRATEGIES
+from fastft.schedules import AUTO, STRATEGIES
 from fastft.train import backbone_choice
 from fastft.train.budget import Budget, pass_seconds
 from fastft.train.context import Resolved, RunContext
@@ -54,15 +54,7 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
     epochs_budget = budget
     # started first, so that a malformed one fails before any work
     budget = budget if budget is not None else Budget.start(recipe.budget)
-    recipe.check()  # the rules between its keys (a recipe built in code may not have met them yet)
-    found = []  # the backbones to choose among, when the run chooses
-    if selecting(recipe):
-        found = backbone_choice.candidates(recipe)
-        backbone_choice.check_candidates(recipe, found)
-    else:
-        check_arch(recipe.arch)
-    if not resuming:
-        check_new_out(out)
+    found = checked_before_work(recipe, None if resuming else out)  # the backbones to choose among, when it chooses
     plan = parse_aug(recipe.aug)
     dist = Distributed(device)
     device = dist.device
@@ -77,8 +69,6 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
         start = starting_weights(recipe)
     else:  # chosen below, once the training images are known
         start = None
-    if recipe.data and not recipe.labels:
-        check_data_folder(Path(recipe.data).expanduser())  # a mistyped folder first: it needs no network to tell
     if start:  # before the data: offline, both are missing, and the first message should name both
         dataset = recipe.dataset or recipe.name
         data_too = ("" if recipe.data or downloaded(dataset)
@@ -142,6 +132,28 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
                          validation_is_test=bool(split.valid) and split.valid == split.test, budget=epochs_budget,
                          asked=asked_differences(asked, recipe))
     return Prepared(context, learn, selection)
+
+
+def checked_before_work(recipe: Recipe, out: str | None) -> list:
+    """What can be checked before any work, and before any plan is printed (--strategy auto's too): the rules
+    between the recipe's keys, the architecture (every candidate's, with its weights, when the run chooses one), a
+    new `out` (None: a resumed run's own folder), the data folder, and the ImageNet weights where the hub must have
+    them. Returns the candidates ([] when the run does not choose its backbone)."""
+    recipe.check()  # the rules between its keys (a recipe built in code may not have met them yet)
+    found = []
+    if selecting(recipe):
+        found = backbone_choice.candidates(recipe)
+        backbone_choice.check_candidates(recipe, found)
+    else:
+        check_arch(recipe.arch)
+    if out is not None:
+        check_new_out(out)
+    if recipe.data and not recipe.labels:
+        check_data_folder(Path(recipe.data).expanduser())  # a mistyped folder first: it needs no network to tell
+    random_init = recipe.strategy != AUTO and STRATEGIES[recipe.strategy].random_init  # auto: the probe or lp-ft
+    if not found and recipe.data and recipe.pretrained and not random_init:  # (no --data: prepare names the download too)
+        require_hub_weights(recipe.arch, starting_weights(recipe), NO_HUB_WEIGHTS.format(arch=recipe.arch))
+    return found
 
 
 class Chosen(NamedTuple):
