@@ -37,6 +37,9 @@ FILES = {
     "checkpoint": RunFile("checkpoint.pt", "while the run is unfinished: what `fastft resume` continues from (removed "
                                            "when it finishes)"),
     "skipped": RunFile("skipped_images.txt", "files that did not decode, each with the reason"),
+    "test_files": RunFile("test_files.txt", "the test images the run's test figures were measured on (after --limit), "
+                                            "one per line with its label(s), tab-separated: `fastft evaluate RUN` "
+                                            "scores these"),
     "lr_find": RunFile("lr_find.png", "the LR finder's curve and its suggestion (--lr auto, `fastft lr-find`)"),
     "reliability": RunFile("reliability.png", "a calibrated run: confidence against accuracy on the test split, before "
                                               "and after calibration"),

@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -389,3 +390,20 @@ def test_predict_skips_an_image_whose_header_claims_too_many_pixels_naming_the_l
     result = run_fastft("predict", trained_run[0], folder)
     assert result.returncode == 0 and len(result.stdout.strip().splitlines()) == 1, result.stderr
     assert "bomb100000.png" in result.stderr and "bomb20000.png" in result.stderr and "178956970" in result.stderr
+
+
+def test_evaluate_of_a_limited_run_scores_the_images_the_run_printed_its_figure_on(tmp_path):
+    """A --limit run printed `test acc 0.900` on 100 test images; `fastft evaluate RUN` scored the folder's 153."""
+    from conftest import TINY, make_split_dataset
+
+    data = make_split_dataset(tmp_path / "photos", per_class=12)  # 6 test images a class
+    run = tmp_path / "run"
+    trained = invoke("train", data, *TINY, "--epochs", "1", "--strategy", "fine-tune", "--limit", "4", "--out", run)
+    assert trained.exit_code == 0, trained.output
+    listed = (run / "test_files.txt").read_text().splitlines()
+    assert len(listed) == 4 and all(Path(line.split("\t")[0]).is_file() for line in listed)
+    final = json.loads((run / "metrics.json").read_text())["final"]
+    for given in ([], [data]):  # the run's own data, named or not
+        report = json.loads(invoke("evaluate", run, *given, "--json", "--out", tmp_path / f"eval{len(given)}").stdout)
+        assert report["images"] == 4 and "test_files.txt" in report["scored"]
+        assert report["accuracy"] == pytest.approx(final["test_acc_tta"] if report["tta"] else final["test_acc"])

@@ -30,6 +30,22 @@ def own_data(model_path: Path, recipe) -> Path:
     return Path(recipe.labels or recipe.data)
 
 
+def run_test_files(model_path: Path, data: Path, recipe) -> tuple[list[tuple[Path, str]], str, str] | None:
+    """The run's own test images (test_files.txt), when `data` is the run's own data: the images its printed test
+    figures were measured on, after --limit. ((image, key) pairs, in words, the delimiter: a tab between a
+    multi-label image's labels), or None."""
+    listed = run_folder_of(model_path).test_files
+    own = recipe is not None and recipe.data and Path(recipe.labels or recipe.data).resolve() == data.resolve()
+    if not (own and listed.is_file()):
+        return None
+    rows = [line.split("\t") for line in listed.read_text().splitlines() if line]
+    multi = any(len(row) != 2 for row in rows)  # an image with several labels (or none)
+    pairs = [(Path(row[0]), "\t".join(row[1:])) for row in rows]
+    keep = set(keep_readable([p for p, _ in pairs])[0])
+    return ([(p, k) for p, k in pairs if p in keep], f"the run's {len(pairs)} test images ({listed.name}: the ones its "
+            f"test figures were measured on)", "\t" if multi else "")
+
+
 def labelled_images(data: Path, recipe=None) -> tuple[list[tuple[Path, str]], str, str]:
     """((image, key) pairs, which images those are in words, the multi-label delimiter or ''). The key is a class,
     or a multi-label image's labels joined by the delimiter. DATA/test (or valid) if it has one. The run's own
@@ -90,7 +106,7 @@ def evaluate(model_path: Path, data: Path | None, out: str | None = None, bs: in
     recipe = run_recipe(model_path)
     if data is None:
         data = own_data(model_path, recipe)
-    pairs, scored, delimiter = labelled_images(data, recipe)
+    pairs, scored, delimiter = run_test_files(model_path, data, recipe) or labelled_images(data, recipe)
     labels_of = (lambda key: key.split(delimiter)) if delimiter else (lambda key: [key])
     if unknown := sorted({label for _, key in pairs for label in labels_of(key)} - set(model.classes)):
         raise UsageError(f"{data} has labels the model does not know: {', '.join(unknown)} "

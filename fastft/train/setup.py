@@ -7,6 +7,7 @@ training images alone.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import sys
 from pathlib import Path
@@ -115,6 +116,9 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
     if dist.is_main:
         if split.skipped:
             write_text(folder.skipped, "".join(f"{p}\t{why}\n" for p, why in split.skipped))
+        # the images its test figures are measured on, which `fastft evaluate RUN` scores again
+        write_text(folder.test_files, "".join(f"{os.path.abspath(p)}\t{chr(9).join(split.labels_of(key))}\n"
+                                              for p, key in split.items("test")))
         if label_check is not None:
             from fastft.train.label_issues import write_report
 
