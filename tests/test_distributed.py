@@ -12,7 +12,8 @@ from conftest import TINY, invoke
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 HERE = Path(__file__).resolve().parent
-RUN_FILES = ["curves.png", "history.csv", "metrics.json", "model.json", "model.pkl", "model.safetensors", "recipe.toml"]  # one set, from rank 0
+RUN_FILES = ["curves.png", "history.csv", "metrics.json", "model.json", "model.pkl", "model.safetensors", "recipe.toml",
+             "test_files.txt"]  # one set, from rank 0
 
 
 def torchrun(*args, cwd):
@@ -104,7 +105,7 @@ def test_accelerate_launch_runs_the_default_command(dataset, tmp_path):
                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes x batch 4" in result.stdout and result.stdout.count("strategy chosen on") == 1
-    assert sorted(p.name for p in out.iterdir()) == sorted([*RUN_FILES, "strategy.csv", "strategy.png"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*RUN_FILES, "strategy.csv", "strategy.png", "choice.json"])
     assert json.loads((out / "metrics.json").read_text())["final"]["test_acc"] >= 0
 
 
