@@ -407,3 +407,35 @@ def test_evaluate_of_a_limited_run_scores_the_images_the_run_printed_its_figure_
         report = json.loads(invoke("evaluate", run, *given, "--json", "--out", tmp_path / f"eval{len(given)}").stdout)
         assert report["images"] == 4 and "test_files.txt" in report["scored"]
         assert report["accuracy"] == pytest.approx(final["test_acc_tta"] if report["tta"] else final["test_acc"])
+
+
+def test_runs_lists_each_run_with_its_figures_and_how_to_finish_the_unfinished(trained_run, tmp_path):
+    import os
+    import shutil
+
+    parent = tmp_path / "runs"
+    done = shutil.copytree(trained_run[0], parent / "done")
+    stopped = shutil.copytree(trained_run[0], parent / "stopped")
+    (stopped / "model.json").unlink()  # killed before its model was saved
+    (parent / "claimed").mkdir()
+    (parent / "claimed" / "recipe.toml").write_text("# claimed by a fastft run that has not written its recipe yet; "
+                                                     "process 999999999\n")
+    (parent / "not-a-run").mkdir()
+    os.utime(done / "recipe.toml", (1, 1))  # the oldest: listed first
+    rows = json.loads(invoke("runs", parent, "--json").stdout)
+    assert rows[0]["run"] == "done"
+    by_name = {r["run"]: r for r in rows}
+    final = json.loads((done / "metrics.json").read_text())["final"]
+    assert set(by_name) == {"done", "stopped", "claimed"}
+    assert by_name["done"]["finished"] and by_name["done"]["test_acc"] == final["test_acc"]
+    assert by_name["done"]["test_acc_tta"] == final["test_acc_tta"] and by_name["done"]["backbone"] == "resnet18"
+    import tomllib
+
+    assert by_name["done"]["seconds"] > 0
+    assert by_name["done"]["data"] == Path(tomllib.loads((done / "recipe.toml").read_text())["data"]).name
+    assert by_name["stopped"]["state"] == f"unfinished: fastft resume {stopped}"
+    assert "start it again with --out" in by_name["claimed"]["state"]
+    shown = invoke("runs", parent).stdout
+    assert shown.splitlines()[0].split()[:4] == ["run", "data", "backbone", "strategy"]
+    assert f"stopped: unfinished: fastft resume {stopped}" in shown
+    assert invoke("runs", tmp_path / "nowhere").exit_code == 2

@@ -16,7 +16,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "recipes, one command each (fastai + timm).")
 
 COMMANDS = frozenset({"train", "run", "compare", "lr-find", "recipes", "predict", "evaluate", "export", "augs", "resume",
-                      "inspect", "explain", "serve"})
+                      "inspect", "explain", "serve", "runs"})
 TYPES = {"str": str, "int": int, "float": float, "bool": bool}  # a recipe key's type on the command line (lr: str)
 
 

@@ -1,4 +1,5 @@
-"""The commands on a trained model: predict, export, explain, serve, evaluate; and augs, which draws a --aug spec.
+"""The commands on a trained model: predict, export, explain, serve, evaluate; runs, which lists the runs; and augs,
+which draws a --aug spec.
 Each imports what it needs when it runs."""
 from __future__ import annotations
 
@@ -175,6 +176,26 @@ def evaluate(
     for name, row in rows.items():
         typer.echo(f"{name:<20} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['f1']:>7.3f} {row['support']:>7}")
     typer.echo(f"{', '.join(report['pictures'])} and evaluation.json in {report['folder']}")
+
+
+@app.command()
+@user_errors
+def runs(
+    folder: Path = typer.Argument(Path("runs"), metavar="[FOLDER]", help="The folder the runs went to."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
+):
+    """The runs under FOLDER (default runs/): data, backbone, strategy (auto: chosen), test accuracy plain and
+    with flip TTA, calibrated or not, training seconds, when it started, and whether it finished; an unfinished
+    run with the `fastft resume` line that continues it."""
+    from fastft.deploy.runs import as_table, list_runs
+
+    rows = list_runs(folder)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    elif not rows:
+        typer.echo(f"no runs in {folder}")
+    else:
+        typer.echo(as_table(rows))
 
 
 @app.command()
