@@ -158,6 +158,30 @@ with torch.no_grad():
 """
 
 
+PLAIN_TIMM_FILES = """
+import sys
+sys.modules["fastft"] = None  # plain timm, no fastft
+import json, timm, torch
+from PIL import Image
+model = timm.create_model("local-dir:" + sys.argv[1], pretrained=True).eval()
+transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model, use_test_size=True))
+with torch.no_grad():
+    batch = torch.stack([transform(Image.open(path).convert("RGB")) for path in sys.argv[2:]])
+    print(json.dumps(model(batch).softmax(1).tolist()))
+"""
+
+
+def plain_timm_probabilities_of_files(hub: Path, files) -> list:
+    """What plain timm gives for image files from a hub export, preprocessing them its own way (resolve_data_config
+    + create_transform), in a process without fastft."""
+    import json
+
+    shown = subprocess.run([sys.executable, "-c", PLAIN_TIMM_FILES, str(hub), *map(str, files)], capture_output=True,
+                           text=True)
+    assert shown.returncode == 0, shown.stderr
+    return json.loads(shown.stdout)
+
+
 def plain_timm_probabilities(hub: Path, batch, tmp_path: Path):
     """What plain timm, in a process without fastft, gives for `batch` from a hub export: its softmax."""
     import json

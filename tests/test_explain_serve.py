@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -485,6 +486,19 @@ def test_a_hub_export_loads_in_plain_timm_with_the_same_probabilities(tmp_path, 
     images = sorted(data.rglob("*.png"))[:4]
     batch = np.stack([bundle.preprocess(p) for p in images])
     np.testing.assert_allclose(plain_timm_probabilities(hub, batch, tmp_path), bundle.probabilities(batch), atol=1e-5)
+    # plain timm's own preprocessing of the files themselves, odd sizes and all (it was 0.787 against 0.816)
+    from conftest import plain_timm_probabilities_of_files
+
+    files = sorted(data.rglob("*.*"))
+    np.testing.assert_allclose(plain_timm_probabilities_of_files(hub, files),
+                               [list(r["probabilities"].values()) for r in bundle.predict_batch(files, tta=False)],
+                               atol=1e-4)
+    card = (hub / "README.md").read_text()  # the strategy that made the weights, test figures only, no local paths
+    from fastft.deploy.hub import made_by
+
+    recipe = tomllib.loads((run / "recipe.toml").read_text())
+    assert made_by(recipe["strategy"], "resnet18", recipe.get("wise")) in card
+    assert str(tmp_path) not in card and "| loss |" not in card and "train_acc" not in card and "| test_acc |" in card
 
     import safetensors.torch
 

@@ -27,7 +27,7 @@ from fastft.atomic import remove_partial_files, replacing, write_json
 from fastft.data.augment import AugPlan
 from fastft.data.images import read_pictures
 
-VERSION = 2  # bump when what is stored changes (2: channels first)
+VERSION = 3  # bump when what is stored changes (2: channels first; 3: timm's exact resize and crop)
 MAX_BYTES = 4 * 2**30  # larger datasets decode per batch as usual
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -72,17 +73,27 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
+def resize_side(size: int, crop_pct: float) -> int:
+    """The shorter side an image is resized to before its centre size x size crop: floor(size / crop_pct), as timm's
+    eval transform computes it (256 for 224 at 0.875)."""
+    return math.floor(size / crop_pct)
+
+
 def resize_center_crop(im: Image.Image, size: int, crop_pct: float = 1.0) -> Image.Image:
-    """Resize the shorter side to round(size / crop_pct), then take the centre size x size square:
-    torchvision's Resize(int) + CenterCrop, as d2l and timm evaluate (224 px from 256). Training's test
-    transform and the pickle-free bundle's preprocessing both call this."""
-    short = round(size / crop_pct)
+    """Resize the shorter side to resize_side(size, crop_pct), then take the centre size x size square: exactly
+    timm's eval transform (torchvision's Resize(int) + CenterCrop, bilinear), as d2l and timm evaluate (224 px from
+    256): the longer side truncated as torchvision does, the crop's offsets rounded as its CenterCrop rounds them, so
+    that plain timm's preprocessing of a hub export gives the same pixels. Training's test transform and the
+    pickle-free bundle's preprocessing both call this."""
+    short = resize_side(size, crop_pct)
     w, h = im.size
-    scale = short / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if w <= h:
+        new_w, new_h = short, int(short * h / w)
+    else:
+        new_w, new_h = int(short * w / h), short
     if (new_w, new_h) != (w, h):
         im = im.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
     return im.crop((left, top, left + size, top + size))
 
 

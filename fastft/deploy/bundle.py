@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from fastft.atomic import write_bytes, write_json
-from fastft.data.images import open_rgb, resize_center_crop
+from fastft.data.images import open_rgb, resize_center_crop, resize_side
 from fastft.deploy.calibration import LIMITS as TEMPERATURE_LIMITS
 from fastft.errors import UsageError
 from fastft.run_folder import META, PICKLE, WEIGHTS, RunFolder
@@ -45,7 +45,7 @@ def write_bundle(model, run: RunFolder, *, arch: str, classes: list[str], size: 
     write_bytes(run.weights, weights)
     meta = {
         "format": FORMAT, "arch": arch, "files": {run.weights.name: hashlib.sha256(weights).hexdigest()}, "classes": list(classes), "head": {**HEAD_DEFAULTS, **head},
-        "input_size": size, "resize": round(size / crop_pct), "crop_pct": crop_pct,
+        "input_size": size, "resize": resize_side(size, crop_pct), "crop_pct": crop_pct,
         "mean": list(mean), "std": list(std), "tta": tta,
         **({"multi_label": True, "threshold": threshold} if threshold is not None else {}),
         **({"temperature": temperature} if temperature is not None else {}),

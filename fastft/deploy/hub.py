@@ -48,8 +48,12 @@ def export_hub(model_path: Path, out: str | None) -> Path:
                          "tensors left unset); this architecture cannot be exported to the hub layout")
     size = model.meta["input_size"]
     config = {"label_names": list(model.classes),
+              # what timm's resolve_data_config + create_transform read: fastft's test preprocessing exactly
+              # (deploy/bundle.py, data/images.py's resize_center_crop), at the test size too, where the
+              # architecture's own pretrained_cfg would otherwise leave its ImageNet test size (288 px for resnet18)
               "pretrained_cfg": {"mean": tuple(model.meta["mean"]), "std": tuple(model.meta["std"]),
                                  "input_size": (3, size, size), "crop_pct": model.meta["crop_pct"],
+                                 "test_input_size": (3, size, size), "test_crop_pct": model.meta["crop_pct"],
                                  "crop_mode": "center", "interpolation": "bilinear",
                                  "num_classes": len(model.classes)}}
     try:
@@ -65,13 +69,39 @@ def export_hub(model_path: Path, out: str | None) -> Path:
     return folder
 
 
+# metrics.json's `final` figures that were measured on the test split (the rest are training figures)
+TEST_FIGURES = ("test_acc", "test_acc_tta", "balanced_accuracy", "macro_f1", "micro_f1", "mAP")
+MADE_BY = {"probe": "a linear probe on the frozen {arch} backbone (its ImageNet features, a classifier fitted on them)",
+           "lp-ft": "{arch} fine-tuned with fastft's lp-ft (a linear probe, then the whole network)"}
+LOCAL_PATHS = ("data", "labels", "weights")  # recipe keys that hold paths on the training machine
+
+
+def made_by(strategy: str, arch: str, wise=None) -> str:
+    """What made the weights, in words: the strategy, not a blanket "fine-tuned"."""
+    words = MADE_BY.get(strategy, "{arch} fine-tuned with fastft's " + strategy).format(arch=arch)
+    return words + (f", mixed with its probe by WiSE-FT (weight {wise})" if wise not in (None, "off", 0, 1) else "")
+
+
 def model_card(model, model_path: Path, folder: Path) -> str:
+    """README.md of the hub folder: what made the weights, how to load them, the run's test figures (only those) and
+    its recipe without the training machine's paths (a path becomes the name of what it named)."""
+    import tomllib
+
     from fastft.run_folder import run_folder_of
 
     run = run_folder_of(model_path)
     metrics = json.loads(run.metrics.read_text()).get("final", {}) if run.metrics.is_file() else {}
-    recipe = run.recipe.read_text() if run.recipe.is_file() else ""
-    figures = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
+    recipe_text = run.recipe.read_text() if run.recipe.is_file() else ""
+    recipe = tomllib.loads(recipe_text) if recipe_text else {}
+    lines = []
+    for line in recipe_text.splitlines():
+        key, _, value = line.partition(" = ")
+        if key in LOCAL_PATHS and value.startswith('"') and value != '""':
+            line = f"{key} = {json.dumps(Path(json.loads(value)).name)}  # its name; the path was the training machine's"
+        lines.append(line)
+    figures = "\n".join(f"| {k} | {metrics[k]:.4f} |" for k in TEST_FIGURES if isinstance(metrics.get(k), float))
+    made = made_by(recipe.get("strategy", ""), model.meta["arch"], recipe.get("wise")) if recipe else \
+        f"{model.meta['arch']} trained with fastft"
     return f"""---
 library_name: timm
 tags:
@@ -79,10 +109,11 @@ tags:
 - timm
 - fastft
 ---
-# {folder.name}: {model.meta['arch']} fine-tuned with fastft
+# {folder.name}: {made}
 
 Classes: {', '.join(model.classes)}. Input: {model.meta['input_size']} px, resized to {model.meta['resize']} px on the
-shorter side and centre-cropped; mean {model.meta['mean']}, std {model.meta['std']}.
+shorter side and centre-cropped; mean {model.meta['mean']}, std {model.meta['std']}. timm's own
+`resolve_data_config` + `create_transform` on this folder reproduce that preprocessing exactly.
 
 ```python
 import timm
@@ -93,6 +124,8 @@ Upload: `huggingface_hub.upload_folder(repo_id="<you>/<repo>", folder_path="{fol
 
 ## Test figures of the run
 
+Measured on the run's test split, which it did not train on.
+
 | figure | value |
 |---|---|
 {figures}
@@ -100,5 +133,6 @@ Upload: `huggingface_hub.upload_folder(repo_id="<you>/<repo>", folder_path="{fol
 ## Recipe
 
 ```toml
-{recipe}```
+{chr(10).join(lines)}
+```
 """

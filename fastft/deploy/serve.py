@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
+from fastft.data.images import resize_side
 from fastft.deploy.page import page_html
 from fastft.errors import UsageError
 
@@ -320,7 +321,7 @@ def create_app(model, policy: Policy):
     explainer = explain.Explainer(model) if explain.available() and hasattr(model, "network") else None
     gradcam_lock = threading.Lock()  # Grad-CAM hooks the network: one explanation at a time
     decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
-    short_side = round(model.meta["input_size"] / model.meta["crop_pct"])
+    short_side = resize_side(model.meta["input_size"], model.meta["crop_pct"])
 
     @app.exception_handler(Refused)
     async def refused(request, error: Refused):
