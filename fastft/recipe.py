@@ -59,7 +59,8 @@ class CommonRecipe:
                                     cli_min=0, minimum=0)
     valid_pct: float = setting(0.2, "Held-out (test) share when the data folder has no train/test split.", above=0,
                                below=1)
-    limit: int = setting(0, "A seeded, class-stratified sample of at most N train and N test images (quick runs); "
+    limit: int = setting(0, "A seeded, class-stratified sample of at most N training images (a --holdout "
+                            "validation split is held out of them), N test images and N valid/ images (quick runs); "
                             "0: all.", minimum=0)
     # model
     arch: str = setting("resnet18", "Any timm model name, with or without weights tag: resnet18, resnet18.tv_in1k, "

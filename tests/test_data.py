@@ -303,3 +303,20 @@ def test_a_killed_writers_half_written_cache_entries_go_when_a_default_run_opens
                     env={**os.environ, "FASTFT_CACHE": str(cache)})
     assert result.returncode == 0, result.stderr
     assert not dead.exists() and alive.exists()
+
+
+def test_limit_bounds_the_validation_split_too_held_out_of_the_limited_training_images(tmp_path):
+    """`--limit 700 --holdout auto` gave 700 train / 700 test, 346 validation images: the validation split came out
+    of every training image before the limit."""
+    from fastft.data.folders import split_files
+    from fastft.recipe import Recipe
+
+    root = tmp_path / "d"
+    for split, count in (("train", 500), ("test", 400)):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                (root / split / label / f"{i}.png").write_bytes(b"")  # listed only, never decoded here
+    split = split_files(root, Recipe().replace(limit=600, holdout="auto"))
+    train, valid, test = (sum(map(len, part.values())) for part in (split.train, split.valid, split.test))
+    assert train + valid == 600 and valid == 60 and test == 600

@@ -116,8 +116,8 @@ def at_least_two_classes(root: Path, folder: Path, by_class: dict[str, list[Path
 
 def split_files(root: Path, recipe, empty_ok: bool = False) -> Split:
     """The files a run trains, tests and validates on: found in class folders or a labels CSV (split by seed when
-    the data has no split), a validation split carved from the training files when --holdout asks, then sampled
-    to --limit. Training and `fastft evaluate` of the run's own data both call this, so they see the same split."""
+    the data has no split), the training files sampled to --limit and a validation split carved from them when
+    --holdout asks, the test (and a valid/ folder's) files sampled to --limit. Training and `fastft evaluate` of the run's own data both call this, so they see the same split."""
     valid_pct, seed, limit, holdout = recipe.valid_pct, recipe.seed, recipe.limit, recipe.holdout
     if recipe.labels:
         split = read_labels(Path(recipe.labels).expanduser(), root, recipe.image_col, recipe.label_col,
@@ -125,12 +125,12 @@ def split_files(root: Path, recipe, empty_ok: bool = False) -> Split:
     else:
         split = find_images(root, valid_pct, seed, empty_ok)
     split.holdout = holdout_share(holdout, split, limit)
+    split.train = stratified_sample(split.train, limit, seed)  # --limit first: the validation split comes out of these
     if split.holdout:
         if split.valid:
             raise UsageError(f"{root} has a validation split (valid/ beside train/ and test/) already; drop --holdout")
         split.train, split.valid = seeded_split(split.train, split.holdout, seed + 2, "validation",
                                                 strict=not split.multi_label and holdout != "auto")
-    split.train = stratified_sample(split.train, limit, seed)
     split.test = stratified_sample(split.test, limit, seed + 1)
     split.valid = stratified_sample(split.valid, limit, seed + 2)
     return split
