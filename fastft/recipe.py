@@ -175,6 +175,27 @@ Recipe = dataclasses.make_dataclass(
     bases=(CommonRecipe,), namespace={"__doc__": "A run's settings: the common keys and every strategy's own."})
 Recipe.__module__ = __name__
 
+# --help's first screen: the keys a first run sets, a line each (the rest of --help gives every other key in full;
+# the README gives these in full, and `fastft augs` the augmentation presets)
+ONE_LINE_HELP = {
+    "data": "Your data: class folders, or train/ and test/ of class folders.",
+    "labels": "A CSV of image paths and labels, instead of class folders.",
+    "valid_pct": "The test share, where the folder has no train/test split.",
+    "holdout": "A validation share held out of the training images (picks the epoch, calibrates); auto: 10% from 500.",
+    "limit": "At most N training, N test and N validation images (quick runs); 0: all.",
+    "arch": "A timm model name; several (a,b,c) or auto: choose one on the training images.",
+    "weights": "Local weights instead of the hub's: a file, a folder of ARCH.*.safetensors, or a run.",
+    "size": "Input side in pixels.",
+    "pretrained": "Start from ImageNet weights, or from random init.",
+    "strategy": "auto (the probe or lp-ft, chosen on the training images), probe, lp-ft, fine-tune, d2l, keras, "
+                "gradual, scratch.",
+    "epochs": "Total epochs, frozen phases included.",
+    "lr": "The head's peak learning rate; 0: the strategy's default; auto: fastai's LR finder.",
+    "bs": "Batch size (per process).",
+    "aug": "Training augmentation: a preset (flip, crop+flip, d2l, ...) or steps joined by +; `fastft augs` draws one.",
+    "tta": "Average each test prediction with its mirror image's (flip TTA).",
+    "seed": "Random seed: the same seed gives the same numbers on the same machine.",
+}
 _FIELDS = {f.name: f for f in fields(Recipe)}
 _FIELD_TYPES = {f.name: f.type for f in fields(Recipe)}
 OPTIONS = {f.name: f for f in fields(Recipe) if f.metadata["flag"] is not None}  # keys the command line sets

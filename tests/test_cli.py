@@ -26,12 +26,21 @@ def test_help_lists_every_command_and_version_works():
     assert module.returncode == 0 and re.fullmatch(r"fastft \d+\.\d+\.\d+\n", module.stdout)
 
 
-def test_recipe_help_shows_every_option_and_the_aug_presets():
+def test_recipe_help_shows_every_option_in_panels_and_the_common_ones_first():
+    """`fastft train --help` was 252 lines, where a new user wanted six options."""
     result = fastft("cifar", "--help", env={"COLUMNS": "200"})
     for option in ("--epochs", "--lr", "--bs", "--size", "--arch", "--weights", "--no-pretrained", "--aug",
                    "--data", "--out", "--seed", "--workers", "--device", "--limit"):
         assert option in result.stdout
-    assert "vflip" in result.stdout
+    shown = fastft("train", "--help", env={"COLUMNS": "100"}).stdout
+    panels = [line.rstrip(":") for line in shown.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert panels == ["Arguments", "Data", "Model", "Training", "Automatic choice", "Validation", "Output", "Advanced",
+                      "Other options"]  # --help
+    first_screen = shown[:shown.index("\nAutomatic choice:")]
+    for option in ("--arch", "--weights", "--size", "--epochs", "--strategy", "--holdout"):
+        assert f"\n  {option} " in first_screen or f"\n  {option}/" in first_screen, option
+    assert len(first_screen.splitlines()) <= 60 and "vflip" not in shown  # the presets: `fastft augs`, the README
+    assert "vflip" in fastft("augs", "--help").stdout
 
 
 def test_a_run_writes_every_output(trained_run):

@@ -6,6 +6,7 @@ import functools
 import inspect
 
 import typer
+from typer.core import TyperCommand
 
 from fastft.errors import Interrupted, UsageError
 
@@ -42,6 +43,31 @@ def user_errors(command):
     return wrapper
 
 
+class PanelCommand(TyperCommand):
+    """Plain click help with the options in panels, in the order PANEL_ORDER gives (an option's panel is its
+    typer.Option(rich_help_panel=...)): the options most runs need come first, the rest after."""
+
+    def format_options(self, ctx, formatter) -> None:
+        arguments, panels = [], {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                arguments.append(record)
+            else:
+                panels.setdefault(getattr(param, "rich_help_panel", None) or "Other options", []).append(record)
+        if arguments:
+            with formatter.section("Arguments"):
+                formatter.write_dl(arguments)
+        for panel in sorted(panels, key=lambda p: PANEL_ORDER.index(p) if p in PANEL_ORDER else len(PANEL_ORDER)):
+            with formatter.section(panel):
+                formatter.write_dl(panels[panel])
+
+
+PANEL_ORDER = ("Data", "Model", "Training", "Automatic choice", "Validation", "Output", "Advanced", "Other options")
+
+
 def argument(name: str, help: str, annotation=str) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation,
                              default=typer.Argument(..., help=help, show_default=False, metavar=name.upper()))
@@ -51,4 +77,4 @@ def command(name: str, help: str, function, parameters: list[inspect.Parameter])
     """Register `function(**parameters)` as `fastft NAME`, with user errors as one line."""
     function.__signature__ = inspect.Signature(parameters)
     function.__name__ = name.replace("-", "_")
-    app.command(name=name, help=help)(user_errors(function))
+    app.command(name=name, help=help, cls=PanelCommand)(user_errors(function))

@@ -14,9 +14,8 @@ from typing import Optional
 import typer
 
 from fastft.cli.common import COMMANDS, TYPES, app, argument, command, user_errors
-from fastft.data.augment import AUG_HELP
 from fastft.errors import InterruptedBeforeTraining, UsageError
-from fastft.recipe import OPTIONS, Recipe, find_recipes, load_recipe, read_recipe_file
+from fastft.recipe import ONE_LINE_HELP, OPTIONS, Recipe, find_recipes, load_recipe, read_recipe_file
 from fastft.schedules import AUTO, LP_FT, STRATEGIES
 
 
@@ -39,22 +38,36 @@ def shown_value(recipe: Recipe, name: str) -> str:
     return str(value) if value != "" else "none"
 
 
+# --help's panels: what a first run needs comes first (data, model, training), each option in one line there; every
+# other key of the recipe after, in full
+PANELS = {
+    "Data": ("data", "labels", "valid_pct", "holdout", "limit"),
+    "Model": ("arch", "weights", "size", "pretrained"),
+    "Training": ("strategy", "epochs", "lr", "bs", "aug", "tta", "seed"),
+    "Automatic choice": ("select", "budget", "wise", "exclude_suspects"),
+    "Validation": ("keep", "monitor", "patience"),
+    "Output": ("log",),
+}
+PANEL_OF = {name: panel for panel, names in PANELS.items() for name in names}
+
+
 def training_options(recipe: Recipe | None = None, leave_out=(), resumable: bool = True) -> list[inspect.Parameter]:
-    """One option per recipe key (and --out). None means "not given": the recipe's value stands. With a
-    recipe, --help shows its values as the defaults."""
+    """One option per recipe key (and --out), in --help's panels. None means "not given": the recipe's value stands.
+    With a recipe, --help shows its values as the defaults."""
     parameters = []
     for name, field in OPTIONS.items():
         if name in leave_out:
             continue
         shown = shown_value(recipe, name) if recipe else False
-        help = AUG_HELP if name == "aug" else field.metadata["help"]  # every preset, from the module that parses them
+        panel = PANEL_OF.get(name, "Advanced")
+        help = ONE_LINE_HELP.get(name, field.metadata["help"])  # the first screen's a line each
         option = typer.Option(None, *flag_of(name).split(" "), help=help, show_default=shown,
-                              min=field.metadata["cli_min"])
+                              min=field.metadata["cli_min"], rich_help_panel=panel)
         parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                             annotation=Optional[TYPES.get(field.type, str)]))
-    out = typer.Option(None, "--out", show_default=False,
+    out = typer.Option(None, "--out", show_default=False, rich_help_panel="Output",
                        help="Run folder (must be new or empty). Default: runs/<name>-<time>.")
-    resume = typer.Option(None, "--resume", show_default=False, metavar="RUN",
+    resume = typer.Option(None, "--resume", show_default=False, metavar="RUN", rich_help_panel="Output",
                           help="Continue the stopped run in folder RUN from its last finished epoch, as it was set up "
                                "(the same as `fastft resume RUN`; no other option goes with it).")
     parameters.append(inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, default=out, annotation=Optional[str]))
