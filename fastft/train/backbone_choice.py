@@ -201,15 +201,17 @@ def describe(selection: Selection) -> str:
 def write_report(selection: Selection, csv_path: Path, chart_path: Path) -> None:
     """selection.csv (every candidate, its weights, scores and seconds; which was chosen) and a bar chart PNG."""
     from fastft.atomic import replacing
-    from fastft.train.report import candidate_chart
+    from fastft.train.report import candidate_chart, standard_error
 
     with replacing(csv_path) as temporary, open(temporary, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["arch", "weights", "cv_accuracy", "cv_log_loss", "seconds", "chosen"])
-        writer.writerows([s.candidate.arch, s.candidate.weights or "hub", f"{s.accuracy:.4f}", f"{s.log_loss:.4f}",
-                          f"{s.seconds:.1f}", str(s.candidate == selection.chosen).lower()] for s in selection.scores)
-        writer.writerows([c.arch, c.weights or "hub", "", "", "", "not scored: --budget"] for c in selection.dropped)
+        writer.writerow(["arch", "weights", "cv_accuracy", "standard_error", "cv_log_loss", "seconds", "chosen"])
+        writer.writerows([s.candidate.arch, s.candidate.weights or "hub", f"{s.accuracy:.4f}",
+                          f"{standard_error(s.accuracy, selection.images):.4f}", f"{s.log_loss:.4f}", f"{s.seconds:.1f}",
+                          str(s.candidate == selection.chosen).lower()] for s in selection.scores)
+        writer.writerows([c.arch, c.weights or "hub", "", "", "", "", "not scored: --budget"] for c in selection.dropped)
     chosen = next(i for i, s in enumerate(selection.scores) if s.candidate == selection.chosen)
     candidate_chart([s.candidate.arch for s in selection.scores], [s.accuracy for s in selection.scores], chosen,
                     f"out-of-fold accuracy of a linear probe ({selection.folds} folds, {selection.images} training "
-                    "images)", describe(selection), chart_path, row_height=0.6)
+                    "images)", describe(selection), chart_path, row_height=0.6, images=selection.images,
+                    rule=f"rule: the best accuracy, or among those within {TIE_IMAGES} images of it the lowest log-loss")

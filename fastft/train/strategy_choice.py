@@ -19,7 +19,8 @@ from fastft.errors import UsageError
 from fastft.recipe import Recipe, asked_differences
 from fastft.schedules import AUTO, LINEAR_PROBE, LP_FT
 from fastft.train.backbone_choice import write_report
-from fastft.train.report import candidate_chart
+from fastft.train.report import candidate_chart, standard_error
+from fastft.train.tie import TIE_IMAGES
 
 
 class StrategyChoice(NamedTuple):
@@ -66,12 +67,14 @@ class StrategyChoice(NamedTuple):
             write_report(self.selection, folder.selection, folder.selection_chart)
         with replacing(folder.strategy) as temporary, open(temporary, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["candidate", "wise_weight", "held_out_accuracy", "held_out_loss", "chosen"])
-            writer.writerows([candidate(w), w, f"{a:.4f}", f"{loss:.4f}", str(w == chosen).lower()]
+            writer.writerow(["candidate", "wise_weight", "held_out_accuracy", "standard_error", "held_out_loss", "chosen",
+                             "rule"])
+            writer.writerows([candidate(w), w, f"{a:.4f}", f"{standard_error(a, images):.4f}", f"{loss:.4f}",
+                              str(w == chosen).lower(), TIE_RULE if w == chosen else ""]
                              for w, (a, loss) in scores.items())
         candidate_chart([candidate(w) for w in scores], [a for a, _ in scores.values()], list(scores).index(chosen),
                         f"accuracy on {images} held-out training images", f"--strategy auto: {describe(weight)}",
-                        folder.strategy_chart, row_height=0.35)
+                        folder.strategy_chart, row_height=0.35, images=images, rule=TIE_RULE)
         return scores, images, weight
 
 
@@ -105,6 +108,10 @@ def decision(recipe: Recipe, ran) -> StrategyChoice:
                           ran.selection, asked_differences(recipe, chosen))
 
 
+TIE_RULE = (f"rule: fine-tuning must beat the probe by more than {TIE_IMAGES} held-out images; among the rest, "
+            f"within {TIE_IMAGES} images of the best, the lowest loss")
+
+
 def as_probe(recipe: Recipe) -> Recipe:
     """`recipe` as a linear probe: one pass, without what only training by steps uses (--ema, --head-dropout)."""
     return recipe.replace(strategy=LINEAR_PROBE, epochs=1, ema=0.0, head_dropout=Recipe().head_dropout)
@@ -133,7 +140,7 @@ def report(choice: StrategyChoice, wise: dict, folder) -> dict:
         return {"chosen": describe(0.0), "weight": 0.0, "chosen_on": "nothing: " + choice.chosen_on}
     scores, images, weight = written
     chosen = f"{float(weight):.1f}"
-    print(f"strategy chosen on {choice.chosen_on}: {describe(weight)}", flush=True)
+    print(f"strategy chosen on {choice.chosen_on}: {describe(weight)} ({TIE_RULE})", flush=True)
     for w, (accuracy, loss) in scores.items():
         print(f"  {candidate(w):<12} held-out accuracy {accuracy:.3f}, loss {loss:.3f}{'  <- chosen' * (w == chosen)}",
               flush=True)
