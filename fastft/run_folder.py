@@ -28,7 +28,8 @@ FILES = {
                                      "numbers on the same machine)"),
     "metrics": RunFile("metrics.json", "final figures and every epoch's (written after each epoch, completed at the end)"),
     "history": RunFile("history.csv", "one row per epoch: the same figures as metrics.json's epochs"),
-    "curves": RunFile("curves.png", "loss and accuracy per epoch, the kept epoch marked"),
+    "curves": RunFile("curves.png", "loss and accuracy per epoch, the kept epoch marked (runs of two epochs or more: "
+                                    "one epoch, a probe's one pass, would be a single dot)"),
     "weights": RunFile("model.safetensors", "the network's weights: with model.json, the pickle-free bundle"),
     "meta": RunFile("model.json", "what inference needs besides the weights: arch, classes, input size, resize and "
                                   "crop, normalisation, temperature, versions"),

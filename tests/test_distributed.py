@@ -68,7 +68,9 @@ def test_every_strategy_trains_on_two_processes(strategy, dataset, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((probes / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["weights"] == ranks[1]["weights"]  # every rank ends with the same weights
-    assert sorted(p.name for p in two.iterdir()) == RUN_FILES and result.stdout.count("test acc") == 1
+    one_epoch = strategy == "probe"  # one pass: no curves.png (a single dot)
+    assert sorted(p.name for p in two.iterdir()) == [f for f in RUN_FILES if not (one_epoch and f == "curves.png")]
+    assert result.stdout.count("test acc") == 1
     assert f'strategy = "{strategy}"' in (two / "recipe.toml").read_text()
 
     one = tmp_path / "one"

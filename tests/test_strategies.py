@@ -272,3 +272,15 @@ def test_the_curves_and_the_comparison_tick_whole_epochs_only(tmp_path):
         for ax in figure.axes:
             ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
             assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_a_one_epoch_run_draws_no_single_dot_curve_and_says_so(dataset, tmp_path):
+    """curves.png for a one-epoch probe was a single dot on an axis from 0.945 to 1.05."""
+    from conftest import TINY, invoke
+
+    result = invoke("train", dataset, *TINY, "--strategy", "probe", "--out", tmp_path / "probe")
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "probe" / "curves.png").exists() and (tmp_path / "probe" / "history.csv").is_file()
+    assert "no curves.png for a run of one epoch" in result.output
+    two = invoke("train", dataset, *TINY, "--strategy", "fine-tune", "--epochs", "2", "--out", tmp_path / "two")
+    assert two.exit_code == 0 and (tmp_path / "two" / "curves.png").is_file() and "no curves.png" not in two.output

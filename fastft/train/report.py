@@ -50,8 +50,13 @@ def write_reports(out: RunFolder, epochs: list[dict], examples_per_sec: float, d
     writer.writeheader()
     writer.writerows(epochs)
     write_text(out.history, table.getvalue())
-    plot_curves(epochs, out.curves, kept_epoch)
+    if len(epochs) > 1:  # one epoch (a probe's one pass) is a single dot on an axis: no picture (ONE_EPOCH_NOTE)
+        plot_curves(epochs, out.curves, kept_epoch)
     return metrics
+
+
+ONE_EPOCH_NOTE = ("note: no curves.png for a run of one epoch (a single point per figure); metrics.json and history.csv "
+                  "hold its figures")
 
 
 def standard_error(accuracy: float, images: int) -> float:

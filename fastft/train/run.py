@@ -25,7 +25,7 @@ from fastft.train.distributed import unwrapped
 from fastft.train.epochs import EpochLog, RunProgress
 from fastft.train.final import calibration_line, final_report, save_model
 from fastft.train.lr_finder import resolve_lr
-from fastft.train.report import summary_line
+from fastft.train.report import ONE_EPOCH_NOTE, summary_line
 from fastft.train.resume import recipe_from_checkpoint, restart_recipe, resumer
 from fastft.train.setup import NO_VALIDATION, prepare
 from fastft.train.strategies import Progress
@@ -128,6 +128,8 @@ class TrainingRun:
         checkpoint.remove(folder)  # finished: the bundle is the result, and nothing is left to resume
         kept = f" (kept epoch {log.kept_epoch} of {len(log.epochs)})" if log.kept_epoch != len(log.epochs) else ""
         print(summary_line(results["final"], str(context.device)) + kept)
+        if len(log.epochs) == 1:
+            print(ONE_EPOCH_NOTE)
         if (calibration := results["calibration"]).get("calibrated"):
             print(calibration_line(calibration, folder))
 
