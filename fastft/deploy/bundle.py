@@ -377,7 +377,7 @@ def unfinished(folder: Path) -> None:
     """A one-line error for a run folder whose run stopped before it wrote model.json, its last file: what to run to
     finish it, rather than what its other files (a model.pkl, a model.safetensors) would say on their own."""
     run = RunFolder(folder)
-    if not run.finished and (run.checkpoint.is_file() or run.weights.is_file() or run.recipe.is_file()):
+    if not run.finished and (run.checkpoint.is_file() or run.recipe.is_file()):  # a run folder's, not a hub export's
         raise UsageError(f"{folder} is an unfinished run (it stopped before writing {META}); finish it with "
                          f"`fastft resume {folder}`")
 
