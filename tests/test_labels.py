@@ -35,7 +35,7 @@ def test_a_csv_of_bare_file_names_beside_images_trains_and_evaluates(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"balanced_accuracy", "macro_f1"} <= set(metrics["final"])
     report = json.loads(invoke("evaluate", out, table, "--json", "--out", tmp_path / "eval").stdout)
-    assert report["images"] == 4 and "test rows" in report["scored"]  # the run's own CSV: its held-out rows
+    assert report["images"] == 4 and "test_files.txt" in report["scored"]  # the run's own CSV: the rows it tested on
     assert report["accuracy"] == pytest.approx(metrics["final"]["test_acc"])
     assert report["balanced_accuracy"] == pytest.approx(metrics["final"]["balanced_accuracy"])
 
