@@ -1,4 +1,5 @@
 """Augmentation specs and the transforms they make: train-only randomness, exact flips, d2l's test crop."""
+import numpy as np
 import pytest
 import torch
 from fastai.vision.all import PILImage, TensorImage
@@ -85,9 +86,14 @@ def test_test_items_resize_shorter_side_then_centre_crop():
             im.putpixel((xx, yy), (xx * 3, yy * 4, 0))
     out = ResizeCenterCrop(28, crop_pct=0.875)(im)
     assert out.size == (28, 28)
-    # shorter side 60 -> 32 (= round(28 / 0.875)), width 80 -> 43; the crop keeps the middle
-    reference = im.resize((43, 32), Image.BILINEAR, reducing_gap=None).crop((7, 2, 35, 30))
+    # exactly timm's eval transform: shorter side 60 -> 32 (= floor(28 / 0.875)), width 80 -> 42 (truncated, as
+    # torchvision's Resize), then its CenterCrop (offsets rounded): the middle
+    from torchvision import transforms
+
+    reference = transforms.Compose([transforms.Resize(32, interpolation=transforms.InterpolationMode.BILINEAR),
+                                    transforms.CenterCrop(28)])(Image.fromarray(np.asarray(im)))
     assert list(out.getdata()) == list(reference.getdata())
+    assert list(out.getdata()) == list(im.resize((42, 32), Image.BILINEAR, reducing_gap=None).crop((7, 2, 35, 30)).getdata())
 
 
 def test_crop_is_training_only_and_test_items_are_deterministic():
