@@ -269,10 +269,6 @@ def _check_between_keys(recipe) -> None:
     if recipe.ema and recipe.strategy != AUTO and not STRATEGIES[recipe.strategy].trains_by_steps:
         raise UsageError(f"--ema averages the weights over the training steps, and --strategy {recipe.strategy} fits "
                          "its head in one solve, with none; drop --ema or choose a strategy that fine-tunes")
-    if (recipe.head_dropout != _FIELDS["head_dropout"].default and recipe.strategy != AUTO
-            and not STRATEGIES[recipe.strategy].trains_by_steps):
-        raise UsageError(f"--head-dropout acts while a head trains by steps, and --strategy {recipe.strategy} fits its "
-                         "linear head in one solve, with none; drop --head-dropout or choose a strategy that fine-tunes")
     if recipe.mixup and recipe.cutmix:
         raise UsageError("--mixup and --cutmix each replace the training loss; choose one")
     if selecting(recipe):

@@ -114,10 +114,11 @@ def test_the_budget_stops_the_search_and_keeps_the_best_so_far(weights_folder, t
         backbone_choice.choose(split, recipe, found, cpu, Budget.start("5s", clock), clock)
     backbone_choice.choose(split, recipe, found, cpu)  # both backbones' features now cached
     assert "s a backbone here (resnet18's pass timed on one batch" in capsys.readouterr().out  # the estimate, upfront
-    # the budget starts at 10 (deadline 45), the choice at 20, candidate 1 from 30 to 40; at 50, 30 s a candidate
-    # from the next reading (60) would end past 45: stop
+    # the budget starts at 10 (deadline 70), the choice at 20, candidate 1 at 30: its features cached, loading it
+    # took 10 s (reading 40), and another 10 s from 50 ends by 70; it ends at 60. At 70, 50 s a candidate from the
+    # next reading (80) would end past 70: stop
     clock = TenSecondClock()
-    short = backbone_choice.choose(split, recipe, found, cpu, Budget.start("35s", clock), clock)
+    short = backbone_choice.choose(split, recipe, found, cpu, Budget.start("60s", clock), clock)
     assert [s.candidate.arch for s in short.scores] == ["resnet18"] and short.chosen.arch == "resnet18"
     assert [c.arch for c in short.dropped] == ["mobilenetv3_small_050"]
     folder = RunFolder(tmp_path / "run")

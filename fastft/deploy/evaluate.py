@@ -42,8 +42,9 @@ def run_test_files(model_path: Path, data: Path, recipe) -> tuple[list[tuple[Pat
     multi = any(len(row) != 2 for row in rows)  # an image with several labels (or none)
     pairs = [(Path(row[0]), "\t".join(row[1:])) for row in rows]
     keep = set(keep_readable([p for p, _ in pairs])[0])
-    return ([(p, k) for p, k in pairs if p in keep], f"the run's {len(pairs)} test images ({listed.name}: the ones its "
-            f"test figures were measured on)", "\t" if multi else "")
+    scored = (f"the run's {len(pairs)} test images, held out from training ({listed.name}: the ones its test figures "
+              "were measured on)")
+    return [(p, k) for p, k in pairs if p in keep], scored, "\t" if multi else ""
 
 
 def labelled_images(data: Path, recipe=None) -> tuple[list[tuple[Path, str]], str, str]:

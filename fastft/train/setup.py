@@ -28,7 +28,7 @@ from fastft.recipe import Recipe, asked_differences, selecting
 from fastft.run_folder import RunFolder, check_new_out, claim_run_folder
 from fastft.schedules import AUTO, STRATEGIES
 from fastft.train import backbone_choice
-from fastft.train.budget import Budget, pass_seconds
+from fastft.train.budget import Budget, pass_seconds, seconds_of
 from fastft.train.context import Resolved, RunContext
 from fastft.train.devices import resolve_device, resolve_precision, set_number_format
 from fastft.train.distributed import Distributed
@@ -144,6 +144,7 @@ def checked_before_work(recipe: Recipe, out: str | None) -> list:
     new `out` (None: a resumed run's own folder), the data folder, and the ImageNet weights where the hub must have
     them. Returns the candidates ([] when the run does not choose its backbone)."""
     recipe.check()  # the rules between its keys (a recipe built in code may not have met them yet)
+    seconds_of(recipe.budget)  # a malformed --budget, before what needs the disk or the hub
     found = []
     if selecting(recipe):
         found = backbone_choice.candidates(recipe)

@@ -113,8 +113,8 @@ TIE_RULE = (f"rule: fine-tuning must beat the probe by more than {TIE_IMAGES} he
 
 
 def as_probe(recipe: Recipe) -> Recipe:
-    """`recipe` as a linear probe: one pass, without what only training by steps uses (--ema, --head-dropout)."""
-    return recipe.replace(strategy=LINEAR_PROBE, epochs=1, ema=0.0, head_dropout=Recipe().head_dropout)
+    """`recipe` as a linear probe: one pass, without --ema (it averages training steps, and a probe takes none)."""
+    return recipe.replace(strategy=LINEAR_PROBE, epochs=1, ema=0.0)
 
 
 def held_out_scores(wise: dict) -> dict:
