@@ -84,7 +84,8 @@ class CommonRecipe:
                                        "none.", minimum=0, below=1)
     # input and augmentation
     size: int = setting(224, "Input side in pixels (train crops and test centre-crops to it).", minimum=1, maximum=4096)
-    crop_pct: float = setting(0.875, "test items: resize the shorter side to floor(size / crop_pct), then centre-crop to size (timm's eval transform)", flag=None,
+    crop_pct: float = setting(0.875, "test items: resize the shorter side to floor(size / crop_pct), then centre-crop "
+                                     "to size (timm's eval transform)", flag=None,
                               above=0, maximum=1)
     # the presets' list is the CLI's help for --aug (fastft/data/augment.py: AUG_HELP), which data parses
     aug: str = setting("flip", "Augmentation presets joined with '+', e.g. flip+crop:scale=0.1-1+hue:0.5 (`fastft augs "

@@ -117,7 +117,8 @@ def at_least_two_classes(root: Path, folder: Path, by_class: dict[str, list[Path
 def split_files(root: Path, recipe, empty_ok: bool = False) -> Split:
     """The files a run trains, tests and validates on: found in class folders or a labels CSV (split by seed when
     the data has no split), the training files sampled to --limit and a validation split carved from them when
-    --holdout asks, the test (and a valid/ folder's) files sampled to --limit. Training and `fastft evaluate` of the run's own data both call this, so they see the same split."""
+    --holdout asks, the test (and a valid/ folder's) files sampled to --limit. Training and `fastft evaluate` of the
+    run's own data both call this, so they see the same split."""
     valid_pct, seed, limit, holdout = recipe.valid_pct, recipe.seed, recipe.limit, recipe.holdout
     if recipe.labels:
         split = read_labels(Path(recipe.labels).expanduser(), root, recipe.image_col, recipe.label_col,

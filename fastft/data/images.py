@@ -64,9 +64,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
         if im.mode == "F" and values.max(initial=0) <= 1.0:
             top = 1.0
         im = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in WITH_ALPHA:
+    if has_alpha(im):  # a palette's transparent colour too: convert("RGBA") applies it
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         im = Image.alpha_composite(background, rgba)

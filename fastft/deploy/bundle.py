@@ -44,7 +44,8 @@ def write_bundle(model, run: RunFolder, *, arch: str, classes: list[str], size: 
     weights = save(state, metadata={ARCH_TAG: arch})
     write_bytes(run.weights, weights)
     meta = {
-        "format": FORMAT, "arch": arch, "files": {run.weights.name: hashlib.sha256(weights).hexdigest()}, "classes": list(classes), "head": {**HEAD_DEFAULTS, **head},
+        "format": FORMAT, "arch": arch, "files": {run.weights.name: hashlib.sha256(weights).hexdigest()},
+        "classes": list(classes), "head": {**HEAD_DEFAULTS, **head},
         "input_size": size, "resize": resize_side(size, crop_pct), "crop_pct": crop_pct,
         "mean": list(mean), "std": list(std), "tta": tta,
         **({"multi_label": True, "threshold": threshold} if threshold is not None else {}),
@@ -116,7 +117,8 @@ SCHEMA = {
     "resize": (lambda v: _whole(v, 8, 8192), "a whole number of pixels from 8 to 8192"),
     "crop_pct": (lambda v: _number(v, 0.1, 1.0), "a number from 0.1 to 1"),
     "mean": (lambda v: _rgb(v, 0.0, 1.0), "a list of three numbers from 0 to 1, one per RGB channel"),
-    "std": (lambda v: _rgb(v, *STD_RANGE), "a list of three numbers from {:g} to {:g}, one per RGB channel".format(*STD_RANGE)),
+    "std": (lambda v: _rgb(v, *STD_RANGE),
+            "a list of three numbers from {:g} to {:g}, one per RGB channel".format(*STD_RANGE)),
     "tta": (lambda v: isinstance(v, bool), "true or false"),
     "multi_label": (lambda v: isinstance(v, bool), "true or false"),
     "threshold": (lambda v: _number(v, 0.0, 1.0, open_low=True) and v < 1, "a number between 0 and 1"),
@@ -182,11 +184,10 @@ def check_file_hash(meta: dict, meta_path: Path, weights: Path) -> None:
         return
     if weights.name not in recorded or recorded[weights.name] != file_hash(weights):
         made = "was not written with" if weights.name not in recorded else "is not the file written with"
-        raise UsageError(f"{weights} {made} {meta_path} (its sha256 differs from the one {meta_path.name} records): "
-                         f"it belongs to another model; rebuild it with `fastft export {meta_path.parent}`"
-                         if weights.suffix == ".onnx" else
-                         f"{weights} is not the file written with {meta_path} (its sha256 differs from the one "
-                         f"{meta_path.name} records): the two belong to different models; use a run folder's own pair")
+        fix = (f"rebuild it with `fastft export {meta_path.parent}`" if weights.suffix == ".onnx" else
+               "use a run folder's own pair")
+        raise UsageError(f"{weights} {made} {meta_path} (its sha256 is not one {meta_path.name} records): it belongs "
+                         f"to another model; {fix}")
 
 
 def record_file_hash(meta_path: Path, weights: Path) -> None:
@@ -265,7 +266,6 @@ class BundleModel(Model):
     def __init__(self, meta_path: Path):
         import torch
         from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
 
         from fastft.deploy.network import build_network
 
@@ -275,8 +275,8 @@ class BundleModel(Model):
         if not weights.is_file():
             raise UsageError(f"{weights} is missing beside {meta_path}; a bundle is model.json + model.safetensors")
         try:
-            state = load_file(str(weights))
             with safe_open(str(weights), "pt") as f:
+                state = {name: f.get_tensor(name) for name in f.keys()}
                 trained_as = (f.metadata() or {}).get(ARCH_TAG)
         except (SafetensorError, OSError, ValueError) as e:
             raise UsageError(f"{weights} is corrupt or truncated ({str(e)[:100]}); re-export the model") from None

@@ -40,7 +40,8 @@ def describe_run(folder: RunFolder) -> dict:
     else:
         state = f"unfinished: fastft resume {folder.path}"
     return {
-        "run": folder.path.name, "path": str(folder.path), "data": Path(recipe.get("labels") or recipe.get("data") or "").name,
+        "run": folder.path.name, "path": str(folder.path),
+        "data": Path(recipe.get("labels") or recipe.get("data") or "").name,
         "backbone": recipe.get("arch", ""), "strategy": strategy,
         "test_acc": final.get("test_acc"), "test_acc_tta": final.get("test_acc_tta"),
         "calibrated": bool(metrics.get("calibration", {}).get("calibrated")),

@@ -90,11 +90,11 @@ def candidates(recipe) -> list[Candidate]:
         raise UsageError(f"--weights names {', '.join(unlisted)}, which --arch does not list ({', '.join(names)}); "
                          "add it to --arch or drop its weights")
     found = [Candidate(name, files.get(name, files.get(name.split(".")[0], ""))) for name in names]
-    seen: dict = {}
+    seen: dict = {}  # backbone identity -> the first candidate that had it
     for c in found:
-        if (earlier := seen.setdefault(backbone_identity(c), c.arch)) != c.arch or names.count(c.arch) > 1:
-            once_each(recipe.arch, f"{earlier} twice" if earlier == c.arch else f"{earlier} and {c.arch} are the same "
-                                                                              "weights")
+        if (earlier := seen.setdefault(backbone_identity(c), c)) is not c:
+            once_each(recipe.arch, f"{c.arch} twice" if earlier.arch == c.arch else
+                      f"{earlier.arch} and {c.arch} are the same weights")
     return found
 
 

@@ -70,9 +70,10 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
         start = starting_weights(recipe)
     else:  # chosen below, once the training images are known
         start = None
-    if start:  # before the data: offline, both are missing, and the first message should name both
+    if start and not recipe.data:  # with --data, checked_before_work has checked the weights
+        # before the data: offline, both are missing, and the first message should name both
         dataset = recipe.dataset or recipe.name
-        data_too = ("" if recipe.data or downloaded(dataset)
+        data_too = ("" if downloaded(dataset)
                     else f", and --data DIR (a local copy of {dataset}: it is not downloaded yet either)")
         require_hub_weights(recipe.arch, start, NO_HUB_WEIGHTS.format(arch=recipe.arch) + data_too)
     if recipe.data:
