@@ -89,11 +89,12 @@ class TrainingRun:
         self.learn.add_cbs(self.callbacks)
         self.context = resolve_lr(self.learn, self.context)
         if dist.is_main and not self.resuming:  # a resumed run keeps its recipe.toml, [asked] table and all
+            asked = {**(self.choice.asked if self.choice else {}), **self.context.asked}
+            # recipe.toml first: until it is written the folder is a claim, which resume refuses to continue
+            write_text(folder.recipe, self.context.saved_recipe().to_toml(asked))
             if self.choice is not None:  # the choice and its tables belong to the run from its start: a kill keeps them
                 self.choice.save(folder)
                 self.choice.write_tables(folder)
-            asked = {**(self.choice.asked if self.choice else {}), **self.context.asked}
-            write_text(folder.recipe, self.context.saved_recipe().to_toml(asked))
 
     def fit(self) -> bool:
         """The strategy's phases; the kept epoch's weights left in the model. Returns whether Ctrl-C stopped it."""
