@@ -90,6 +90,11 @@ def test_every_strategy_trains_on_two_processes(strategy, dataset, tmp_path):
         # epoch scores the same (LP-FT's later epochs train on global batches of 8 instead of 4, and differ)
         assert two_metrics["epochs"][0]["test_acc"] == one_metrics["epochs"][0]["test_acc"]
         assert two_metrics["epochs"][0]["train_loss"] == pytest.approx(one_metrics["epochs"][0]["train_loss"], rel=1e-3)
+        # metrics.json reports the probe's L2 penalty, chosen the same way on the same held-out images
+        assert two_metrics["probe"] == one_metrics["probe"] and set(two_metrics["probe"]) == {"penalty", "at_edge", "tried"}
+        assert f"{two_metrics['probe']['penalty']:g}" in two_metrics["probe"]["tried"]
+    else:
+        assert "probe" not in two_metrics  # no probe was fitted
     if strategy == "probe":  # nothing else trains: the same model, to float precision
         np.testing.assert_allclose(two_probs, one_probs, atol=1e-4)
 

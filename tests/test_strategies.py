@@ -175,7 +175,7 @@ def test_probe_fits_a_linear_head_on_the_frozen_backbone_and_changes_nothing_els
 
 
 def test_the_probe_chooses_its_penalty_on_held_out_training_images_and_folds_the_scaling_in():
-    from fastft.train.probe import PENALTIES, fit_linear_head
+    from fastft.train.probe import LADDER, fit_linear_head
 
     generator = torch.Generator().manual_seed(0)
     labels = torch.arange(3).repeat_interleave(20)
@@ -183,9 +183,47 @@ def test_the_probe_chooses_its_penalty_on_held_out_training_images_and_folds_the
     features[:, 0] += labels * 30  # one informative feature
     features = torch.cat([features, features + torch.randn(60, 8, generator=generator)])  # "mirror images"
     fitted = fit_linear_head(features, torch.cat([labels, labels]), 3, seed=0)
-    assert fitted["penalty"] in PENALTIES and fitted["images"] == 60
+    assert fitted["penalty"] in LADDER and fitted["images"] == 60
     raw_logits = features @ fitted["weight"].T + fitted["bias"]
     assert (raw_logits.argmax(1) == torch.cat([labels, labels])).float().mean() == fitted["train_acc"] == 1.0
+
+
+def test_the_probes_penalty_grid_goes_on_past_a_best_end_until_a_value_inside_wins(capsys):
+    """A best penalty at the grid's end only says the optimum lies beyond it: the grid goes on along LADDER."""
+    from fastft.train.probe import LADDER, PENALTIES, choose_penalty, standardised
+
+    def case(n: int, dims: int, signal: float) -> torch.Tensor:  # n images a class; `signal` on a tenth of the dims
+        generator = torch.Generator().manual_seed(0)
+        labels = torch.arange(2).repeat_interleave(n)
+        features = torch.randn(2 * n, dims, generator=generator)
+        features[:, : dims // 10] += labels[:, None] * signal
+        mirrors = features + 0.1 * torch.randn(2 * n, dims, generator=generator)
+        return standardised(torch.cat([features, mirrors]))[0], torch.cat([labels, labels])
+
+    cases = {"labels the features do not predict": (case(300, 50, 0.0), 0, "up"),
+             "a weak signal in many dimensions": (case(300, 200, 0.1), 2, "up"),
+             "classes a feature separates": (case(30, 100, 20.0), 0, "down")}
+    chosen = {}
+    for name, ((x, labels), seed, wanted) in cases.items():
+        choice = chosen[name] = choose_penalty(x, labels, 2, seed=seed, multi_label=False)
+        tried = sorted(choice.losses)
+        assert choice.penalty == min(choice.losses, key=choice.losses.get)  # the best tried
+        assert set(PENALTIES) <= set(tried) <= set(LADDER)
+        beyond = [p for p in tried if p > PENALTIES[-1]] if wanted == "up" else [p for p in tried if p < PENALTIES[0]]
+        assert beyond, (name, tried)  # the grid went on past the end that was best
+        # the chosen value has a tried neighbour on each side, or is the ladder's own end, which is said
+        assert choice.at_edge == (choice.penalty in (LADDER[0], LADDER[-1]))
+        if not choice.at_edge:
+            rung = LADDER.index(choice.penalty)
+            assert {LADDER[rung - 1], LADDER[rung + 1]} <= set(tried)
+        line = capsys.readouterr().out
+        assert f"L2 penalty {choice.penalty:g}," in line and f"the grid widened to {tried[0]:g}-{tried[-1]:g}" in line
+        assert ("the widest grid's end" in line) == choice.at_edge
+        assert choice.report() == {"penalty": choice.penalty, "at_edge": choice.at_edge,
+                                   "tried": {f"{p:g}": round(choice.losses[p], 6) for p in tried}}
+    # no signal: the penalty that predicts the class frequencies, the ladder's end, said to be an edge
+    assert chosen["labels the features do not predict"].at_edge
+    assert PENALTIES[-1] < chosen["a weak signal in many dimensions"].penalty < LADDER[-1]
 
 
 def test_lp_ft_fine_tunes_every_stage_from_the_probe_with_batchnorm_statistics_kept(dataset, tmp_path):

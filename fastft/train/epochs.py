@@ -71,6 +71,7 @@ class EpochLog(Callback):
         self.lr, self.multi_label, self.progress = context.resolved.lr, context.multi_label, progress
         self.epochs, self.train_examples, self.train_seconds, self.train_batches = [], 0, 0.0, 0
         self.snapshot, self.running, self.stopped = None, False, ""
+        self.probe_penalty = None  # the probe epoch's L2 penalty and how it was chosen (metrics.json's `probe`)
         self.validation_is_test = context.validation_is_test
 
     # ---- figures -------------------------------------------------------------------------------------------
@@ -117,6 +118,7 @@ class EpochLog(Callback):
         if probe := self.progress.probe:  # a probe epoch: no batches trained, a head was fitted
             n_train = probe["images"]
             train_loss, train_correct = probe["train_loss"] * n_train, probe["train_acc"] * n_train
+            self.probe_penalty = probe["penalty_choice"].report()
         self.train_examples += n_train
         self.train_seconds += self.epoch_train_seconds
         entry = {"epoch": len(self.epochs) + 1,
@@ -161,7 +163,7 @@ class EpochLog(Callback):
         appends to the list while a checkpoint of this one is written)."""
         return {"epochs": list(self.epochs), "train_examples": self.train_examples, "train_seconds": self.train_seconds,
                 "train_batches": self.train_batches, "best": self.kept.state(),
-                "probe_weights": self.probe.state() if self.probe else None,
+                "probe_weights": self.probe.state() if self.probe else None, "probe_penalty": self.probe_penalty,
                 "ema": self.averaging.state() if self.averaging else None}
 
     def restore(self, state: dict, network_weights: dict) -> None:
@@ -171,6 +173,7 @@ class EpochLog(Callback):
         self.train_examples, self.train_seconds = state["train_examples"], state["train_seconds"]
         self.train_batches = state["train_batches"]
         self.kept.restore(state["best"])
+        self.probe_penalty = state.get("probe_penalty")  # a checkpoint of an earlier fastft has none
         if self.probe:
             self.probe.restore(state.get("probe_weights"))  # a checkpoint of an earlier fastft has none
         if self.averaging and state.get("ema"):

@@ -61,7 +61,7 @@ def out_of_fold_probabilities(features: torch.Tensor, mirrors: torch.Tensor, lab
     x, _, _ = standardised(torch.cat([features, mirrors]))
     originals, flipped = x[: len(features)], x[len(features):]
     both = torch.cat([labels, labels])
-    penalty = choose_penalty(x, both, n_classes, seed, multi_label, quiet=True)
+    penalty = choose_penalty(x, both, n_classes, seed, multi_label, quiet=True).penalty
     activation = torch.sigmoid if multi_label else (lambda logits: logits.softmax(1))
     probabilities = torch.empty(len(features), n_classes)
     for k in range(int(folds.max()) + 1):

@@ -113,7 +113,7 @@ class TrainingRun:
         (rank 0). Returns (metrics.json's content, a multi-label model's threshold, whether Ctrl-C came)."""
         probe = self.log.probe.weights if self.log.probe else None
         averaged = wise.apply(self.learn, self.context, probe)  # before calibration: it calibrates these weights
-        extra = {"wise": averaged} if averaged else {}
+        extra = ({"wise": averaged} if averaged else {}) | ({"probe": self.log.probe_penalty} if self.log.probe_penalty else {})
         if self.choice is not None:
             extra["strategy_choice"] = strategy_choice.report(self.choice, averaged, self.context.folder)
         return final_report(self.learn, self.context, self.log, interrupted, self.measure_unaugmented, extra)
