@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from fastft.atomic import process_alive
+from fastft.atomic import process_alive, remove_partial_files
 from fastft.errors import UsageError
 
 @dataclass(frozen=True)
@@ -132,11 +132,29 @@ def _claim(folder: Path) -> bool:
     return True
 
 
+def abandoned_claim(folder: Path) -> bool:
+    """Whether `folder` was claimed by a run whose process is gone before it wrote its recipe: whatever it holds,
+    that run wrote into a folder that was new or empty, and a new run may take it over."""
+    pid = claimant(folder)
+    return pid is not None and not process_alive(pid)
+
+
 def check_new_out(out: str | Path | None) -> None:
     """An error now, before any work, when a run's `--out` is taken (its claim comes last)."""
     path = Path(out) if out else None
-    if path and path.exists() and (not path.is_dir() or any(p.name != RECIPE for p in path.iterdir())):
+    if path and path.exists() and (not path.is_dir() or any(p.name != RECIPE for p in path.iterdir())) \
+            and not abandoned_claim(path):
         raise UsageError(f"--out {path} already exists and is not empty; choose a new folder (nothing was overwritten)")
+
+
+def clear_abandoned_claim(folder: Path) -> None:
+    """Remove what an abandoned claim's run wrote before it was killed (its own files only: the tables and lists a
+    run writes before its recipe, their half-written copies) and the claim itself."""
+    remove_partial_files(folder)
+    for run_file in FILES.values():
+        if run_file.name != RECIPE and (folder / run_file.name).is_file():
+            (folder / run_file.name).unlink()
+    (folder / RECIPE).unlink(missing_ok=True)
 
 
 def release_claim(folder: Path, created: bool) -> None:
@@ -164,7 +182,8 @@ def claim_run_folder(out: str | Path | None, name: str, parent: Path = Path("run
             if pid is None or process_alive(pid):
                 raise UsageError(f"--out {path} is being written by another run"
                                  f"{f' (process {pid})' if pid else ''}; choose a new folder (nothing was overwritten)")
-            (path / RECIPE).unlink(missing_ok=True)  # its run was killed before it wrote anything else
+            clear_abandoned_claim(path)  # its run was killed before it wrote its recipe
+            check_new_out(path)  # anything left is not that run's: never overwritten
             if not _claim(path):
                 raise UsageError(f"--out {path} is being written by another run; choose a new folder")
         return path

@@ -323,6 +323,30 @@ def test_runs_named_in_the_same_second_get_their_own_folders(tmp_path):
     assert claim_run_folder(taken, "x") == taken and claimant(taken) == os.getpid()  # a dead run's claim is taken over
 
 
+def test_a_run_killed_before_its_recipe_is_started_again_in_its_folder_as_resume_says(dataset, tmp_path):
+    """A run writes its lists (test_files.txt, skipped_images.txt, a backbone's selection) before its recipe: killed
+    in between, `fastft resume` says to start it again with the same --out, and that must work."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "recipe.toml").write_text("# claimed by a fastft run that has not written its recipe yet; process 999999999\n")
+    for name in ("test_files.txt", "skipped_images.txt", "selection.csv", ".selection.999999999.partial.png"):
+        (out / name).write_text("what the killed run wrote\n")
+    resumed = invoke("resume", out)
+    assert resumed.exit_code == 2 and f"start the run again with --out {out}" in resumed.output, resumed.output
+    again = invoke("train", dataset, *TINY, "--epochs", "1", "--strategy", "probe", "--out", out)
+    assert again.exit_code == 0, again.output
+    assert (out / "model.json").is_file() and "selection.csv" not in {p.name for p in out.iterdir()}
+    assert not list(out.glob(".*partial*"))
+    assert (out / "test_files.txt").read_text() != "what the killed run wrote\n"  # the new run's list
+    # a folder with anything the killed run did not write is still never overwritten
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "recipe.toml").write_text("# claimed by a fastft run that has not written its recipe yet; process 999999999\n")
+    (other / "my_notes.txt").write_text("mine\n")
+    refused = invoke("train", dataset, *TINY, "--epochs", "1", "--strategy", "probe", "--out", other)
+    assert refused.exit_code == 2 and "not empty" in refused.output and (other / "my_notes.txt").read_text() == "mine\n"
+
+
 def test_a_loss_that_becomes_nan_stops_the_run_with_a_clear_error(dataset, tmp_path):
     out = tmp_path / "run"
     result = invoke("train", dataset, *TINY, "--epochs", "3", "--strategy", "fine-tune", "--lr", "1e30", "--out", out)
