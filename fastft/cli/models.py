@@ -13,6 +13,7 @@ import typer
 
 from fastft.cli.common import app, user_errors
 from fastft.data.augment import AUG_HELP
+from fastft.deploy.server_limits import MAX_CONNECTIONS, MAX_UPLOAD_MB, READ_TIMEOUT_S
 from fastft.errors import UsageError
 
 
@@ -125,14 +126,14 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Where to listen: 127.0.0.1 (this machine only); "
                                                           "0.0.0.0 opens it to the network."),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
-    max_upload: float = typer.Option(10.0, "--max-upload", min=0.0, help="Largest upload in MB."),
+    max_upload: float = typer.Option(MAX_UPLOAD_MB, "--max-upload", min=0.0, help="Largest upload in MB."),
     allow_dir: Optional[Path] = typer.Option(None, "--allow-dir", help="Let the page name image files under this "
                                              "folder (symlinks followed, nothing outside it). Default: uploads only."),
     allow_host: list[str] = typer.Option([], "--allow-host", help="Another host name clients may use to reach the "
                                          "server (a reverse proxy's, a LAN name); repeatable."),
-    read_timeout: float = typer.Option(30.0, "--read-timeout", min=0.1, help="Seconds a client may stall while "
+    read_timeout: float = typer.Option(READ_TIMEOUT_S, "--read-timeout", min=0.1, help="Seconds a client may stall while "
                                        "sending its request body before it gets 408 and is disconnected."),
-    max_connections: int = typer.Option(64, "--max-connections", min=1, help="Open connections at once; more get "
+    max_connections: int = typer.Option(MAX_CONNECTIONS, "--max-connections", min=1, help="Open connections at once; more get "
                                         "503 (stalled clients cannot take every socket)."),
 ):
     """A web page for one model: drop or pick an image and see its top labels with probability bars, and the

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from fastft.data.images import resize_side
 from fastft.deploy.page import page_html
+from fastft.deploy.server_limits import MAX_CONNECTIONS, MAX_UPLOAD_MB, READ_TIMEOUT_S
 from fastft.errors import UsageError
 
 MAX_PIXELS = 64_000_000  # PIL's own guard is lifted for training (fastft/data/images.py); a server keeps one
@@ -45,8 +46,6 @@ MAX_DECODE_BYTES = 160 * 2**20  # the most one image's decode path holds at once
 LARGE_DECODE_BYTES = 64 * 2**20  # over this, the image is shrunk to twice what the model needs before it is converted
 DECODE_SLOTS = 2  # decodes at once: bounds what decoding adds to the server's memory at DECODE_SLOTS x MAX_DECODE_BYTES
 BUSY_WAIT_S = 10.0  # how long a request waits for a decode slot before it gets 503
-READ_TIMEOUT_S = 30.0  # a client that sends nothing of its request body for this long gets 408 and is disconnected
-MAX_CONNECTIONS = 64  # open connections at once; more get 503 (stalled clients cannot hold the server's every socket)
 FORM_OVERHEAD = 64 * 1024  # the multipart form's own bytes around the image
 CLIENT_HEADER = "x-fastft"  # a POST must carry it: cross-site pages and form posts cannot
 LOOPBACK_NAMES = ("localhost",)
@@ -394,7 +393,7 @@ def allowed_folder(allow_dir: Path | None) -> Path | None:
     return allow_dir.resolve()
 
 
-def serve(model_path: Path, host: str, port: int, max_upload_mb: float, allow_dir: Path | None = None,
+def serve(model_path: Path, host: str, port: int, max_upload_mb: float = MAX_UPLOAD_MB, allow_dir: Path | None = None,
           allow_hosts: tuple[str, ...] = (), read_timeout: float = READ_TIMEOUT_S,
           max_connections: int = MAX_CONNECTIONS) -> None:
 
