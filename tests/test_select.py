@@ -85,7 +85,7 @@ def test_choosing_on_two_processes_chooses_what_one_process_chooses(weights_fold
     args = ["train", data, "--arch", ",".join(ARCHS), "--weights", weights_folder, *SMALL, "--strategy", "probe"]
     two = torchrun("-m", "fastft", *args, "--out", tmp_path / "two", cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout.count("chose ") == 1  # rank 0 chooses and speaks for all
+    assert sum(line.startswith("chose ") for line in two.stdout.splitlines()) == 1  # rank 0 chooses and speaks for all
     one = invoke(*args, "--out", tmp_path / "one")
     assert one.exit_code == 0, one.output
     scores = lambda run: [(r["arch"], r["cv_accuracy"], r["chosen"]) for r in selection_of(tmp_path / run)]
@@ -124,8 +124,8 @@ def test_the_budget_stops_the_search_and_keeps_the_best_so_far(weights_folder, t
     folder = RunFolder(tmp_path / "run")
     folder.path.mkdir()
     backbone_choice.write_report(short, folder.selection, folder.selection_chart)
-    assert [(r["arch"], r["chosen"]) for r in selection_of(folder.path)] == [
-        ("resnet18", "true"), ("mobilenetv3_small_050", "not scored: --budget")]  # the table lists every candidate
+    assert [(r["arch"], r["chosen"], r["reason"]) for r in selection_of(folder.path)] == [  # every candidate, and why
+        ("resnet18", "true", "the only candidate scored"), ("mobilenetv3_small_050", "false", "not scored: --budget")]
     clock = TenSecondClock()
     whole = backbone_choice.choose(split, recipe, found, cpu, Budget.start("2m", clock), clock)
     assert len(whole.scores) == 2 and not whole.dropped

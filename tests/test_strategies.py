@@ -188,42 +188,46 @@ def test_the_probe_chooses_its_penalty_on_held_out_training_images_and_folds_the
     assert (raw_logits.argmax(1) == torch.cat([labels, labels])).float().mean() == fitted["train_acc"] == 1.0
 
 
-def test_the_probes_penalty_grid_goes_on_past_a_best_end_until_a_value_inside_wins(capsys):
-    """A best penalty at the grid's end only says the optimum lies beyond it: the grid goes on along LADDER."""
+def test_the_probes_penalty_grid_goes_on_past_a_best_end_while_each_step_wins_beyond_noise(capsys):
+    """A best penalty at the grid's end only says the optimum may lie beyond it: the grid goes on along LADDER while
+    the next value does better beyond the noise of the held-out images, and the result says whether it ended at an
+    edge."""
     from fastft.train.probe import LADDER, PENALTIES, choose_penalty, standardised
 
-    def case(n: int, dims: int, signal: float) -> torch.Tensor:  # n images a class; `signal` on a tenth of the dims
+    def case(n: int, dims: int, signal: float) -> torch.Tensor:  # n images a class, `signal` on every dimension
         generator = torch.Generator().manual_seed(0)
         labels = torch.arange(2).repeat_interleave(n)
-        features = torch.randn(2 * n, dims, generator=generator)
-        features[:, : dims // 10] += labels[:, None] * signal
+        features = torch.randn(2 * n, dims, generator=generator) + labels[:, None] * signal
         mirrors = features + 0.1 * torch.randn(2 * n, dims, generator=generator)
         return standardised(torch.cat([features, mirrors]))[0], torch.cat([labels, labels])
 
-    cases = {"labels the features do not predict": (case(300, 50, 0.0), 0, "up"),
-             "a weak signal in many dimensions": (case(300, 200, 0.1), 2, "up"),
-             "classes a feature separates": (case(30, 100, 20.0), 0, "down")}
+    cases = {"a clear signal spread thin": case(50, 1000, 0.2),  # less penalty is better, clearly, far below 0.001
+             "a fainter one": case(50, 1000, 0.1),  # less looks better, within the noise of 20 held-out images
+             "a signal the grid's middle suits": case(100, 2000, 0.1),
+             "labels the features do not predict": case(300, 50, 0.0)}  # more looks better, within the noise
     chosen = {}
-    for name, ((x, labels), seed, wanted) in cases.items():
-        choice = chosen[name] = choose_penalty(x, labels, 2, seed=seed, multi_label=False)
+    for name, (x, labels) in cases.items():
+        choice = chosen[name] = choose_penalty(x, labels, 2, seed=0, multi_label=False)
         tried = sorted(choice.losses)
-        assert choice.penalty == min(choice.losses, key=choice.losses.get)  # the best tried
+        first = min(PENALTIES, key=choice.losses.get)  # the best of the grid itself
         assert set(PENALTIES) <= set(tried) <= set(LADDER)
-        beyond = [p for p in tried if p > PENALTIES[-1]] if wanted == "up" else [p for p in tried if p < PENALTIES[0]]
-        assert beyond, (name, tried)  # the grid went on past the end that was best
-        # the chosen value has a tried neighbour on each side, or is the ladder's own end, which is said
-        assert choice.at_edge == (choice.penalty in (LADDER[0], LADDER[-1]))
-        if not choice.at_edge:
-            rung = LADDER.index(choice.penalty)
-            assert {LADDER[rung - 1], LADDER[rung + 1]} <= set(tried)
         line = capsys.readouterr().out
-        assert f"L2 penalty {choice.penalty:g}," in line and f"the grid widened to {tried[0]:g}-{tried[-1]:g}" in line
-        assert ("the widest grid's end" in line) == choice.at_edge
-        assert choice.report() == {"penalty": choice.penalty, "at_edge": choice.at_edge,
+        assert f"L2 penalty {choice.penalty:g}," in line
+        if first not in (PENALTIES[0], PENALTIES[-1]):  # inside the grid: nothing more is tried
+            assert tried == list(PENALTIES) and choice.penalty == first and not choice.at_edge
+            assert "widened" not in line
+            continue
+        beyond = [p for p in tried if p not in PENALTIES]  # tried past the end that was best, on that side only
+        assert beyond and all((p > PENALTIES[-1]) == (first == PENALTIES[-1]) for p in beyond), (name, tried)
+        assert choice.at_edge and choice.penalty in (first, *beyond)
+        assert f"the grid widened to {tried[0]:g}-{tried[-1]:g}" in line and "the end of the" in line
+        assert choice.report() == {"penalty": choice.penalty, "at_edge": True,
                                    "tried": {f"{p:g}": round(choice.losses[p], 6) for p in tried}}
-    # no signal: the penalty that predicts the class frequencies, the ladder's end, said to be an edge
-    assert chosen["labels the features do not predict"].at_edge
-    assert PENALTIES[-1] < chosen["a weak signal in many dimensions"].penalty < LADDER[-1]
+    assert chosen["a clear signal spread thin"].penalty < PENALTIES[0] / 10
+    assert chosen["a fainter one"].penalty == PENALTIES[0] and chosen["a fainter one"].at_edge
+    assert not chosen["a signal the grid's middle suits"].at_edge
+    no_signal = chosen["labels the features do not predict"]
+    assert no_signal.penalty == PENALTIES[-1] and no_signal.at_edge and max(no_signal.losses) > PENALTIES[-1]
 
 
 def test_lp_ft_fine_tunes_every_stage_from_the_probe_with_batchnorm_statistics_kept(dataset, tmp_path):

@@ -55,7 +55,8 @@ def out_of_fold_probabilities(features: torch.Tensor, mirrors: torch.Tensor, lab
                               folds: torch.Tensor, seed: int, multi_label: bool) -> torch.Tensor:
     """(N, C) probabilities of every image, each from a probe fitted on the folds it is not in (images and their
     mirror images), averaging the image's and its mirror's. The L2 penalty is chosen once, as the probe chooses
-    it, on all the images: one number, which barely leaks, where choosing it per fold would cost k times as long."""
+    it, on all the images: one number, which barely leaks, where choosing it per fold would cost k times as long.
+    `folds`: each image's fold (N,), or R repeats of the dealing (R, N), whose probabilities are averaged."""
     from fastft.train.probe import choose_penalty, logistic_regression, standardised
 
     x, _, _ = standardised(torch.cat([features, mirrors]))
@@ -63,13 +64,15 @@ def out_of_fold_probabilities(features: torch.Tensor, mirrors: torch.Tensor, lab
     both = torch.cat([labels, labels])
     penalty = choose_penalty(x, both, n_classes, seed, multi_label, quiet=True).penalty
     activation = torch.sigmoid if multi_label else (lambda logits: logits.softmax(1))
-    probabilities = torch.empty(len(features), n_classes)
-    for k in range(int(folds.max()) + 1):
-        held = folds == k
-        rows = torch.cat([~held, ~held])
-        weight, bias = logistic_regression(x[rows], both[rows], n_classes, penalty, multi_label)
-        probabilities[held] = (activation(originals[held] @ weight.T + bias)
-                               + activation(flipped[held] @ weight.T + bias)) / 2
+    dealings = folds.reshape(-1, len(features))
+    probabilities = torch.zeros(len(features), n_classes)
+    for dealing in dealings:
+        for k in range(int(dealing.max()) + 1):
+            held = dealing == k
+            rows = torch.cat([~held, ~held])
+            weight, bias = logistic_regression(x[rows], both[rows], n_classes, penalty, multi_label)
+            probabilities[held] += (activation(originals[held] @ weight.T + bias)
+                                    + activation(flipped[held] @ weight.T + bias)) / (2 * len(dealings))
     return probabilities
 
 
@@ -77,19 +80,26 @@ class TrainingFolds(NamedTuple):
     """The training images dealt into folds: what every backbone's out-of-fold predictions are made on."""
     items: list  # [file, label key] in the split's item order
     labels: torch.Tensor  # class indices (N,), multi-label 0/1 (N, C)
-    folds: torch.Tensor  # each image's fold (N,)
+    folds: torch.Tensor  # each image's fold (N,), or in each of R dealings (R, N)
     k: int
     notes: list[str]  # fewer folds than FOLDS, and why (printed once)
 
+    @property
+    def repeats(self) -> int:
+        return 1 if self.folds.dim() == 1 else len(self.folds)
 
-def training_folds(split, seed: int) -> TrainingFolds:
-    """`split`'s training images in k stratified, seeded folds (the notes said on stderr)."""
+
+def training_folds(split, seed: int, repeats: int = 1) -> TrainingFolds:
+    """`split`'s training images in k stratified, seeded folds (the notes said on stderr); `repeats` > 1: dealt that
+    many times (seeds seed, seed + 1 ...), each image predicted once per dealing."""
     items = [[p, key] for p, key in split.items("train")]
     keys = [key for _, key in items]
     k, notes = fold_count(keys, split.multi_label)
     for note in notes:
         print(note, file=sys.stderr)
-    return TrainingFolds(items, training_targets(split, keys), stratified_folds(keys, k, seed), k, notes)
+    folds = (stratified_folds(keys, k, seed) if repeats == 1 else
+             torch.stack([stratified_folds(keys, k, seed + r) for r in range(repeats)]))
+    return TrainingFolds(items, training_targets(split, keys), folds, k, notes)
 
 
 def probabilities_of(learn, recipe, split, folds: TrainingFolds) -> torch.Tensor:

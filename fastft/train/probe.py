@@ -25,8 +25,8 @@ from fastft.fastai_internals import AFTER_TRAINING_MODE, labelled_loader
 from fastft.train.distributed import unwrapped
 
 # L2 per example on standardised features: the candidates tried first. Where the best is one of the grid's ends, the
-# grid goes on past it along LADDER (the same 1-3 steps) until a value inside wins: a best at an end only says that
-# the optimum lies somewhere beyond it (it was 0.001 or 1 in 7 of 11 fits on real photos).
+# grid goes on past it along LADDER (the same 1-3 steps) while each step wins beyond noise (choose_penalty): a best
+# at an end only says that the optimum may lie beyond it (it was 0.001 or 1 in 7 of 11 fits on real photos).
 LADDER = tuple(float(f"{m}e{e}") for e in range(-6, 4) for m in (1, 3))[:-1]  # 1e-6 ... 1e3: where it stops
 PENALTIES = LADDER[LADDER.index(1e-3): LADDER.index(1.0) + 1]
 VALID_SHARE = 0.2  # of each class's training images, to choose the penalty
@@ -128,8 +128,8 @@ def standardised(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 class PenaltyChoice(NamedTuple):
     """The probe's L2 penalty and how it was chosen: what metrics.json's `probe` reports."""
     penalty: float
-    losses: dict[float, float]  # each penalty tried: its loss on the held-out training images (none: nothing held out)
-    at_edge: bool  # the best was the widest grid's end (LADDER's): the optimum may lie beyond it
+    losses: dict[float, float]  # each penalty tried: its mean loss on the held-out training images (none: none held out)
+    at_edge: bool  # the best is an end of the values tried: the optimum may lie beyond, where the images cannot tell
 
     def report(self) -> dict:
         return {"penalty": self.penalty, "at_edge": self.at_edge,
@@ -140,37 +140,52 @@ class PenaltyChoice(NamedTuple):
             return f"linear probe: L2 penalty {self.penalty:g} (too few training images to hold any out and choose it)"
         tried = sorted(self.losses)
         grid = "" if (tried[0], tried[-1]) == (PENALTIES[0], PENALTIES[-1]) else f", the grid widened to {tried[0]:g}-{tried[-1]:g}"
-        edge = "; it is the widest grid's end, so a value beyond might do better" if self.at_edge else ""
+        edge = ("; the end of the values tried: one further did no better beyond the noise of these images"
+                if self.at_edge and self.penalty not in (LADDER[0], LADDER[-1]) else
+                "; the end of the widest grid" if self.at_edge else "")
         return (f"linear probe: L2 penalty {self.penalty:g}, chosen on {held_out} held-out training images{grid} "
                 f"(their loss: {', '.join(f'{p:g} {self.losses[p]:.3f}' for p in tried)}){edge}")
+
+
+def per_image_loss(logits: torch.Tensor, y: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Each image's loss (N,) from the rows of N images then of their N mirror images: the two rows averaged."""
+    if multi_label:
+        rows = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float(), reduction="none").mean(1)
+    else:
+        rows = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    half = len(rows) // 2
+    return (rows[:half] + rows[half:]) / 2
 
 
 def choose_penalty(x: torch.Tensor, labels: torch.Tensor, n_classes: int, seed: int, multi_label: bool,
                    quiet: bool = False) -> PenaltyChoice:
     """The L2 penalty with the least loss on VALID_SHARE of each class held out of `x` (standardised features of N
-    images, then of their N mirror images): PENALTIES first, then on along LADDER past whichever end is best, until
-    a value inside the tried ones is best or LADDER ends. Says which unless `quiet`."""
+    images, then of their N mirror images): of PENALTIES first; then, where an end of them is best, on along LADDER
+    past it while each next value beats the last beyond noise (NOISE standard errors of the paired per-image
+    difference: a few held-out images cannot tell 0.001 from 0.000001, and an extreme chosen on them is over- or
+    under-confident). Says which unless `quiet`."""
+    from fastft.deploy.calibration import NOISE
+
     fit, valid = _split_by_class(labels, seed)
     if not len(valid):
         choice = PenaltyChoice(PENALTIES[-1], {}, at_edge=False)
     else:
-        losses = {}
+        per_image = {}
 
-        def held_out_loss(penalty: float) -> float:
-            if penalty not in losses:
+        def held_out(penalty: float) -> torch.Tensor:
+            if penalty not in per_image:
                 weight, bias = logistic_regression(x[fit], labels[fit], n_classes, penalty, multi_label)
-                losses[penalty] = head_loss(x[valid] @ weight.T + bias, labels[valid], multi_label).item()
-            return losses[penalty]
-        for penalty in PENALTIES:
-            held_out_loss(penalty)
-        while True:
-            best = min(losses, key=losses.get)
-            rung = LADDER.index(best)
-            beyond = rung - 1 if best == min(losses) else rung + 1 if best == max(losses) else None
-            if beyond is None or not 0 <= beyond < len(LADDER):
-                break
-            held_out_loss(LADDER[beyond])
-        choice = PenaltyChoice(best, losses, at_edge=beyond is not None)
+                per_image[penalty] = per_image_loss(x[valid] @ weight.T + bias, labels[valid], multi_label)
+            return per_image[penalty]
+        best = min(PENALTIES, key=lambda p: held_out(p).mean().item())
+        at_edge = best in (PENALTIES[0], PENALTIES[-1])
+        step = -1 if best == PENALTIES[0] else 1
+        while at_edge and 0 <= (beyond := LADDER.index(best) + step) < len(LADDER):
+            saving = held_out(best) - held_out(LADDER[beyond])
+            if saving.mean().item() <= NOISE * saving.std().item() / len(saving) ** 0.5:
+                break  # no better beyond noise: the optimum may lie further out, and these images cannot tell
+            best = LADDER[beyond]
+        choice = PenaltyChoice(best, {p: v.mean().item() for p, v in per_image.items()}, at_edge=at_edge)
     if not quiet:
         print(choice.line(len(valid) // 2), flush=True)
     return choice

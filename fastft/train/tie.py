@@ -1,6 +1,7 @@
 """When two candidates are a tie: their accuracies on the same held-out images are TIE_IMAGES images apart or less, a
 gap that noise makes (issue 28: defaults chosen on a gap of one or two test images lost on other photos). A tie is
-settled by the lower loss. The strategy choice (WiSE-FT's weight) and the backbone choice both decide this way."""
+settled by the lower loss. The strategy choice (WiSE-FT's weight) decides this way; the backbone choice compares by the
+noise of paired differences instead (fastft/train/backbone_choice.py)."""
 from __future__ import annotations
 
 from typing import Hashable
