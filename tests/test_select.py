@@ -80,6 +80,109 @@ def test_bad_candidate_lists_are_one_line_errors_before_any_work(options, messag
     assert not (tmp_path / "run").exists()
 
 
+def test_weights_folders_that_cannot_serve_every_candidate_are_one_line_errors_before_any_work(weights_folder, tmp_path):
+    import shutil
+
+    data = make_split_dataset(tmp_path / "colours", per_class=4)
+    lacking, misfit, single = tmp_path / "lacking", tmp_path / "misfit", tmp_path / "single"
+    for folder in (lacking, misfit, single):
+        folder.mkdir()
+    shutil.copy(weights_folder / f"{ARCHS[0]}.rand.safetensors", lacking)
+    shutil.copy(weights_folder / f"{ARCHS[0]}.rand.safetensors", single)
+    shutil.copy(weights_folder / f"{ARCHS[0]}.rand.safetensors", misfit)
+    shutil.copy(weights_folder / f"{ARCHS[0]}.rand.safetensors", misfit / f"{ARCHS[1]}.rand.safetensors")  # not its own
+    cases = [(["--arch", ",".join(ARCHS), "--weights", lacking], f"holds no file for {ARCHS[1]}"),
+             (["--arch", ",".join(ARCHS), "--weights", misfit], f"of {ARCHS[1]}; pass the weights of that architecture"),
+             (["--arch", "auto", "--weights", single], "choosing a backbone needs at least two candidates, and there is 1")]
+    for options, message in cases:
+        out = tmp_path / "run"
+        result = invoke("train", data, *options, *SMALL, "--out", out)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def _score(arch: str, right: list[int]) -> "Score":
+    from fastft.train.backbone_choice import Candidate, Score
+
+    correct = torch.tensor(right, dtype=torch.float)
+    return Score(Candidate(arch, ""), correct.mean().item(), 1 - correct.mean().item(), 1.0, correct)
+
+
+def test_a_backbone_is_chosen_over_another_only_beyond_the_noise_of_their_paired_difference():
+    from fastft.train.backbone_choice import TIED, WON, beats, decide, paired_difference
+    from fastft.train.prior import Prior
+
+    prior = {"small": Prior(75.0, "top-1 75%"), "big": Prior(77.5, "top-1 77.5%"), "other": Prior(70.0, "top-1 70%")}
+    # on 160 images the small backbone is right on 3 more (0.919 against 0.900): a coin toss, so the stronger model
+    small = _score("small", [1] * 147 + [0] * 13)
+    big = _score("big", [1] * 144 + [0] * 16)
+    difference, error = paired_difference(small, big)
+    assert difference == pytest.approx(3 / 160) and difference < 2 * error and not beats(small, big)
+    chosen, reason, verdicts = decide([small, big], prior)
+    assert chosen.arch == "big" and reason == TIED
+    assert verdicts == {"small": "tied within noise; a weaker ImageNet model", "big": TIED}
+    # right on 30 more of the same images: beyond noise, whatever the prior says
+    clearly = _score("small", [1] * 150 + [0] * 10)
+    worse = _score("big", [1] * 120 + [0] * 40)
+    chosen, reason, verdicts = decide([clearly, worse], prior)
+    assert beats(clearly, worse) and chosen.arch == "small" and reason == WON
+    assert verdicts["big"] == "beaten beyond noise by small"
+    # paired: two backbones wrong on the same hard images differ by little noise, though each accuracy is noisy
+    same_hard = _score("other", [1] * 150 + [0] * 10)
+    nearly = _score("big", [1] * 145 + [0] * 15)
+    assert beats(same_hard, nearly)  # 5 images, and none the other gets right: consistent, so beyond noise
+
+
+def test_the_choice_says_why_with_the_prior_and_deals_the_folds_again_for_a_small_set(weights_folder, tmp_path):
+    data = make_split_dataset(tmp_path / "colours", classes=("blue", "red", "green"), per_class=10)
+    out = tmp_path / "run"
+    result = invoke("train", data, "--arch", ",".join(ARCHS), "--weights", weights_folder, *SMALL, "--strategy", "probe",
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "the folds dealt 3 times" in result.output  # under 500 training images: 3 dealings of the folds
+    rows = selection_of(out)
+    chosen = [r for r in rows if r["chosen"] == "true"]
+    assert len(chosen) == 1 and chosen[0]["reason"] in ("won beyond noise",
+                                                        "tied within noise; chose the stronger ImageNet model")
+    assert {r["prior_rank"] for r in rows} == {"1", "2"}  # no top-1 known for these: parameters x pixels ranks them
+    assert all("parameters at" in r["prior"] for r in rows)
+    line = next(l for l in result.output.splitlines() if l.startswith("chose "))
+    assert chosen[0]["reason"].split(";")[0] in line and "folds dealt 3 times" in line
+    if chosen[0]["reason"].startswith("tied"):  # a tie goes to the stronger ImageNet model: prior rank 1
+        assert chosen[0]["prior_rank"] == "1"
+
+
+def test_a_candidate_whose_weights_fail_to_load_is_reported_and_the_choice_goes_on(weights_folder, tmp_path):
+    import shutil
+
+    from fastft.data.augment import parse_aug
+    from fastft.data.loaders import load_split
+    from fastft.recipe import load_recipe
+    from fastft.run_folder import RunFolder
+    from fastft.train import backbone_choice
+
+    data = make_split_dataset(tmp_path / "colours", per_class=6)
+    broken = tmp_path / "broken.safetensors"
+    shutil.copy(weights_folder / f"{ARCHS[0]}.rand.safetensors", broken)  # another network's: fails when it loads
+    recipe = load_recipe("train").replace(data=str(data), arch=",".join(ARCHS), size=32,
+                                          weights=f"{ARCHS[0]}={weights_folder / f'{ARCHS[0]}.rand.safetensors'},"
+                                                  f"{ARCHS[1]}={broken}")
+    split = load_split(data, recipe, parse_aug(recipe.aug))
+    found = backbone_choice.candidates(recipe)
+    selection = backbone_choice.choose(split, recipe, found, torch.device("cpu"))
+    assert [s.candidate.arch for s in selection.scores] == [ARCHS[0]] and selection.chosen.arch == ARCHS[0]
+    assert [f.candidate.arch for f in selection.failed] == [ARCHS[1]] and selection.reason == "the only candidate scored"
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    backbone_choice.write_report(selection, folder.selection, folder.selection_chart)
+    rows = {r["arch"]: r for r in selection_of(folder.path)}
+    assert rows[ARCHS[1]]["chosen"] == "false" and rows[ARCHS[1]]["reason"].startswith("failed: weights file")
+    assert rows[ARCHS[1]]["cv_accuracy"] == ""  # no figures for what was never scored
+    both_broken = recipe.replace(weights=f"{ARCHS[0]}={weights_folder / f'{ARCHS[1]}.rand.safetensors'},{ARCHS[1]}={broken}")
+    with pytest.raises(backbone_choice.UsageError, match="no backbone could be scored"):
+        backbone_choice.choose(split, both_broken, backbone_choice.candidates(both_broken), torch.device("cpu"))
+
+
 def test_choosing_on_two_processes_chooses_what_one_process_chooses(weights_folder, tmp_path):
     data = make_split_dataset(tmp_path / "colours", classes=("blue", "red", "green"), per_class=10)
     args = ["train", data, "--arch", ",".join(ARCHS), "--weights", weights_folder, *SMALL, "--strategy", "probe"]

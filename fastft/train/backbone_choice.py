@@ -112,6 +112,9 @@ def candidates(recipe) -> list[Candidate]:
         raise UsageError(f"--weights names {', '.join(unlisted)}, which --arch does not list ({', '.join(names)}); "
                          "add it to --arch or drop its weights")
     found = [Candidate(name, files.get(name, files.get(name.split(".")[0], ""))) for name in names]
+    if files and "=" not in recipe.weights and (lacking := [c.arch for c in found if not c.weights]):
+        raise UsageError(f"--weights {recipe.weights} holds no file for {', '.join(lacking)} (ARCH.*.safetensors); add "
+                         "its weights there, or leave it out of --arch")
     seen: dict = {}  # backbone identity -> the first candidate that had it
     for c in found:
         if (earlier := seen.setdefault(backbone_identity(c), c)) is not c:
@@ -137,8 +140,8 @@ def backbone_identity(c: Candidate) -> tuple:
 
 
 def check_candidates(recipe, found: list[Candidate]) -> None:
-    """Every candidate's weights exist (or the hub has them), before any data is read."""
-    from fastft.train.model import require_hub_weights, starting_weights
+    """Every candidate's weights exist and fit its architecture (or the hub has them), before any data is read."""
+    from fastft.train.model import check_weights_fit, require_hub_weights, starting_weights
 
     if len(found) < 2:
         raise UsageError(f"choosing a backbone needs at least two candidates, and there is {len(found)} "
@@ -148,6 +151,8 @@ def check_candidates(recipe, found: list[Candidate]) -> None:
         require_hub_weights(c.arch, start, "pass the candidates' weights as --weights ARCH=FILE,ARCH=FILE (timm state "
                             "dicts, .safetensors or .pth) or --weights DIR (a folder of ARCH.*.safetensors), or list "
                             "only backbones whose weights you have with --arch a,b")
+        if start.kind == "file":
+            check_weights_fit(c.arch, start.path)
 
 
 def per_image(probabilities: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> tuple[torch.Tensor, torch.Tensor]:

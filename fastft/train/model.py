@@ -120,6 +120,23 @@ def _load_tensors(path: Path, arch: str) -> dict:
 def load_backbone(body, tensors: dict, source, arch: str) -> None:
     """Load `tensors` into the timm body, all of it or nothing: a file that fits only part of the backbone (another
     arch, a fastft bundle's prefixed names) would otherwise leave the rest at random init without a word."""
+    body.load_state_dict(fitting_tensors(body, tensors, source, arch), strict=False)
+
+
+def check_weights_fit(arch: str, path: Path) -> None:
+    """An error now, before any data is read, when the weights file at `path` would not load into `arch`'s backbone
+    (`load_backbone`'s test, on a network built without memory)."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        body = timm.create_model(arch, pretrained=False, num_classes=0)
+    fitting_tensors(body, _load_tensors(path, arch), path, arch)
+
+
+def fitting_tensors(body, tensors: dict, source, arch: str) -> dict:
+    """The tensors of `tensors` that `body` takes, when they are all it needs and nothing but its classifier is left
+    over; else a one-line error naming the file and the architecture."""
     own = body.state_dict()
     fits = {k: tensors[k] for k, v in own.items() if k in tensors and tuple(tensors[k].shape) == tuple(v.shape)}
     needed = [k for k in own if not k.endswith("num_batches_tracked")]  # a counter many files leave out
@@ -133,7 +150,7 @@ def load_backbone(body, tensors: dict, source, arch: str) -> None:
     if extra := [k for k in tensors if k not in own and not k.startswith(tuple(f"{c}." for c in classifier))]:
         raise UsageError(f"weights file {source} holds {len(extra)} tensors that {arch} does not have (e.g. {extra[0]}): "
                          f"it is another architecture's; pass the weights of {arch}, or the --arch they belong to")
-    body.load_state_dict(fits, strict=False)
+    return fits
 
 
 def load_run(learn, run_dir: Path, recipe: Recipe) -> str:
