@@ -184,7 +184,8 @@ ONE_LINE_HELP = {
     "valid_pct": "The test share, where the folder has no train/test split.",
     "holdout": "A validation share held out of the training images (picks the epoch, calibrates); auto: 10% from 500.",
     "limit": "At most N training, N test and N validation images (quick runs); 0: all.",
-    "arch": "A timm model name; several (a,b,c) or auto: choose one on the training images.",
+    "arch": "A timm model name; several (a,b,c) or auto: choose one on the training images (within noise, the "
+            "stronger ImageNet model: timm's top-1, else parameters x pixels).",
     "weights": "Local weights instead of the hub's: a file, a folder of ARCH.*.safetensors, or a run.",
     "size": "Input side in pixels.",
     "pretrained": "Start from ImageNet weights, or from random init.",

@@ -48,7 +48,8 @@ FILES = {
                                                 "labels look wrong, most suspect first"),
     "suspects": RunFile("label_issues.png", "the most suspect of those, as a contact sheet"),
     "selection": RunFile("selection.csv", "a backbone chosen (--arch a,b,c / auto): every candidate's cross-validated "
-                                          "score, and the one chosen"),
+                                          "score and its standard error, its ImageNet prior and rank, the one chosen, "
+                                          "and why"),
     "selection_chart": RunFile("selection.png", "the same scores drawn"),
     "strategy": RunFile("strategy.csv", "--strategy auto: the probe, lp-ft and WiSE-FT's mixes scored on held-out "
                                         "images, and the one chosen"),

@@ -84,6 +84,23 @@ def test_saved_recipe_reproduces_the_run(trained_run, tmp_path):
     assert strip(first) == strip(second)
 
 
+def test_a_second_run_whose_features_are_cached_trains_the_same_numbers(dataset, tmp_path):
+    """lp-ft's probe reads the frozen features from the cache the second time: the run must not draw other random
+    numbers for it (a loader computing them draws its seed; reading them back draws none)."""
+    import hashlib
+
+    args = ["train", dataset, *TINY, "--epochs", "3", "--strategy", "lp-ft", "--seed", "3"]
+    env = {"FASTFT_CACHE": str(tmp_path / "cache")}  # empty: the first run computes the features, the second reads them
+    for run in ("first", "second"):
+        result = fastft(*args, "--out", tmp_path / run, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert list((tmp_path / "cache").glob("*.features.safetensors"))  # the second run had them to read
+    digest = lambda run: hashlib.sha256((tmp_path / run / "model.safetensors").read_bytes()).hexdigest()
+    first, second = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("first", "second"))
+    strip = lambda m: [{k: v for k, v in e.items() if k != "seconds"} for e in m["epochs"]]
+    assert strip(first) == strip(second) and digest("first") == digest("second")
+
+
 def test_a_saved_recipe_with_relative_paths_reproduces_from_another_folder(dataset, tmp_path):
     import timm
     from safetensors.torch import save_file

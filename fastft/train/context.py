@@ -60,6 +60,9 @@ class RunContext:
     budget: Budget | None = None
     # what the command asked where this run chose its backbone (--arch a,b,c): recipe.toml's [asked] table
     asked: dict = dataclasses.field(default_factory=dict)
+    # the training images' targets in the training loader's item order (class indices; multi-label 0/1 per label):
+    # the probe reads the features of those images from the cache (fastft/train/probe.py) and needs their labels
+    train_targets: torch.Tensor | None = None
 
     def saved_recipe(self) -> Recipe:
         """The recipe with every resolved value in place: recipe.toml, which `fastft run` reproduces."""

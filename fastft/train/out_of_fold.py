@@ -136,6 +136,8 @@ def features_cached(learn, items: list, recipe) -> bool:
 def frozen_features(learn, items: list, recipe) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, D), mirror images' features (N, D)) of the training `items` through the frozen backbone, from
     the cache when this network saw these files at this size before (--no-cache: computed, not stored)."""
+    from fastai.torch_core import no_random
+
     from fastft.data import cache
     from fastft.train.probe import pooled_features
 
@@ -145,8 +147,11 @@ def frozen_features(learn, items: list, recipe) -> tuple[torch.Tensor, torch.Ten
         originals, mirrors, _ = pooled_features(learn, [items[i] for i in order], show_progress=sys.stdout.isatty())
         return {"features": originals, "mirrors": mirrors}
     files = [Path(items[i][0]) for i in order]
-    stored = (cache.features(files, recipe.size, recipe.crop_pct, backbone_digest(learn), compute) if recipe.cache
-              else compute())
+    # the random state as it was, whether the features were computed (a loader draws its seed) or read back: a run
+    # trains the same numbers the second time, when its features are cached
+    with no_random(recipe.seed):
+        stored = (cache.features(files, recipe.size, recipe.crop_pct, backbone_digest(learn), compute) if recipe.cache
+                  else compute())
     back = torch.empty(len(order), dtype=torch.long)
     back[torch.tensor(order)] = torch.arange(len(order))  # row of item i in file order
     return stored["features"][back], stored["mirrors"][back]

@@ -8,9 +8,10 @@ images (never the test split), and the head is then refitted on all of them. The
 there; `lp-ft` (Kumar et al., ICLR 2022) fine-tunes everything from that head, which distorts the
 pretrained features less than fine-tuning from a random head does.
 
-Features live in memory only: nothing is written anywhere. Under several processes each computes the features
-of its shard of the training images; every rank gets all of them, rank 0 fits the head, and every rank copies
-rank 0's head, so all end with the same weights.
+In one process the features go through the feature cache (with --cache, the default), which the backbone choice
+and the label check fill for the same images. Under several processes each computes the features of its shard of
+the training images in memory; every rank gets all of them, rank 0 fits the head, and every rank copies rank 0's
+head, so all end with the same weights.
 """
 from __future__ import annotations
 
@@ -208,8 +209,16 @@ def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, n_classes: int
 
 def fit_probe(learn, context) -> dict:
     """Fit the Learner's linear head (its last layer) as a probe on the training images, on rank 0 of a run of
-    several processes, every rank taking its result. Returns the fit's figures. `context`: the RunContext."""
-    features, labels = all_features(learn, context.dist)
+    several processes, every rank taking its result. Returns the fit's figures. `context`: the RunContext.
+    In one process the features come through the feature cache (fastft/train/out_of_fold.py), where the backbone
+    choice and the label check of the same images left them: one pass of a backbone over the images serves all."""
+    if context.dist.size == 1 and context.train_targets is not None:
+        from fastft.train.out_of_fold import frozen_features
+
+        originals, mirrors = frozen_features(learn, learn.dls.train_ds.items, context.recipe)
+        features, labels = torch.cat([originals, mirrors]), torch.cat([context.train_targets, context.train_targets])
+    else:
+        features, labels = all_features(learn, context.dist)
     fitted = context.dist.from_main(lambda: fit_linear_head(features, labels, len(context.classes),
                                                             context.recipe.seed, context.multi_label))
     linear = unwrapped(learn.model)[1][-1]

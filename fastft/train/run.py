@@ -81,8 +81,10 @@ class TrainingRun:
 
     def setup(self) -> None:
         """Everything checked, the data read, the Learner built, the learning rate resolved, recipe.toml written."""
+        chosen_backbone = self.choice is not None and self.choice.selection is not None  # by the trial
         self.context, self.learn, self.selection = prepare(self.recipe, self.out, resuming=self.resuming,
-                                                           carve=self.carve, budget=self.budget, claimed=self.claimed)
+                                                           carve=self.carve, budget=self.budget, claimed=self.claimed,
+                                                           check_labels_too=chosen_backbone)
         dist, folder = self.context.dist, self.context.folder
         if self.resuming and dist.is_main:
             remove_partial_files(folder.path)

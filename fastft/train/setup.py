@@ -22,7 +22,7 @@ from fastft.data.augment import parse_aug
 from fastft.data.download import downloaded, fetch_dataset
 from fastft.data.folders import check_data_folder
 from fastft.data.inspect import leakage_warning
-from fastft.data.loaders import build_dataloaders, imbalance_note, label_counts, load_split
+from fastft.data.loaders import build_dataloaders, imbalance_note, label_counts, load_split, training_targets
 from fastft.errors import InterruptedBeforeTraining, UsageError
 from fastft.recipe import Recipe, asked_differences, selecting
 from fastft.run_folder import RunFolder, check_new_out, claim_run_folder
@@ -44,12 +44,14 @@ class Prepared(NamedTuple):
 
 
 def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
-            budget: Budget | None = None, claimed: bool = False) -> Prepared:
+            budget: Budget | None = None, claimed: bool = False, check_labels_too: bool = False) -> Prepared:
     """Check the recipe, find the data, build DataLoaders and Learner. Every user error surfaces here,
     before the run folder is created, so a failed start leaves nothing behind. `resuming`: `out` is the
     stopped run's own folder; `claimed`: `out` is claimed for this run already (fastft/train/pipeline.py); `carve(split)`: a change to the split before any image is read (--strategy auto's
     trial, fastft/train/pipeline.py); `budget`: a deadline already running, which the backbone choice and then the
-    run's epochs end by (the same trial). Without one, --budget bounds the backbone choice alone, from here."""
+    run's epochs end by (the same trial). Without one, --budget bounds the backbone choice alone, from here.
+    `check_labels_too`: the backbone was chosen for this run elsewhere (its trial): check the labels with it here, as a
+    run that chose it itself would have (label_issues.csv; its features cached for the probe)."""
     device = resolve_device(recipe.device)
     precision = resolve_precision(recipe.precision, device)
     epochs_budget = budget
@@ -86,6 +88,12 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
     asked = recipe
     split, recipe, start, selection, label_check = choose_on_training_images(split, recipe, found, start, device, dist,
                                                                              budget)
+    if check_labels_too and label_check is None and not resuming:
+        from fastft.train.label_issues import check_labels
+
+        with interrupted_before_training("checking the labels with the chosen backbone", recipe.cache):
+            label_check = dist.from_main(lambda: unless_cleanlab_is_missing(
+                lambda: check_labels(split, recipe, start, device)))
     counts = label_counts(split)
     if dist.is_main:
         for note in (imbalance_note(counts, recipe.balance), leakage_warning(split)):
@@ -135,7 +143,8 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
                          mean=mean, std=std, skipped=tuple(split.skipped),
                          excluded=tuple(label_check.suspects[:recipe.exclude_suspects]) if label_check else (),
                          validation_is_test=bool(split.valid) and split.valid == split.test, budget=epochs_budget,
-                         asked=asked_differences(asked, recipe))
+                         asked=asked_differences(asked, recipe),
+                         train_targets=training_targets(split, [key for _, key in split.items("train")]))
     return Prepared(context, learn, selection)
 
 
@@ -216,17 +225,25 @@ def interrupted_before_training(doing: str, cached: bool):
                                         "command again") from None
 
 
-def free_label_check(split, selection):
-    """The label check from the chosen backbone's out-of-fold predictions, which the choice computed anyway; None
-    without cleanlab (an optional extra)."""
+def unless_cleanlab_is_missing(check):
+    """`check()`, a label check, or None without cleanlab (an optional extra): a check nobody asked for."""
     from fastft.train import label_issues
 
     try:
         label_issues.require_cleanlab()
     except UsageError:
         return None
+    return check()
+
+
+def free_label_check(split, selection):
+    """The label check from the chosen backbone's out-of-fold predictions, which the choice computed anyway; None
+    without cleanlab."""
+    from fastft.train import label_issues
+
     items = [[p, key] for p, key in split.items("train")]
-    return label_issues.label_check_of(split, items, selection.probabilities, selection.labels, selection.folds, [])
+    return unless_cleanlab_is_missing(lambda: label_issues.label_check_of(split, items, selection.probabilities,
+                                                                          selection.labels, selection.folds, []))
 
 
 def absolute(path: str) -> str:
