@@ -37,6 +37,13 @@ def test_a_list_of_backbones_is_scored_on_the_training_images_and_the_best_one_t
     assert again.exit_code == 0, again.output
     same = lambda rows: [(r["arch"], r["cv_accuracy"], r["cv_log_loss"], r["chosen"]) for r in rows]
     assert same(selection_of(tmp_path / "again")) == same(rows)  # a seeded run reproduces its choice
+    # and its numbers, though its second time reads every backbone's features back from the cache
+    epochs = lambda run: [{k: v for k, v in e.items() if k != "seconds"}
+                          for e in json.loads((tmp_path / run / "metrics.json").read_text())["epochs"]]
+    assert epochs("again") == epochs("first")
+    # the default (--strategy auto) chose the backbone in its trial: the run checks its labels with it all the same
+    with open(tmp_path / "first" / "label_issues.csv", newline="") as f:
+        assert next(csv.reader(f))[0] == "file"
     predicted = invoke("predict", tmp_path / "first", data / "test" / "red", "--json")  # the chosen model deploys
     assert predicted.exit_code == 0, predicted.output
 
