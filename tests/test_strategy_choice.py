@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import TINY, files_opened, invoke, make_split_dataset
@@ -98,6 +99,11 @@ def test_the_budget_stops_the_trial_and_the_best_so_far_trains(tmp_path, monkeyp
     assert "--budget 15s: the next epoch would likely end past it; the trial stops after epoch 1 of 3" in spent.stdout
     choice = json.loads((tmp_path / "spent" / "metrics.json").read_text())["strategy_choice"]
     assert len(choice["trial"]["epochs"]) == 1 and choice["weight"] == 0.0
+    # only what ran has figures: the probe; lp-ft and its mixes never trained, and say so without a number
+    rows = strategy_rows(tmp_path / "spent")
+    assert [(r["candidate"], r["held_out_accuracy"], r["rule"]) for r in rows[1:]] == [("lp-ft", "", "not trained (budget)")]
+    assert rows[0]["candidate"] == "probe" and rows[0]["chosen"] == "true" and rows[0]["held_out_accuracy"]
+    assert re.search(r"^  lp-ft +not trained \(budget\)$", spent.stdout, re.M) and "WiSE-FT 0.1" not in spent.stdout
     recipe = (tmp_path / "spent" / "recipe.toml").read_text()
     assert 'strategy = "probe"' in recipe and 'budget = ""' in recipe  # the choice is made: nothing left to bound
     rerun = invoke("run", tmp_path / "spent" / "recipe.toml", "--out", tmp_path / "rerun")
@@ -107,7 +113,11 @@ def test_the_budget_stops_the_trial_and_the_best_so_far_trains(tmp_path, monkeyp
                    "--out", tmp_path / "roomy")
     assert roomy.exit_code == 0, roomy.output
     assert "the trial stops" not in roomy.stdout
-    assert len(json.loads((tmp_path / "roomy" / "metrics.json").read_text())["strategy_choice"]["trial"]["epochs"]) == 3
+    trial = json.loads((tmp_path / "roomy" / "metrics.json").read_text())["strategy_choice"]["trial"]
+    assert len(trial["epochs"]) == 3
+    # the trial's seconds are all of it (set-up and its three epochs), not its last epoch's
+    assert trial["epoch_seconds"] == pytest.approx(sum(e["seconds"] for e in trial["epochs"]), abs=0.1)
+    assert trial["seconds"] >= trial["epoch_seconds"] > trial["epochs"][-1]["seconds"]
 
 
 def test_the_trial_never_opens_a_test_image(tmp_path):
@@ -144,6 +154,13 @@ def test_a_validation_split_chooses_without_a_trial_and_wise_with_auto_is_an_err
     assert len(strategy_rows(tmp_path / "run")) == 11
     recipe = (tmp_path / "run" / "recipe.toml").read_text()
     assert 'strategy = "lp-ft"' in recipe and 'wise = "auto"' in recipe  # the same choice, made again, on rerun
+    # a learning rate that wrecks fine-tuning: the kept (best) epoch is the probe's, and the mixes still range from
+    # the probe to the last fine-tuned epoch; mixing the kept probe epoch with itself would score every mix the same
+    wrecked = invoke("train", data, *TINY, "--epochs", "3", "--strategy", "auto", "--holdout", "0.3", "--lr", "0.3",
+                     "--out", tmp_path / "wrecked")
+    assert wrecked.exit_code == 0, wrecked.output
+    wise = json.loads((tmp_path / "wrecked" / "metrics.json").read_text())["wise"]
+    assert wise["fine_tuned"] and len(set(wise["valid_loss_by_weight"].values())) > 1, wise
     few = make_split_dataset(tmp_path / "few", classes=("blue", "red", "green"), per_class=2)
     result = invoke("train", few, *TINY, "--epochs", "2", "--strategy", "auto", "--budget", "10m",
                     "--out", tmp_path / "few-run")

@@ -26,6 +26,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 
@@ -120,9 +121,11 @@ def choose_strategy(recipe: Recipe, device) -> StrategyChoice:
               f"class, which then score the probe, lp-ft and WiSE-FT's mixes of the two (about {1 - TRIAL_SHARE:.1f} "
               f"of this run's training; the test split is not read{bounded})", flush=True)
     try:
+        started = time.perf_counter()
         trial = TrainingRun(lp_ft.replace(keep="last", patience=0, tta=False, budget=""), str(folder),
                             carve=partial(carve_trial, seed=recipe.seed), budget=budget).train()
-        return dist.from_main(lambda: decision(recipe, trial))
+        seconds = time.perf_counter() - started
+        return dist.from_main(lambda: decision(recipe, trial, seconds))
     except InterruptedBeforeTraining:  # its message says what it kept, and nothing of the trial's is to resume
         raise
     except Interrupted:  # the trial's own message would offer to resume the trial

@@ -113,8 +113,11 @@ class TrainingRun:
     def finish(self, interrupted: bool) -> tuple[dict, float | None, bool]:
         """WiSE-FT's average, the strategy choice's table, the kept model's scores and calibration, the last report
         (rank 0). Returns (metrics.json's content, a multi-label model's threshold, whether Ctrl-C came)."""
-        probe = self.log.probe.weights if self.log.probe else None
-        averaged = wise.apply(self.learn, self.context, probe)  # before calibration: it calibrates these weights
+        log = self.log
+        probe = log.probe.weights if log.probe else None
+        last = log.snapshot if len(log.epochs) > 1 else None  # lp-ft's epoch 1 is its probe: later ones fine-tune
+        # before calibration: it calibrates these weights
+        averaged = wise.apply(self.learn, self.context, probe, last, log.kept_epoch, log.stopped)
         extra = ({"wise": averaged} if averaged else {}) | ({"probe": self.log.probe_penalty} if self.log.probe_penalty else {})
         if self.choice is not None:
             extra["strategy_choice"] = strategy_choice.report(self.choice, averaged, self.context.folder)

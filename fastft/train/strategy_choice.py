@@ -33,11 +33,13 @@ class StrategyChoice(NamedTuple):
     trial: dict  # metrics.json's `strategy_choice`: the trial's figures ({} without a trial)
     selection: object  # backbone_choice.Selection: the trial's choice of backbone, when it made one; else None
     asked: dict = {}  # what the command asked where the choice differs (recipe.toml's [asked]): strategy auto ...
+    untrained: dict = {}  # candidate -> why it has no figures (lp-ft, when the trial stopped after its probe epoch)
 
     def save(self, folder) -> None:
         """choice.json, when the run starts: the choice belongs to the run and survives any kill."""
         write_json(folder.choice, {"asked": self.asked, "scores": {w: list(s) for w, s in self.scores.items()},
-                                   "images": self.images, "chosen_on": self.chosen_on, "trial": self.trial})
+                                   "images": self.images, "chosen_on": self.chosen_on, "trial": self.trial,
+                                   "untrained": self.untrained})
 
     @classmethod
     def saved(cls, folder, recipe: Recipe) -> "StrategyChoice | None":
@@ -47,7 +49,7 @@ class StrategyChoice(NamedTuple):
         try:
             kept = json.loads(folder.choice.read_text())
             return cls(recipe, {w: tuple(s) for w, s in kept["scores"].items()}, kept["images"], kept["chosen_on"],
-                       kept["trial"], None, kept["asked"])
+                       kept["trial"], None, kept["asked"], dict(kept.get("untrained", {})))
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise UsageError(f"{folder.choice} is damaged: the run's record of what --strategy auto chose cannot be "
                              f"read; start the run again") from None
@@ -72,6 +74,7 @@ class StrategyChoice(NamedTuple):
             writer.writerows([candidate(w), w, f"{a:.4f}", f"{standard_error(a, images):.4f}", f"{loss:.4f}",
                               str(w == chosen).lower(), TIE_RULE if w == chosen else ""]
                              for w, (a, loss) in scores.items())
+            writer.writerows([name, "", "", "", "", "false", why] for name, why in self.untrained.items())
         candidate_chart([candidate(w) for w in scores], [a for a, _ in scores.values()], list(scores).index(chosen),
                         f"accuracy on {images} held-out training images", f"--strategy auto: {describe(weight)}",
                         folder.strategy_chart, row_height=0.35, images=images, rule=TIE_RULE)
@@ -90,9 +93,9 @@ def has_validation_split(recipe: Recipe) -> bool:
     return bool(split.valid) or bool(holdout_share(recipe.holdout, split, recipe.limit))
 
 
-def decision(recipe: Recipe, ran) -> StrategyChoice:
+def decision(recipe: Recipe, ran, seconds: float) -> StrategyChoice:
     """The trial's verdict, from what its run handed back (`ran`: a run.RunResult; rank 0): its WiSE-FT record, the
-    backbone it trained (and chose, when the recipe listed several)."""
+    backbone it trained (and chose, when the recipe listed several). `seconds`: the whole trial's, set-up included."""
     results, trial_recipe = ran.metrics, ran.recipe
     wise = results["wise"]
     scores, images, weight = held_out_scores(wise), wise["valid_images"], wise["weight"]
@@ -100,12 +103,16 @@ def decision(recipe: Recipe, ran) -> StrategyChoice:
     chosen = as_probe(chosen) if weight == 0 else chosen.replace(strategy=LP_FT, wise=weight)
     if weight == 0 and recipe.ema:
         print("note: the probe was chosen, which has no training steps to average; --ema is dropped", file=sys.stderr)
-    history = [{k: row[k] for k in ("epoch", "valid_acc", "valid_loss") if k in row} for row in results["epochs"]]
+    history = [{k: round(row[k], 4) if k == "seconds" else row[k] for k in ("epoch", "valid_acc", "valid_loss", "seconds")
+                if k in row} for row in results["epochs"]]
     trial = {"held_out_images": images, "chosen": describe(weight), "weight": weight, "epochs": history,
-             "seconds": round(results["epochs"][-1]["seconds"], 1)}
+             "seconds": round(seconds, 1), "epoch_seconds": round(sum(row["seconds"] for row in results["epochs"]), 1)}
+    # a trial stopped after its probe epoch (--budget) fine-tuned nothing: lp-ft and its mixes have no figures
+    untrained = {} if wise.get("fine_tuned", True) else {
+        LP_FT: "not trained (budget)" if "--budget" in wise.get("why", "") else f"not trained ({wise.get('why')})"}
     # the trial's backbone choice goes with the run (selection.csv and .png); the rest of the trial folder goes
     return StrategyChoice(chosen, scores, images, f"{images} training images held out from a trial run", trial,
-                          ran.selection, asked_differences(recipe, chosen))
+                          ran.selection, asked_differences(recipe, chosen), untrained)
 
 
 TIE_RULE = (f"rule: fine-tuning must beat the probe by more than {TIE_IMAGES} held-out images; among the rest, "
@@ -144,5 +151,7 @@ def report(choice: StrategyChoice, wise: dict, folder) -> dict:
     for w, (accuracy, loss) in scores.items():
         print(f"  {candidate(w):<12} held-out accuracy {accuracy:.3f}, loss {loss:.3f}{'  <- chosen' * (w == chosen)}",
               flush=True)
+    for name, why in choice.untrained.items():
+        print(f"  {name:<12} {why}", flush=True)
     return {"chosen": describe(weight), "weight": float(weight), "chosen_on": choice.chosen_on, "held_out_images": images,
             **({"trial": choice.trial} if choice.trial else {})}

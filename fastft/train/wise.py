@@ -57,9 +57,11 @@ def choose_weight(scores: dict[float, tuple[float, float]], images: int) -> floa
     return lowest_loss_among_the_best(scores, images)
 
 
-def apply(learn, context, probe: dict | None) -> dict:
-    """Put the mixed weights in the Learner's network (it holds the kept fine-tuned ones); returns what metrics.json
-    records under `wise`. `probe`: the weights after the probe epoch."""
+def apply(learn, context, probe: dict | None, last: dict | None, kept_epoch: int, why_untuned: str = "") -> dict:
+    """Put the mixed weights in the Learner's network (it holds the kept weights); returns what metrics.json records
+    under `wise`. `probe`: the weights after the probe epoch (epoch 1); `last`: the last epoch's, None when no
+    fine-tuning epoch ran (`why_untuned` says why). The fine-tuned end is the kept epoch where it is a fine-tuned one,
+    else the last fine-tuned epoch: a kept probe epoch would mix the probe with itself."""
     from fastft.data.loaders import validation_loader
 
     setting = context.recipe.wise
@@ -68,8 +70,17 @@ def apply(learn, context, probe: dict | None) -> dict:
     if probe is None:
         return {"weight": 1.0, "why": "the run ended before its probe epoch finished"}
     network = unwrapped(learn.model)
-    tuned = {k: v.detach().clone() for k, v in network.state_dict().items()}
     validation = validation_loader(learn.dls)
+    if last is None:  # only the probe ran: nothing to mix, and nothing fine-tuned to score
+        network.load_state_dict(probe)
+        print(f"WiSE-FT: no fine-tuning epoch ran ({why_untuned or 'the run ended after its probe epoch'}); the "
+              "probe's weights are the model", flush=True)
+        scored = {0.0: validation_scores(learn, validation, context.multi_label)} if validation is not None else {}
+        return {"weight": 0.0, "fine_tuned": False, "why": why_untuned or "the run ended after its probe epoch",
+                **(by_weight(scored, len(validation.dataset)) if scored else {})}
+    own = network.state_dict()
+    tuned = ({k: v.detach().clone() for k, v in own.items()} if kept_epoch > 1 else
+             {k: v.to(own[k]) for k, v in last.items()})
     if setting != "auto":
         weight, chosen_on, scores = float(setting), "given with --wise", {}
     elif validation is None:
@@ -84,7 +95,12 @@ def apply(learn, context, probe: dict | None) -> dict:
     network.load_state_dict(mixed(probe, tuned, weight))
     print(f"WiSE-FT: weights {1 - weight:.1f} x the probe's + {weight:.1f} x the fine-tuned ({chosen_on})",
           flush=True)
-    return {"weight": weight, "chosen_on": chosen_on,
-            **({"valid_images": len(validation.dataset),
-                "valid_acc_by_weight": {str(w): round(a, 4) for w, (a, _) in scores.items()},
-                "valid_loss_by_weight": {str(w): round(loss, 4) for w, (_, loss) in scores.items()}} if scores else {})}
+    return {"weight": weight, "chosen_on": chosen_on, "fine_tuned": True,
+            "fine_tuned_epoch": kept_epoch if kept_epoch > 1 else "last",
+            **(by_weight(scores, len(validation.dataset)) if scores else {})}
+
+
+def by_weight(scores: dict[float, tuple[float, float]], images: int) -> dict:
+    """metrics.json's held-out figures by mixing weight."""
+    return {"valid_images": images, "valid_acc_by_weight": {str(w): round(a, 4) for w, (a, _) in scores.items()},
+            "valid_loss_by_weight": {str(w): round(loss, 4) for w, (_, loss) in scores.items()}}
