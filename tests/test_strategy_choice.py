@@ -47,8 +47,16 @@ def test_auto_chooses_backbone_and_strategy_on_the_training_images_and_names_the
     for name in ("strategy.png", "selection.png"):  # the trial's backbone choice comes with the run
         assert (tmp_path / "first" / name).read_bytes()[:4] == b"\x89PNG"
     assert [r["arch"] for r in csv.DictReader(open(tmp_path / "first" / "selection.csv"))] == list(ARCHS)
-    trial_folder = re.search(r"-> (\S*fastft-strategy-trial-\S*)", first.stdout)[1]
-    assert not Path(trial_folder).parent.exists()  # the trial's own folder is gone
+    assert not list(Path(tempfile.gettempdir()).glob(f"fastft-strategy-trial-{os.getpid()}@*"))  # the trial's is gone
+    # the trial prints as one indented block under "choosing the strategy": no folder, no summary line of its own
+    lines = first.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("choosing the strategy"))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("  "))
+    block = lines[start + 1:end]
+    assert len(block) >= 5 and any(line.startswith("  epoch 2/2") for line in block), block  # the whole trial
+    assert not any("->" in line or line.strip().startswith("loss ") for line in block)
+    assert any("held out to score the candidates" in line for line in block)
+    assert first.stdout.count(" -> ") == 1 and str(tmp_path / "first") in first.stdout  # the run's own folder, once
     again = invoke(*args, "--out", tmp_path / "again")
     assert again.exit_code == 0, again.output
     assert strategy_rows(tmp_path / "again") == rows  # a seeded run reproduces its choice

@@ -21,6 +21,8 @@ figures (fastft/train/strategy_choice.py), and metrics.json's `strategy_choice` 
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import socket
@@ -122,8 +124,9 @@ def choose_strategy(recipe: Recipe, device) -> StrategyChoice:
               f"of this run's training; the test split is not read{bounded})", flush=True)
     try:
         started = time.perf_counter()
-        trial = TrainingRun(lp_ft.replace(keep="last", patience=0, tta=False, budget=""), str(folder),
-                            carve=partial(carve_trial, seed=recipe.seed), budget=budget).train()
+        with indented_output(dist.is_main):  # the trial's lines, a block under the line above
+            trial = TrainingRun(lp_ft.replace(keep="last", patience=0, tta=False, budget=""), str(folder),
+                                carve=partial(carve_trial, seed=recipe.seed), budget=budget).train()
         seconds = time.perf_counter() - started
         return dist.from_main(lambda: decision(recipe, trial, seconds))
     except InterruptedBeforeTraining:  # its message says what it kept, and nothing of the trial's is to resume
@@ -134,6 +137,43 @@ def choose_strategy(recipe: Recipe, device) -> StrategyChoice:
     finally:
         if dist.is_main:
             shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+class IndentedLines(io.TextIOBase):
+    """A text stream that writes each whole line to `out` indented (a progress bar's redrawn frames need a terminal,
+    which this is not: the trial shows its epoch lines instead)."""
+
+    def __init__(self, out, indent: str = "  "):
+        self.out, self.indent, self.partial = out, indent, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self.partial = (self.partial + text).split("\n")
+        for line in lines:
+            self.out.write(f"{self.indent}{line}\n" if line else "\n")
+        if lines:
+            self.out.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+@contextlib.contextmanager
+def indented_output(on: bool):
+    """Standard output indented within the block (rank 0's; `on` False: as it is)."""
+    if not on:
+        yield
+        return
+    stream = IndentedLines(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(stream):
+            yield
+    finally:
+        if stream.partial:
+            stream.write("\n")
 
 
 def new_trial_folder() -> str:

@@ -18,7 +18,7 @@ from fastft.data.loaders import validation_loader
 from fastft.errors import Interrupted
 from fastft.recipe import Recipe
 from fastft.run_folder import RunFolder
-from fastft.schedules import STRATEGIES, Phase, describe_plan
+from fastft.schedules import LINEAR_PROBE, STRATEGIES, Phase, describe_plan
 from fastft.train import checkpoint, ema, strategies, strategy_choice, wise
 from fastft.train.context import RunContext
 from fastft.train.distributed import unwrapped
@@ -118,7 +118,7 @@ class TrainingRun:
         last = log.snapshot if len(log.epochs) > 1 else None  # lp-ft's epoch 1 is its probe: later ones fine-tune
         # before calibration: it calibrates these weights
         averaged = wise.apply(self.learn, self.context, probe, last, log.kept_epoch, log.stopped)
-        extra = ({"wise": averaged} if averaged else {}) | ({"probe": self.log.probe_penalty} if self.log.probe_penalty else {})
+        extra = {**({"wise": averaged} if averaged else {}), **({"probe": log.probe_penalty} if log.probe_penalty else {})}
         if self.choice is not None:
             extra["strategy_choice"] = strategy_choice.report(self.choice, averaged, self.context.folder)
         return final_report(self.learn, self.context, self.log, interrupted, self.measure_unaugmented, extra)
@@ -132,6 +132,8 @@ class TrainingRun:
             raise Interrupted(f"interrupted: kept the outputs of epoch {log.kept_epoch} of {context.recipe.epochs} in "
                               f"{folder}; `fastft resume {folder}` continues it")
         checkpoint.remove(folder)  # finished: the bundle is the result, and nothing is left to resume
+        if context.validation_is_test:  # --strategy auto's trial: its verdict, not its summary, is what follows
+            return
         kept = f" (kept epoch {log.kept_epoch} of {len(log.epochs)})" if log.kept_epoch != len(log.epochs) else ""
         print(summary_line(results["final"], str(context.device)) + kept)
         if len(log.epochs) == 1:
@@ -182,8 +184,6 @@ def print_plan(learn, context: RunContext, phases: list[Phase]) -> None:
                  f"process)" if dist.size > 1 else f"batch {learn.dls.bs}")
     validation = validation_loader(learn.dls)
     counts = f", {len(validation.dataset)} validation" if validation is not None else ""
-    if context.validation_is_test:  # --strategy auto's trial (fastft/train/pipeline.py)
-        counts += " (both held out from the training images: this trial never reads the test split)"
     left_out = ""
     if recipe.exclude_suspects:
         left_out = (f" (left out: the {len(context.excluded)} whose labels look most wrong, --exclude-suspects "
@@ -193,10 +193,19 @@ def print_plan(learn, context: RunContext, phases: list[Phase]) -> None:
               f"; training batches mixed by CutMix (Beta({recipe.cutmix:g}, {recipe.cutmix:g}))" if recipe.cutmix else "")
     if recipe.ema:
         mixing += f"; each epoch measures and keeps an EMA of the weights (decay up to {recipe.ema:g}, --ema)"
-    print(f"{recipe.name}: {recipe.epochs} epoch(s) of {recipe.strategy}: {describe_plan(phases)}{mixing}")
+    if recipe.strategy == LINEAR_PROBE:  # no epochs: one pass of the frozen backbone, then a closed-form fit
+        print(f"{recipe.name}: a linear probe: one pass over the features (the frozen backbone's, of every training "
+              f"image and its mirror image), then a logistic-regression head fitted on them{mixing}")
+    else:
+        print(f"{recipe.name}: {recipe.epochs} epoch(s) of {recipe.strategy}: {describe_plan(phases)}{mixing}")
+    classes = f"{len(context.classes)} classes, {processes}, {context.resolved.precision} on {context.device}"
+    if context.validation_is_test:  # --strategy auto's trial: one held-out fold scores the candidates; no folder of its own
+        print(f"{recipe.arch} from {context.starting_weights}, {len(learn.dls.train_ds)} training images, "
+              f"{len(learn.dls.valid_ds)} held out to score the candidates (the test split is not read), {classes}",
+              flush=True)
+        return
     print(f"{recipe.arch} from {context.starting_weights}, {len(learn.dls.train_ds)} train{left_out} / "
-          f"{len(learn.dls.valid_ds)} test{counts} images, {len(context.classes)} classes, {processes}, {context.resolved.precision} on "
-          f"{context.device}, keeping the {context.resolved.keep} epoch"
+          f"{len(learn.dls.valid_ds)} test{counts} images, {classes}, keeping the {context.resolved.keep} epoch"
           f"{NO_VALIDATION if not context.has_validation else ''} -> {context.folder}", flush=True)
 
 

@@ -26,7 +26,7 @@ from fastft.data.loaders import build_dataloaders, imbalance_note, label_counts,
 from fastft.errors import InterruptedBeforeTraining, UsageError
 from fastft.recipe import Recipe, asked_differences, selecting
 from fastft.run_folder import RunFolder, check_new_out, claim_run_folder
-from fastft.schedules import AUTO, STRATEGIES
+from fastft.schedules import AUTO, LINEAR_PROBE, STRATEGIES
 from fastft.train import backbone_choice
 from fastft.train.budget import Budget, pass_seconds, seconds_of
 from fastft.train.context import Resolved, RunContext
@@ -58,6 +58,8 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
     # started first, so that a malformed one fails before any work
     budget = budget if budget is not None else Budget.start(recipe.budget)
     found = checked_before_work(recipe, None if resuming else out)  # the backbones to choose among, when it chooses
+    if recipe.strategy == LINEAR_PROBE:  # one pass, whatever --epochs says: recipe.toml and the epoch lines say 1
+        recipe = recipe.replace(epochs=1)
     plan = parse_aug(recipe.aug)
     dist = Distributed(device)
     device = dist.device

@@ -73,8 +73,8 @@ def apply(learn, context, probe: dict | None, last: dict | None, kept_epoch: int
     validation = validation_loader(learn.dls)
     if last is None:  # only the probe ran: nothing to mix, and nothing fine-tuned to score
         network.load_state_dict(probe)
-        print(f"WiSE-FT: no fine-tuning epoch ran ({why_untuned or 'the run ended after its probe epoch'}); the "
-              "probe's weights are the model", flush=True)
+        print("WiSE-FT: no fine-tuning epoch ran (see above), so there is nothing to mix: the probe's weights are the "
+              "model", flush=True)
         scored = {0.0: validation_scores(learn, validation, context.multi_label)} if validation is not None else {}
         return {"weight": 0.0, "fine_tuned": False, "why": why_untuned or "the run ended after its probe epoch",
                 **(by_weight(scored, len(validation.dataset)) if scored else {})}
