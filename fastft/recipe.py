@@ -189,8 +189,8 @@ ONE_LINE_HELP = {
     "weights": "Local weights instead of the hub's: a file, a folder of ARCH.*.safetensors, or a run.",
     "size": "Input side in pixels.",
     "pretrained": "Start from ImageNet weights, or from random init.",
-    "strategy": "auto (the probe or lp-ft, chosen on the training images), probe, lp-ft, fine-tune, d2l, keras, "
-                "gradual, scratch.",
+    "strategy": "auto (the probe or lp-ft, chosen on the training images), probe (one pass of the backbone over "
+                "the images, whatever --epochs says), lp-ft, fine-tune, d2l, keras, gradual, scratch.",
     "epochs": "Total epochs, frozen phases included.",
     "lr": "The head's peak learning rate; 0: the strategy's default; auto: fastai's LR finder.",
     "bs": "Batch size (per process).",

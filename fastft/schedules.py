@@ -230,7 +230,9 @@ STRATEGIES: dict[str, Strategy] = {
     # on CIFAR-10 (10,000 images, 3 epochs) one-cycle Adam peaking at 1e-2 beat 5e-3 and 2e-3
     # (0.510, 0.497, 0.479 test acc)
     "probe": Probe("a linear probe: the backbone as loaded, a linear head fitted on its features of the training "
-                   "images (and their mirror images) in one pass; seconds, whatever --epochs says", 0.0,
+                   "images (and their mirror images): one pass of the backbone over them, whatever --epochs says (on "
+                   "2 CPU cores about 25 images a second for tf_efficientnet_lite0 at 224 px: 3 minutes for 4,300 "
+                   "photos; a cached pass, seconds)", 0.0,
                    head="linear", trains_by_steps=False),
     "lp-ft": LinearProbeThenFineTune("LP-FT: epoch 1 fits a linear head as a probe, the other epochs fine-tune every "
                                      "stage from it (lr/100 at the stem .. lr at the head); one-cycle, Adam", 1e-3,

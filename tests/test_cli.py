@@ -84,6 +84,17 @@ def test_saved_recipe_reproduces_the_run(trained_run, tmp_path):
     assert strip(first) == strip(second)
 
 
+def test_help_gives_the_probes_cost_as_a_pass_over_the_images_not_seconds():
+    from fastft.recipe import Recipe
+    from fastft.schedules import STRATEGIES
+
+    shown = fastft("train", "--help", env={"COLUMNS": "200"}).stdout
+    strategy = shown[shown.index("--strategy"):shown.index("--epochs")]
+    assert "probe (one pass of the backbone over the images" in " ".join(strategy.split())
+    assert "seconds" not in STRATEGIES["probe"].help.split("cached pass")[0]  # seconds only once its pass is cached
+    assert "one pass of the backbone over them" in Recipe.__dataclass_fields__["strategy"].metadata["help"]
+
+
 def test_a_second_run_whose_features_are_cached_trains_the_same_numbers(dataset, tmp_path):
     """lp-ft's probe reads the frozen features from the cache the second time: the run must not draw other random
     numbers for it (a loader computing them draws its seed; reading them back draws none)."""
