@@ -169,6 +169,17 @@ def test_a_validation_split_chooses_without_a_trial_and_wise_with_auto_is_an_err
     assert wrecked.exit_code == 0, wrecked.output
     wise = json.loads((tmp_path / "wrecked" / "metrics.json").read_text())["wise"]
     assert wise["fine_tuned"] and len(set(wise["valid_loss_by_weight"].values())) > 1, wise
+    # the lost ground is said, once, with what would have kept it
+    epochs = json.loads((tmp_path / "wrecked" / "metrics.json").read_text())["epochs"]
+    if epochs[-1]["valid_acc"] < max(e["valid_acc"] for e in epochs[:-1]) - 2 / 9:  # 9 validation images
+        assert wrecked.stdout.count("note: the last epoch (3) scored") == 1
+        assert "fine-tuning lost ground; --strategy probe would have kept it" in wrecked.stdout
+    # without a validation split the same note compares test accuracy, for information only
+    plain = invoke("train", data, *TINY, "--epochs", "3", "--strategy", "lp-ft", "--lr", "0.3", "--out", tmp_path / "plain")
+    assert plain.exit_code == 0, plain.output
+    tested = json.loads((tmp_path / "plain" / "metrics.json").read_text())["epochs"]
+    dropped = tested[-1]["test_acc"] < max(e["test_acc"] for e in tested[:-1]) - 2 / 15 - 1e-9  # 15 test images
+    assert ("for information only: the test split chooses nothing" in plain.stdout) == dropped, plain.stdout
     few = make_split_dataset(tmp_path / "few", classes=("blue", "red", "green"), per_class=2)
     result = invoke("train", few, *TINY, "--epochs", "2", "--strategy", "auto", "--budget", "10m",
                     "--out", tmp_path / "few-run")

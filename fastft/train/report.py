@@ -59,6 +59,30 @@ ONE_EPOCH_NOTE = ("note: no curves.png for a run of one epoch (a single point pe
                   "hold its figures")
 
 
+def drop_note(epochs: list[dict], strategy: str, images: int, kept_epoch: int) -> str:
+    """A note when the last epoch ended more than TIE_IMAGES images below an earlier one (fine-tuning lost what an
+    earlier epoch had), naming what would have kept it; "" otherwise. Measured on the validation split where the run
+    has one; on the test split (`images` of it) only for information: the test split chooses nothing."""
+    from fastft.schedules import LINEAR_PROBE, LP_FT
+    from fastft.train.tie import TIE_IMAGES
+
+    key = "valid_acc" if "valid_acc" in epochs[-1] else "test_acc"
+    if len(epochs) < 2:
+        return ""
+    best = max(epochs[:-1], key=lambda e: e[key])
+    last = epochs[-1]
+    if last[key] >= best[key] - TIE_IMAGES / max(images, 1) - 1e-9:
+        return ""
+    fewer = round((best[key] - last[key]) * images)
+    keeper = (f"--strategy {LINEAR_PROBE}" if strategy == LP_FT and best["epoch"] == 1 else f"--epochs {best['epoch']}")
+    split = "validation" if key == "valid_acc" else "test"
+    said = (f"note: the last epoch ({last['epoch']}) scored {last[key]:.3f} on the {split} split, {fewer} images below "
+            f"epoch {best['epoch']}'s {best[key]:.3f}: fine-tuning lost ground; {keeper} would have kept it")
+    if key == "test_acc":
+        return said + " (for information only: the test split chooses nothing, and this run is as it was trained)"
+    return said + (f"; this run kept epoch {kept_epoch}" if kept_epoch != last["epoch"] else "")
+
+
 def standard_error(accuracy: float, images: int) -> float:
     """The binomial standard error of an accuracy measured on `images` images: how far noise moves it."""
     return math.sqrt(max(accuracy * (1 - accuracy), 0.0) / max(images, 1))

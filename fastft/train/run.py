@@ -25,7 +25,7 @@ from fastft.train.distributed import unwrapped
 from fastft.train.epochs import EpochLog, RunProgress
 from fastft.train.final import calibration_line, final_report, save_model
 from fastft.train.lr_finder import resolve_lr
-from fastft.train.report import ONE_EPOCH_NOTE, summary_line
+from fastft.train.report import ONE_EPOCH_NOTE, drop_note, summary_line
 from fastft.train.resume import recipe_from_checkpoint, restart_recipe, resumer
 from fastft.train.setup import NO_VALIDATION, prepare
 from fastft.train.strategies import Progress
@@ -138,6 +138,10 @@ class TrainingRun:
         print(summary_line(results["final"], str(context.device)) + kept)
         if len(log.epochs) == 1:
             print(ONE_EPOCH_NOTE)
+        validation = validation_loader(self.learn.dls)
+        scored = len(validation.dataset) if validation is not None else len(self.learn.dls.valid_ds)
+        if note := drop_note(log.epochs, context.recipe.strategy, scored, log.kept_epoch):
+            print(note)
         if (calibration := results["calibration"]).get("calibrated"):
             print(calibration_line(calibration, folder))
 
