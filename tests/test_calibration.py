@@ -53,7 +53,8 @@ def test_a_fitted_temperature_is_kept_only_when_it_lowers_the_held_out_nll_by_mo
 def test_holdout_auto_holds_out_a_tenth_of_the_training_images_to_calibrate_from_500_up(tmp_path):
     big = noisy_classes(tmp_path / "big", per_class=350)  # 560 training images after the 20% test split: 56 held out
     shutil.copytree(big / "darker", big / "rare", ignore=lambda folder, names: sorted(names)[5:])  # 4 train, 1 test:
-    tiny = [*TINY, "--epochs", "1", "--strategy", "probe"]  # none held out of that class
+    # lp-ft's probe epoch alone: a model that is not a probe, which only a validation split can calibrate
+    tiny = [*TINY, "--epochs", "1", "--strategy", "lp-ft"]  # none held out of that class
     default = invoke("train", big, *tiny, "--out", tmp_path / "default")  # the train recipe: every image trains
     assert default.exit_code == 0 and "564 train" in default.stdout, default.output
     assert "not calibrated" in default.stderr and "--holdout auto sets a tenth" in default.stderr
@@ -61,7 +62,8 @@ def test_holdout_auto_holds_out_a_tenth_of_the_training_images_to_calibrate_from
     assert result.exit_code == 0, result.output
     assert ", 56 validation images" in result.stdout and "508 train" in result.stdout
     calibrated = json.loads((tmp_path / "run" / "metrics.json").read_text())["calibration"]
-    assert calibrated["calibrated"] and "--holdout auto" in calibrated["fitted_on"]
+    assert "--holdout auto" in calibrated["fitted_on"]  # calibrated: only where a temperature other than 1 was kept
+    assert calibrated["calibrated"] == (calibrated["temperature"] != 1.0)
     assert 'holdout = "auto"\n' in (tmp_path / "run" / "recipe.toml").read_text()  # the same share on the same files
     again = invoke("evaluate", tmp_path / "run", big, "--json", "--out", tmp_path / "eval")  # its own data, split as it was
     assert again.exit_code == 0 and json.loads(again.stdout)["images"] == 141, again.output
@@ -71,6 +73,29 @@ def test_holdout_auto_holds_out_a_tenth_of_the_training_images_to_calibrate_from
     uncalibrated = json.loads((tmp_path / "small-run" / "metrics.json").read_text())["calibration"]
     assert uncalibrated["calibrated"] is False and "from 500 up, and this run trains on 160" in uncalibrated["why"]
     assert "not calibrated" in result.stderr
+
+
+def test_a_probe_is_calibrated_on_its_out_of_fold_predictions_without_holding_any_image_out(tmp_path):
+    data = noisy_classes(tmp_path / "photos", per_class=100)  # 160 training images, no validation split
+    out = tmp_path / "run"
+    result = invoke("train", data, *TINY, "--strategy", "probe", "--out", out)
+    assert result.exit_code == 0 and "160 train" in result.stdout, result.output
+    calibration = json.loads((out / "metrics.json").read_text())["calibration"]
+    assert calibration["fitted_on"] == "the out-of-fold predictions of 5 probes on the 160 training images"
+    kept = calibration["temperature"] != 1.0  # the 2-standard-error guard decides, as on a validation split
+    assert calibration["calibrated"] == kept
+    assert kept == (calibration["validation_nll_saved"] > 2 * calibration["validation_nll_noise"])
+    assert {"ece", "nll"} <= set(calibration["test"]["before"]) and (out / "reliability.png").is_file()
+    meta = json.loads((out / "model.json").read_text())
+    assert ("temperature" in meta) == kept and "not calibrated" not in result.stderr
+    line = next(l for l in result.stdout.splitlines() if l.startswith("calibrated: "))
+    assert ("temperature 1 (no change)" in line) == (not kept) and "out-of-fold predictions" in line
+    # a temperature of 1 kept is said as such, and the bundle is as it was trained
+    from fastft.run_folder import RunFolder
+    from fastft.train.final import calibration_line
+
+    unchanged = {**calibration, "calibrated": False, "temperature": 1.0}
+    assert calibration_line(unchanged, RunFolder(out)).startswith("calibrated: temperature 1 (no change): the ")
 
 
 def test_held_out_predictions_that_are_all_right_leave_the_temperature_at_one():
@@ -95,14 +120,20 @@ def test_a_run_with_a_validation_split_is_calibrated_and_reports_it(calibrated_r
     data, run, result = calibrated_run
     metrics = json.loads((run / "metrics.json").read_text())
     calibrated = metrics["calibration"]
-    assert calibrated["calibrated"] and calibrated["temperature"] > 0 and "validation split" in calibrated["fitted_on"]
+    assert calibrated["temperature"] > 0 and "validation split" in calibrated["fitted_on"]
+    assert calibrated["calibrated"] == (calibrated["temperature"] != 1.0)  # a temperature of 1 kept changes nothing
     assert {"ece", "nll", "brier"} <= set(calibrated["test"]["before"]) == set(calibrated["test"]["after"])
     # the fitted temperature is kept only when it beat its noise on the validation split; the record says which
     kept = calibrated["temperature"] == calibrated["fitted_temperature"]
     assert kept == (calibrated["validation_nll_saved"] > 2 * calibrated["validation_nll_noise"]) or calibrated["temperature"] == 1.0
     assert ("if_fitted" in calibrated["test"]) == (not kept)
     assert "calibrated: temperature" in result.stdout and (run / "reliability.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((run / "model.json").read_text())["temperature"] == calibrated["temperature"]
+    meta = json.loads((run / "model.json").read_text())
+    assert meta.get("temperature") == (calibrated["temperature"] if calibrated["calibrated"] else None)
+    if not calibrated["calibrated"]:  # what a calibrated bundle does, on a copy given a temperature
+        run = tmp_path / "with-temperature"
+        shutil.copytree(calibrated_run[1], run)
+        (run / "model.json").write_text(json.dumps({**meta, "temperature": 1.5}))
     image = sorted(data.rglob("*.png"))[0]
     rows = json.loads(invoke("predict", run, image, "--json").stdout)
     assert rows[0]["calibrated"] is True

@@ -185,7 +185,8 @@ def test_a_calibrated_run_on_two_processes_fits_the_temperature_one_process_fits
     one = invoke(*args, "--out", tmp_path / "one")
     assert one.exit_code == 0, one.output
     fitted = [json.loads((tmp_path / run / "metrics.json").read_text())["calibration"] for run in ("two", "one")]
-    assert fitted[0]["calibrated"] and fitted[0]["temperature"] == pytest.approx(fitted[1]["temperature"], rel=1e-3)
+    assert fitted[0]["calibrated"] == fitted[1]["calibrated"] == (fitted[0]["temperature"] != 1.0)
+    assert fitted[0]["temperature"] == pytest.approx(fitted[1]["temperature"], rel=1e-3)
     assert (tmp_path / "two" / "reliability.png").is_file()
     images = sorted(data.rglob("*.png"))[:8]
     batch = np.stack([fastft.load(tmp_path / "one").preprocess(p) for p in images])

@@ -69,14 +69,21 @@ def calibrate(learn, context: RunContext) -> dict:
 
     validation = validation_loader(learn.dls)
     held_out = len(validation.dataset) if validation is not None else 0
+    out_of_fold = None
     if held_out < calibration.MIN_HELD_OUT:
         why = (f"its validation split has only {held_out} images (at least {calibration.MIN_HELD_OUT} are needed)"
                if held_out else "it has no validation split apart from the test split "
                                 f"({no_holdout_why(context, len(learn.dls.train_ds))})")
-        print(f"note: the model's probabilities are not calibrated: {why}", file=sys.stderr)
-        return {"calibrated": False, "why": why}
-    fitted_on = split_predictions(learn, validation, context)
-    temperature = calibration.choose_temperature(fitted_on.logits, fitted_on.targets, context.multi_label)
+        out_of_fold = probe_out_of_fold(learn, context)
+        if out_of_fold is None:
+            print(f"note: the model's probabilities are not calibrated: {why}", file=sys.stderr)
+            return {"calibrated": False, "why": why}
+    if out_of_fold is not None:  # a probe: its k-fold out-of-fold logits, no image held out
+        logits, targets, words = out_of_fold
+    else:
+        fitted_on = split_predictions(learn, validation, context)
+        logits, targets, words = fitted_on.logits, fitted_on.targets, validation_words(context, held_out)
+    temperature = calibration.choose_temperature(logits, targets, context.multi_label)
     test = split_predictions(learn, learn.dls.valid, context)
     before = calibration.scaled(test.logits, 1.0, context.multi_label)
     after = calibration.scaled(test.logits, temperature.value, context.multi_label)
@@ -87,9 +94,34 @@ def calibrate(learn, context: RunContext) -> dict:
     if temperature.kept_at_one:  # what the fitted temperature would have done, for the record: it was not used
         figures["if_fitted"] = calibration.figures(calibration.scaled(test.logits, temperature.fitted,
                                                                       context.multi_label), test.targets, context.multi_label)
-    return {"calibrated": True, "temperature": temperature.value, "fitted_temperature": temperature.fitted,
+    # calibrated: a temperature other than 1 is applied (anywhere, for multi-label); else the model is as it was
+    return {"calibrated": temperature.value != (1.0 if not context.multi_label else [1.0] * len(context.classes)),
+            "temperature": temperature.value, "fitted_temperature": temperature.fitted,
             "validation_nll_saved": temperature.gain, "validation_nll_noise": temperature.noise,
-            "fitted_on": validation_words(context, held_out), "test": figures}
+            "fitted_on": words, "test": figures}
+
+
+def probe_out_of_fold(learn, context: RunContext) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """(logits, targets, what they are in words) of the training images from k probes fitted on the other folds,
+    where the model is a probe (the same model family, on four fifths of the same images) and its features are at
+    hand (one process: the feature cache); None otherwise, or where a class is too small to deal into folds."""
+    from fastft.errors import UsageError
+    from fastft.schedules import LINEAR_PROBE
+    from fastft.train.out_of_fold import fold_count, frozen_features, out_of_fold_logits, stratified_folds
+
+    if context.recipe.strategy != LINEAR_PROBE or context.dist.size > 1 or context.train_targets is None:
+        return None
+    items = learn.dls.train_ds.items
+    keys = [key for _, key in items]
+    try:
+        k, _ = fold_count(keys, context.multi_label)
+    except UsageError:  # a class of one image: no fold could hold it out
+        return None
+    features, mirrors = frozen_features(learn, items, context.recipe)
+    logits = out_of_fold_logits(features, mirrors, context.train_targets, len(context.classes),
+                                stratified_folds(keys, k, context.recipe.seed), context.recipe.seed, context.multi_label)
+    targets = context.train_targets.numpy() if context.multi_label else context.train_targets.numpy().astype(np.int64)
+    return logits.numpy(), targets, f"the out-of-fold predictions of {k} probes on the {len(items)} training images"
 
 
 def validation_words(context: RunContext, images: int) -> str:
@@ -138,6 +170,9 @@ def calibration_line(calibration: dict, folder: RunFolder) -> str:
         return f"{t:.2f}" if isinstance(t, float) else f"{min(t):.2f}-{max(t):.2f}"
     before, after = calibration["test"]["before"]["ece"], calibration["test"]["after"]["ece"]
     applied, fitted, where = calibration["temperature"], calibration["fitted_temperature"], calibration["fitted_on"]
+    if not calibration["calibrated"]:
+        return (f"calibrated: temperature 1 (no change): the {shown(fitted)} fitted on {where} lowered their NLL by "
+                f"less than its noise; test ECE {before:.3f} ({folder.reliability.name})")
     kept = (f"temperature {shown(applied)} fitted on {where}" if applied == fitted else
             f"temperature {shown(applied)}, as the {shown(fitted)} fitted on {where} lowered their NLL by less than "
             f"its noise{' for some labels, which keep 1' if isinstance(applied, list) else ''}")

@@ -51,29 +51,47 @@ def stratified_folds(keys: list[str], k: int, seed: int) -> torch.Tensor:
     return fold
 
 
-def out_of_fold_probabilities(features: torch.Tensor, mirrors: torch.Tensor, labels: torch.Tensor, n_classes: int,
-                              folds: torch.Tensor, seed: int, multi_label: bool) -> torch.Tensor:
-    """(N, C) probabilities of every image, each from a probe fitted on the folds it is not in (images and their
-    mirror images), averaging the image's and its mirror's. The L2 penalty is chosen once, as the probe chooses
-    it, on all the images: one number, which barely leaks, where choosing it per fold would cost k times as long.
-    `folds`: each image's fold (N,), or R repeats of the dealing (R, N), whose probabilities are averaged."""
+def fold_probes(features: torch.Tensor, mirrors: torch.Tensor, labels: torch.Tensor, n_classes: int,
+                folds: torch.Tensor, seed: int, multi_label: bool):
+    """For each dealing of `folds` (N,) or (R, N) and each fold k of it: (the images held out, their logits, their
+    mirror images' logits) from a probe fitted on the other folds (images and mirror images). The L2 penalty is
+    chosen once, as the probe chooses it, on all the images: one number, which barely leaks, where choosing it per
+    fold would cost k times as long."""
     from fastft.train.probe import choose_penalty, logistic_regression, standardised
 
     x, _, _ = standardised(torch.cat([features, mirrors]))
     originals, flipped = x[: len(features)], x[len(features):]
     both = torch.cat([labels, labels])
     penalty = choose_penalty(x, both, n_classes, seed, multi_label, quiet=True).penalty
-    activation = torch.sigmoid if multi_label else (lambda logits: logits.softmax(1))
-    dealings = folds.reshape(-1, len(features))
-    probabilities = torch.zeros(len(features), n_classes)
-    for dealing in dealings:
+    for dealing in folds.reshape(-1, len(features)):
         for k in range(int(dealing.max()) + 1):
             held = dealing == k
             rows = torch.cat([~held, ~held])
             weight, bias = logistic_regression(x[rows], both[rows], n_classes, penalty, multi_label)
-            probabilities[held] += (activation(originals[held] @ weight.T + bias)
-                                    + activation(flipped[held] @ weight.T + bias)) / (2 * len(dealings))
+            yield held, originals[held] @ weight.T + bias, flipped[held] @ weight.T + bias
+
+
+def out_of_fold_probabilities(features: torch.Tensor, mirrors: torch.Tensor, labels: torch.Tensor, n_classes: int,
+                              folds: torch.Tensor, seed: int, multi_label: bool) -> torch.Tensor:
+    """(N, C) probabilities of every image, each from a probe fitted on the folds it is not in, averaging the image's
+    and its mirror's (`fold_probes`). `folds`: each image's fold (N,), or R repeats of the dealing (R, N), whose
+    probabilities are averaged."""
+    activation = torch.sigmoid if multi_label else (lambda logits: logits.softmax(1))
+    dealings = folds.reshape(-1, len(features))
+    probabilities = torch.zeros(len(features), n_classes)
+    for held, logits, mirrored in fold_probes(features, mirrors, labels, n_classes, folds, seed, multi_label):
+        probabilities[held] += (activation(logits) + activation(mirrored)) / (2 * len(dealings))
     return probabilities
+
+
+def out_of_fold_logits(features: torch.Tensor, mirrors: torch.Tensor, labels: torch.Tensor, n_classes: int,
+                       folds: torch.Tensor, seed: int, multi_label: bool) -> torch.Tensor:
+    """(N, C) logits of every image itself (not its mirror image: what a model is asked at test time), each from a
+    probe fitted on the folds it is not in; one dealing (`folds` (N,))."""
+    out = torch.empty(len(features), n_classes)
+    for held, logits, _ in fold_probes(features, mirrors, labels, n_classes, folds, seed, multi_label):
+        out[held] = logits
+    return out
 
 
 class TrainingFolds(NamedTuple):

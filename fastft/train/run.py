@@ -126,7 +126,8 @@ class TrainingRun:
     def save(self, results: dict, threshold: float | None, interrupted: bool) -> None:
         """The model files; then the checkpoint goes (nothing is left to resume) and the summary lines."""
         context, log, folder = self.context, self.log, self.context.folder
-        save_model(self.learn, context, threshold, results["calibration"].get("temperature"))
+        calibration = results["calibration"]  # a temperature of 1 kept changes nothing: the bundle says uncalibrated
+        save_model(self.learn, context, threshold, calibration.get("temperature") if calibration["calibrated"] else None)
         context.dist.wait()
         if interrupted:
             raise Interrupted(f"interrupted: kept the outputs of epoch {log.kept_epoch} of {context.recipe.epochs} in "
@@ -142,7 +143,7 @@ class TrainingRun:
         scored = len(validation.dataset) if validation is not None else len(self.learn.dls.valid_ds)
         if note := drop_note(log.epochs, context.recipe.strategy, scored, log.kept_epoch):
             print(note)
-        if (calibration := results["calibration"]).get("calibrated"):
+        if "temperature" in (calibration := results["calibration"]):  # a temperature was fitted, kept or not
             print(calibration_line(calibration, folder))
 
 
