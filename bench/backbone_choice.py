@@ -35,7 +35,8 @@ ARCHS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite
 def test_accuracies(split, recipe, found, seed: int) -> dict[str, float]:
     """Each candidate's probe, fitted on every training image, scored on the test split."""
     from fastft.data.loaders import training_targets
-    from fastft.train.out_of_fold import frozen_features, frozen_learner
+    from fastft.train.features import frozen_features
+    from fastft.train.out_of_fold import frozen_learner
     from fastft.train.model import starting_weights
     from fastft.train.probe import fit_linear_head
 

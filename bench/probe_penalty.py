@@ -33,7 +33,8 @@ def features_of(data: Path, size: int, arch: str = "tf_efficientnet_lite0", weig
     from fastft.data.loaders import load_split, training_targets
     from fastft.recipe import load_recipe
     from fastft.train.model import starting_weights
-    from fastft.train.out_of_fold import frozen_features, frozen_learner
+    from fastft.train.features import frozen_features
+    from fastft.train.out_of_fold import frozen_learner
 
     recipe = load_recipe("train").replace(data=str(data), arch=arch, weights=str(weights), size=size)
     split = load_split(data, recipe, parse_aug(recipe.aug), quiet=True)

@@ -167,7 +167,7 @@ def test_exclude_suspects_on_two_processes_leaves_out_what_one_process_does(tmp_
 def test_relabelling_an_image_keeps_its_cached_features(tmp_path, monkeypatch):
     """The check's features are cached by file, not by label: fixing a label in the CSV and checking again reads
     them back, each row still the features of its own file."""
-    import fastft.train.probe as probe
+    import fastft.train.features as features_module
     from fastft.data.augment import parse_aug
     from fastft.data.loaders import load_split
     from fastft.recipe import load_recipe
@@ -186,13 +186,13 @@ def test_relabelling_an_image_keeps_its_cached_features(tmp_path, monkeypatch):
         torch.manual_seed(0)  # the same random backbone both times
         learn = out_of_fold.frozen_learner(split, recipe, starting_weights(recipe), torch.device("cpu"))
         items = [[p, key] for p, key in split.items("train")]
-        return {p.name: row for p, row in zip([p for p, _ in items], out_of_fold.frozen_features(learn, items, recipe)[0])}
+        return {p.name: row for p, row in zip([p for p, _ in items], features_module.frozen_features(learn, items, recipe)[0])}
     first = features(rows)
     fixed = [(image, "red" if image.endswith("wrong_red.png") else label, part) for image, label, part in rows]
 
     def no_backbone_pass(*args, **kwargs):
         raise AssertionError("the features should have come from the cache")
-    monkeypatch.setattr(probe, "pooled_features", no_backbone_pass)
+    monkeypatch.setattr(features_module, "pooled_features", no_backbone_pass)
     again = features(fixed)
     assert again.keys() == first.keys()
     assert all(torch.equal(again[name], first[name]) for name in first)

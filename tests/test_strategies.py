@@ -166,7 +166,7 @@ def test_probe_fits_a_linear_head_on_the_frozen_backbone_and_changes_nothing_els
     assert changed(watch.states[0], watch.states[1]) == {"head"}
     assert changed(watch.states[0], watch.states[1], bn=True) == set()  # BatchNorm statistics too: nothing trained
     assert watch.lrs == []  # no optimizer step at all
-    from fastft.train.probe import pooled_features
+    from fastft.train.features import pooled_features
 
     features, mirrors, labels = pooled_features(learn, learn.dls.train_ds.items)
     assert features.shape == mirrors.shape and not torch.equal(features, mirrors)

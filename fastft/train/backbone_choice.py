@@ -198,7 +198,8 @@ def choose(split, recipe, found: list[Candidate], device, budget: Budget | None 
     and prior (`decide`). `budget`: the run's --budget, started when the run was prepared; `clock`: seconds, for the
     figures (a test passes its own, the same as its budget's)."""
     from fastft.train.model import starting_weights
-    from fastft.train.out_of_fold import features_cached, frozen_learner, probabilities_of, training_folds
+    from fastft.train.features import features_cached
+    from fastft.train.out_of_fold import frozen_learner, probabilities_of, training_folds
 
     repeats = REPEATS if len(split.items("train")) < REPEATED_BELOW else 1
     folds = training_folds(split, recipe.seed, repeats)

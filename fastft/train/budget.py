@@ -63,7 +63,7 @@ class Budget(NamedTuple):
 def pass_seconds(learn, items: list, clock: Callable[[], float] = time.perf_counter) -> float:
     """About how long the Learner's backbone takes here to pass over `items` and their mirror images, as a probe
     does: one batch timed (its first, with whatever warming up the backbone needs: an estimate on the safe side)."""
-    from fastft.train.probe import pooled_features
+    from fastft.train.features import pooled_features
 
     batch = items[: min(len(items), 16)]
     started = clock()

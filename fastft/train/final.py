@@ -107,7 +107,8 @@ def probe_out_of_fold(learn, context: RunContext) -> tuple[np.ndarray, np.ndarra
     hand (one process: the feature cache); None otherwise, or where a class is too small to deal into folds."""
     from fastft.errors import UsageError
     from fastft.schedules import LINEAR_PROBE
-    from fastft.train.out_of_fold import fold_count, frozen_features, out_of_fold_logits, stratified_folds
+    from fastft.train.features import frozen_features
+    from fastft.train.out_of_fold import fold_count, out_of_fold_logits, stratified_folds
 
     if context.recipe.strategy != LINEAR_PROBE or context.dist.size > 1 or context.train_targets is None:
         return None

@@ -1,16 +1,14 @@
 """Out-of-fold predictions on the training images: what the label check and the backbone choice both stand on.
 
-A frozen backbone turns every training image, and its mirror image, into pooled features once; they are cached with
-the decoded pictures (fastft/data/cache.py), by file, so a changed label or a second look costs no backbone pass. The
+A frozen backbone turns every training image, and its mirror image, into pooled features once (fastft/train/features.py);
+they are cached by file, so a changed label, a second look or the probe that follows costs no backbone pass. The
 images are dealt into k stratified, seeded folds, and a linear probe (the logistic regression of
 fastft/train/probe.py) fitted on the other folds predicts each fold: every image is judged by a model that never saw
 its label. Only the training images are read.
 """
 from __future__ import annotations
 
-import hashlib
 import sys
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -19,6 +17,7 @@ from fastft.data.loaders import training_targets
 from fastft.data.split import indices_by_key, shuffled_by_group
 from fastft.errors import UsageError
 from fastft.schedules import LINEAR_PROBE
+from fastft.train.features import frozen_features
 
 FOLDS = 5  # fewer when the smallest class has fewer training images
 
@@ -126,53 +125,6 @@ def probabilities_of(learn, recipe, split, folds: TrainingFolds) -> torch.Tensor
     features, mirrors = frozen_features(learn, folds.items, recipe)
     return out_of_fold_probabilities(features, mirrors, folds.labels, len(split.classes), folds.folds, recipe.seed,
                                      split.multi_label)
-
-
-def backbone_digest(learn) -> str:
-    """A digest of the backbone's weights and buffers: the features cache's key for this network."""
-    digest = hashlib.sha1()
-    for name, tensor in learn.model[0].state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def file_order(items: list) -> list[int]:
-    """The items' indices in file order. Features are stored that way, not in item order (items are grouped by
-    label): a changed label, the point of checking them, leaves the cache's key and rows as they were."""
-    return sorted(range(len(items)), key=lambda i: str(items[i][0]))
-
-
-def features_cached(learn, items: list, recipe) -> bool:
-    """Whether `frozen_features` will read these items' features back rather than run the backbone."""
-    from fastft.data import cache
-
-    files = [Path(items[i][0]) for i in file_order(items)]
-    return recipe.cache and cache.features_file(files, recipe.size, recipe.crop_pct, backbone_digest(learn)).is_file()
-
-
-def frozen_features(learn, items: list, recipe) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D), mirror images' features (N, D)) of the training `items` through the frozen backbone, from
-    the cache when this network saw these files at this size before (--no-cache: computed, not stored)."""
-    from fastai.torch_core import no_random
-
-    from fastft.data import cache
-    from fastft.train.probe import pooled_features
-
-    order = file_order(items)
-
-    def compute() -> dict:
-        originals, mirrors, _ = pooled_features(learn, [items[i] for i in order], show_progress=sys.stdout.isatty())
-        return {"features": originals, "mirrors": mirrors}
-    files = [Path(items[i][0]) for i in order]
-    # the random state as it was, whether the features were computed (a loader draws its seed) or read back: a run
-    # trains the same numbers the second time, when its features are cached
-    with no_random(recipe.seed):
-        stored = (cache.features(files, recipe.size, recipe.crop_pct, backbone_digest(learn), compute) if recipe.cache
-                  else compute())
-    back = torch.empty(len(order), dtype=torch.long)
-    back[torch.tensor(order)] = torch.arange(len(order))  # row of item i in file order
-    return stored["features"][back], stored["mirrors"][back]
 
 
 def frozen_learner(split, recipe, start, device):

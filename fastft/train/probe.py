@@ -22,8 +22,9 @@ import torch
 from fastai.callback.core import Callback
 
 from fastft.data.split import indices_by_key, shuffled_by_group
-from fastft.fastai_internals import AFTER_TRAINING_MODE, labelled_loader
+from fastft.fastai_internals import AFTER_TRAINING_MODE
 from fastft.train.distributed import unwrapped
+from fastft.train.features import frozen_features, pooled_features
 
 # L2 per example on standardised features: the candidates tried first. Where the best is one of the grid's ends, the
 # grid goes on past it along LADDER (the same 1-3 steps) while each step wins beyond noise (choose_penalty): a best
@@ -31,32 +32,6 @@ from fastft.train.distributed import unwrapped
 LADDER = tuple(float(f"{m}e{e}") for e in range(-6, 4) for m in (1, 3))[:-1]  # 1e-6 ... 1e3: where it stops
 PENALTIES = LADDER[LADDER.index(1e-3): LADDER.index(1.0) + 1]
 VALID_SHARE = 0.2  # of each class's training images, to choose the penalty
-
-
-def pooled_features(learn, items, show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(features (N, D), mirror images' features (N, D), labels (N,)) of `items`, through the frozen backbone and
-    the head's pooling layers, with the test transform. Runs on the Learner's device, in eval mode.
-    `show_progress`: a bar over the batches (a terminal's)."""
-    network = unwrapped(learn.model)  # DistributedDataParallel wraps it during a fit of several processes
-    body, head = network[0], network[1]
-    pool = torch.nn.Sequential(*[m for m in head if isinstance(m, (torch.nn.AdaptiveAvgPool2d, torch.nn.Flatten))])
-    dl = labelled_loader(learn.dls, items, shuffle=False)
-    originals, mirrors, labels = [], [], []
-    was_training = network.training
-    network.eval()
-    with torch.inference_mode():
-        if show_progress:
-            from fastprogress.fastprogress import progress_bar
-
-            dl = progress_bar(dl, leave=False)
-            dl.comment = "probe: features of the training images"
-        for xb, yb in dl:
-            xb, yb = xb.as_subclass(torch.Tensor), yb.as_subclass(torch.Tensor)  # plain tensors, not fastai's types
-            originals.append(pool(body(xb)).float().cpu())
-            mirrors.append(pool(body(xb.flip(-1))).float().cpu())
-            labels.append(yb.cpu())
-    network.train(was_training)
-    return torch.cat(originals), torch.cat(mirrors), torch.cat(labels)
 
 
 def all_features(learn, dist) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,8 +188,6 @@ def fit_probe(learn, context) -> dict:
     In one process the features come through the feature cache (fastft/train/out_of_fold.py), where the backbone
     choice and the label check of the same images left them: one pass of a backbone over the images serves all."""
     if context.dist.size == 1 and context.train_targets is not None:
-        from fastft.train.out_of_fold import frozen_features
-
         originals, mirrors = frozen_features(learn, learn.dls.train_ds.items, context.recipe)
         features, labels = torch.cat([originals, mirrors]), torch.cat([context.train_targets, context.train_targets])
     else:
