@@ -133,8 +133,9 @@ def serve(
                                          "server (a reverse proxy's, a LAN name); repeatable."),
     read_timeout: float = typer.Option(READ_TIMEOUT_S, "--read-timeout", min=0.1, help="Seconds a client may stall while "
                                        "sending its request body before it gets 408 and is disconnected."),
-    max_connections: int = typer.Option(MAX_CONNECTIONS, "--max-connections", min=1, help="Open connections at once; more get "
-                                        "503 (stalled clients cannot take every socket)."),
+    max_connections: int = typer.Option(MAX_CONNECTIONS, "--max-connections", min=1,
+                                        help="Open connections at once; more get 503 (stalled clients cannot take "
+                                             "every socket)."),
 ):
     """A web page for one model: drop or pick an image and see its top labels with probability bars, and the
     Grad-CAM picture when the explain extra is there; POST /predict (with the header X-Fastft: 1) answers as

@@ -115,7 +115,8 @@ class PenaltyChoice(NamedTuple):
         if not self.losses:
             return f"linear probe: L2 penalty {self.penalty:g} (too few training images to hold any out and choose it)"
         tried = sorted(self.losses)
-        grid = "" if (tried[0], tried[-1]) == (PENALTIES[0], PENALTIES[-1]) else f", the grid widened to {tried[0]:g}-{tried[-1]:g}"
+        widened = (tried[0], tried[-1]) != (PENALTIES[0], PENALTIES[-1])
+        grid = f", the grid widened to {tried[0]:g}-{tried[-1]:g}" if widened else ""
         edge = ("; the end of the values tried: one further did no better beyond the noise of these images"
                 if self.at_edge and self.penalty not in (LADDER[0], LADDER[-1]) else
                 "; the end of the widest grid" if self.at_edge else "")
@@ -177,7 +178,8 @@ def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, n_classes: int
     logits = x @ weight.T + bias
     # fold the standardisation into the layer: W((f - m) / s) + b = (W / s) f + (b - (W / s) m)
     raw_weight = weight / std
-    return {"weight": raw_weight, "bias": bias - raw_weight @ mean, "penalty": choice.penalty, "penalty_choice": choice, "images": len(labels) // 2,
+    return {"weight": raw_weight, "bias": bias - raw_weight @ mean, "penalty": choice.penalty, "penalty_choice": choice,
+            "images": len(labels) // 2,
             "train_loss": head_loss(logits, labels, multi_label).item(),
             "train_acc": head_accuracy(logits, labels, multi_label)}
 

@@ -118,7 +118,8 @@ class TrainingRun:
         last = log.snapshot if len(log.epochs) > 1 else None  # lp-ft's epoch 1 is its probe: later ones fine-tune
         # before calibration: it calibrates these weights
         averaged = wise.apply(self.learn, self.context, probe, last, log.kept_epoch, log.stopped)
-        extra = {**({"wise": averaged} if averaged else {}), **({"probe": log.probe_penalty} if log.probe_penalty else {})}
+        extra = {**({"wise": averaged} if averaged else {}),
+                 **({"probe": log.probe_penalty} if log.probe_penalty else {})}
         if self.choice is not None:
             extra["strategy_choice"] = strategy_choice.report(self.choice, averaged, self.context.folder)
         return final_report(self.learn, self.context, self.log, interrupted, self.measure_unaugmented, extra)
@@ -204,7 +205,7 @@ def print_plan(learn, context: RunContext, phases: list[Phase]) -> None:
     else:
         print(f"{recipe.name}: {recipe.epochs} epoch(s) of {recipe.strategy}: {describe_plan(phases)}{mixing}")
     classes = f"{len(context.classes)} classes, {processes}, {context.resolved.precision} on {context.device}"
-    if context.validation_is_test:  # --strategy auto's trial: one held-out fold scores the candidates; no folder of its own
+    if context.validation_is_test:  # --strategy auto's trial: a held-out fold scores the candidates; no folder shown
         print(f"{recipe.arch} from {context.starting_weights}, {len(learn.dls.train_ds)} training images, "
               f"{len(learn.dls.valid_ds)} held out to score the candidates (the test split is not read), {classes}",
               flush=True)
