@@ -380,7 +380,9 @@ def _on_a_terminal(args, cwd=None) -> tuple[int, str]:
 
 
 def test_a_terminal_shows_bars_counting_the_runs_epochs_and_the_probe_moving(dataset, tmp_path):
-    code, shown = _on_a_terminal(["train", dataset, *TINY, "--epochs", "3", "--strategy", "lp-ft", "--out", tmp_path / "run"])
+    # --no-cache: the probe computes its features here (read back from the cache, they would need no bar)
+    code, shown = _on_a_terminal(["train", dataset, *TINY, "--epochs", "3", "--strategy", "lp-ft", "--no-cache",
+                                  "--out", tmp_path / "run"])
     assert code == 0, shown
     assert "epoch 2/3 train" in shown and "epoch 3/3 test" in shown  # lp-ft: a probe epoch, then a phase of 2
     assert "Epoch " not in shown  # fastai's bar, which counts a phase's epochs apart ("Epoch 1/2")

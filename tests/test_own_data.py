@@ -35,7 +35,8 @@ def test_train_names_the_run_after_the_folder(photo_run):
     assert 'name = "my_photos"' in (run / "recipe.toml").read_text()
     assert result.stdout.startswith("choosing the strategy: a trial run of lp-ft")  # the train recipe: --strategy auto
     chosen = "lp-ft" if 'strategy = "lp-ft"' in (run / "recipe.toml").read_text() else "probe"
-    assert f"my_photos: {2 if chosen == 'lp-ft' else 1} epoch(s) of {chosen}: epoch 1: the head fitted" in result.stdout
+    assert ("my_photos: 2 epoch(s) of lp-ft: epoch 1: the head fitted" if chosen == "lp-ft" else
+            "my_photos: a linear probe: one pass over the features") in result.stdout
     assert "12 train / 4 test images, 2 classes" in result.stdout  # a quarter of each class held out
     assert {"model.safetensors", "model.json", "metrics.json"} <= {p.name for p in run.iterdir()}
 
