@@ -187,7 +187,7 @@ def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, n_classes: int
 def fit_probe(learn, context) -> dict:
     """Fit the Learner's linear head (its last layer) as a probe on the training images, on rank 0 of a run of
     several processes, every rank taking its result. Returns the fit's figures. `context`: the RunContext.
-    In one process the features come through the feature cache (fastft/train/out_of_fold.py), where the backbone
+    In one process the features come through the feature cache (fastft/train/features.py), where the backbone
     choice and the label check of the same images left them: one pass of a backbone over the images serves all."""
     if context.dist.size == 1 and context.train_targets is not None:
         originals, mirrors = frozen_features(learn, learn.dls.train_ds.items, context.recipe)
