@@ -27,6 +27,8 @@ import argparse
 import contextlib
 import csv
 import io
+import json
+import os
 import random
 import shutil
 import statistics
@@ -102,6 +104,8 @@ def run_fastft(data: Path, strategy: str | None, seed: int, args, out: Path) -> 
 
         recipe = recipe.replace(source="--extra", **tomllib.loads("\n".join(args.extra.split(","))))
     log = io.StringIO()
+    # each run meets the machine as a new user does: no features or decoded pictures cached by an earlier method
+    os.environ["FASTFT_CACHE"] = str(out.parent.parent / "cache" / out.name)
     with contextlib.redirect_stdout(log):
         metrics = train(recipe, str(out))
     (out / "log.txt").write_text(log.getvalue())
@@ -112,7 +116,11 @@ def run_fastft(data: Path, strategy: str | None, seed: int, args, out: Path) -> 
     return {"test_acc": metrics["final"]["test_acc"], "strategy": recipe.strategy,
             **({"arch": chosen_arch} if "," in args.arch else {}),
             **({"chose": choice["chosen"], "weight": choice["weight"], "held_out": choice["held_out_images"],
-                "epoch_test_acc": [round(e["test_acc"], 4) for e in metrics["epochs"]]} if choice else {}),
+                "epoch_test_acc": [round(e["test_acc"], 4) for e in metrics["epochs"]],
+                # the trial: its epochs on the held-out fifth, the candidates' scores, the whole command's estimates
+                **({"trial": {k: choice["trial"].get(k) for k in ("epochs", "seconds", "estimate")},
+                    "held_out_scores": json.loads((out / "choice.json").read_text())["scores"]}
+                   if "trial" in choice else {})} if choice else {}),
             **({"test_acc_tta": metrics["final"]["test_acc_tta"]} if "test_acc_tta" in metrics["final"] else {})}
 
 

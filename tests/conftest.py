@@ -65,6 +65,18 @@ def make_split_dataset(root: Path, classes=("blue", "red"), per_class=8) -> Path
     return root
 
 
+def make_unlearnable_split(root: Path, classes=("blue", "red", "green"), per_class=10) -> Path:
+    """root/{train,test}/<class>/*.png whose class folders each hold every colour in turn: nothing in the pixels tells
+    the classes apart, so no probe beats chance on held-out images and a strategy trial has fine-tuning to try."""
+    colours = list(COLOURS.values())
+    for part, count, seed in (("train", per_class, 1), ("test", per_class // 2, 2)):
+        for c, name in enumerate(classes):
+            for i in range(count):
+                write_image(root / part / name / f"{name}_{i}.png", colours[(i + c) % len(colours)],
+                            seed=seed * 1000 + c * 100 + i)
+    return root
+
+
 # The arguments that make any recipe command fast on synthetic data, on the CPU even where a GPU is.
 TINY = ["--arch", "resnet18", "--no-pretrained", "--size", "32", "--bs", "4", "--workers", "0", "--device", "cpu"]
 

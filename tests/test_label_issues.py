@@ -98,16 +98,37 @@ def test_frozen_features_are_computed_once_and_read_back_from_the_cache(tmp_path
     files = [write_image(tmp_path / f"{i}.png", COLOURS["blue"], seed=i) for i in range(3)]
     calls = []
 
-    def compute():
-        calls.append(1)
-        return {"features": torch.arange(6.0).reshape(3, 2), "mirrors": torch.ones(3, 2)}
+    def compute(rows):
+        calls.append(list(rows))
+        return {"features": torch.tensor([[float(r), 1.0] for r in rows]), "mirrors": torch.ones(len(rows), 2)}
     first = cache.features(files, 32, 0.875, "digest-a", compute)
     again = cache.features(files, 32, 0.875, "digest-a", compute)
-    assert len(calls) == 1 and torch.equal(again["features"], first["features"])
+    assert calls == [[0, 1, 2]] and torch.equal(again["features"], first["features"])
     cache.features(files, 32, 0.875, "digest-b", compute)  # another network's weights: computed again
-    os.utime(files[0], ns=(1, 1))  # a changed file too
+    os.utime(files[0], ns=(1, 1))  # a changed file too, and only it
     cache.features(files, 32, 0.875, "digest-a", compute)
-    assert len(calls) == 3
+    assert calls == [[0, 1, 2], [0, 1, 2], [0]]
+
+
+def test_features_are_kept_file_by_file_so_a_larger_set_computes_only_its_new_files(tmp_path):
+    """The trial's four fifths, then the run's whole training split: the second pass is over the fifth it adds."""
+    from fastft.data import cache
+
+    files = [write_image(tmp_path / f"{i}.png", COLOURS["red"], seed=i) for i in range(5)]
+    computed = []
+
+    def compute_of(subset):
+        def compute(rows):
+            computed.extend(subset[r].name for r in rows)
+            return {"features": torch.tensor([[float(subset[r].stem)] for r in rows])}
+        return compute
+    cache.features(files[:3], 32, 0.875, "digest", compute_of(files[:3]))
+    everything = [files[4], files[0], files[3], files[2], files[1]]  # in another order too
+    assert cache.features_missing(everything, 32, 0.875, "digest") == 2
+    got = cache.features(everything, 32, 0.875, "digest", compute_of(everything))
+    assert computed == ["0.png", "1.png", "2.png", "4.png", "3.png"]
+    assert got["features"].flatten().tolist() == [4.0, 0.0, 3.0, 2.0, 1.0]  # each file's row, in the order asked
+    assert cache.features_missing(everything, 32, 0.875, "digest") == 0
 
 
 def test_a_multi_label_csv_is_checked_label_by_label(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, files_opened, invoke, make_split_dataset
+from conftest import TINY, files_opened, invoke, make_split_dataset, make_unlearnable_split
 from test_distributed import HERE, torchrun
 from test_select import ARCHS, SMALL
 
@@ -23,7 +23,7 @@ def strategy_rows(run: Path) -> list[dict]:
 
 
 def test_auto_chooses_backbone_and_strategy_on_the_training_images_and_names_them(weights_folder, tmp_path):
-    data = make_split_dataset(tmp_path / "colours", classes=("blue", "red", "green"), per_class=10)
+    data = make_unlearnable_split(tmp_path / "colours")  # the trial's probe misses more than 2: fine-tuning is tried
     args = ["train", data, "--arch", ",".join(ARCHS), "--weights", weights_folder, *SMALL, "--epochs", "2",
             "--strategy", "auto", "--seed", "4", "--budget", "1h"]  # a budget no candidate overruns changes nothing
     first = invoke(*args, "--out", tmp_path / "first")
@@ -56,7 +56,16 @@ def test_auto_chooses_backbone_and_strategy_on_the_training_images_and_names_the
     assert len(block) >= 5 and any(line.startswith("  epoch 2/2") for line in block), block  # the whole trial
     assert not any("->" in line or line.strip().startswith("loss ") for line in block)
     assert any("held out to score the candidates" in line for line in block)
-    assert first.stdout.count(" -> ") == 1 and str(tmp_path / "first") in first.stdout  # the run's own folder, once
+    assert first.stdout.count(f" -> {tmp_path / 'first'}") == 1  # the run's own folder, once
+    # one estimate for the whole command before the backbones' passes, said again as the choice and the trial end
+    said = [i for i, line in enumerate(lines) if " in all" in line]
+    assert len(said) == 3 and said[0] < next(i for i, line in enumerate(lines) if "cross-validated accuracy" in line)
+    assert "the backbone choice about" in lines[said[0]] and "where fine-tuning does" in lines[said[0]]
+    assert "so far" in lines[said[1]] and "so far" in lines[said[2]] and said[2] > start + len(block)
+    estimate = choice["trial"]["estimate"]
+    assert set(estimate) == {"up_front", "after_backbone", "after_trial"}
+    assert all(0 < least <= most for least, most in estimate.values())
+    assert re.search(r"the whole command took .+ \(estimated .+ up front\)", lines[-1])
     again = invoke(*args, "--out", tmp_path / "again")
     assert again.exit_code == 0, again.output
     assert strategy_rows(tmp_path / "again") == rows  # a seeded run reproduces its choice
@@ -99,7 +108,7 @@ def test_the_budget_stops_the_trial_and_the_best_so_far_trains(tmp_path, monkeyp
     from conftest import TenSecondClock
 
     monkeypatch.setattr(budget, "now", TenSecondClock())
-    data = make_split_dataset(tmp_path / "colours", per_class=10)
+    data = make_unlearnable_split(tmp_path / "colours")  # a probe at chance: fine-tuning could still beat it
     spent = invoke("train", data, *TINY, "--epochs", "3", "--strategy", "auto", "--budget", "15s",
                    "--out", tmp_path / "spent")
     assert spent.exit_code == 0, spent.output
@@ -128,6 +137,29 @@ def test_the_budget_stops_the_trial_and_the_best_so_far_trains(tmp_path, monkeyp
     assert trial["seconds"] >= trial["epoch_seconds"] > trial["epochs"][-1]["seconds"]
 
 
+def test_the_trial_fine_tunes_nothing_where_its_probe_misses_too_few_held_out_images_to_be_beaten(tmp_path):
+    """Fine-tuning is chosen only where it beats the probe by more than 2 held-out images: after a probe that misses
+    2 or fewer, no fine-tuning epoch can change the choice, and the trial ends there (issue 41: four fine-tuning
+    epochs, then the probe anyway)."""
+    easy = make_split_dataset(tmp_path / "colours", classes=("blue", "red", "green"), per_class=10)
+    result = invoke("train", easy, *TINY, "--epochs", "3", "--strategy", "auto", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    trial = json.loads((tmp_path / "run" / "metrics.json").read_text())["strategy_choice"]["trial"]
+    assert len(trial["epochs"]) == 1 and trial["weight"] == 0.0 and trial["held_out_images"] == 6
+    missed = round((1 - trial["epochs"][0]["valid_acc"]) * 6)
+    assert missed <= 2
+    why = (f"the probe misses {missed} of the 6 held-out images: no fine-tuning can beat it there by more than 2, "
+           "which choosing it takes")
+    assert f"  {why}; the run stops after its probe epoch" in result.stdout
+    rows = strategy_rows(tmp_path / "run")
+    assert [(r["candidate"], r["chosen"]) for r in rows] == [("probe", "true"), ("lp-ft", "false")]
+    assert rows[1]["held_out_accuracy"] == "" and rows[1]["rule"].startswith(f"not trained ({why}")
+    hard = make_unlearnable_split(tmp_path / "unlearnable")  # a probe at chance: the trial fine-tunes as before
+    tried = invoke("train", hard, *TINY, "--epochs", "3", "--strategy", "auto", "--out", tmp_path / "tried")
+    assert tried.exit_code == 0, tried.output
+    assert len(json.loads((tmp_path / "tried" / "metrics.json").read_text())["strategy_choice"]["trial"]["epochs"]) == 3
+
+
 def test_the_trial_never_opens_a_test_image(tmp_path):
     from fastft.recipe import load_recipe
     from fastft.train.pipeline import choose_strategy
@@ -154,7 +186,7 @@ def test_fine_tuning_is_chosen_only_where_it_beats_the_probe_by_more_than_two_im
 
 
 def test_a_validation_split_chooses_without_a_trial_and_wise_with_auto_is_an_error(tmp_path):
-    data = make_split_dataset(tmp_path / "colours", classes=("blue", "red", "green"), per_class=10)
+    data = make_unlearnable_split(tmp_path / "colours")  # a probe at chance: the run fine-tunes
     result = invoke("train", data, *TINY, "--epochs", "2", "--strategy", "auto", "--holdout", "0.3",
                     "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
@@ -196,7 +228,7 @@ def test_a_validation_split_chooses_without_a_trial_and_wise_with_auto_is_an_err
 
 
 def test_auto_on_two_processes(tmp_path):
-    data = make_split_dataset(tmp_path / "colours", classes=("blue", "red"), per_class=12)
+    data = make_unlearnable_split(tmp_path / "colours", classes=("blue", "red"), per_class=12)  # fine-tuning is tried
     two = torchrun("-m", "fastft", "train", data, *TINY, "--epochs", "2", "--strategy", "auto",
                    "--out", tmp_path / "two", cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -314,7 +346,7 @@ def test_a_killed_auto_run_keeps_its_choice_and_resume_reports_the_same(tmp_path
     from fastft.run_folder import RunFolder
     from test_lifecycle import _start
 
-    data = make_split_dataset(tmp_path / "colours", per_class=24)
+    data = make_unlearnable_split(tmp_path / "colours", classes=("blue", "red"), per_class=24)  # the trial fine-tunes
     run = RunFolder(tmp_path / "run")
     proc = _start(["train", data, *TINY, "--size", "48", "--epochs", "2", "--strategy", "auto", "--out", run.path],
                   tmp_path / "run.log")
@@ -393,3 +425,28 @@ def test_choice_charts_state_their_rule_show_noise_on_a_readable_axis_and_their_
     assert ax.get_xlim()[0] > 0.85 and ax.get_xlim()[1] <= 1.2  # an axis that shows the differences
     assert any(isinstance(c, ErrorbarContainer) for c in ax.containers)  # each score's noise
     assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_timing_a_batch_for_the_estimate_leaves_the_network_and_the_random_state_as_they_were(tmp_path):
+    """The estimate times a pass and a training step on the Learner the run then trains: a seeded run must train
+    the same numbers whether or not it was timed."""
+    from fastft.data.loaders import load_split
+    from fastft.recipe import load_recipe
+    from fastft.train.estimate import measure
+    from fastft.train.model import StartingWeights
+    from fastft.train.out_of_fold import frozen_learner
+
+    data = make_split_dataset(tmp_path / "colours", per_class=6)
+    recipe = load_recipe("train").replace(data=str(data), arch="resnet18", pretrained=False, size=32, bs=4,
+                                          workers=0, device="cpu")
+    learn = frozen_learner(load_split(data, recipe), recipe, StartingWeights("none"), torch.device("cpu"))
+    weights = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    shuffling = learn.dls.train.rng.getstate()
+    speeds = measure(learn, learn.dls.train_ds.items)
+    assert torch.equal(torch.rand(3), expected)  # the run's random numbers: as if nothing had been timed
+    assert learn.dls.train.rng.getstate() == shuffling  # and the order its loader will deal the images in
+    assert all(torch.equal(v, weights[k]) for k, v in learn.model.state_dict().items())
+    assert speeds.features > 0 and speeds.training > 0

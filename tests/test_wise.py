@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import TINY, invoke, make_split_dataset
+from conftest import TINY, invoke, make_split_dataset, make_unlearnable_split
 from test_distributed import torchrun
 
 
@@ -33,7 +33,8 @@ def test_mixing_weight_0_is_the_probe_and_1_the_fine_tuned_network(tmp_path):
 
 
 def test_auto_chooses_the_weight_on_the_validation_split_and_other_strategies_refuse_it(tmp_path):
-    data = make_split_dataset(tmp_path / "colours", classes=("blue", "red", "green"), per_class=10)
+    # a probe at chance on the validation split: fine-tuning could beat it, so the run fine-tunes (wise.unbeatable_probe)
+    data = make_unlearnable_split(tmp_path / "colours", per_class=10)
     result = invoke("train", data, *TINY, "--strategy", "lp-ft", "--epochs", "2", "--keep", "last", "--wise", "auto",
                     "--holdout", "0.3", "--out", tmp_path / "auto")
     assert result.exit_code == 0, result.output
@@ -48,7 +49,8 @@ def test_auto_chooses_the_weight_on_the_validation_split_and_other_strategies_re
 
 
 def test_wise_on_two_processes(tmp_path):
-    data = make_split_dataset(tmp_path / "colours", classes=("blue", "red"), per_class=12)
+    # a probe at chance on 12 validation images: fine-tuning could beat it, so the run fine-tunes
+    data = make_unlearnable_split(tmp_path / "colours", classes=("blue", "red"), per_class=20)
     args = ["train", data, *TINY, "--strategy", "lp-ft", "--epochs", "2", "--wise", "auto", "--holdout", "0.3"]
     two = torchrun("-m", "fastft", *args, "--out", tmp_path / "two", cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -55,10 +55,8 @@ def applies(plan: AugPlan, size: int, n_images: int) -> bool:
 
 
 def _key(files: list[Path], size: int, crop_pct: float) -> str:
-    lines = [f"{VERSION} {size} {crop_pct}"]
-    for path in files:  # abspath, not resolve: resolve costs a system call per folder of every file's path
-        stat = os.stat(path)
-        lines.append(f"{os.path.abspath(path)}\t{stat.st_size}\t{stat.st_mtime_ns}")
+    # abspath, not resolve: resolve costs a system call per folder of every file's path
+    lines = [f"{VERSION} {size} {crop_pct}", *map(_file_key, files)]
     return hashlib.sha1("\n".join(lines).encode()).hexdigest()
 
 
@@ -114,32 +112,73 @@ def _save(stored: Path, meta_file: Path, pixels: np.ndarray, bad) -> None:
         pass  # a read-only or full disk only costs the next run a decode
 
 
-def features_file(files: list[Path], size: int, crop_pct: float, backbone: str) -> Path:
-    """Where `features` keeps a backbone's features of these files."""
-    key = hashlib.sha1(f"{_key(files, size, crop_pct)} {backbone}".encode()).hexdigest()
-    return cache_folder() / f"{key}.features.safetensors"
+def _file_key(path: Path) -> str:
+    """A file as the caches know it: its path, size and modification time (a changed file is a new one)."""
+    stat = os.stat(path)
+    return f"{os.path.abspath(path)}\t{stat.st_size}\t{stat.st_mtime_ns}"
+
+
+def _features_group(size: int, crop_pct: float, backbone: str) -> str:
+    return hashlib.sha1(f"{VERSION} {size} {crop_pct} {backbone}".encode()).hexdigest()
+
+
+def _feature_rows(group: str) -> dict:
+    """file key -> (stored file, row): every file whose features this network at this size has stored."""
+    from safetensors import SafetensorError, safe_open
+
+    rows = {}
+    for stored in sorted(cache_folder().glob(f"{group}.*.features.safetensors")):
+        try:
+            with safe_open(str(stored), "pt") as f:
+                keys = json.loads(f.metadata()["files"])
+        except (OSError, SafetensorError, ValueError, KeyError, TypeError):
+            continue  # damaged: its files are computed again
+        for row, key in enumerate(keys):
+            rows.setdefault(key, (stored, row))
+    return rows
+
+
+def features_missing(files: list[Path], size: int, crop_pct: float, backbone: str) -> int:
+    """How many of `files` `features` would have to compute (the rest it reads back)."""
+    stored = _feature_rows(_features_group(size, crop_pct, backbone))
+    return sum(_file_key(f) not in stored for f in files)
 
 
 def features(files: list[Path], size: int, crop_pct: float, backbone: str, compute) -> dict:
-    """`compute()`, a dict of tensors (a frozen backbone's features of `files`), remembered in the cache folder
-    under the files' key, the picture size and `backbone` (a digest of its weights): the label check and the probes
-    after it read them back in a fraction of a second instead of running the backbone over every image again."""
+    """A frozen backbone's features of `files` (a dict of tensors, one row per file), remembered file by file in the
+    cache folder under the picture size and `backbone` (a digest of its weights): `compute(indices)` runs only for the
+    files not stored yet, and they are stored in turn. So one pass serves every step of a command that needs these
+    features (the backbone choice's probes on four fifths of the training images, the label check and the final probe
+    on all of them) and a second command on the same files."""
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
-    stored = features_file(files, size, crop_pct, backbone)
+    if not files:
+        return compute([])
+    group = _features_group(size, crop_pct, backbone)
+    keys = [_file_key(f) for f in files]
+    stored = _feature_rows(group)
+    missing = [i for i, key in enumerate(keys) if key not in stored]
+    computed = compute(missing) if missing else {}
+    if missing:
+        chunk = hashlib.sha1("\n".join(keys[i] for i in missing).encode()).hexdigest()
+        try:
+            cache_folder().mkdir(parents=True, exist_ok=True)
+            with replacing(cache_folder() / f"{group}.{chunk}.features.safetensors") as temporary:
+                save_file({name: t.contiguous() for name, t in computed.items()}, str(temporary),
+                          metadata={"files": json.dumps([keys[i] for i in missing])})
+        except OSError:
+            pass  # a read-only or full disk only costs the next command the backbone's pass
+    rows = {i: stored[key] for i, key in enumerate(keys) if key in stored}
     try:
-        return load_file(stored)
-    except (OSError, SafetensorError):
-        pass  # none yet, or damaged: computed again and rewritten
-    tensors = compute()
-    try:
-        stored.parent.mkdir(parents=True, exist_ok=True)
-        with replacing(stored) as temporary:
-            save_file({name: t.contiguous() for name, t in tensors.items()}, str(temporary))
-    except OSError:
-        pass  # a read-only or full disk only costs the next check the backbone's pass
-    return tensors
+        loaded = {path: load_file(path) for path in {path for path, _ in rows.values()}}
+    except (OSError, SafetensorError):  # removed or damaged since it was listed: all computed after all
+        return compute(list(range(len(files))))
+    position = {i: n for n, i in enumerate(missing)}
+    names = computed.keys() if computed else next(iter(loaded.values())).keys()
+    return {name: torch.stack([loaded[rows[i][0]][name][rows[i][1]] if i in rows else computed[name][position[i]]
+                               for i in range(len(files))]) for name in names}
 
 
 def content_hashes(files: list[Path], digest) -> list[str]:

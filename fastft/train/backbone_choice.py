@@ -29,7 +29,7 @@ import torch
 
 from fastft.deploy.calibration import NOISE  # the same rule as the temperature's: 2 standard errors of a paired difference
 from fastft.errors import UsageError
-from fastft.train.budget import Budget, pass_seconds
+from fastft.train.budget import Budget
 from fastft.train.prior import Prior, priors, ranks
 
 REPEATED_BELOW = 500  # fewer training images than this: the folds are dealt REPEATS times, cutting the noise of one
@@ -193,11 +193,13 @@ def decide(scores: list[Score], prior_by_arch: dict[str, Prior]) -> tuple[Candid
 
 
 def choose(split, recipe, found: list[Candidate], device, budget: Budget | None = None,
-           clock=time.perf_counter) -> Selection:
+           clock=time.perf_counter, forecast=None) -> Selection:
     """Score every candidate by k-fold probes on its frozen features of the training images, and choose by noise
     and prior (`decide`). `budget`: the run's --budget, started when the run was prepared; `clock`: seconds, for the
-    figures (a test passes its own, the same as its budget's)."""
+    figures (a test passes its own, the same as its budget's); `forecast`: the whole command's estimate
+    (fastft/train/estimate.py), said once the first candidate's speeds are timed."""
     from fastft.train.model import starting_weights
+    from fastft.train.estimate import measure
     from fastft.train.features import features_cached
     from fastft.train.out_of_fold import frozen_learner, probabilities_of, training_folds
 
@@ -227,14 +229,19 @@ def choose(split, recipe, found: list[Candidate], device, budget: Budget | None 
             failed.append(Failed(c, str(e).splitlines()[0] if str(e) else type(e).__name__))
             print(f"  {c.arch}: failed ({failed[-1].why}); the choice goes on without it", flush=True)
             continue
-        if not scores and not features_cached(learn, items, candidate_recipe):  # the first pass: how long?
-            needed = pass_seconds(learn, items, clock)
-            if budget is not None:
+        cached = features_cached(learn, items, candidate_recipe)
+        if not scores and (forecast is not None or not cached):  # the first pass: how long?
+            speeds = measure(learn, items, clock)
+            needed = speeds.features * len(items)
+            if budget is not None and not cached:
                 budget.check_room_for_first_pass(needed, f"one backbone ({c.arch}'s pass over the {len(items)} "
                                                          "training images)")
-            print(f"  about {needed:.0f} s a backbone here ({c.arch}'s pass timed on one batch; larger backbones take "
-                  f"longer): about {needed * len(found):.0f} s for the {len(found)}", flush=True)
-        elif not scores and budget is not None:  # cached: about as long again as loading it took, for its probes
+            if forecast is not None:  # the trial's probe reads the chosen one's features, stored by its pass here
+                forecast.timed(speeds, features_cached=True)
+            elif not cached:
+                print(f"  about {needed:.0f} s a backbone here ({c.arch}'s pass timed on one batch; larger backbones "
+                      f"take longer): about {needed * len(found):.0f} s for the {len(found)}", flush=True)
+        if not scores and cached and budget is not None:  # cached: about as long again as loading it took, for its probes
             budget.check_room_for_first_pass(clock() - started, f"one backbone ({c.arch}, its features cached)")
         probabilities[c] = probabilities_of(learn, candidate_recipe, split, folds)
         del learn

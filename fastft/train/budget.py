@@ -59,13 +59,3 @@ class Budget(NamedTuple):
         raise UsageError(f"--budget {self.text} is too small for even {what}: about {needed:.1f} s here; give at "
                          f"least {at_least} (or drop --budget)")
 
-
-def pass_seconds(learn, items: list, clock: Callable[[], float] = time.perf_counter) -> float:
-    """About how long the Learner's backbone takes here to pass over `items` and their mirror images, as a probe
-    does: one batch timed (its first, with whatever warming up the backbone needs: an estimate on the safe side)."""
-    from fastft.train.features import pooled_features
-
-    batch = items[: min(len(items), 16)]
-    started = clock()
-    pooled_features(learn, batch)
-    return (clock() - started) / len(batch) * len(items)

@@ -23,6 +23,7 @@ from fastft.train import checkpoint
 from fastft.train.distributed import unwrapped
 from fastft.train.keeping import KeptEpoch
 from fastft.train.report import epoch_line, write_reports
+from fastft.train.wise import unbeatable_probe
 
 def correct(logits, targets, multi_label: bool) -> float:
     """How many images a batch got right: the top class; multi-label (0/1 targets, one per label), each image's
@@ -73,6 +74,7 @@ class EpochLog(Callback):
         self.snapshot, self.running, self.stopped = None, False, ""
         self.probe_penalty = None  # the probe epoch's L2 penalty and how it was chosen (metrics.json's `probe`)
         self.validation_is_test = context.validation_is_test
+        self.wise, self.valid_images, self.test_images = recipe.wise, 0, 0
 
     # ---- figures -------------------------------------------------------------------------------------------
     def before_epoch(self):
@@ -107,7 +109,18 @@ class EpochLog(Callback):
             return {}
         sums = loss_and_correct(self.learn, validation, self.multi_label)
         losses, right, total = self.dist.sum(list(sums))  # many processes: each scored all of it (sums keep the means)
+        self.valid_images = total // self.dist.size
         return {"valid_loss": losses / max(total, 1), "valid_acc": right / max(total, 1)}
+
+    def probe_unbeaten(self, entry: dict) -> str:
+        """Why a run choosing WiSE-FT's weight on its validation split stops after its probe epoch, or "": no
+        fine-tuning could be chosen over that probe (fastft/train/wise.py)."""
+        if (self.probe is None or self.wise != "auto" or self.multi_label or "valid_acc" not in entry
+                or len(self.epochs) >= self.total_epochs):
+            return ""
+        images = self.valid_images if not self.validation_is_test else self.test_images
+        why = unbeatable_probe(entry["valid_acc"], images)
+        return f"{why}; the run stops after its probe epoch" if why else ""
 
     def after_epoch(self):
         if not self.running:  # an epoch fastai skipped (a resumed run's finished epochs): nothing happened
@@ -115,6 +128,7 @@ class EpochLog(Callback):
         self.running = False
         # every rank saw its own shard: the epoch's figures are sums over ranks
         n_train, train_loss, train_correct, n_test, test_loss, test_correct = self.dist.sum(self.sums[True] + self.sums[False])
+        self.test_images = n_test
         if probe := self.progress.probe:  # a probe epoch: no batches trained, a head was fitted
             n_train = probe["images"]
             train_loss, train_correct = probe["train_loss"] * n_train, probe["train_acc"] * n_train
@@ -138,7 +152,8 @@ class EpochLog(Callback):
         # --ema: the snapshot is the average; training goes on from the network's own weights
         training = self.averaging.training_weights(self.snapshot) if self.averaging else self.snapshot
         self.checkpoints.write(self.learn, len(self.epochs), training, self.state())
-        self.stopped = self.kept.stop_reason(self.epochs, probe_epoch=bool(probe))
+        self.stopped = self.probe_unbeaten(entry) if probe else ""
+        self.stopped = self.stopped or self.kept.stop_reason(self.epochs, probe_epoch=bool(probe))
         if self.stopped:
             self.progress.stop = True
             if self.dist.is_main:

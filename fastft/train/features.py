@@ -60,31 +60,33 @@ def file_order(items: list) -> list[int]:
 
 
 def features_cached(learn, items: list, recipe) -> bool:
-    """Whether `frozen_features` will read these items' features back rather than run the backbone."""
+    """Whether `frozen_features` will read all these items' features back rather than run the backbone."""
     from fastft.data import cache
 
-    files = [Path(items[i][0]) for i in file_order(items)]
-    return recipe.cache and cache.features_file(files, recipe.size, recipe.crop_pct, backbone_digest(learn)).is_file()
+    files = [Path(item[0]) for item in items]
+    return recipe.cache and not cache.features_missing(files, recipe.size, recipe.crop_pct, backbone_digest(learn))
 
 
 def frozen_features(learn, items: list, recipe) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D), mirror images' features (N, D)) of the training `items` through the frozen backbone, from
-    the cache when this network saw these files at this size before (--no-cache: computed, not stored)."""
+    """(features (N, D), mirror images' features (N, D)) of the training `items` through the frozen backbone, read
+    back from the cache for the files this network saw at this size before, computed for the rest (--no-cache:
+    all computed, none stored)."""
     from fastai.torch_core import no_random
 
     from fastft.data import cache
 
     order = file_order(items)
 
-    def compute() -> dict:
-        originals, mirrors, _ = pooled_features(learn, [items[i] for i in order], show_progress=sys.stdout.isatty())
+    def compute(rows: list[int]) -> dict:  # `rows`: positions in file order
+        originals, mirrors, _ = pooled_features(learn, [items[order[r]] for r in rows],
+                                                show_progress=sys.stdout.isatty())
         return {"features": originals, "mirrors": mirrors}
     files = [Path(items[i][0]) for i in order]
     # the random state as it was, whether the features were computed (a loader draws its seed) or read back: a run
     # trains the same numbers the second time, when its features are cached
     with no_random(recipe.seed):
         stored = (cache.features(files, recipe.size, recipe.crop_pct, backbone_digest(learn), compute) if recipe.cache
-                  else compute())
+                  else compute(list(range(len(order)))))
     back = torch.empty(len(order), dtype=torch.long)
     back[torch.tensor(order)] = torch.arange(len(order))  # row of item i in file order
     return stored["features"][back], stored["mirrors"][back]

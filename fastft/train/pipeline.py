@@ -13,7 +13,10 @@ a small set depends on the data), then trains what it chose:
    itself is that lp-ft run and chooses on it, with no trial;
 3. the final run: `--strategy probe` where the probe won, else `--strategy lp-ft --wise W`, on every training image.
 
-The trial never reads the test split. It costs about 0.8 of a run's training; `--budget` bounds it
+The trial never reads the test split. It fine-tunes only while fine-tuning can still be chosen: after a probe that
+misses two or fewer held-out images it stops (fastft/train/wise.py, `unbeatable_probe`). The whole command's time is
+estimated before the work and again as the backbone choice and the trial end (fastft/train/estimate.py). `--budget`
+bounds the choice
 (fastft/train/budget.py): out of time, it trains no further epoch and the candidates are scored on the weights it
 has; a budget too small for even its probe epoch is an error naming the least that would do. recipe.toml names what
 was chosen (`fastft run` reproduces the run without the trial), strategy.csv and strategy.png keep every candidate's
@@ -41,6 +44,7 @@ from fastft.run_folder import claim_run_folder, release_claim
 from fastft.schedules import LP_FT
 from fastft.train.budget import Budget
 from fastft.train.devices import resolve_device
+from fastft.train.estimate import Counts, Forecast, duration, span
 from fastft.train.distributed import Distributed
 from fastft.train.run import TrainingRun
 from fastft.train.setup import checked_before_work
@@ -70,9 +74,14 @@ def train(recipe: Recipe, out: str | None = None, measure_unaugmented: bool = Fa
     if out is not None:
         dist.from_main(lambda: claim_run_folder(out, recipe.name))
     try:
+        began = time.perf_counter()
         choice = choose_strategy(recipe, device)
-        return TrainingRun(choice.recipe, out, measure_unaugmented, callbacks, choice=choice,
-                           claimed=out is not None).train().metrics
+        metrics = TrainingRun(choice.recipe, out, measure_unaugmented, callbacks, choice=choice,
+                              claimed=out is not None).train().metrics
+        if dist.is_main and (said := choice.trial.get("estimate", {}).get("up_front")):
+            print(f"the whole command took {duration(time.perf_counter() - began)} (estimated "
+                  f"{span(*said)} up front)", flush=True)
+        return metrics
     except BaseException:
         if out is not None and dist.is_main:
             release_claim(Path(out), created)
@@ -88,14 +97,34 @@ def carve_trial(split: Split, seed: int) -> Split:
     return split
 
 
-def too_few_to_hold_out(recipe: Recipe) -> str:
-    """Why a trial could not score the candidates (its held-out fold would have fewer images than classes), or ""."""
-    split = carve_trial(split_files(Path(recipe.data).expanduser(), recipe), recipe.seed)
+def trial_split(recipe: Recipe) -> tuple[Split, int]:
+    """(the trial's split, the run's test images), from the data's files alone (no image is read)."""
+    split = split_files(Path(recipe.data).expanduser(), recipe)
+    test = sum(map(len, split.test.values()))
+    return carve_trial(split, recipe.seed), test
+
+
+def too_few_to_hold_out(split: Split) -> str:
+    """Why a trial could not score the candidates on `split` (its held-out fold would have fewer images than
+    classes), or ""."""
     held_out = sum(map(len, split.valid.values()))
     if held_out >= len(split.classes):
         return ""
     return (f"{TRIAL_SHARE:.0%} of each class's training images is {held_out} image(s) in all, too few to score the "
             f"strategies on ({len(split.classes)} classes)")
+
+
+def forecast_of(recipe: Recipe, split: Split, test: int) -> Forecast:
+    """The whole command's estimate, before its speeds are timed: what it will pass over."""
+    trial_train, held_out = (sum(map(len, part.values())) for part in (split.train, split.valid))
+    candidates = ()
+    if selecting(recipe):
+        from fastft.train.backbone_choice import candidates as listed
+        from fastft.train.prior import size_proxy
+
+        parameters = [size_proxy(c.arch)[1] for c in listed(recipe)]  # a candidate's pass scales with its size
+        candidates = tuple((n / parameters[0], False) for n in parameters)
+    return Forecast(Counts(trial_train + held_out, trial_train, held_out, test, recipe.epochs, candidates))
 
 
 def choose_strategy(recipe: Recipe, device) -> StrategyChoice:
@@ -107,7 +136,8 @@ def choose_strategy(recipe: Recipe, device) -> StrategyChoice:
             raise UsageError(f"--budget {recipe.budget} bounds a trial run, and this data's validation split chooses the "
                              "strategy without one; drop --budget")
         return StrategyChoice(lp_ft, {}, 0, "the run's validation split", {}, None, asked_differences(recipe, lp_ft))
-    if recipe.data and (too_few := too_few_to_hold_out(recipe)):
+    split, test = trial_split(recipe) if recipe.data else (None, 0)
+    if split is not None and (too_few := too_few_to_hold_out(split)):
         print(f"note: --strategy auto: {too_few}; the probe trains (fine-tuning is chosen only where it beats the "
               "probe on held-out images)", file=sys.stderr)
         probe = as_probe(recipe).replace(budget=recipe.budget if selecting(recipe) else "")
@@ -120,15 +150,24 @@ def choose_strategy(recipe: Recipe, device) -> StrategyChoice:
     if dist.is_main:
         bounded = f"; --budget {recipe.budget} bounds it" if recipe.budget else ""
         print(f"choosing the strategy: a trial run of lp-ft on the training images less {TRIAL_SHARE:.0%} of each "
-              f"class, which then score the probe, lp-ft and WiSE-FT's mixes of the two (about {1 - TRIAL_SHARE:.1f} "
-              f"of this run's training; the test split is not read{bounded})", flush=True)
+              f"class, which then score the probe, lp-ft and WiSE-FT's mixes of the two (the test split is not "
+              f"read{bounded})", flush=True)
+    # on every rank, so that every rank takes the same steps; rank 0's alone is timed and speaks
+    forecast = forecast_of(recipe, split, test) if split is not None else None
     try:
         started = time.perf_counter()
         with indented_output(dist.is_main):  # the trial's lines, a block under the line above
             trial = TrainingRun(lp_ft.replace(keep="last", patience=0, tta=False, budget=""), str(folder),
-                                carve=partial(carve_trial, seed=recipe.seed), budget=budget).train()
+                                carve=partial(carve_trial, seed=recipe.seed), budget=budget,
+                                forecast=forecast).train()
         seconds = time.perf_counter() - started
-        return dist.from_main(lambda: decision(recipe, trial, seconds))
+        choice = dist.from_main(lambda: decision(recipe, trial, seconds))
+        if forecast is not None and dist.is_main:
+            fine_tuning = [row["seconds"] for row in choice.trial["epochs"][1:]]
+            forecast.ended("trial", fine_tuned=choice.trial["weight"] > 0,
+                           epoch_seconds=sum(fine_tuning) / len(fine_tuning) if fine_tuning else None)
+            choice.trial["estimate"] = forecast.record()
+        return choice
     except InterruptedBeforeTraining:  # its message says what it kept, and nothing of the trial's is to resume
         raise
     except Interrupted:  # the trial's own message would offer to resume the trial

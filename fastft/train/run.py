@@ -53,10 +53,11 @@ class TrainingRun:
 
     def __init__(self, recipe: Recipe, out: str | None = None, measure_unaugmented: bool = False, callbacks=(), *,
                  choice=None, carve=None, budget=None, saved: checkpoint.Checkpoint | None = None,
-                 resuming: bool = False, claimed: bool = False):
+                 resuming: bool = False, claimed: bool = False, forecast=None):
         self.recipe, self.out, self.measure_unaugmented, self.callbacks = recipe, out, measure_unaugmented, callbacks
         self.choice, self.carve, self.budget, self.saved, self.resuming = choice, carve, budget, saved, resuming
         self.claimed = claimed  # `out` is claimed for this run already (before --strategy auto's choice)
+        self.forecast = forecast  # estimate.Forecast: the whole command's estimate, which this run times (the trial)
 
     @classmethod
     def resumed(cls, folder: Path, measure_unaugmented: bool = False, callbacks=()) -> "TrainingRun":
@@ -84,7 +85,8 @@ class TrainingRun:
         chosen_backbone = self.choice is not None and self.choice.selection is not None  # by the trial
         self.context, self.learn, self.selection = prepare(self.recipe, self.out, resuming=self.resuming,
                                                            carve=self.carve, budget=self.budget, claimed=self.claimed,
-                                                           check_labels_too=chosen_backbone)
+                                                           check_labels_too=chosen_backbone,
+                                                           forecast=self.forecast)
         dist, folder = self.context.dist, self.context.folder
         if self.resuming and dist.is_main:
             remove_partial_files(folder.path)

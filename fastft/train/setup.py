@@ -28,7 +28,7 @@ from fastft.recipe import Recipe, asked_differences, selecting
 from fastft.run_folder import RunFolder, check_new_out, claim_run_folder
 from fastft.schedules import AUTO, LINEAR_PROBE, STRATEGIES
 from fastft.train import backbone_choice
-from fastft.train.budget import Budget, pass_seconds, seconds_of
+from fastft.train.budget import Budget, seconds_of
 from fastft.train.context import Resolved, RunContext
 from fastft.train.devices import resolve_device, resolve_precision, set_number_format
 from fastft.train.distributed import Distributed
@@ -44,14 +44,16 @@ class Prepared(NamedTuple):
 
 
 def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
-            budget: Budget | None = None, claimed: bool = False, check_labels_too: bool = False) -> Prepared:
+            budget: Budget | None = None, claimed: bool = False, check_labels_too: bool = False,
+            forecast=None) -> Prepared:
     """Check the recipe, find the data, build DataLoaders and Learner. Every user error surfaces here,
     before the run folder is created, so a failed start leaves nothing behind. `resuming`: `out` is the
     stopped run's own folder; `claimed`: `out` is claimed for this run already (fastft/train/pipeline.py); `carve(split)`: a change to the split before any image is read (--strategy auto's
     trial, fastft/train/pipeline.py); `budget`: a deadline already running, which the backbone choice and then the
     run's epochs end by (the same trial). Without one, --budget bounds the backbone choice alone, from here.
     `check_labels_too`: the backbone was chosen for this run elsewhere (its trial): check the labels with it here, as a
-    run that chose it itself would have (label_issues.csv; its features cached for the probe)."""
+    run that chose it itself would have (label_issues.csv; its features cached for the probe). `forecast`: the
+    command's estimate (fastft/train/estimate.py), which this run times (the trial's, on rank 0)."""
     device = resolve_device(recipe.device)
     precision = resolve_precision(recipe.precision, device)
     epochs_budget = budget
@@ -89,7 +91,7 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
     split = load_split(root, recipe, plan, quiet=not dist.is_main, carve=carve)
     asked = recipe
     split, recipe, start, selection, label_check = choose_on_training_images(split, recipe, found, start, device, dist,
-                                                                             budget)
+                                                                             budget, forecast)
     if check_labels_too and label_check is None and not resuming:
         from fastft.train.label_issues import check_labels
 
@@ -111,12 +113,11 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
     learn.add_cbs(batch_mixing(recipe))
     learn.logger = noop  # EpochLog prints each epoch's figures, the same as history.csv's
     learn.remove_cb(ProgressCallback)  # fastft's RunProgress draws the bars, counting the run's epochs
-    if epochs_budget is not None and not found:  # the trial's probe epoch is the first signal: room for it?
+    if (epochs_budget is not None or forecast is not None) and not found:  # the trial, timed: its probe is first
         items = learn.dls.train_ds.items[::dist.size]  # each process passes over its shard
-        what = f"the trial's probe ({recipe.arch}'s pass over its {len(learn.dls.train_ds.items)} training images)"
         # rank 0 times and decides on its clock, every rank gets its verdict: ranks reading clocks of their own could
         # disagree at the edge, one stopping while the others wait for it
-        dist.from_main(lambda: budget.check_room_for_first_pass(pass_seconds(learn, items), what))
+        dist.from_main(lambda: time_the_trial(learn, items, recipe, epochs_budget, forecast))
     if dist.size > 1:
         from fastft.train.sharding import DistributedTraining  # fastai.distributed and accelerate: many processes only
 
@@ -148,6 +149,21 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
                          asked=asked_differences(asked, recipe),
                          train_targets=training_targets(split, [key for _, key in split.items("train")]))
     return Prepared(context, learn, selection)
+
+
+def time_the_trial(learn, items: list, recipe: Recipe, budget: Budget | None, forecast) -> None:
+    """This machine's speeds on one batch of the trial's training `items`: the whole command's estimate said
+    (`forecast`), and a `budget` too small for the trial's probe, its first signal, an error."""
+    from fastft.train.estimate import measure
+    from fastft.train.features import features_cached
+
+    speeds = measure(learn, items)
+    cached = features_cached(learn, learn.dls.train_ds.items, recipe)
+    if budget is not None and not cached:
+        budget.check_room_for_first_pass(speeds.features * len(items), f"the trial's probe ({recipe.arch}'s pass over "
+                                                                       f"its {len(learn.dls.train_ds.items)} training images)")
+    if forecast is not None:
+        forecast.timed(speeds, features_cached=cached)
 
 
 def checked_before_work(recipe: Recipe, out: str | None) -> list:
@@ -183,19 +199,22 @@ class Chosen(NamedTuple):
 
 
 def choose_on_training_images(split, recipe: Recipe, found: list, start, device, dist,
-                              budget: Budget | None) -> Chosen:
+                              budget: Budget | None, forecast=None) -> Chosen:
     """The backbone among `found` (when the run chooses one, within `budget`), then the training images
     --exclude-suspects leaves out; rank 0 decides and every rank gets its decision. The test split is not read."""
     selection = label_check = None
     if found:
         with interrupted_before_training("choosing the backbone", recipe.cache):
-            selection = dist.from_main(lambda: backbone_choice.choose(split, recipe, found, device, budget))
+            selection = dist.from_main(lambda: backbone_choice.choose(split, recipe, found, device, budget,
+                                                                      forecast=forecast))
             label_check = dist.from_main(lambda: free_label_check(split, selection))
         # recipe.toml names the backbone chosen: `fastft run` on it trains that one (selection.csv keeps the rest)
         recipe = recipe.replace(arch=selection.chosen.arch, weights=selection.chosen.weights, select=False, budget="")
         start = starting_weights(recipe)
         if dist.is_main:
             print(backbone_choice.describe(selection), flush=True)
+            if forecast is not None:
+                forecast.ended("backbone")
     if recipe.exclude_suspects:
         from fastft.train.label_issues import check_labels, without_suspects
 

@@ -1,0 +1,150 @@
+"""How long `--strategy auto` will take, said before the work starts and again as each phase ends (issue 41: the
+user was told a trial would cost "about 0.8 of this run's training", then waited 3.7x a probe's time).
+
+The whole command is the backbone choice (when it lists several), the trial (its probe, its fine-tuning epochs, the
+WiSE-FT mixes scored on its held-out fifth) and the run (the probe, or lp-ft again on every training image). Each is
+counted in images passed, at speeds timed here on one small batch: a frozen backbone's pass over an image and its
+mirror image, and a training step (augmentation, forward and backward). A phase that has ended is replaced by its
+measured seconds, and the speeds by the ones its epochs showed, so the later figures are the better ones.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import NamedTuple
+
+import torch
+
+# a probe's fit and the WiSE-FT mixes' scoring pass over the held-out images this many times (WEIGHTS in wise.py)
+MIXES_SCORED = 11
+SET_UP_SECONDS = 5.0  # a run's set-up (its network built, its weights read, its loaders): a few seconds on a CPU
+
+
+class Speeds(NamedTuple):
+    """Seconds per image on this machine, for the backbone timed (others scale by their parameters)."""
+    features: float  # a frozen backbone's pass: decoding, the image and its mirror image forward, in eval mode
+    training: float  # a training step: decoding and augmentation, forward and backward
+
+    @property
+    def scoring(self) -> float:
+        return self.features / 2  # one forward, no mirror
+
+
+class Counts(NamedTuple):
+    """What the command will pass over, known before any image is read (the split's files)."""
+    train: int  # the run's training images
+    trial_train: int  # the trial's: the training images less its held-out fifth
+    held_out: int
+    test: int
+    epochs: int
+    candidates: tuple = ()  # (scale, cached) of each backbone the choice scores: scale, its cost against the timed one
+
+
+class Phases(NamedTuple):
+    backbone: float
+    trial: float
+    run_probe: float  # the run, where the probe wins
+    run_fine_tuned: float  # where fine-tuning does
+
+    def whole(self, fine_tuned: bool | None = None) -> tuple[float, float]:
+        """(least, most) seconds of the whole command; `fine_tuned` once the trial has decided."""
+        before = self.backbone + self.trial
+        runs = {None: (self.run_probe, self.run_fine_tuned), False: (self.run_probe,) * 2,
+                True: (self.run_fine_tuned,) * 2}[fine_tuned]
+        return before + runs[0], before + runs[1]
+
+
+def phases(counts: Counts, speeds: Speeds, features_cached: bool = False) -> Phases:
+    """Seconds of each phase. `features_cached`: the trial's backbone has its features of the trial's training images
+    stored already (a backbone choice computed them, or an earlier command)."""
+    n, held, test = counts.trial_train, counts.held_out, counts.test
+    backbone = sum(SET_UP_SECONDS + (0 if cached else speeds.features * n * scale)
+                   for scale, cached in counts.candidates)
+    fine_tuning = (counts.epochs - 1) * (speeds.training * n + speeds.scoring * held)
+    trial = (SET_UP_SECONDS + (0 if features_cached else speeds.features * n) + speeds.scoring * held + fine_tuning
+             + MIXES_SCORED * speeds.scoring * held)
+    # the run's features: the trial's images are stored, the held-out fifth is new (the label check passes over it
+    # when the trial chose the backbone, the probe otherwise); the test split scored after each epoch and at the end
+    run_probe = SET_UP_SECONDS + speeds.features * held + 2 * speeds.scoring * test
+    run_fine_tuned = run_probe + (counts.epochs - 1) * (speeds.training * counts.train + speeds.scoring * test)
+    return Phases(backbone, trial, run_probe, run_fine_tuned)
+
+
+def measure(learn, items: list, clock=time.perf_counter) -> Speeds:
+    """Speeds timed on one batch of `items` (at most 16) through the Learner's backbone: a pass as the probe makes
+    it, and a training step on a copy of the network (the Learner's own weights and random state are untouched).
+    The first batch carries whatever warming up the backbone needs: an estimate on the safe side."""
+    from fastai.torch_core import no_random
+
+    from fastft.train.distributed import unwrapped
+    from fastft.train.features import pooled_features
+
+    batch = items[: min(len(items), 16)]
+    network = copy.deepcopy(unwrapped(learn.model)).train()
+    with no_random():  # the run's random numbers, after, as if nothing had been timed (a loader draws its seed)
+        started = clock()
+        pooled_features(learn, batch)
+        features = (clock() - started) / len(batch)
+        started = clock()
+        # a copy of the training loader: its own shuffling is left as it was
+        xb, yb = learn.dls.train.new(bs=len(batch)).one_batch()
+        xb, yb = xb.as_subclass(torch.Tensor), yb.as_subclass(torch.Tensor)
+        learn.loss_func(network(xb), yb).backward()
+        training = (clock() - started) / len(xb)
+    return Speeds(features, training)
+
+
+def duration(seconds: float) -> str:
+    """'45 s', '3m10s', '1h05m'."""
+    seconds = round(seconds)
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def span(least: float, most: float) -> str:
+    return duration(least) if abs(most - least) < 0.15 * most else f"{duration(least)} to {duration(most)}"
+
+
+class Forecast:
+    """The whole command's estimate: made when its speeds are first timed (`timed`), said again as the backbone
+    choice and the trial end (`ended`), and its record for metrics.json (`record`). Rank 0's alone speaks."""
+
+    def __init__(self, counts: Counts, clock=time.perf_counter):
+        self.counts, self.clock, self.began = counts, clock, clock()
+        self.phases: Phases | None = None
+        self.speeds: Speeds | None = None
+        self.said: dict = {}  # when -> [least, most] seconds of the whole command, as said then
+
+    def timed(self, speeds: Speeds, features_cached: bool = False) -> None:
+        """The estimate, from `speeds` timed now, said: the work to come, and what it adds up to."""
+        self.phases, self.speeds = phases(self.counts, speeds, features_cached), speeds
+        p, spent = self.phases, self.clock() - self.began
+        least, most = (spent + s for s in p.whole())
+        self.said["up_front"] = [round(least), round(most)]
+        choice = f"the backbone choice about {duration(p.backbone)}, " if self.counts.candidates else ""
+        print(f"about {span(least, most)} in all, by this machine's speed on one batch: {choice}the trial about "
+              f"{duration(p.trial)}, then the run about {duration(p.run_probe)} where the probe wins or "
+              f"{duration(p.run_fine_tuned)} where fine-tuning does", flush=True)
+
+    def ended(self, phase: str, fine_tuned: bool | None = None, epoch_seconds: float | None = None) -> None:
+        """`phase` ("backbone" or "trial") has ended: the rest estimated again from the time spent so far; after the
+        trial, from what it chose (`fine_tuned`) and how long its fine-tuning epochs took (`epoch_seconds`, each)."""
+        if self.phases is None:
+            return
+        p, spent, c = self.phases, self.clock() - self.began, self.counts
+        if phase == "backbone":
+            least, most = p.trial + p.run_probe, p.trial + p.run_fine_tuned
+        else:
+            if epoch_seconds is not None and c.epochs > 1:  # the run's epochs: the trial's, on all training images
+                epoch = epoch_seconds * c.train / max(c.trial_train, 1) + self.speeds.scoring * c.test
+                p = self.phases = p._replace(run_fine_tuned=p.run_probe + (c.epochs - 1) * epoch)
+            least = most = p.run_fine_tuned if fine_tuned else p.run_probe
+        self.said[f"after_{phase}"] = [round(spent + least), round(spent + most)]
+        print(f"{duration(spent)} so far; about {span(spent + least, spent + most)} in all", flush=True)
+
+    def record(self) -> dict:
+        """metrics.json's `strategy_choice.estimate`: the whole command's seconds as each line said them."""
+        return dict(self.said)
