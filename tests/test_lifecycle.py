@@ -60,7 +60,9 @@ def test_without_a_validation_split_the_last_epoch_is_kept_and_the_run_says_why(
 def test_patience_stops_the_schedule_and_says_so(tmp_path):
     data = make_class_folders(tmp_path / "photos", per_class=10)
     out = tmp_path / "run"
-    result = invoke("train", data, *TINY, "--epochs", "12", "--holdout", "0.25", "--patience", "1", "--out", out)
+    # lp-ft: auto's run on a validation split (lp-ft --wise auto) would stop after a probe no epoch could beat here
+    result = invoke("train", data, *TINY, "--strategy", "lp-ft", "--epochs", "12", "--holdout", "0.25", "--patience",
+                    "1", "--out", out)
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     ran = len(metrics["epochs"])

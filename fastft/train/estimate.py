@@ -15,8 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-# a probe's fit and the WiSE-FT mixes' scoring pass over the held-out images this many times (WEIGHTS in wise.py)
-MIXES_SCORED = 11
+MIXES_SCORED = 11  # the trial's WiSE-FT mixes, each scored on the held-out images (WEIGHTS in wise.py: 0, 0.1 ... 1)
 SET_UP_SECONDS = 5.0  # a run's set-up (its network built, its weights read, its loaders): a few seconds on a CPU
 
 
@@ -37,7 +36,7 @@ class Counts(NamedTuple):
     held_out: int
     test: int
     epochs: int
-    candidates: tuple = ()  # (scale, cached) of each backbone the choice scores: scale, its cost against the timed one
+    candidates: tuple = ()  # each backbone the choice scores: its pass's cost against the first one's (timed)
 
 
 class Phases(NamedTuple):
@@ -46,20 +45,17 @@ class Phases(NamedTuple):
     run_probe: float  # the run, where the probe wins
     run_fine_tuned: float  # where fine-tuning does
 
-    def whole(self, fine_tuned: bool | None = None) -> tuple[float, float]:
-        """(least, most) seconds of the whole command; `fine_tuned` once the trial has decided."""
+    def whole(self) -> tuple[float, float]:
+        """(least, most) seconds of the whole command: the run's two ends, where the probe wins and where it loses."""
         before = self.backbone + self.trial
-        runs = {None: (self.run_probe, self.run_fine_tuned), False: (self.run_probe,) * 2,
-                True: (self.run_fine_tuned,) * 2}[fine_tuned]
-        return before + runs[0], before + runs[1]
+        return before + self.run_probe, before + self.run_fine_tuned
 
 
 def phases(counts: Counts, speeds: Speeds, features_cached: bool = False) -> Phases:
     """Seconds of each phase. `features_cached`: the trial's backbone has its features of the trial's training images
     stored already (a backbone choice computed them, or an earlier command)."""
     n, held, test = counts.trial_train, counts.held_out, counts.test
-    backbone = sum(SET_UP_SECONDS + (0 if cached else speeds.features * n * scale)
-                   for scale, cached in counts.candidates)
+    backbone = sum(SET_UP_SECONDS + speeds.features * n * scale for scale in counts.candidates)
     fine_tuning = (counts.epochs - 1) * (speeds.training * n + speeds.scoring * held)
     trial = (SET_UP_SECONDS + (0 if features_cached else speeds.features * n) + speeds.scoring * held + fine_tuning
              + MIXES_SCORED * speeds.scoring * held)

@@ -123,7 +123,7 @@ def forecast_of(recipe: Recipe, split: Split, test: int) -> Forecast:
         from fastft.train.prior import size_proxy
 
         parameters = [size_proxy(c.arch)[1] for c in listed(recipe)]  # a candidate's pass scales with its size
-        candidates = tuple((n / parameters[0], False) for n in parameters)
+        candidates = tuple(n / parameters[0] for n in parameters)
     return Forecast(Counts(trial_train + held_out, trial_train, held_out, test, recipe.epochs, candidates))
 
 
