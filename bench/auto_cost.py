@@ -23,7 +23,9 @@ from common import write_results
 def runs(path: Path) -> dict:
     """(dataset, seed, method) -> run, from a transfer.py JSON."""
     data = json.loads(path.read_text())
-    return {(r["dataset"], r["seed"], r["method"]): r for r in data["results"]["runs"]}
+    shots = data["settings"].get("shots", "0")
+    named = "{}" if shots == "0" else f"{{}} ({shots} a class)"  # a few-shot copy is a set of its own
+    return {(named.format(r["dataset"]), r["seed"], r["method"]): r for r in data["results"]["runs"]}
 
 
 def row(name: str, seed: int, before: dict, after: dict) -> dict:

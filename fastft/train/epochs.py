@@ -109,7 +109,7 @@ class EpochLog(Callback):
             return {}
         sums = loss_and_correct(self.learn, validation, self.multi_label)
         losses, right, total = self.dist.sum(list(sums))  # many processes: each scored all of it (sums keep the means)
-        self.valid_images = total // self.dist.size
+        self.valid_images = int(total) // self.dist.size
         return {"valid_loss": losses / max(total, 1), "valid_acc": right / max(total, 1)}
 
     def probe_unbeaten(self, entry: dict) -> str:
@@ -128,7 +128,7 @@ class EpochLog(Callback):
         self.running = False
         # every rank saw its own shard: the epoch's figures are sums over ranks
         n_train, train_loss, train_correct, n_test, test_loss, test_correct = self.dist.sum(self.sums[True] + self.sums[False])
-        self.test_images = n_test
+        self.test_images = int(n_test)  # summed over ranks as floats
         if probe := self.progress.probe:  # a probe epoch: no batches trained, a head was fitted
             n_train = probe["images"]
             train_loss, train_correct = probe["train_loss"] * n_train, probe["train_acc"] * n_train
