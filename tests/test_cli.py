@@ -191,13 +191,20 @@ def test_unreadable_images_in_the_data_are_skipped_and_listed(dataset, tmp_path)
 def test_ctrl_c_keeps_the_last_finished_epoch(dataset, tmp_path):
     out = tmp_path / "run"
     exe = Path(sys.executable).with_name("fastft")
+    # PYTHONFAULTHANDLER: a run that does not stop prints every thread's stack on SIGABRT, for the failure's message
     proc = subprocess.Popen([str(exe), "cifar", "--data", str(dataset), *TINY, "--epochs", "200", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     deadline = time.monotonic() + 300
     while not (out / "history.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, stderr = proc.communicate()
+        pytest.fail(f"the run did not stop within 120 s of Ctrl-C; its threads:\n{stderr[-6000:]}")
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     epochs = json.loads((out / "metrics.json").read_text())["epochs"]

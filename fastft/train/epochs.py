@@ -23,7 +23,7 @@ from fastft.train import checkpoint
 from fastft.train.distributed import unwrapped
 from fastft.train.keeping import KeptEpoch
 from fastft.train.report import epoch_line, write_reports
-from fastft.train.wise import unbeatable_probe
+from fastft.train.tie import unbeatable_probe
 
 def correct(logits, targets, multi_label: bool) -> float:
     """How many images a batch got right: the top class; multi-label (0/1 targets, one per label), each image's
@@ -114,7 +114,7 @@ class EpochLog(Callback):
 
     def probe_unbeaten(self, entry: dict) -> str:
         """Why a run choosing WiSE-FT's weight on its validation split stops after its probe epoch, or "": no
-        fine-tuning could be chosen over that probe (fastft/train/wise.py)."""
+        fine-tuning could be chosen over that probe (fastft/train/tie.py)."""
         if (self.probe is None or self.wise != "auto" or self.multi_label or "valid_acc" not in entry
                 or len(self.epochs) >= self.total_epochs):
             return ""

@@ -14,7 +14,7 @@ a small set depends on the data), then trains what it chose:
 3. the final run: `--strategy probe` where the probe won, else `--strategy lp-ft --wise W`, on every training image.
 
 The trial never reads the test split. It fine-tunes only while fine-tuning can still be chosen: after a probe that
-misses two or fewer held-out images it stops (fastft/train/wise.py, `unbeatable_probe`). The whole command's time is
+misses two or fewer held-out images it stops (fastft/train/tie.py, `unbeatable_probe`). The whole command's time is
 estimated before the work and again as the backbone choice and the trial end (fastft/train/estimate.py). `--budget`
 bounds the choice
 (fastft/train/budget.py): out of time, it trains no further epoch and the candidates are scored on the weights it

@@ -20,3 +20,14 @@ def lowest_loss_among_the_best(scores: dict[Hashable, tuple[float, float]], imag
     best = max(accuracy for accuracy, _ in scores.values())
     return min((key for key, (accuracy, _) in scores.items() if within_tie(accuracy, best, images)),
                key=lambda key: scores[key][1])
+
+
+def unbeatable_probe(valid_acc: float, images: int) -> str:
+    """Why no fine-tuning can be chosen over the probe, whose held-out accuracy is `valid_acc` on `images` images, or
+    "": fine-tuning must beat it by more than TIE_IMAGES (wise.choose_weight), and it cannot where the probe misses no
+    more than that. So a run choosing by `--wise auto` (--strategy auto's trial) fine-tunes nothing there."""
+    missed = round((1 - valid_acc) * images)
+    if missed > TIE_IMAGES:
+        return ""
+    return (f"the probe misses {missed} of the {images} held-out images: no fine-tuning can beat it there by more than "
+            f"{TIE_IMAGES}, which choosing it takes")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fastft.train.distributed import unwrapped
-from fastft.train.tie import TIE_IMAGES, lowest_loss_among_the_best, within_tie
+from fastft.train.tie import lowest_loss_among_the_best, within_tie
 
 WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))  # the mixing weights `auto` compares
 NO_VALIDATION_WEIGHT = 0.5  # the paper's choice when nothing held out can choose
@@ -55,17 +55,6 @@ def choose_weight(scores: dict[float, tuple[float, float]], images: int) -> floa
     if within_tie(scores[0.0][0], best, images):
         return 0.0
     return lowest_loss_among_the_best(scores, images)
-
-
-def unbeatable_probe(valid_acc: float, images: int) -> str:
-    """Why no fine-tuning can be chosen over the probe, whose held-out accuracy is `valid_acc` on `images` images, or
-    "": fine-tuning must beat it by more than TIE_IMAGES (`choose_weight`), and it cannot where the probe misses no
-    more than that. So a run choosing by `--wise auto` (--strategy auto's trial) fine-tunes nothing there."""
-    missed = round((1 - valid_acc) * images)
-    if missed > TIE_IMAGES:
-        return ""
-    return (f"the probe misses {missed} of the {images} held-out images: no fine-tuning can beat it there by more than "
-            f"{TIE_IMAGES}, which choosing it takes")
 
 
 def apply(learn, context, probe: dict | None, last: dict | None, kept_epoch: int, why_untuned: str = "") -> dict:
