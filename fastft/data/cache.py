@@ -170,6 +170,8 @@ def features(files: list[Path], size: int, crop_pct: float, backbone: str, compu
                           metadata={"files": json.dumps([keys[i] for i in missing])})
         except OSError:
             pass  # a read-only or full disk only costs the next command the backbone's pass
+    if len(missing) == len(files):  # none stored before: computed in the order asked
+        return computed
     rows = {i: stored[key] for i, key in enumerate(keys) if key in stored}
     try:
         loaded = {path: load_file(path) for path in {path for path, _ in rows.values()}}

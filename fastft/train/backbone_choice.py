@@ -229,20 +229,21 @@ def choose(split, recipe, found: list[Candidate], device, budget: Budget | None 
             failed.append(Failed(c, str(e).splitlines()[0] if str(e) else type(e).__name__))
             print(f"  {c.arch}: failed ({failed[-1].why}); the choice goes on without it", flush=True)
             continue
-        cached = features_cached(learn, items, candidate_recipe)
-        if not scores and (forecast is not None or not cached):  # the first pass: how long?
-            speeds = measure(learn, items, clock)
-            needed = speeds.features * len(items)
-            if budget is not None and not cached:
-                budget.check_room_for_first_pass(needed, f"one backbone ({c.arch}'s pass over the {len(items)} "
-                                                         "training images)")
-            if forecast is not None:  # the trial's probe reads the chosen one's features, stored by its pass here
-                forecast.timed(speeds, features_cached=True)
-            elif not cached:
-                print(f"  about {needed:.0f} s a backbone here ({c.arch}'s pass timed on one batch; larger backbones "
-                      f"take longer): about {needed * len(found):.0f} s for the {len(found)}", flush=True)
-        if not scores and cached and budget is not None:  # cached: about as long again as loading it took, for its probes
-            budget.check_room_for_first_pass(clock() - started, f"one backbone ({c.arch}, its features cached)")
+        if not scores:  # the first candidate: how long will a pass take?
+            cached = features_cached(learn, items, candidate_recipe)
+            if forecast is not None or not cached:
+                speeds = measure(learn, items, clock)
+                needed = speeds.features * len(items)
+                if budget is not None and not cached:
+                    budget.check_room_for_first_pass(needed, f"one backbone ({c.arch}'s pass over the {len(items)} "
+                                                             "training images)")
+                if forecast is not None:  # the trial's probe reads the chosen one's features, stored by its pass here
+                    forecast.timed(speeds, features_cached=True)
+                elif not cached:
+                    print(f"  about {needed:.0f} s a backbone here ({c.arch}'s pass timed on one batch; larger "
+                          f"backbones take longer): about {needed * len(found):.0f} s for the {len(found)}", flush=True)
+            if cached and budget is not None:  # cached: about as long again as loading it took, for its probes
+                budget.check_room_for_first_pass(clock() - started, f"one backbone ({c.arch}, its features cached)")
         probabilities[c] = probabilities_of(learn, candidate_recipe, split, folds)
         del learn
         correct, losses = per_image(probabilities[c], labels, split.multi_label)
