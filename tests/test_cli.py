@@ -192,9 +192,12 @@ def test_ctrl_c_keeps_the_last_finished_epoch(dataset, tmp_path):
     out = tmp_path / "run"
     exe = Path(sys.executable).with_name("fastft")
     # PYTHONFAULTHANDLER: a run that does not stop prints every thread's stack on SIGABRT, for the failure's message
+    # the run starts as from a terminal, where Ctrl-C raises KeyboardInterrupt: a shell that starts pytest in the
+    # background (`pytest &`, no job control) hands its children SIGINT ignored, and Python keeps it ignored
     proc = subprocess.Popen([str(exe), "cifar", "--data", str(dataset), *TINY, "--epochs", "200", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not (out / "history.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
