@@ -10,6 +10,11 @@ A row per set and seed: test accuracy and seconds of `auto` before and after, `p
 run), the ratios the issue sets targets on (auto / probe where auto chose the probe, auto / plain fastai), what the
 trial did (its epochs; what it chose), and the whole-command estimate: the figure said up front for what the run
 then trained (the probe's end of the range or fine-tuning's) and after the trial, each as a ratio of the actual.
+Then, where a set ran with several seeds, a row per set: the median over its seeds, and every seed's figure.
+`--before` may be left out (no earlier commit's runs).
+
+    python bench/transfer.py --methods auto,probe --shots 10 --seeds 3 --json /tmp/s3.json
+    python bench/auto_cost.py --after /tmp/s3.json --json bench/results/auto_cost_seeds3.json
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import write_results
+from common import median_cell, write_results
 
 
 def runs(path: Path) -> dict:
@@ -56,7 +61,7 @@ def row(name: str, seed: int, before: dict, after: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--before", type=Path, action="append", required=True, help="transfer.py JSON (repeatable)")
+    parser.add_argument("--before", type=Path, action="append", default=[], help="transfer.py JSON (repeatable)")
     parser.add_argument("--after", type=Path, action="append", required=True, help="transfer.py JSON (repeatable)")
     parser.add_argument("--json", type=Path, default=Path("bench/results/auto_cost.json"))
     args = parser.parse_args()
@@ -75,7 +80,38 @@ def main() -> None:
               f"{cell(r, 'plain_fastai')} | {r.get('after_over_before', '-')} | {r.get('auto_over_probe', '-')} | "
               f"{r.get('auto_over_plain_fastai', '-')} | {r.get('trial_epochs', '-')} | {r.get('chose', '-')} | "
               f"{r.get('estimate_up_front_over_actual', '-')} | {r.get('estimate_after_trial_over_actual', '-')} |")
-    write_results(args.json, vars(args), {"rows": rows})
+    summary = [by_set(name, [r for r in rows if r["dataset"] == name]) for name in dict.fromkeys(r["dataset"] for r in rows)]
+    summary = [one for one in summary if len(one["seeds"]) > 1]
+    if summary:
+        print("\n| set | seeds | auto: acc | probe: acc | auto: s | probe: s | auto/probe | auto/probe where auto chose "
+              "the probe | estimate up front / actual | after the trial / actual | chose |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for one in summary:
+            print(f"| {one['dataset']} | {len(one['seeds'])} | " + " | ".join(one["cells"]) +
+                  f" | {'; '.join(one['chose'])} |")
+    write_results(args.json, vars(args), {"rows": rows, "by_set": [{k: v for k, v in one.items() if k != "cells"}
+                                                                   for one in summary]})
+
+
+def by_set(name: str, rows: list[dict]) -> dict:
+    """A set's seeds: the median of each figure and every seed's figure (common.median_cell), what each seed chose."""
+    def figures(path):
+        values = []
+        for r in rows:
+            value = r
+            for key in path:
+                value = value.get(key) if isinstance(value, dict) else None
+            values.append(value)
+        return values
+    probe_won = [r.get("auto_over_probe") if r.get("chose") == "the probe" else None for r in rows]
+    columns = {"auto_acc": (figures(("auto", "test_acc")), 3), "probe_acc": (figures(("probe", "test_acc")), 3),
+               "auto_seconds": (figures(("auto", "seconds")), 0), "probe_seconds": (figures(("probe", "seconds")), 0),
+               "auto_over_probe": (figures(("auto_over_probe",)), 2), "auto_over_probe_where_it_chose_the_probe":
+               (probe_won, 2), "estimate_up_front_over_actual": (figures(("estimate_up_front_over_actual",)), 2),
+               "estimate_after_trial_over_actual": (figures(("estimate_after_trial_over_actual",)), 2)}
+    return {"dataset": name, "seeds": [r["seed"] for r in rows], "chose": [str(r.get("chose", "-")) for r in rows],
+            **{key: values for key, (values, _) in columns.items()},
+            "cells": [median_cell(values, digits) for values, digits in columns.values()]}
 
 
 if __name__ == "__main__":

@@ -65,9 +65,10 @@ def make_split_dataset(root: Path, classes=("blue", "red"), per_class=8) -> Path
     return root
 
 
-def make_unlearnable_split(root: Path, classes=("blue", "red", "green"), per_class=10) -> Path:
+def make_unlearnable_split(root: Path, classes=("blue", "red", "green"), per_class=20) -> Path:
     """root/{train,test}/<class>/*.png whose class folders each hold every colour in turn: nothing in the pixels tells
-    the classes apart, so no probe beats chance on held-out images and a strategy trial has fine-tuning to try."""
+    the classes apart, so no probe beats chance on held-out images and a strategy trial has fine-tuning to try (with
+    enough held out that a probe at chance misses 6 or more: fastft/train/tie.py's `probe_out_of_reach`)."""
     colours = list(COLOURS.values())
     for part, count, seed in (("train", per_class, 1), ("test", per_class // 2, 2)):
         for c, name in enumerate(classes):

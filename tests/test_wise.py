@@ -33,8 +33,8 @@ def test_mixing_weight_0_is_the_probe_and_1_the_fine_tuned_network(tmp_path):
 
 
 def test_auto_chooses_the_weight_on_the_validation_split_and_other_strategies_refuse_it(tmp_path):
-    # a probe at chance on the validation split: fine-tuning could beat it, so the run fine-tunes (wise.unbeatable_probe)
-    data = make_unlearnable_split(tmp_path / "colours", per_class=10)
+    # a probe at chance on the validation split: fine-tuning could beat it, so the run fine-tunes (tie.probe_out_of_reach)
+    data = make_unlearnable_split(tmp_path / "colours")
     result = invoke("train", data, *TINY, "--strategy", "lp-ft", "--epochs", "2", "--keep", "last", "--wise", "auto",
                     "--holdout", "0.3", "--out", tmp_path / "auto")
     assert result.exit_code == 0, result.output
@@ -49,8 +49,8 @@ def test_auto_chooses_the_weight_on_the_validation_split_and_other_strategies_re
 
 
 def test_wise_on_two_processes(tmp_path):
-    # a probe at chance on 12 validation images: fine-tuning could beat it, so the run fine-tunes
-    data = make_unlearnable_split(tmp_path / "colours", classes=("blue", "red"), per_class=20)
+    # a probe at chance on 18 validation images: fine-tuning could beat it, so the run fine-tunes
+    data = make_unlearnable_split(tmp_path / "colours")
     args = ["train", data, *TINY, "--strategy", "lp-ft", "--epochs", "2", "--wise", "auto", "--holdout", "0.3"]
     two = torchrun("-m", "fastft", *args, "--out", tmp_path / "two", cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]

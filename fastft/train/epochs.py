@@ -23,7 +23,7 @@ from fastft.train import checkpoint
 from fastft.train.distributed import unwrapped
 from fastft.train.keeping import KeptEpoch
 from fastft.train.report import epoch_line, write_reports
-from fastft.train.tie import unbeatable_probe
+from fastft.train.tie import probe_out_of_reach
 
 def correct(logits, targets, multi_label: bool) -> float:
     """How many images a batch got right: the top class; multi-label (0/1 targets, one per label), each image's
@@ -112,14 +112,14 @@ class EpochLog(Callback):
         self.valid_images = int(total) // self.dist.size
         return {"valid_loss": losses / max(total, 1), "valid_acc": right / max(total, 1)}
 
-    def probe_unbeaten(self, entry: dict) -> str:
-        """Why a run choosing WiSE-FT's weight on its validation split stops after its probe epoch, or "": no
-        fine-tuning could be chosen over that probe (fastft/train/tie.py)."""
+    def probe_out_of_reach(self, entry: dict) -> str:
+        """Why a run choosing WiSE-FT's weight on its validation split stops after its probe epoch, or "": fine-tuning
+        cannot, or is not expected to, be chosen over that probe (fastft/train/tie.py)."""
         if (self.probe is None or self.wise != "auto" or self.multi_label or "valid_acc" not in entry
                 or len(self.epochs) >= self.total_epochs):
             return ""
         images = self.valid_images if not self.validation_is_test else self.test_images
-        why = unbeatable_probe(entry["valid_acc"], images)
+        why = probe_out_of_reach(entry["valid_acc"], images)
         return f"{why}; the run stops after its probe epoch" if why else ""
 
     def after_epoch(self):
@@ -147,12 +147,15 @@ class EpochLog(Callback):
         improved = self.kept.track(entry, self.snapshot)
         if self.dist.is_main:
             write_reports(self.out, self.epochs, self.examples_per_sec, self.device, self.kept_epoch)
-            print(epoch_line(entry, self.total_epochs) + (" (best so far)" if improved and self.kept.keep == "best" else ""),
+            # the trial's held-out images are its test and its validation split both: shown once, as what they are
+            shown = ({k: v for k, v in entry.items() if not k.startswith("test_")} if self.validation_is_test
+                     else entry)
+            print(epoch_line(shown, self.total_epochs) + (" (best so far)" if improved and self.kept.keep == "best" else ""),
                   flush=True)
         # --ema: the snapshot is the average; training goes on from the network's own weights
         training = self.averaging.training_weights(self.snapshot) if self.averaging else self.snapshot
         self.checkpoints.write(self.learn, len(self.epochs), training, self.state())
-        self.stopped = self.probe_unbeaten(entry) if probe else ""
+        self.stopped = self.probe_out_of_reach(entry) if probe else ""
         self.stopped = self.stopped or self.kept.stop_reason(self.epochs, probe_epoch=bool(probe))
         if self.stopped:
             self.progress.stop = True

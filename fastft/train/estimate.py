@@ -1,8 +1,10 @@
 """How long `--strategy auto` will take, said before the work starts and again as each phase ends (issue 41: the
 user was told a trial would cost "about 0.8 of this run's training", then waited 3.7x a probe's time).
 
-The whole command is the backbone choice (when it lists several), the trial (its probe, its fine-tuning epochs, the
-WiSE-FT mixes scored on its held-out fifth) and the run (the probe, or lp-ft again on every training image). Each is
+The whole command is the backbone choice (when it lists several), the trial (its probe; then, where fine-tuning can
+still be chosen over that probe, its fine-tuning epochs and the WiSE-FT mixes scored on its held-out fifth) and the
+run (the probe, or lp-ft again on every training image). The least it can take is the trial stopping after its probe,
+the most is fine-tuning chosen: that range is said, each phase with it. Each is
 counted in images passed, at speeds timed here on one small batch: a frozen backbone's pass over an image and its
 mirror image, and a training step (augmentation, forward and backward). A phase that has ended is replaced by its
 measured seconds, and the speeds by the ones its epochs showed, so the later figures are the better ones.
@@ -41,14 +43,22 @@ class Counts(NamedTuple):
 
 class Phases(NamedTuple):
     backbone: float
-    trial: float
+    trial_probe: float  # the trial's set-up and probe epoch: all of the trial where its probe is out of reach
+    trial_fine_tuning: float  # its fine-tuning epochs and the WiSE-FT mixes, where fine-tuning can still be chosen
     run_probe: float  # the run, where the probe wins
     run_fine_tuned: float  # where fine-tuning does
 
+    def outcomes(self) -> dict[str, float]:
+        """Seconds of the whole command by how the choice goes: the trial stops after its probe epoch
+        (tie.probe_out_of_reach), it fine-tunes and the probe still wins, or fine-tuning wins."""
+        before = self.backbone + self.trial_probe
+        return {"probe_out_of_reach": before + self.run_probe,
+                "probe_after_fine_tuning": before + self.trial_fine_tuning + self.run_probe,
+                "fine_tuning": before + self.trial_fine_tuning + self.run_fine_tuned}
+
     def whole(self) -> tuple[float, float]:
-        """(least, most) seconds of the whole command: the run's two ends, where the probe wins and where it loses."""
-        before = self.backbone + self.trial
-        return before + self.run_probe, before + self.run_fine_tuned
+        """(least, most) seconds of the whole command."""
+        return min(self.outcomes().values()), max(self.outcomes().values())
 
 
 def phases(counts: Counts, speeds: Speeds, features_cached: bool = False) -> Phases:
@@ -56,14 +66,14 @@ def phases(counts: Counts, speeds: Speeds, features_cached: bool = False) -> Pha
     stored already (a backbone choice computed them, or an earlier command)."""
     n, held, test = counts.trial_train, counts.held_out, counts.test
     backbone = sum(SET_UP_SECONDS + speeds.features * n * scale for scale in counts.candidates)
-    fine_tuning = (counts.epochs - 1) * (speeds.training * n + speeds.scoring * held)
-    trial = (SET_UP_SECONDS + (0 if features_cached else speeds.features * n) + speeds.scoring * held + fine_tuning
-             + MIXES_SCORED * speeds.scoring * held)
+    trial_probe = SET_UP_SECONDS + (0 if features_cached else speeds.features * n) + speeds.scoring * held
+    trial_fine_tuning = ((counts.epochs - 1) * (speeds.training * n + speeds.scoring * held)
+                         + MIXES_SCORED * speeds.scoring * held)
     # the run's features: the trial's images are stored, the held-out fifth is new (the label check passes over it
     # when the trial chose the backbone, the probe otherwise); the test split scored after each epoch and at the end
     run_probe = SET_UP_SECONDS + speeds.features * held + 2 * speeds.scoring * test
     run_fine_tuned = run_probe + (counts.epochs - 1) * (speeds.training * counts.train + speeds.scoring * test)
-    return Phases(backbone, trial, run_probe, run_fine_tuned)
+    return Phases(backbone, trial_probe, trial_fine_tuning, run_probe, run_fine_tuned)
 
 
 def measure(learn, items: list, clock=time.perf_counter) -> Speeds:
@@ -113,6 +123,7 @@ class Forecast:
         self.phases: Phases | None = None
         self.speeds: Speeds | None = None
         self.said: dict = {}  # when -> [least, most] seconds of the whole command, as said then
+        self.by_outcome: dict = {}  # up front: seconds of the whole command by how the choice goes
 
     def timed(self, speeds: Speeds, features_cached: bool = False) -> None:
         """The estimate, from `speeds` timed now, said: the work to come, and what it adds up to."""
@@ -120,9 +131,11 @@ class Forecast:
         p, spent = self.phases, self.clock() - self.began
         least, most = (spent + s for s in p.whole())
         self.said["up_front"] = [round(least), round(most)]
+        self.by_outcome = {outcome: round(spent + s) for outcome, s in p.outcomes().items()}
         choice = f"the backbone choice about {duration(p.backbone)}, " if self.counts.candidates else ""
-        print(f"about {span(least, most)} in all, by this machine's speed on one batch: {choice}the trial about "
-              f"{duration(p.trial)}, then the run about {duration(p.run_probe)} where the probe wins or "
+        print(f"about {span(least, most)} in all, by this machine's speed on one batch: {choice}the trial's probe about "
+              f"{duration(p.trial_probe)} and its fine-tuning about {duration(p.trial_fine_tuning)} (none where the "
+              f"probe is out of reach), then the run about {duration(p.run_probe)} where the probe wins or "
               f"{duration(p.run_fine_tuned)} where fine-tuning does", flush=True)
 
     def ended(self, phase: str, fine_tuned: bool | None = None, epoch_seconds: float | None = None) -> None:
@@ -132,7 +145,7 @@ class Forecast:
             return
         p, spent, c = self.phases, self.clock() - self.began, self.counts
         if phase == "backbone":
-            least, most = p.trial + p.run_probe, p.trial + p.run_fine_tuned
+            least, most = (s - p.backbone for s in p.whole())
         else:
             if epoch_seconds is not None and c.epochs > 1:  # the run's epochs: the trial's, on all training images
                 epoch = epoch_seconds * c.train / max(c.trial_train, 1) + self.speeds.scoring * c.test
@@ -142,5 +155,6 @@ class Forecast:
         print(f"{duration(spent)} so far; about {span(spent + least, spent + most)} in all", flush=True)
 
     def record(self) -> dict:
-        """metrics.json's `strategy_choice.estimate`: the whole command's seconds as each line said them."""
-        return dict(self.said)
+        """metrics.json's `strategy_choice.trial.estimate`: the whole command's seconds as each line said them
+        ([least, most]), and up front by how the choice would go (`Phases.outcomes`)."""
+        return {**self.said, "up_front_by_outcome": dict(self.by_outcome)} if self.phases else dict(self.said)

@@ -13,14 +13,15 @@ a small set depends on the data), then trains what it chose:
    itself is that lp-ft run and chooses on it, with no trial;
 3. the final run: `--strategy probe` where the probe won, else `--strategy lp-ft --wise W`, on every training image.
 
-The trial never reads the test split. It fine-tunes only while fine-tuning can still be chosen: after a probe that
-misses two or fewer held-out images it stops (fastft/train/tie.py, `unbeatable_probe`). The whole command's time is
-estimated before the work and again as the backbone choice and the trial end (fastft/train/estimate.py). `--budget`
-bounds the choice
-(fastft/train/budget.py): out of time, it trains no further epoch and the candidates are scored on the weights it
-has; a budget too small for even its probe epoch is an error naming the least that would do. recipe.toml names what
-was chosen (`fastft run` reproduces the run without the trial), strategy.csv and strategy.png keep every candidate's
-figures (fastft/train/strategy_choice.py), and metrics.json's `strategy_choice` the trial's.
+The trial never reads the test split. It fine-tunes only where fine-tuning can be expected to be chosen: after a probe
+that misses two or fewer held-out images, or so few that beating it takes fixing more than half of its misses (twice
+the most fine-tuning fixed in any run measured), it stops (fastft/train/tie.py, `probe_out_of_reach`). The whole
+command's time is estimated before the work and again as the backbone choice and the trial end
+(fastft/train/estimate.py). `--budget` bounds the choice (fastft/train/budget.py): out of time, it trains no further
+epoch and the candidates are scored on the weights it has; a budget too small for even its probe epoch is an error
+naming the least that would do. recipe.toml names what was chosen (`fastft run` reproduces the run without the
+trial), strategy.csv and strategy.png keep every candidate's figures (fastft/train/strategy_choice.py), and
+metrics.json's `strategy_choice` the trial's.
 """
 from __future__ import annotations
 

@@ -22,12 +22,24 @@ def lowest_loss_among_the_best(scores: dict[Hashable, tuple[float, float]], imag
                key=lambda key: scores[key][1])
 
 
-def unbeatable_probe(valid_acc: float, images: int) -> str:
-    """Why no fine-tuning can be chosen over the probe, whose held-out accuracy is `valid_acc` on `images` images, or
-    "": fine-tuning must beat it by more than TIE_IMAGES (wise.choose_weight), and it cannot where the probe misses no
-    more than that. So a run choosing by `--wise auto` (--strategy auto's trial) fine-tunes nothing there."""
-    missed = round((1 - valid_acc) * images)
-    if missed > TIE_IMAGES:
-        return ""
-    return (f"the probe misses {missed} of the {images} held-out images: no fine-tuning can beat it there by more than "
-            f"{TIE_IMAGES}, which choosing it takes")
+# What share of a probe's errors the trial lets fine-tuning be expected to fix: twice the largest share it fixed in any
+# run measured, rounded up. That was 0.24 (hotdog, seed 1: a probe's 0.873 test accuracy against fine-tuning's 0.903,
+# bench/results/transfer_224.json); on the 10-a-class copies it fixed none (bench/README.md, issue 41).
+PLAUSIBLE_ERROR_CUT = 0.5
+
+
+def probe_out_of_reach(valid_acc: float, images: int) -> str:
+    """Why fine-tuning will not be chosen over the probe, whose held-out accuracy is `valid_acc` on `images` images, or
+    "". Fine-tuning must beat it by more than TIE_IMAGES (wise.choose_weight): it cannot where the probe misses no
+    more than that, and is not expected to where that takes fixing more than PLAUSIBLE_ERROR_CUT of the probe's misses
+    (a small held-out split, or a strong probe). A run choosing by `--wise auto` (--strategy auto's trial) fine-tunes
+    nothing there."""
+    missed, needed = round((1 - valid_acc) * images), TIE_IMAGES + 1
+    if missed < needed:
+        return (f"the probe misses {missed} of the {images} held-out images: no fine-tuning can beat it there by more "
+                f"than {TIE_IMAGES}, which choosing it takes")
+    if needed > PLAUSIBLE_ERROR_CUT * missed:
+        return (f"the probe misses {missed} of the {images} held-out images: to be chosen, fine-tuning would have to fix "
+                f"{needed} of them ({needed / missed:.0%}), and on the test split of every run measured it fixed a "
+                "quarter of a probe's errors at most (bench/README.md)")
+    return ""
