@@ -50,9 +50,12 @@ def row(name: str, seed: int, before: dict, after: dict) -> dict:
     if trial:
         out["trial_epochs"], out["chose"] = len(trial["epochs"]), auto["chose"]
         estimate = trial.get("estimate") or {}
-        if "up_front" in estimate:
+        if "up_front" in estimate:  # the figure said up front for the way the choice then went
             least, most = estimate["up_front"]
-            said = least if auto["weight"] == 0 else most  # the end of the range the run then took
+            said = least if auto["weight"] == 0 else most  # before the trial could end after its probe
+            if by_outcome := estimate.get("up_front_by_outcome"):
+                said = by_outcome["fine_tuning" if auto["weight"] > 0 else "probe_out_of_reach"
+                                  if len(trial["epochs"]) == 1 else "probe_after_fine_tuning"]
             out["estimate_up_front_over_actual"] = round(said / auto["seconds"], 2)
         if "after_trial" in estimate:
             out["estimate_after_trial_over_actual"] = round(estimate["after_trial"][0] / auto["seconds"], 2)
