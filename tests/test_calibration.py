@@ -184,3 +184,27 @@ def test_a_run_without_held_out_images_says_it_is_uncalibrated(trained_run, data
     assert "temperature" not in json.loads((out / "model.json").read_text())
     image = sorted((dataset / "test").rglob("*.*"))[0]
     assert json.loads(invoke("predict", out, image, "--json").stdout)[0]["calibrated"] is False
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_the_final_measurements_pass_over_the_test_split_once(dataset, tmp_path, tta):
+    """The calibration's figures and the final scores are made from one pass over the test images (with flip TTA,
+    each image and its mirror): a probe run on 20 training and 598 test photos passed over them three times, two thirds
+    of its time."""
+    from fastai.callback.core import Callback
+
+    from fastft.recipe import load_recipe
+    from fastft.train.pipeline import train
+
+    seen = []
+
+    class CountImagesAfterTraining(Callback):
+        def after_fit(self):
+            self.learn.model.register_forward_pre_hook(lambda module, inputs: seen.append(len(inputs[0])))
+
+    recipe = load_recipe("cifar").replace(data=str(dataset), arch="resnet18", pretrained=False, size=32, bs=4, workers=0,
+                                          device="cpu", epochs=1, strategy="probe", tta=tta)
+    metrics = train(recipe, str(tmp_path / "run"), callbacks=[CountImagesAfterTraining()])
+    tested = sum(f.is_file() for f in (dataset / "test").rglob("*"))
+    assert sum(seen) == tested * (2 if tta else 1)
+    assert metrics["calibration"]["test"]["before"]["ece"] >= 0 and ("test_acc_tta" in metrics["final"]) == tta

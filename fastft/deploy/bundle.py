@@ -55,12 +55,20 @@ def write_bundle(model, run: RunFolder, *, arch: str, classes: list[str], size: 
     write_json(run.meta, meta)
 
 
+def mirror_image(batch):
+    """Each image of an (N, 3, H, W) batch flipped left to right; `batch` is a numpy array or a torch tensor."""
+    return batch.flip(-1) if hasattr(batch, "flip") else np.ascontiguousarray(batch[..., ::-1])
+
+
+def averaged_with_mirror(plain, mirror):
+    """Flip TTA, the one rule every model uses: each image's probabilities averaged with its mirror image's."""
+    return (plain + mirror) / 2
+
+
 def mirror_averaged(probabilities, batch, plain=None):
-    """Flip TTA, the one rule every model uses: `probabilities` of each image of an (N, 3, H, W) batch
-    averaged with those of its mirror image. `batch` is a numpy array or a torch tensor; `plain`: the batch's
-    own probabilities, when the caller has them already."""
-    mirror = batch.flip(-1) if hasattr(batch, "flip") else np.ascontiguousarray(batch[..., ::-1])
-    return ((probabilities(batch) if plain is None else plain) + probabilities(mirror)) / 2
+    """Flip TTA of an (N, 3, H, W) batch through `probabilities`, a function of a batch; `plain`: the batch's own
+    probabilities, when the caller has them already."""
+    return averaged_with_mirror(probabilities(batch) if plain is None else plain, probabilities(mirror_image(batch)))
 
 
 def activation(logits, multi_label: bool = False, temperature=None):

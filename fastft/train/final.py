@@ -2,15 +2,16 @@
 the validation split (calibration), the last report, and the saved model."""
 from __future__ import annotations
 
+import functools
 import sys
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 
 from fastft.atomic import replacing
 from fastft.data.loaders import validation_loader
-from fastft.deploy.bundle import activation, mirror_averaged, probabilities_of, write_bundle
+from fastft.deploy.bundle import activation, averaged_with_mirror, mirror_image, write_bundle
 from fastft.errors import Interrupted
 from fastft.fastai_internals import release_last_batch
 from fastft.run_folder import RunFolder
@@ -30,41 +31,53 @@ def unaugmented_train_accuracy(learn) -> float:
 
 
 class Predictions(NamedTuple):
-    """A model's predictions over one split, as its bundle makes them (float32, whatever precision trained it)."""
+    """A model's logits over one split, as its bundle makes them (float32, whatever precision trained it), its mirror
+    images' too where the recipe's tta asks for them, and the targets. The probabilities at any temperature are made
+    from them, so one pass over a split serves both the calibration and the final scores."""
     logits: np.ndarray  # (N, C), before any temperature
-    probabilities: np.ndarray  # (N, C), with the temperature given
-    with_tta: np.ndarray | None  # the same averaged with the mirror images' (flip TTA), when the recipe asks for it
+    mirror_logits: np.ndarray | None  # (N, C) of each image's mirror image; None where the recipe's tta is off
     targets: np.ndarray
+    multi_label: bool
+
+    def probabilities(self, temperature=None) -> np.ndarray:
+        return _activated(self.logits, self.multi_label, temperature)
+
+    def with_tta(self, temperature=None) -> np.ndarray | None:
+        """The probabilities averaged with the mirror images' (flip TTA); None where the recipe's tta is off."""
+        if self.mirror_logits is None:
+            return None
+        return averaged_with_mirror(self.probabilities(temperature),
+                                    _activated(self.mirror_logits, self.multi_label, temperature))
 
 
-def split_predictions(learn, dl, context: RunContext, temperature=None) -> Predictions:
-    """The model's predictions over one split: logits, and probabilities with `temperature` (None: uncalibrated),
-    plain and, when the recipe's tta asks for it, averaged with each image's mirror image (`fastft predict --tta`)."""
+def _activated(logits: np.ndarray, multi_label: bool, temperature) -> np.ndarray:
+    return activation(torch.from_numpy(logits), multi_label, temperature).numpy()
 
+
+def split_predictions(learn, dl, context: RunContext) -> Predictions:
+    """The model's logits over one split, and its mirror images' where the recipe's tta asks for them
+    (`fastft predict --tta`)."""
     network = unwrapped(learn.model).eval()
-    probabilities = probabilities_of(network, context.multi_label, temperature)
-    logits, plain, averaged, targets = [], [], [], []
+    logits, mirrors, targets = [], [], []
     with torch.inference_mode():
         for xb, yb in dl:
-            z = network(xb)
-            p = activation(z, context.multi_label, temperature)
-            logits.append(z.float().cpu())
-            plain.append(p.float().cpu())
+            logits.append(network(xb).float().cpu())
             if context.recipe.tta:
-                averaged.append(mirror_averaged(probabilities, xb, plain=p).float().cpu())
+                mirrors.append(network(mirror_image(xb)).float().cpu())
             targets.append(yb.cpu())
     if not targets:
         empty = np.zeros((0, len(context.classes)), np.float32)
-        return Predictions(empty, empty, empty if context.recipe.tta else None, np.zeros(0))
-    return Predictions(torch.cat(logits).numpy(), torch.cat(plain).numpy(),
-                       torch.cat(averaged).numpy() if averaged else None, torch.cat(targets).numpy())
+        return Predictions(empty, empty if context.recipe.tta else None, np.zeros(0), context.multi_label)
+    return Predictions(torch.cat(logits).numpy(), torch.cat(mirrors).numpy() if mirrors else None,
+                       torch.cat(targets).numpy(), context.multi_label)
 
 
-def calibrate(learn, context: RunContext) -> dict:
+def calibrate(learn, context: RunContext, test: Predictions, validation_predictions: Callable[[], Predictions]) -> dict:
     """Fit a temperature (deploy/calibration.py) on the validation split's predictions, kept where it beats its
     noise; the test split's ECE, NLL and Brier score before and after (and with the fitted temperature, where it was
     not kept), and reliability.png. A run without a validation split of at least calibration.MIN_HELD_OUT images
-    stays uncalibrated, and says so: the test split is never used to fit anything."""
+    stays uncalibrated, and says so: the test split is never used to fit anything. `test`: the test split's
+    predictions; `validation_predictions`: the validation split's, made where first asked for."""
     from fastft.deploy import calibration
 
     validation = validation_loader(learn.dls)
@@ -81,10 +94,9 @@ def calibrate(learn, context: RunContext) -> dict:
     if out_of_fold is not None:  # a probe: its k-fold out-of-fold logits, no image held out
         logits, targets, words = out_of_fold
     else:
-        fitted_on = split_predictions(learn, validation, context)
+        fitted_on = validation_predictions()
         logits, targets, words = fitted_on.logits, fitted_on.targets, validation_words(context, held_out)
     temperature = calibration.choose_temperature(logits, targets, context.multi_label)
-    test = split_predictions(learn, learn.dls.valid, context)
     before = calibration.scaled(test.logits, 1.0, context.multi_label)
     after = calibration.scaled(test.logits, temperature.value, context.multi_label)
     calibration.reliability_diagram(before, after, test.targets, context.multi_label, context.folder.reliability,
@@ -144,25 +156,27 @@ def no_holdout_why(context: RunContext, training_images: int) -> str:
     return "--holdout auto sets a tenth of the training images aside for it, from 500 up"
 
 
-def final_scores(learn, context: RunContext, temperature=None) -> tuple[dict, dict | None]:
-    """The kept model's scores on the test split as its bundle gives them (deploy/scores.py): accuracy, balanced
-    accuracy and macro F1; a multi-label run's at the threshold with the best micro F1 on the validation split (0.5
-    without one), chosen on calibrated probabilities, with mAP. Returns (scores, the same with flip TTA when the
-    recipe asks for it, else None)."""
+def final_scores(learn, context: RunContext, test: Predictions, validation_predictions: Callable[[], Predictions],
+                 temperature=None) -> tuple[dict, dict | None]:
+    """The kept model's scores on the test split (`test`: its predictions) as its bundle gives them
+    (deploy/scores.py): accuracy, balanced accuracy and macro F1; a multi-label run's at the threshold with the best
+    micro F1 on the validation split (0.5 without one), chosen on calibrated probabilities, with mAP. Returns
+    (scores, the same with flip TTA when the recipe asks for it, else None)."""
     from fastft.deploy import scores
 
     classes = list(context.classes)
-    test = split_predictions(learn, learn.dls.valid, context, temperature)
     if not context.multi_label:
         score = lambda probs: scores.single_label(probs, test.targets.astype(int), classes)
     else:
         threshold = 0.5
-        if (validation := validation_loader(learn.dls)) is not None:
-            held_out = split_predictions(learn, validation, context, temperature)
-            threshold = scores.choose_threshold(held_out.probabilities if held_out.with_tta is None
-                                                else held_out.with_tta, held_out.targets)
+        if validation_loader(learn.dls) is not None:
+            held_out = validation_predictions()
+            averaged = held_out.with_tta(temperature)
+            threshold = scores.choose_threshold(held_out.probabilities(temperature) if averaged is None else averaged,
+                                                held_out.targets)
         score = lambda probs: scores.multi_label(probs, test.targets, classes, threshold)
-    return score(test.probabilities), (score(test.with_tta) if test.with_tta is not None else None)
+    averaged = test.with_tta(temperature)
+    return score(test.probabilities(temperature)), (score(averaged) if averaged is not None else None)
 
 
 def calibration_line(calibration: dict, folder: RunFolder) -> str:
@@ -188,10 +202,15 @@ def final_report(learn, context: RunContext, log: EpochLog, interrupted: bool, m
     final, threshold = {}, 0.5 if context.multi_label else None
     test, calibration = None, {"calibrated": False, "why": "the final measurements were skipped"}
     try:  # extra passes over the data: a Ctrl-C here skips them, and the trained model is still saved
-        # after fit the Learner holds the whole test set again (fastai's DistributedTrainer restores it)
-        calibration = (calibrate(learn, context) if not context.validation_is_test else
+        # after fit the Learner holds the whole test set again (fastai's DistributedTrainer restores it); one pass
+        # over it, and over the validation split where needed, serves the calibration and the scores both
+        test_predictions = split_predictions(learn, learn.dls.valid, context)
+        validation_predictions = functools.cache(lambda: split_predictions(learn, validation_loader(learn.dls), context))
+        calibration = (calibrate(learn, context, test_predictions, validation_predictions)
+                       if not context.validation_is_test else
                        {"calibrated": False, "why": "its validation split is its test split"})
-        plain, with_tta = final_scores(learn, context, calibration.get("temperature"))
+        plain, with_tta = final_scores(learn, context, test_predictions, validation_predictions,
+                                       calibration.get("temperature"))
         test = with_tta or plain  # what `fastft evaluate` reports for the saved model (it uses the recipe's tta)
         # the saved model's test accuracy in float32: the kept epoch's line was measured in the training precision
         final["test_acc"] = plain["accuracy"]
