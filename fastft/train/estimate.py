@@ -156,5 +156,8 @@ class Forecast:
 
     def record(self) -> dict:
         """metrics.json's `strategy_choice.trial.estimate`: the whole command's seconds as each line said them
-        ([least, most]), and up front by how the choice would go (`Phases.outcomes`)."""
-        return {**self.said, "up_front_by_outcome": dict(self.by_outcome)} if self.phases else dict(self.said)
+        ([least, most]), up front by how the choice would go (`Phases.outcomes`), and the speeds they came from."""
+        if self.phases is None:
+            return dict(self.said)
+        return {**self.said, "up_front_by_outcome": dict(self.by_outcome),
+                "seconds_per_image": {k: round(v, 5) for k, v in self.speeds._asdict().items()}}
