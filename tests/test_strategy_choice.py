@@ -68,7 +68,7 @@ def test_auto_chooses_backbone_and_strategy_on_the_training_images_and_names_the
     estimate = dict(choice["trial"]["estimate"])
     by_outcome = estimate.pop("up_front_by_outcome")  # the trial stopping after its probe is the least it can take
     speeds = estimate.pop("seconds_per_image")  # what the figures came from, to tell a slow machine from a bad guess
-    assert set(speeds) == {"features", "training"} and all(v > 0 for v in speeds.values())
+    assert set(speeds) == {"features", "training", "scoring"} and all(v > 0 for v in speeds.values())
     assert set(estimate) == {"up_front", "after_backbone", "after_trial"}
     assert all(0 < least <= most for least, most in estimate.values())
     assert list(by_outcome) == ["probe_out_of_reach", "probe_after_fine_tuning", "fine_tuning"]
@@ -451,7 +451,7 @@ def test_choice_charts_state_their_rule_show_noise_on_a_readable_axis_and_their_
 
 def test_timing_a_batch_for_the_estimate_leaves_the_network_and_the_random_state_as_they_were(tmp_path):
     """The estimate times a pass and a training step on the Learner the run then trains: a seeded run must train
-    the same numbers whether or not it was timed."""
+    the same numbers whether or not it was timed, and the steps are timed in the number format the run trains in."""
     from fastft.data.loaders import load_split
     from fastft.recipe import load_recipe
     from fastft.train.estimate import measure
@@ -467,8 +467,16 @@ def test_timing_a_batch_for_the_estimate_leaves_the_network_and_the_random_state
     expected = torch.rand(3)
     torch.manual_seed(0)
     shuffling = learn.dls.train.rng.getstate()
-    speeds = measure(learn, learn.dls.train_ds.items)
+    # the number format each timed pass ran in: a hook on the backbone, which the timed copy of the network carries
+    formats = []
+    hook = learn.model[0].register_forward_hook(lambda module, args, out: formats.append(out.dtype))
+    speeds = measure(learn, learn.dls.train_ds.items, "bf16")
+    hook.remove()
     assert torch.equal(torch.rand(3), expected)  # the run's random numbers: as if nothing had been timed
     assert learn.dls.train.rng.getstate() == shuffling  # and the order its loader will deal the images in
     assert all(torch.equal(v, weights[k]) for k, v in learn.model.state_dict().items())
-    assert speeds.features > 0 and speeds.training > 0
+    assert speeds.features > 0 and speeds.training > 0 and speeds.scoring > 0
+    # the probe's pass in fp32 (each batch and its mirror), as it computes features; the training and validation
+    # steps in the run's bf16, as its epochs take them (timed in fp32, a bf16 run's epochs were said at 1.7x their time)
+    probe_pass, steps = formats[:-2], formats[-2:]
+    assert probe_pass and set(probe_pass) == {torch.float32} and steps == [torch.bfloat16] * 2, formats

@@ -199,6 +199,7 @@ def choose(split, recipe, found: list[Candidate], device, budget: Budget | None 
     figures (a test passes its own, the same as its budget's); `forecast`: the whole command's estimate
     (fastft/train/estimate.py), said once the first candidate's speeds are timed."""
     from fastft.train.model import starting_weights
+    from fastft.train.devices import resolve_precision
     from fastft.train.estimate import measure
     from fastft.train.features import features_cached
     from fastft.train.out_of_fold import frozen_learner, probabilities_of, training_folds
@@ -232,7 +233,7 @@ def choose(split, recipe, found: list[Candidate], device, budget: Budget | None 
         if not scores:  # the first candidate: how long will a pass take?
             cached = features_cached(learn, items, candidate_recipe)
             if forecast is not None or not cached:
-                speeds = measure(learn, items, clock)
+                speeds = measure(learn, items, resolve_precision(recipe.precision, device), clock)
                 needed = speeds.features * len(items)
                 if budget is not None and not cached:
                     budget.check_room_for_first_pass(needed, f"one backbone ({c.arch}'s pass over the {len(items)} "

@@ -6,6 +6,8 @@ the Learner (`set_number_format`).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from fastai.callback.core import Callback
 
@@ -76,7 +78,7 @@ class Autocast(Callback):
         self.device_type = device_type
 
     def before_batch(self):
-        self.context = torch.autocast(self.device_type, dtype=torch.bfloat16)
+        self.context = autocast_for("bf16", self.device_type)
         self.context.__enter__()
 
     def after_pred(self):
@@ -95,6 +97,13 @@ class ChannelsLast(Callback):
 
     def before_batch(self):
         self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in self.xb)
+
+
+def autocast_for(precision: str, device_type: str):
+    """The autocast a step in `precision` (resolved) runs under: bf16 or fp16, else none (fp32)."""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return contextlib.nullcontext()
 
 
 def precision_callback(precision: str, device: torch.device):

@@ -117,7 +117,7 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
         items = learn.dls.train_ds.items[::dist.size]  # each process passes over its shard
         # rank 0 times and decides on its clock, every rank gets its verdict: ranks reading clocks of their own could
         # disagree at the edge, one stopping while the others wait for it
-        dist.from_main(lambda: time_the_trial(learn, items, recipe, epochs_budget, forecast))
+        dist.from_main(lambda: time_the_trial(learn, items, recipe, precision, epochs_budget, forecast))
     if dist.size > 1:
         from fastft.train.sharding import DistributedTraining  # fastai.distributed and accelerate: many processes only
 
@@ -151,13 +151,13 @@ def prepare(recipe: Recipe, out: str | None, resuming: bool = False, carve=None,
     return Prepared(context, learn, selection)
 
 
-def time_the_trial(learn, items: list, recipe: Recipe, budget: Budget | None, forecast) -> None:
-    """This machine's speeds on one batch of the trial's training `items`: the whole command's estimate said
-    (`forecast`), and a `budget` too small for the trial's probe, its first signal, an error."""
+def time_the_trial(learn, items: list, recipe: Recipe, precision: str, budget: Budget | None, forecast) -> None:
+    """This machine's speeds on one batch of the trial's training `items`, in the run's `precision`: the whole
+    command's estimate said (`forecast`), and a `budget` too small for the trial's probe, its first signal, an error."""
     from fastft.train.estimate import measure
     from fastft.train.features import features_cached
 
-    speeds = measure(learn, items)
+    speeds = measure(learn, items, precision)
     cached = features_cached(learn, learn.dls.train_ds.items, recipe)
     if budget is not None and not cached:
         budget.check_room_for_first_pass(speeds.features * len(items), f"the trial's probe ({recipe.arch}'s pass over "
