@@ -449,6 +449,24 @@ def test_choice_charts_state_their_rule_show_noise_on_a_readable_axis_and_their_
     assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_estimate_counts_each_phase_once_and_orders_the_outcomes():
+    """The whole command's seconds by how the choice goes, from speeds per image: a trial that stops after its probe
+    costs least, fine-tuning chosen most; features a backbone choice stored are not passed again, and a trial set up
+    before its speeds were timed is not set up twice."""
+    from fastft.train.estimate import SET_UP_SECONDS, Counts, Speeds, phases
+
+    counts = Counts(train=100, trial_train=80, held_out=20, test=50, epochs=5)
+    speeds = Speeds(features=0.05, training=0.1, scoring=0.01)
+    fresh = phases(counts, speeds)
+    outcomes = list(fresh.outcomes().values())
+    assert outcomes == sorted(outcomes) and len(set(outcomes)) == 3, fresh.outcomes()
+    assert fresh.trial_fine_tuning == pytest.approx(4 * (0.1 * 80 + 0.01 * 20) + 11 * 0.01 * 20)
+    assert phases(counts, speeds, features_cached=True).trial_probe == pytest.approx(fresh.trial_probe - 0.05 * 80)
+    timed_on_the_trial = phases(counts, speeds, trial_set_up=False)
+    assert timed_on_the_trial.trial_probe == pytest.approx(fresh.trial_probe - SET_UP_SECONDS)
+    assert timed_on_the_trial.run_probe == fresh.run_probe  # the run is set up after the trial, whichever timed
+
+
 def test_timing_a_batch_for_the_estimate_leaves_the_network_and_the_random_state_as_they_were(tmp_path):
     """The estimate times a pass and a training step on the Learner the run then trains: a seeded run must train
     the same numbers whether or not it was timed, and the steps are timed in the number format the run trains in."""

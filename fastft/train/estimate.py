@@ -58,12 +58,15 @@ class Phases(NamedTuple):
         return min(self.outcomes().values()), max(self.outcomes().values())
 
 
-def phases(counts: Counts, speeds: Speeds, features_cached: bool = False) -> Phases:
+def phases(counts: Counts, speeds: Speeds, features_cached: bool = False, trial_set_up: bool = True) -> Phases:
     """Seconds of each phase. `features_cached`: the trial's backbone has its features of the trial's training images
-    stored already (a backbone choice computed them, or an earlier command)."""
+    stored already (a backbone choice computed them, or an earlier command). `trial_set_up`: the trial's set-up is
+    still to come (False where the speeds were timed on the trial's own Learner: it has been spent, and counting it
+    again overstated 12 s commands by 5 s)."""
     n, held, test = counts.trial_train, counts.held_out, counts.test
     backbone = sum(SET_UP_SECONDS + speeds.features * n * scale for scale in counts.candidates)
-    trial_probe = SET_UP_SECONDS + (0 if features_cached else speeds.features * n) + speeds.scoring * held
+    trial_probe = ((SET_UP_SECONDS if trial_set_up else 0) + (0 if features_cached else speeds.features * n)
+                   + speeds.scoring * held)
     trial_fine_tuning = ((counts.epochs - 1) * (speeds.training * n + speeds.scoring * held)
                          + MIXES_SCORED * speeds.scoring * held)
     # the run's features: the trial's images are stored, the held-out fifth is new (the label check passes over it
@@ -136,9 +139,9 @@ class Forecast:
         self.said: dict = {}  # when -> [least, most] seconds of the whole command, as said then
         self.by_outcome: dict = {}  # up front: seconds of the whole command by how the choice goes
 
-    def timed(self, speeds: Speeds, features_cached: bool = False) -> None:
-        """The estimate, from `speeds` timed now, said: the work to come, and what it adds up to."""
-        self.phases, self.speeds = phases(self.counts, speeds, features_cached), speeds
+    def timed(self, speeds: Speeds, features_cached: bool = False, trial_set_up: bool = True) -> None:
+        """The estimate, from `speeds` timed now, said: the work to come, and what it adds up to (`phases`)."""
+        self.phases, self.speeds = phases(self.counts, speeds, features_cached, trial_set_up), speeds
         p, spent = self.phases, self.clock() - self.began
         least, most = (spent + s for s in p.whole())
         self.said["up_front"] = [round(least), round(most)]

@@ -163,7 +163,7 @@ def time_the_trial(learn, items: list, recipe: Recipe, precision: str, budget: B
         budget.check_room_for_first_pass(speeds.features * len(items), f"the trial's probe ({recipe.arch}'s pass over "
                                                                        f"its {len(learn.dls.train_ds.items)} training images)")
     if forecast is not None:
-        forecast.timed(speeds, features_cached=cached)
+        forecast.timed(speeds, features_cached=cached, trial_set_up=False)  # timed on the trial's Learner
 
 
 def checked_before_work(recipe: Recipe, out: str | None) -> list:
