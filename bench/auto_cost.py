@@ -22,7 +22,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import median_cell, write_results
+from common import ROOT, median_cell, write_results
 
 
 def runs(path: Path) -> dict:
@@ -66,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", type=Path, action="append", default=[], help="transfer.py JSON (repeatable)")
     parser.add_argument("--after", type=Path, action="append", required=True, help="transfer.py JSON (repeatable)")
-    parser.add_argument("--json", type=Path, default=Path("bench/results/auto_cost.json"))
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "auto_cost.json")
     args = parser.parse_args()
     before = {k: v for path in args.before for k, v in runs(path).items()}
     after = {k: v for path in args.after for k, v in runs(path).items()}
