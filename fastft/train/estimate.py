@@ -4,10 +4,10 @@ user was told a trial would cost "about 0.8 of this run's training", then waited
 The whole command is the backbone choice (when it lists several), the trial (its probe; then, where fine-tuning can
 still be chosen over that probe, its fine-tuning epochs and the WiSE-FT mixes scored on its held-out fifth) and the
 run (the probe, or lp-ft again on every training image). The least it can take is the trial stopping after its probe,
-the most is fine-tuning chosen: that range is said, each phase with it. Each is
-counted in images passed, at speeds timed here on one small batch: a frozen backbone's pass over an image and its
-mirror image, and a training step (augmentation, forward and backward). A phase that has ended is replaced by its
-measured seconds, and the speeds by the ones its epochs showed, so the later figures are the better ones.
+the most is fine-tuning chosen: that range is said, each phase with it. Each is counted in images passed, at speeds
+timed here on one small batch: a frozen backbone's pass over an image and its mirror image, and a training and a
+validation step in the run's precision (`measure`). A phase that has ended is replaced by its measured seconds, and
+the speeds by the ones its epochs showed, so the later figures are the better ones.
 """
 from __future__ import annotations
 
